@@ -1,0 +1,190 @@
+"""The `dynaformer` command line. Options of `train` are generated from the typed fields of
+`ModelConfig` and `TrainConfig`; `--config FILE.yaml` gives a base that `--key value` overrides.
+
+Every user error is one line on stderr and exit code 2; an interrupted training run exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from .configtools import field_types, from_dict, to_dict
+from .errors import ConfigError, DynaformerError, Interrupted
+from .model import ModelConfig
+from .train.config import TrainConfig
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _help_for(cls: type, name: str, tp: Any) -> str:
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+    tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    return f"{tname} (default: {default})"
+
+
+def add_fields(parser: argparse.ArgumentParser, cls: type, section: str) -> None:
+    group = parser.add_argument_group(f"{section} options ({cls.__name__})")
+    for name, tp in field_types(cls).items():
+        group.add_argument(f"--{name}", f"--{section}.{name}", dest=f"{section}.{name}", default=argparse.SUPPRESS,
+                           metavar="V", nargs="?" if tp is bool else None, const="true" if tp is bool else None,
+                           help=_help_for(cls, name, tp))
+
+
+def load_yaml_config(path: str) -> dict[str, dict]:
+    """A config file: `model:` and `train:` sections, or flat keys that name fields of either."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise DynaformerError(f"--config: cannot read '{path}': {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise DynaformerError(f"--config: '{path}' is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config: '{path}' must hold a mapping")
+    out: dict[str, dict] = {s: {} for s in SECTIONS}
+    owners = {name: s for s, cls in SECTIONS.items() for name in field_types(cls)}
+    for key, value in raw.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping in '{path}'")
+            out[key].update(value)
+        elif key in owners:
+            out[owners[key]][key] = value
+        else:
+            raise ConfigError(f"unknown config key '{key}' in '{path}'")
+    return out
+
+
+def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    values = load_yaml_config(args.config) if getattr(args, "config", None) else {s: {} for s in SECTIONS}
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, name = dest.split(".", 1)
+            values[section][name] = value
+    return from_dict(ModelConfig, values["model"], "model"), from_dict(TrainConfig, values["train"], "train")
+
+
+# --- verbs -------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.rundir import open_run
+    from .train.trainer import Trainer
+
+    model_cfg, train_cfg = build_configs(args)
+    run = open_run(model_cfg, train_cfg)
+    trainer = Trainer(run)
+    print(f"run folder: {run.dir} | {trainer.model.num_params():,} parameters | data: {run.splits.meta['source']} "
+          f"({run.splits.meta['n_train']:,} train / {run.splits.meta['n_val']:,} val tokens)")
+    summary = trainer.fit()
+    print(json.dumps(summary) if args.json else
+          f"done: step {summary['step']} | val_loss {summary.get('val_loss', float('nan')):.4f} | "
+          f"{summary['elapsed_s']:.1f}s | outputs in {run.dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.run import evaluate_run
+
+    result = evaluate_run(args.run, data=args.data, max_tokens=args.tokens, batch_size=args.batch_size)
+    print(json.dumps(result) if args.json else
+          f"{result['checkpoint']}: loss {result['loss']:.4f} | ppl {result['ppl']:.3f} | "
+          f"bpb {result['bpb']:.4f} | {result['tokens']:,} tokens of {result['data']}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .eval.run import generate_from_run
+
+    text = generate_from_run(args.run, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             use_cache=not args.no_cache, max_len=args.max_len)
+    print(text)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    for record in bench.run(args.what, args):
+        print(json.dumps(record) if args.json else "  ".join(f"{k}={v}" for k, v in record.items()))
+    return 0
+
+
+def make_parser() -> Parser:
+    parser = Parser(prog="dynaformer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("train", help="train a model into a run folder",
+                       description="Train a model. Options come from --config FILE.yaml, then --key value.")
+    p.add_argument("--config", metavar="FILE", help="YAML file with model: and train: sections (e.g. configs/tiny-cpu.yaml)")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    for section, cls in SECTIONS.items():
+        add_fields(p, cls, section)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run's newest checkpoint (loss, perplexity, bits per byte)")
+    p.add_argument("run", help="run folder or one of its step-N folders")
+    p.add_argument("--data", help="text file to evaluate on (default: the run's validation split)")
+    p.add_argument("--tokens", type=int, default=262_144, help="token budget (default: 262144)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a run's newest checkpoint")
+    p.add_argument("run", help="run folder or one of its step-N folders")
+    p.add_argument("--prompt", default="\n", help="prompt text (default: a newline)")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_len", type=int, default=None, help="longest context to condition on (default: context_len)")
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole window every token")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="benchmarks (see benchmarks/RESULTS.md)")
+    p.add_argument("what", choices=["train", "generate"], help="train: step time fp32 vs bf16; "
+                   "generate: cached vs uncached decoding")
+    p.add_argument("--config", metavar="FILE", default=None, help="preset to benchmark (default: configs/small.yaml)")
+    p.add_argument("--steps", type=int, default=10, help="timed iterations")
+    p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("--context", type=int, default=None, help="sequence length (default: the preset's)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except Interrupted as e:
+        print(f"dynaformer {args.command}: {e}", file=sys.stderr)
+        return 130
+    except DynaformerError as e:
+        print(f"dynaformer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dynaformer {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Text sources: a file, a folder of text files, or a built-in generated corpus (no download)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from ..errors import DynaformerError
+
+BUILTIN_PREFIX = "builtin:"
+_SHAKESPEARE = Path("shared") / "data" / "tinyshakespeare" / "input.txt"
+
+
+def shakespeare_path() -> Path | None:
+    """tiny-shakespeare beside the project checkout (../shared/data), if it is there."""
+    for root in (Path.cwd().parent, Path(__file__).resolve().parents[3].parent):
+        if (root / _SHAKESPEARE).is_file():
+            return (root / _SHAKESPEARE).resolve()
+    return None
+
+_NAMES = ["Ada", "Bruno", "Chiara", "Dev", "Elif", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Keiko", "Lars"]
+_PLACES = ["kitchen", "garden", "library", "harbour", "attic", "market", "station", "orchard", "cellar", "bridge"]
+_THINGS = ["apple", "lantern", "letter", "key", "violin", "map", "kettle", "compass", "scarf", "coin"]
+_VERBS_MOVE = ["went to", "walked to", "ran to", "travelled to", "returned to"]
+_VERBS_TAKE = ["picked up", "took", "grabbed", "found"]
+_VERBS_DROP = ["dropped", "left", "put down"]
+_FILLER = ["The weather was mild.", "Nobody spoke for a while.", "A bell rang in the distance.",
+           "The clock struck the hour.", "It began to rain.", "The wind turned cold."]
+
+
+def generated_stories(n_chars: int, seed: int = 0) -> str:
+    """Simple English stories with entities, places and objects: structured enough to learn
+    (a model can track who holds what), varied enough not to be memorised in a few steps."""
+    rng = random.Random(seed)
+    parts: list[str] = []
+    total = 0
+    while total < n_chars:
+        cast = rng.sample(_NAMES, 3)
+        held: dict[str, str] = {}
+        where: dict[str, str] = {}
+        lines = []
+        for _ in range(rng.randint(6, 14)):
+            who = rng.choice(cast)
+            r = rng.random()
+            if r < 0.4:
+                place = rng.choice(_PLACES)
+                where[who] = place
+                lines.append(f"{who} {rng.choice(_VERBS_MOVE)} the {place}.")
+            elif r < 0.65:
+                thing = rng.choice(_THINGS)
+                held[who] = thing
+                lines.append(f"{who} {rng.choice(_VERBS_TAKE)} the {thing}.")
+            elif r < 0.8 and who in held:
+                lines.append(f"{who} {rng.choice(_VERBS_DROP)} the {held.pop(who)}.")
+            else:
+                lines.append(rng.choice(_FILLER))
+        who = rng.choice(cast)
+        if who in where:
+            lines.append(f"Where is {who}? In the {where[who]}.")
+        elif who in held:
+            lines.append(f"What does {who} hold? The {held[who]}.")
+        story = " ".join(lines) + "\n\n"
+        parts.append(story)
+        total += len(story)
+    return "".join(parts)[:n_chars]
+
+
+def read_text(source: str) -> tuple[str, str]:
+    """Return (text, description) for a data source: FILE, FOLDER (all files, sorted, joined by
+    newlines), `builtin:stories`, or `builtin:default` (tiny-shakespeare if it is beside the
+    project, generated stories otherwise)."""
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
+        if name == "default":
+            path = shakespeare_path()
+            if path is not None:
+                return read_text(str(path))
+            name = "stories"
+        if name == "stories":
+            return generated_stories(1_000_000), "builtin:stories (1,000,000 generated characters)"
+        raise DynaformerError(f"data: unknown built-in source '{source}' (known: builtin:default, builtin:stories)")
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise DynaformerError(f"data: folder '{source}' holds no files")
+        texts = [_read_file(p) for p in files]
+        return "\n".join(texts), f"{source} ({len(files)} files)"
+    if not path.exists():
+        raise DynaformerError(f"data: '{source}' does not exist")
+    return _read_file(path), str(path)
+
+
+def _read_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DynaformerError(f"data: '{path}' is not UTF-8 text") from None
+    except OSError as e:
+        raise DynaformerError(f"data: cannot read '{path}': {e.strerror}") from None
+    if not text:
+        raise DynaformerError(f"data: '{path}' is empty")
+    return text

@@ -1,0 +1,106 @@
+"""Token memmaps with a train/val split, a seeded stateful batch sampler, and fixed eval windows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DynaformerError
+from .tokenizers import ByteTokenizer, CharTokenizer
+
+
+@dataclass
+class TokenSplits:
+    train: np.ndarray
+    val: np.ndarray
+    meta: dict
+
+
+def _dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+def write_splits(text: str, tokenizer: ByteTokenizer | CharTokenizer, out_dir: Path, val_fraction: float,
+                 source: str) -> TokenSplits:
+    """Tokenize `text` into out_dir/{train,val}.bin (the last `val_fraction` is validation) and
+    return memmaps. Files are written to temporary names and renamed, so a crash leaves no half file."""
+    ids = tokenizer.encode_array(text).astype(_dtype_for(tokenizer.vocab_size), copy=False)
+    n_val = int(round(len(ids) * val_fraction))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"source": source, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "dtype": ids.dtype.name, "n_train": len(ids) - n_val, "n_val": n_val,
+            "n_bytes": len(text.encode("utf-8")), "val_fraction": val_fraction}
+    for name, arr in (("train", ids[: len(ids) - n_val]), ("val", ids[len(ids) - n_val:])):
+        tmp = out_dir / f".{name}.bin.tmp"
+        arr.tofile(tmp)
+        os.replace(tmp, out_dir / f"{name}.bin")
+    tmp = out_dir / ".meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out_dir / "meta.json")
+    return open_splits(out_dir)
+
+
+def open_splits(data_dir: Path) -> TokenSplits:
+    try:
+        meta = json.loads((data_dir / "meta.json").read_text())
+        dtype = np.dtype(meta["dtype"])
+        train = np.memmap(data_dir / "train.bin", dtype=dtype, mode="r") if meta["n_train"] else np.zeros(0, dtype)
+        val = np.memmap(data_dir / "val.bin", dtype=dtype, mode="r") if meta["n_val"] else np.zeros(0, dtype)
+    except (OSError, KeyError, ValueError) as e:
+        raise DynaformerError(f"data: token files in '{data_dir}' are missing or damaged ({e})") from None
+    if len(train) != meta["n_train"] or len(val) != meta["n_val"]:
+        raise DynaformerError(f"data: token files in '{data_dir}' do not match their meta.json")
+    return TokenSplits(train, val, meta)
+
+
+def _windows(data: np.ndarray, starts: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = starts[:, None] + np.arange(length + 1)[None, :]
+    block = torch.from_numpy(data[idx].astype(np.int64))  # (B, T+1)
+    return block[:, :-1], block[:, 1:]
+
+
+class BatchSampler:
+    """Random windows of `context_len + 1` tokens. Batch n is a pure function of (seed, rank, n), so
+    the sampler's whole state is its cursor n: saving it in a checkpoint makes resume bit-exact, and
+    ranks of a distributed run draw disjoint random streams."""
+
+    def __init__(self, data: np.ndarray, batch_size: int, context_len: int, seed: int,
+                 rank: int = 0, cursor: int = 0) -> None:
+        if len(data) < context_len + 2:
+            raise DynaformerError(
+                f"data: the training split has {len(data)} tokens, fewer than one window of "
+                f"context_len + 1 = {context_len + 1}; use more text or a shorter context_len")
+        self.data, self.batch_size, self.context_len = data, batch_size, context_len
+        self.seed, self.rank, self.cursor = seed, rank, cursor
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.rank, self.cursor])
+        self.cursor += 1
+        starts = rng.integers(0, len(self.data) - self.context_len, size=self.batch_size)
+        return _windows(self.data, starts, self.context_len)
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor, "seed": self.seed, "rank": self.rank}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = int(state["cursor"])
+
+
+def eval_windows(data: np.ndarray, context_len: int, max_tokens: int) -> torch.Tensor:
+    """A fixed validation budget: up to max_tokens / context_len windows, evenly spaced over `data`.
+    Returns (N, context_len + 1) token ids; the same every call, so evaluations are comparable."""
+    n_fit = (len(data) - 1) // context_len
+    if n_fit < 1:
+        raise DynaformerError(
+            f"data: the validation split has {len(data)} tokens, fewer than one window of "
+            f"context_len + 1 = {context_len + 1}; use more text, a larger val_fraction or a shorter context_len")
+    n = max(1, min(n_fit, max_tokens // context_len))
+    starts = np.linspace(0, len(data) - context_len - 1, n).astype(np.int64)
+    x, y = _windows(data, starts, context_len)
+    return torch.cat([x, y[:, -1:]], dim=1)

@@ -1,0 +1,72 @@
+"""Load a trained run (run folder or step-N folder) and evaluate or sample from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..configtools import from_dict
+from ..data import eval_windows, open_splits, read_text, tokenizer_from_dict
+from ..data.tokenizers import ByteTokenizer, CharTokenizer
+from ..errors import CheckpointError, ConfigError, DynaformerError
+from ..model import ModelConfig, Transformer
+from ..model.generate import generate
+from ..train.checkpoint import latest_checkpoint, load_model_state, verify_checkpoint
+from .perplexity import evaluate_windows
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise DynaformerError(f"'{p}' does not exist")
+    if (p / "manifest.json").exists() or p.name.startswith("step-"):
+        verify_checkpoint(p)
+        return p
+    ckpt = latest_checkpoint(p)
+    if ckpt is None:
+        raise CheckpointError(f"'{p}' holds no complete checkpoint (is it a run folder that finished a step?)")
+    return ckpt
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, ByteTokenizer | CharTokenizer, Path]:
+    """Model (eval mode) and tokenizer from a run folder's newest checkpoint or a step-N folder."""
+    ckpt = resolve_checkpoint(path)
+    config = verify_checkpoint(ckpt)
+    try:
+        model_cfg = from_dict(ModelConfig, config["model"], "model")
+        tokenizer = tokenizer_from_dict(config["tokenizer"])
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"checkpoint '{ckpt}': config.json does not describe a dynaformer model ({e})") from None
+    model = Transformer(model_cfg)
+    load_model_state(ckpt, model)
+    return model.to(device).eval(), tokenizer, ckpt
+
+
+def evaluate_run(path: str | Path, data: str | None = None, max_tokens: int = 262_144, batch_size: int = 32) -> dict:
+    model, tokenizer, ckpt = load_model(path)
+    if max_tokens <= 0 or batch_size <= 0:
+        raise DynaformerError("eval: --tokens and --batch_size must be > 0")
+    ctx = model.cfg.context_len
+    if data is None:
+        split = open_splits(ckpt.parent / "data").val
+        source = "the run's validation split"
+    else:
+        text, source = read_text(data)
+        split = tokenizer.encode_array(text)
+    windows = eval_windows(np.asarray(split), ctx, max_tokens)
+    result = evaluate_windows(model, windows, batch_size, torch.from_numpy(tokenizer.token_bytes()))
+    return {"checkpoint": str(ckpt), "data": source, **result}
+
+
+def generate_from_run(path: str | Path, prompt: str, max_new_tokens: int, temperature: float = 0.8,
+                      top_k: int | None = None, top_p: float | None = None, seed: int | None = 0,
+                      use_cache: bool = True, max_len: int | None = None) -> str:
+    model, tokenizer, _ = load_model(path)
+    if max_new_tokens < 0:
+        raise DynaformerError("generate: --max_new_tokens must be ≥ 0")
+    ids = tokenizer.encode(prompt)
+    out = generate(model, torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   seed=seed, use_cache=use_cache, max_len=max_len)
+    return tokenizer.decode(out[0].tolist())

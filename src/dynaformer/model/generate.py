@@ -1,0 +1,75 @@
+"""Sampling: temperature, top-k, top-p (nucleus), seeded; with or without the KV cache.
+
+Both paths see the same tokens at the same positions, so they produce identical samples. When the
+sequence reaches `max_len` the model is conditioned on the last `max_len` tokens (as nanoGPT does);
+the cached path then re-reads that window, which keeps the two paths equal.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import DynaformerError
+from .transformer import Transformer
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits: (B, V) → next token ids (B, 1). temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             use_cache: bool = True, max_len: int | None = None,
+             eos_id: int | None = None) -> torch.Tensor:
+    """prompt: (B, T0) token ids → (B, T0 + n) with n ≤ max_new_tokens new tokens."""
+    max_len = max_len or model.cfg.context_len
+    if prompt.dim() != 2 or prompt.size(1) == 0:
+        raise DynaformerError("generate: the prompt must hold at least one token")
+    if prompt.size(1) > max_len:
+        raise DynaformerError(
+            f"generate: the prompt has {prompt.size(1)} tokens but the model takes at most {max_len} "
+            f"(its context_len; pass a larger max_len to extrapolate)")
+    if temperature < 0 or (top_k is not None and top_k <= 0) or (top_p is not None and not 0 < top_p <= 1):
+        raise DynaformerError("generate: need temperature ≥ 0, top_k > 0 and 0 < top_p ≤ 1")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+    seq = prompt.to(device)
+    cache = None
+    try:
+        for _ in range(max_new_tokens):
+            window = seq[:, -max_len:]
+            if not use_cache:
+                logits, _ = model(window)
+            elif cache is None or cache.length >= max_len:
+                # (Re)fill the cache from the window: the first step, or after the window slid.
+                cache = model.new_cache(seq.size(0), max_len)
+                logits, _ = model(window, cache=cache)
+            else:
+                logits, _ = model(seq[:, -1:], cache=cache)
+            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, gen)
+            seq = torch.cat([seq, nxt], dim=1)
+            if eos_id is not None and bool((nxt == eos_id).all()):
+                break
+    finally:
+        model.train(was_training)
+    return seq

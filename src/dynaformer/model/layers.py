@@ -1,0 +1,70 @@
+"""Small building blocks: RMSNorm, rotary positions, the MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), with a learned gain and no bias."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021, RoFormer), applied to q and k by absolute position.
+
+    The cos/sin table grows on demand, so positions beyond the training context work (extrapolation).
+    """
+
+    def __init__(self, head_dim: int, base: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self._cos: torch.Tensor | None = None
+        self._sin: torch.Tensor | None = None
+
+    def _table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cos is None or self._cos.shape[0] < length or self._cos.device != device:
+            n = max(length, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
+            t = torch.arange(n, device=device, dtype=torch.float64)
+            freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float64))
+            self._cos, self._sin = freqs.cos().float(), freqs.sin().float()
+        return self._cos, self._sin
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x: (B, H, T, D) at positions start .. start+T-1."""
+        T = x.shape[-2]
+        cos, sin = self._table(start + T, x.device)
+        cos, sin = cos[start : start + T].to(x.dtype), sin[start : start + T].to(x.dtype)  # (T, D/2)
+        x1, x2 = x.chunk(2, dim=-1)  # half-split pairing (GPT-NeoX convention)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class MLP(nn.Module):
+    """GELU MLP (GPT-2) or SwiGLU (Shazeer 2020)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.up = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * cfg.ff_dim, bias=False)
+        self.down = nn.Linear(cfg.ff_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.swiglu:
+            gate, val = h.chunk(2, dim=-1)
+            h = F.silu(gate) * val
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.down(h)

@@ -1,0 +1,87 @@
+"""The decoder-only transformer (nanoGPT-shaped): embed → blocks → norm → tied head.
+
+Initialisation (documented because results depend on it): every linear and embedding weight is
+N(0, init_std); the output projection of each residual branch (attention `proj`, MLP `down`) is
+N(0, init_std / √(2·n_layer)) as in GPT-2, so the stream's variance does not grow with depth; norm
+gains start at 1; there are no biases.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+from .cache import KVCache
+from .config import ModelConfig
+from .context import ForwardContext
+from .layers import MLP, RMSNorm, Rotary
+from .residual import make_residual
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: Rotary) -> None:
+        super().__init__()
+        self.attn = Attention(cfg, layer_idx, rotary)
+        self.mlp = MLP(cfg)
+        self.attn_res = make_residual(cfg, 2 * layer_idx)
+        self.mlp_res = make_residual(cfg, 2 * layer_idx + 1)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = self.attn_res(x, lambda h: self.drop(self.attn(h, ctx)), ctx)
+        x = self.mlp_res(x, lambda h: self.drop(self.mlp(h)), ctx)
+        return x
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i, self.rotary) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        # Training progress τ = step / total_steps; the trainer sets it, inference keeps the last value.
+        self.register_buffer("progress", torch.zeros(()))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # norm gains (ones) and mechanism parameters initialise themselves
+            scale = 1.0 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("attn.proj.weight", "mlp.down.weight")) else 1.0
+            nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.embed.weight.numel()
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.cfg.n_layer, batch, self.cfg.n_head, max_len, self.cfg.head_dim,
+                       dtype=dtype or p.dtype, device=p.device)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx: (B, T) token ids → logits (B, T, V) and, with targets (B, T), the mean cross-entropy
+        over targets ≠ -100. With a cache, idx holds only the new tokens and follows what it stores."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        ctx = ForwardContext(start=start, length=T, progress=self.progress, cache=cache)
+        x = self.embed(idx)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, ctx)
+        logits = self.head(self.norm(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss

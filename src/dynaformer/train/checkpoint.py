@@ -1,0 +1,130 @@
+"""Checkpoints: `run_dir/step-N/` with model.safetensors, config.json, trainer.pt and a manifest of
+SHA-256 checksums written last. A checkpoint is written in a temporary folder and renamed into place,
+so a crash never leaves a half-written `step-N`; loading verifies every checksum and refuses pickled
+code (trainer state is read with `torch.load(weights_only=True)`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+
+MANIFEST = "manifest.json"
+FORMAT = "dynaformer-checkpoint-v1"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without tied duplicates (the head shares the embedding), contiguous, on CPU."""
+    out, seen = {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen[key] = name
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, config: dict[str, Any],
+                    trainer_state: dict[str, Any], keep_last: int = 0) -> Path:
+    final = run_dir / f"step-{step}"
+    if final.exists():
+        return final  # this step is already saved (e.g. an interrupt right after a periodic save)
+    tmp = run_dir / f".tmp-step-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_model_tensors(model), tmp / "model.safetensors", metadata={"format": FORMAT})
+    (tmp / "config.json").write_text(json.dumps({**config, "step": step}, indent=2, ensure_ascii=False))
+    torch.save(trainer_state, tmp / "trainer.pt")
+    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=2))
+    for p in tmp.iterdir():  # make the bytes durable before the rename publishes them
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, final)
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """step-N folders (complete or not), oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def verify_checkpoint(ckpt: Path) -> dict:
+    """Check the manifest and every checksum; return the parsed config.json."""
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"checkpoint '{ckpt}' is incomplete or not a dynaformer checkpoint (no valid manifest)") from None
+    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"checkpoint '{ckpt}' is not a dynaformer checkpoint")
+    for name in ("model.safetensors", "config.json", "trainer.pt"):
+        if name not in manifest["files"]:
+            raise CheckpointError(f"checkpoint '{ckpt}' lacks {name} in its manifest")
+    for name, digest in manifest["files"].items():
+        path = ckpt / name
+        if not path.is_file() or _sha256(path) != digest:
+            raise CheckpointError(f"checkpoint '{ckpt}': {name} is missing, truncated or corrupt (checksum mismatch)")
+    try:
+        return json.loads((ckpt / "config.json").read_text())
+    except ValueError:
+        raise CheckpointError(f"checkpoint '{ckpt}': config.json is not valid JSON") from None
+
+
+def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
+    """The newest checkpoint whose checksums verify; damaged newer ones are skipped with a warning."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(ckpt)
+            return ckpt
+        except CheckpointError as e:
+            if warn:
+                print(f"warning: skipping {e}", file=sys.stderr)
+    return None
+
+
+def load_model_state(ckpt: Path, model: torch.nn.Module) -> None:
+    try:
+        tensors = load_file(ckpt / "model.safetensors")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint '{ckpt}': cannot read model.safetensors ({e})") from None
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {n for n in missing if n == "head.weight" and getattr(model, "cfg", None) and model.cfg.tie_embeddings}
+    missing = [n for n in missing if n not in tied]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint '{ckpt}' does not fit this model (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+
+
+def load_trainer_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        return torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything that is not plain data
+        raise CheckpointError(f"checkpoint '{ckpt}': trainer.pt is not a plain-data trainer state ({type(e).__name__})") from None

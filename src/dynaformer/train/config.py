@@ -1,0 +1,63 @@
+"""`TrainConfig`: everything about a training run that is not the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    data: str = "builtin:default"  # FILE, FOLDER, builtin:default (tiny-shakespeare if present) or builtin:stories
+    tokenizer: Literal["byte", "char"] = "byte"
+    out: str = "runs/default"  # the run folder
+    val_fraction: float = 0.1
+    max_steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr · min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 250  # 0: evaluate only at the end
+    eval_tokens: int = 32768  # fixed validation budget per evaluation
+    log_interval: int = 50
+    ckpt_interval: int = 0  # 0: checkpoint only at the end (and on interrupt)
+    keep_last: int = 3  # checkpoints to keep; 0 keeps all
+    seed: int = 1337
+    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast; see benchmarks/RESULTS.md for when it pays
+    compile: bool = False
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    threads: int = 0  # CPU threads for torch; 0 keeps torch's default
+    resume: str = "none"  # none, auto (newest complete checkpoint in `out`), or a step-N folder
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "eval_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_interval", "ckpt_interval", "keep_last", "threads", "weight_decay",
+                     "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: must be ≥ 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"train.val_fraction: must be in (0, 1), got {self.val_fraction}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be in [0, 1), got {getattr(self, name)}")
+        if not self.out:
+            raise ConfigError("train.out: the run folder must be named")
+
+
+# Fields that may differ when resuming a run without changing its results.
+RESUMABLE_CHANGES = frozenset({"out", "resume", "progress_bar", "log_interval", "eval_interval", "ckpt_interval",
+                               "keep_last", "threads", "compile", "device"})

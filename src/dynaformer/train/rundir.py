@@ -1,0 +1,127 @@
+"""The run folder: a self-describing record of one training run.
+
+    run_dir/
+      run.json          model + train config, tokenizer, data summary, environment
+      tokenizer.json
+      data/             train.bin, val.bin (token memmaps), meta.json
+      metrics.jsonl     one JSON object per log/eval step
+      step-N/           checkpoints (see checkpoint.py)
+
+Nothing in an existing run folder is overwritten unless the user asks to resume the same run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..configtools import from_dict, to_dict
+from ..data import ByteTokenizer, CharTokenizer, load_tokenizer, open_splits, read_text, save_tokenizer, write_splits
+from ..data.dataset import TokenSplits
+from ..errors import ConfigError, DynaformerError
+from ..model import ModelConfig
+from .config import RESUMABLE_CHANGES, TrainConfig
+
+
+@dataclass
+class Run:
+    dir: Path
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    tokenizer: ByteTokenizer | CharTokenizer
+    splits: TokenSplits
+    resumed: bool
+
+
+def identity(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict:
+    """The fields that define a run's results (what must match to resume it)."""
+    train = {k: v for k, v in to_dict(train_cfg).items() if k not in RESUMABLE_CHANGES}
+    return {"model": to_dict(model_cfg), "train": train}
+
+
+def _first_difference(old: dict, new: dict) -> str | None:
+    for section in ("model", "train"):
+        a, b = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return f"{section}.{key}: {a.get(key)!r} in the folder, {b.get(key)!r} now"
+    return None
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    from .. import __version__
+
+    return {"dynaformer": __version__, "git_commit": commit, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+
+
+def load_run_json(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        raise DynaformerError(f"'{run_dir}' is not a dynaformer run folder (no readable run.json)") from None
+
+
+def configs_from_run_json(info: dict) -> tuple[ModelConfig, TrainConfig]:
+    try:
+        return from_dict(ModelConfig, info["model"], "model"), from_dict(TrainConfig, info["train"], "train")
+    except (KeyError, ConfigError) as e:
+        raise DynaformerError(f"run.json is not from this version of dynaformer ({e})") from None
+
+
+def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Run:
+    """Create a new run folder, or reopen an existing one when resuming the same run."""
+    run_dir = Path(train_cfg.out)
+    exists = run_dir.is_dir() and any(run_dir.iterdir())
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DynaformerError(f"run folder '{run_dir}' exists and is not a folder")
+    if exists:
+        if not (run_dir / "run.json").is_file():
+            raise DynaformerError(f"'{run_dir}' exists and is not a dynaformer run folder; choose another --out")
+        info = load_run_json(run_dir)
+        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+        model_cfg.vocab_size = tokenizer.vocab_size
+        diff = _first_difference(info.get("identity", {}), identity(model_cfg, train_cfg))
+        if train_cfg.resume == "none":
+            if diff:
+                raise DynaformerError(f"run folder '{run_dir}' holds a run with a different config ({diff}); "
+                                      f"choose another --out")
+            raise DynaformerError(f"run folder '{run_dir}' already holds this run; pass --resume auto to continue "
+                                  f"it, or choose another --out")
+        if diff:
+            raise DynaformerError(f"cannot resume '{run_dir}': the config differs ({diff})")
+        return Run(run_dir, model_cfg, train_cfg, tokenizer, open_splits(run_dir / "data"), resumed=True)
+
+    text, source = read_text(train_cfg.data)
+    tokenizer = CharTokenizer.fit(text) if train_cfg.tokenizer == "char" else ByteTokenizer()
+    model_cfg.vocab_size = tokenizer.vocab_size
+    n_tokens = len(tokenizer.encode_array(text))
+    n_val = int(round(n_tokens * train_cfg.val_fraction))
+    need = model_cfg.context_len + 2
+    if n_tokens - n_val < need or n_val < need - 1:
+        raise DynaformerError(
+            f"data: '{train_cfg.data}' gives {n_tokens} tokens ({n_tokens - n_val} train, {n_val} validation); "
+            f"each split needs at least one window of context_len + 1 = {model_cfg.context_len + 1} tokens")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tokenizer, run_dir / "tokenizer.json")
+    splits = write_splits(text, tokenizer, run_dir / "data", train_cfg.val_fraction, source)
+    info = {"identity": identity(model_cfg, train_cfg), "model": to_dict(model_cfg), "train": to_dict(train_cfg),
+            "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "data": splits.meta,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "env": environment()}
+    tmp = run_dir / ".run.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2, ensure_ascii=False))
+    os.replace(tmp, run_dir / "run.json")
+    return Run(run_dir, model_cfg, train_cfg, tokenizer, splits, resumed=False)
