@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from .configtools import field_types, from_dict, to_dict
+from .configtools import field_types, from_dict
 from .errors import ConfigError, DynaformerError, Interrupted
 from .model import ModelConfig
 from .train.config import TrainConfig
@@ -131,7 +131,8 @@ def make_parser() -> Parser:
 
     p = sub.add_parser("train", help="train a model into a run folder",
                        description="Train a model. Options come from --config FILE.yaml, then --key value.")
-    p.add_argument("--config", metavar="FILE", help="YAML file with model: and train: sections (e.g. configs/tiny-cpu.yaml)")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML file with model: and train: sections (e.g. configs/tiny-cpu.yaml)")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     for section, cls in SECTIONS.items():
         add_fields(p, cls, section)

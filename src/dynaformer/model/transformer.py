@@ -58,7 +58,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() < 2:
                 continue  # norm gains (ones) and mechanism parameters initialise themselves
-            scale = 1.0 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("attn.proj.weight", "mlp.down.weight")) else 1.0
+            is_branch_out = name.endswith(("attn.proj.weight", "mlp.down.weight"))
+            scale = 1.0 / math.sqrt(2 * self.cfg.n_layer) if is_branch_out else 1.0
             nn.init.normal_(p, mean=0.0, std=std * scale)
 
     def num_params(self, embeddings: bool = True) -> int:

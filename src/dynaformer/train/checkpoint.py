@@ -82,7 +82,8 @@ def verify_checkpoint(ckpt: Path) -> dict:
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text())
     except (OSError, ValueError):
-        raise CheckpointError(f"checkpoint '{ckpt}' is incomplete or not a dynaformer checkpoint (no valid manifest)") from None
+        raise CheckpointError(
+            f"checkpoint '{ckpt}' is incomplete or not a dynaformer checkpoint (no valid manifest)") from None
     if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"checkpoint '{ckpt}' is not a dynaformer checkpoint")
     for name in ("model.safetensors", "config.json", "trainer.pt"):
@@ -127,4 +128,5 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     try:
         return torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything that is not plain data
-        raise CheckpointError(f"checkpoint '{ckpt}': trainer.pt is not a plain-data trainer state ({type(e).__name__})") from None
+        raise CheckpointError(
+            f"checkpoint '{ckpt}': trainer.pt is not a plain-data trainer state ({type(e).__name__})") from None

@@ -104,14 +104,16 @@ class Trainer:
         for _ in range(cfg.grad_accum):
             x, y = self.sampler.next()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
+                                enabled=self.autocast is not None):
                 _, loss = self.forward(x, y)
             (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
         if cfg.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
         else:
-            gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None]))
+            grads = [p.grad.norm() for p in self.model.parameters() if p.grad is not None]
+            gnorm = torch.linalg.vector_norm(torch.stack(grads))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

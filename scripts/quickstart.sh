@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: train the tiny-cpu baseline (on tiny-shakespeare when
+# ../shared/data has it, on generated stories otherwise), evaluate it and sample from it.
+# Re-running resumes or reuses the finished run in runs/quickstart.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/setup.sh"
+cd "$ROOT"
+RUN="${1:-runs/quickstart}"
+dynaformer train --config configs/tiny-cpu.yaml --out "$RUN" --resume auto
+dynaformer eval "$RUN" --json > "$RUN/eval.json"
+echo "evaluation: $(cat "$RUN/eval.json")"
+dynaformer generate "$RUN" --prompt "ROMEO:" --max_new_tokens 300 --seed 0 > "$RUN/sample.txt"
+echo "--- sample ($RUN/sample.txt) ---"; cat "$RUN/sample.txt"; echo "---"
+echo "outputs: $RUN (run.json, metrics.jsonl, step-*/ checkpoints, eval.json, sample.txt)"

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv with torch (CPU wheel) and dynaformer installed in editable mode.
+# Sourced by the other scripts; safe to run any number of times.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${DYNAFORMER_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+EXTRAS="${DYNAFORMER_EXTRAS:-test}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV" >&2
+  "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.dynaformer-installed"
+want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-$EXTRAS"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  # torch first: the pinned CPU wheel satisfies `torch>=2.5`, so no multi-GB CUDA build is pulled in.
+  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    echo "setup: installing torch (CPU)" >&2
+    "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
+  fi
+  echo "setup: installing dynaformer[$EXTRAS]" >&2
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[$EXTRAS]" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/python" -c "import dynaformer, torch" || { echo "setup: installation failed" >&2; exit 1; }
+  echo "$want" > "$stamp"
+fi
+export PATH="$VENV/bin:$PATH"

@@ -1,0 +1,50 @@
+"""Shared fixtures. `MATRIX` lists every (residual kind, span kind) pair the config accepts, so
+parity and cache tests cover each mechanism as soon as it is added to `ModelConfig`."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+from typing import get_args
+
+import pytest
+import torch
+
+from dynaformer.data.corpus import generated_stories
+from dynaformer.model import ModelConfig
+from dynaformer.model.config import ResidualKind, SpanKind
+
+RESIDUALS = list(get_args(ResidualKind))
+SPANS = list(get_args(SpanKind))
+MATRIX = list(itertools.product(RESIDUALS, SPANS))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(vocab_size=64, context_len=32, n_layer=2, n_head=2, d_model=32)
+    base.update(overrides)
+    cfg = ModelConfig(**base)
+    cfg.validate()
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # tests compare floats exactly; keep reductions in one order
+    yield
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    p = tmp_path / "corpus.txt"
+    p.write_text(generated_stories(40_000, seed=1))
+    return p
+
+
+def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI in a subprocess (as a user would) and capture its output."""
+    return subprocess.run([sys.executable, "-m", "dynaformer.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or ROOT)

@@ -1,0 +1,154 @@
+"""The command line as a user meets it: each bad input is one line on stderr with exit code 2 and
+leaves nothing behind; Ctrl-C saves a checkpoint; train → eval → generate works end to end."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, run_cli
+
+TINY = ["--n_layer", "1", "--n_head", "2", "--d_model", "32", "--context_len", "32", "--batch_size", "4",
+        "--eval_tokens", "256", "--progress_bar", "false"]
+
+
+def _assert_user_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("cli")
+    data = tmp / "text.txt"
+    from dynaformer.data.corpus import generated_stories
+
+    data.write_text(generated_stories(30_000))
+    out = tmp / "run"
+    res = run_cli("train", *TINY, "--data", str(data), "--out", str(out), "--max_steps", "20", "--tokenizer", "char",
+                  "--log_interval", "10")
+    assert res.returncode == 0, res.stderr
+    assert "step     10/20 | loss" in res.stdout and "done: step 20" in res.stdout
+    return out
+
+
+def test_train_outputs(trained_run):
+    records = [json.loads(ln) for ln in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "elapsed_s", "loss", "tok_s", "ms_step"} <= set(records[0])
+    assert any("val_loss" in r for r in records)
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed)
+    info = json.loads((trained_run / "run.json").read_text())
+    assert info["tokenizer"] == "char" and info["env"]["torch"]
+
+
+def test_eval_and_generate(trained_run):
+    res = run_cli("eval", str(trained_run), "--json")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert result["loss"] > 0 and result["bpb"] > 0 and result["tokens"] > 0
+    res = run_cli("generate", str(trained_run), "--prompt", "Ada went", "--max_new_tokens", "40", "--seed", "1")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("Ada went") and len(res.stdout) >= 40
+    res2 = run_cli("generate", str(trained_run), "--prompt", "Ada went", "--max_new_tokens", "40", "--seed", "1",
+                   "--no_cache")
+    assert res2.stdout == res.stdout
+
+
+def test_help_on_each_verb():
+    for verb in ("train", "eval", "generate", "bench"):
+        res = run_cli(verb, "--help")
+        assert res.returncode == 0 and "usage:" in res.stdout
+
+
+def _run_in_process(capsys, *argv: str) -> subprocess.CompletedProcess:
+    """Same as run_cli, without paying for a new interpreter (the CLI's exit paths are the same)."""
+    from dynaformer.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:
+        rc = e.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, rc, captured.out, captured.err)
+
+
+def test_bad_train_inputs(tmp_path, text_file, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    small = tmp_path / "small.txt"
+    small.write_text("hello world")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model:\n  n_layers: 4\n")
+    out = tmp_path / "out"
+    cases = [
+        (["--data", str(tmp_path / "missing.txt")], "does not exist"),
+        (["--data", str(empty)], "is empty"),
+        (["--data", str(small)], "context_len + 1"),
+        (["--config", str(bad_yaml)], "n_layers"),
+        (["--lr", "-1"], "train.lr"),
+        (["--n_head", "3"], "n_head"),
+        (["--context_len", "0"], "context_len"),
+        (["--batch_size", "two"], "batch_size"),
+        (["--tokenizer", "bpe9"], "tokenizer"),
+        (["--no_such_flag", "1"], "no_such_flag"),
+        (["--config", str(tmp_path / "nope.yaml")], "nope.yaml"),
+    ]
+    for extra, needle in cases:
+        res = _run_in_process(capsys, "train", *TINY, "--data", str(text_file), "--out", str(out), *extra)
+        _assert_user_error(res, needle)
+        assert not out.exists(), extra
+
+
+def test_existing_run_with_other_config(trained_run):
+    before = sorted(p.name for p in trained_run.iterdir())
+    res = run_cli("train", *TINY, "--out", str(trained_run), "--max_steps", "30", "--tokenizer", "char")
+    _assert_user_error(res, "different config")
+    assert sorted(p.name for p in trained_run.iterdir()) == before
+
+
+def test_bad_checkpoint_and_prompt(trained_run, tmp_path):
+    res = run_cli("generate", str(trained_run), "--prompt", "a" * 40, "--max_new_tokens", "1")
+    _assert_user_error(res, "prompt has 40 tokens")
+    not_ours = tmp_path / "step-5"
+    not_ours.mkdir()
+    (not_ours / "model.safetensors").write_bytes(b"garbage")
+    _assert_user_error(run_cli("eval", str(not_ours)), "not a dynaformer checkpoint")
+    (tmp_path / "empty_run").mkdir()
+    _assert_user_error(run_cli("eval", str(tmp_path / "empty_run")), "no complete checkpoint")
+    _assert_user_error(run_cli("eval", str(tmp_path / "missing")), "does not exist")
+
+
+def test_ctrl_c_saves_and_resumes(tmp_path, text_file):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dynaformer.cli", "train", *TINY, "--data", str(text_file), "--out", str(out),
+           "--max_steps", "400", "--log_interval", "5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "Traceback" not in err
+    ckpts = sorted(out.glob("step-*"))
+    assert len(ckpts) == 1
+    step = int(ckpts[0].name.split("-")[1])
+    assert 0 < step < 400
+    res = run_cli("train", *TINY, "--data", str(text_file), "--out", str(out), "--max_steps", "400",
+                  "--log_interval", "5", "--resume", "auto")
+    assert res.returncode == 0, res.stderr
+    assert f"resumed from {ckpts[0]} (step {step})" in res.stderr
+    steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 400 and steps == sorted(steps)
