@@ -118,9 +118,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    import torch
 
-    for record in bench.run(args.what, args):
+    from .bench import BENCHMARKS
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for record in BENCHMARKS[args.what].run(args):
         print(json.dumps(record) if args.json else "  ".join(f"{k}={v}" for k, v in record.items()))
     return 0
 
@@ -158,16 +162,17 @@ def make_parser() -> Parser:
     p.add_argument("--no_cache", action="store_true", help="recompute the whole window every token")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help="benchmarks (see benchmarks/RESULTS.md)")
-    p.add_argument("what", choices=["train", "generate"], help="train: step time fp32 vs bf16; "
-                   "generate: cached vs uncached decoding")
-    p.add_argument("--config", metavar="FILE", default=None, help="preset to benchmark (default: configs/small.yaml)")
-    p.add_argument("--steps", type=int, default=10, help="timed iterations")
-    p.add_argument("--batch_size", type=int, default=None)
-    p.add_argument("--context", type=int, default=None, help="sequence length (default: the preset's)")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(func=cmd_bench)
+    from .bench import BENCHMARKS
+
+    p = sub.add_parser("bench", help="benchmarks, side by side (results: benchmarks/RESULTS.md)")
+    bench_sub = p.add_subparsers(dest="what", required=True, parser_class=Parser)
+    for name, module in BENCHMARKS.items():
+        bp = bench_sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0],
+                                  description=(module.__doc__ or "").strip())
+        module.add_arguments(bp)
+        bp.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+        bp.add_argument("--json", action="store_true", help="one JSON object per line")
+        bp.set_defaults(func=cmd_bench)
     return parser
 
 
