@@ -101,6 +101,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.run import evaluate_run
 
     result = evaluate_run(args.run, data=args.data, max_tokens=args.tokens, batch_size=args.batch_size)
+    if args.diagnostics:
+        from .eval.diagnostics import diagnose_run
+
+        result["diagnostics"] = diagnose_run(args.run, max_tokens=min(args.tokens, 16_384))
+        if not args.json:
+            d = result["diagnostics"]
+            print(f"diagnostics: grad norm first/last {d['grad_ratio_first_last']:.3g} | attention ablation "
+                  f"{' '.join(f'{v:+.3f}' for v in d['attn_ablation_increase'])} | written to "
+                  f"{Path(d['checkpoint']).parent / 'diagnostics.json'}")
     print(json.dumps(result) if args.json else
           f"{result['checkpoint']}: loss {result['loss']:.4f} | ppl {result['ppl']:.3f} | "
           f"bpb {result['bpb']:.4f} | {result['tokens']:,} tokens of {result['data']}")
@@ -148,6 +157,9 @@ def make_parser() -> Parser:
     p.add_argument("--tokens", type=int, default=262_144, help="token budget (default: 262144)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="also per-layer gradient norms, branch/stream ratios, attention ablation and residual "
+                        "coefficients on the validation split; writes diagnostics.json and plots into the run folder")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="sample text from a run's newest checkpoint")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import ConfigError
 
-ResidualKind = Literal["prenorm"]
+ResidualKind = Literal["prenorm", "postnorm", "rezero", "layerscale", "deepnorm", "dynamic"]
 SpanKind = Literal["none"]
 
 
@@ -25,7 +26,18 @@ class ModelConfig:
     init_std: float = 0.02
     dropout: float = 0.0
     tie_embeddings: bool = True
-    residual: ResidualKind = "prenorm"
+    residual: ResidualKind = "prenorm"  # see model/residual.py
+    # Depth L used by depth-scaled residual inits (deepnorm α=(2L)^¼, β=(8L)^-¼; layerscale ε); None: n_layer.
+    residual_depth: int | None = None
+    layerscale_init: float | None = None  # LayerScale ε; None: CaiT's depth rule (0.1 / 1e-5 / 1e-6)
+    # `dynamic` residual: x ← x + c·s(τ)·m(p, x)·F(N(x)); each factor can be switched off for ablations.
+    dyn_gain: bool = True  # learned per-sub-layer gain c (starts at 1)
+    dyn_step: bool = True  # s(τ) = 1 + a·τ + b·τ², learned a, b (start at 0), τ = training progress
+    dyn_position: bool = True  # 1 + β·log((p+1)/P0), learned β (starts at 0), p = absolute token position
+    dyn_content: bool = True  # + Σ_j γ_j·tanh(w_jᵀN(x)), w (k×d) starts at 0, so the term starts at 0
+    dyn_rank: int = 4  # k: content features per sub-layer (1..8)
+    dyn_p0: float | None = None  # P0 of the position term; None: √context_len (φ centred in log-space)
+    dyn_gamma_init: float = 0.1  # γ's start (with w = 0 the term is still exactly 0); > 0 so w gets gradient
     span: SpanKind = "none"
 
     @property
@@ -56,3 +68,30 @@ class ModelConfig:
             raise ConfigError(f"model.rope_base: must be > 1, got {self.rope_base}")
         if self.norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("model.norm_eps and model.init_std must be > 0")
+        self._validate_residual()
+
+    def _validate_residual(self) -> None:
+        if self.residual_depth is not None and self.residual_depth <= 0:
+            raise ConfigError(f"model.residual_depth: must be > 0 (the depth L that {self.residual} scales by), "
+                              f"got {self.residual_depth}")
+        if self.residual == "deepnorm" and self.residual_depth is not None and self.residual_depth < self.n_layer:
+            raise ConfigError(f"model.residual_depth: deepnorm needs the model's depth (≥ n_layer={self.n_layer}), "
+                              f"got {self.residual_depth}")
+        if self.layerscale_init is not None and not 0 < self.layerscale_init <= 1:
+            raise ConfigError(f"model.layerscale_init: must be in (0, 1], got {self.layerscale_init}")
+        if not 1 <= self.dyn_rank <= 8:
+            raise ConfigError(f"model.dyn_rank: must be in 1..8, got {self.dyn_rank}")
+        if self.dyn_p0 is not None and not (self.dyn_p0 > 0 and math.isfinite(self.dyn_p0)):
+            raise ConfigError(f"model.dyn_p0: must be a finite number > 0, got {self.dyn_p0}")
+        if not 0 < self.dyn_gamma_init <= 1:
+            raise ConfigError(f"model.dyn_gamma_init: must be in (0, 1] (0 would leave the content projection "
+                              f"without gradient), got {self.dyn_gamma_init}")
+
+    @property
+    def depth(self) -> int:
+        """The depth L that depth-scaled residual inits use."""
+        return self.residual_depth if self.residual_depth is not None else self.n_layer
+
+    @property
+    def position_p0(self) -> float:
+        return self.dyn_p0 if self.dyn_p0 is not None else math.sqrt(self.context_len)

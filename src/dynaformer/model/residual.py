@@ -2,13 +2,29 @@
 
 A residual module owns the sub-layer's norm, so kinds that normalise before the branch (pre-norm)
 and after the sum (post-norm) share one interface: `forward(x, branch, ctx) -> new stream`.
+
+Kinds (`ModelConfig.residual`), with F the branch and N an RMSNorm:
+
+    prenorm     x ← x + F(N(x))                                   Xiong et al. 2020
+    postnorm    x ← N(x + F(x))                                   Vaswani et al. 2017
+    rezero      x ← x + α·F(x),            α = 0 at init          Bachlechner et al. 2020
+    layerscale  x ← x + diag(λ)·F(N(x)),   λ = ε (CaiT depth rule) Touvron et al. 2021 (CaiT)
+    deepnorm    x ← N(α·x + F(x)),         α = (2L)^¼, branch init gain β = (8L)^-¼   Wang et al. 2022
+    dynamic     x ← x + c·s(τ)·m(p, x)·F(N(x))                    this project (DESIGN.md §2)
+
+Modules that learn coefficients report them through `coefficients()` (floats, for metrics.jsonl);
+`residual_stats(model)` gathers them over all sub-layers. `additive` tells diagnostics whether the
+new stream is `x + update` (so update = output − input) or a normalised sum; `skip_scale` is the
+weight on the skip path.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
@@ -18,9 +34,19 @@ from .layers import RMSNorm
 Branch = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _gate(t: torch.Tensor) -> nn.Parameter:
+    """A mechanism parameter: no weight decay, initialised here (Transformer.reset_parameters skips it)."""
+    p = nn.Parameter(t)
+    p.no_weight_decay = True
+    p.own_init = True
+    return p
+
+
 class PreNormResidual(nn.Module):
     """x ← x + F(N(x)): the pre-norm transformer (Xiong et al. 2020, "On Layer Normalization in the
     Transformer Architecture"); the skip path is the identity, so gradients reach every layer."""
+
+    additive, skip_scale = True, 1.0
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -29,10 +55,277 @@ class PreNormResidual(nn.Module):
     def forward(self, x: torch.Tensor, branch: Branch, ctx: ForwardContext) -> torch.Tensor:
         return x + branch(self.norm(x))
 
+    def coefficients(self) -> dict[str, float]:
+        return {}
 
-RESIDUALS: dict[str, type[nn.Module]] = {"prenorm": PreNormResidual}
+
+class PostNormResidual(nn.Module):
+    """x ← N(x + F(x)): the original transformer (Vaswani et al. 2017). The norm sits on the skip
+    path, so gradients to early layers shrink with depth; it needs learning-rate warm-up."""
+
+    additive, skip_scale = False, 1.0
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, branch: Branch, ctx: ForwardContext) -> torch.Tensor:
+        return self.norm(x + branch(x))
+
+    def coefficients(self) -> dict[str, float]:
+        return {}
+
+
+class DeepNormResidual(PostNormResidual):
+    """x ← N(α·x + F(x)) with α = (2L)^¼ and the branch's value, output and MLP weights initialised with
+    gain β = (8L)^-¼ (Wang et al. 2022, "DeepNet: Scaling Transformers to 1,000 Layers", decoder-only
+    constants; L = `cfg.depth`). Up-weighting the skip bounds each update, so post-norm trains deep."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__(cfg, layer_idx)
+        self.skip_scale = (2 * cfg.depth) ** 0.25
+        self.init_gain = (8 * cfg.depth) ** -0.25
+        self.gpt2_scale = 1.0 / math.sqrt(2 * cfg.n_layer)  # what Transformer.reset_parameters gave branch outputs
+
+    def forward(self, x: torch.Tensor, branch: Branch, ctx: ForwardContext) -> torch.Tensor:
+        return self.norm(torch.add(branch(x), x, alpha=self.skip_scale))
+
+    @torch.no_grad()
+    def init_branch(self, branch: nn.Module) -> None:
+        """Called by Transformer.reset_parameters after the default init: scale by β the value part of the
+        fused QKV (DeepNet keeps q, k at gain 1), the attention output and both MLP matrices; the
+        output matrices get β in place of GPT-2's 1/√(2·n_layer)."""
+        for name, p in branch.named_parameters():
+            if p.dim() < 2 or getattr(p, "own_init", False):
+                continue
+            if name == "qkv.weight":
+                p[2 * p.shape[0] // 3 :].mul_(self.init_gain)
+            elif name in ("proj.weight", "down.weight"):
+                p.mul_(self.init_gain / self.gpt2_scale)
+            else:
+                p.mul_(self.init_gain)
+
+
+class ReZeroResidual(nn.Module):
+    """x ← x + α·F(x), α = 0 (Bachlechner et al. 2021, "ReZero is All You Need"): no norm, each
+    sub-layer starts as the identity and learns how much to add."""
+
+    additive, skip_scale = True, 1.0
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.alpha = _gate(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, branch: Branch, ctx: ForwardContext) -> torch.Tensor:
+        return torch.addcmul(x, branch(x), self.alpha)
+
+    def coefficients(self) -> dict[str, float]:
+        return {"alpha": float(self.alpha)}
+
+
+def cait_layerscale_init(depth: int) -> float:
+    """CaiT's ε by depth (Touvron et al. 2021, "Going deeper with Image Transformers", §2):
+    0.1 up to 18 blocks, 1e-5 up to 24, 1e-6 beyond."""
+    return 0.1 if depth <= 18 else 1e-5 if depth <= 24 else 1e-6
+
+
+class LayerScaleResidual(nn.Module):
+    """x ← x + diag(λ)·F(N(x)), λ ∈ R^d initialised to a small ε (LayerScale, CaiT)."""
+
+    additive, skip_scale = True, 1.0
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        eps = cfg.layerscale_init if cfg.layerscale_init is not None else cait_layerscale_init(cfg.depth)
+        self.scale = _gate(torch.full((cfg.d_model,), eps))
+
+    def forward(self, x: torch.Tensor, branch: Branch, ctx: ForwardContext) -> torch.Tensor:
+        return torch.addcmul(x, branch(self.norm(x)), self.scale)
+
+    def coefficients(self) -> dict[str, float]:
+        return {"scale_mean": float(self.scale.mean()), "scale_absmax": float(self.scale.abs().max())}
+
+
+class DynamicResidual(nn.Module):
+    """Dynamic residual weighting (DESIGN.md §2), pre-norm with a per-token weight on the branch:
+
+        x ← x + c · s(τ) · m(p, x) · F(N(x))
+        c    = 1 + g                                   learned gain                    (dyn_gain)
+        s(τ) = 1 + a·τ + b·τ²                          τ = training progress buffer     (dyn_step)
+        m    = 1 + β·φ(p) + Σ_j γ_j·tanh(w_jᵀ N(x))    φ(p) = log((p+1)/P0)             (dyn_position,
+                                                                                        dyn_content)
+
+    p is the token's absolute position (its own prefix length: ctx.start + t), never the sequence
+    length or a statistic over positions or the batch, so a token's weight does not change as the
+    sequence grows and the KV cache stays valid. g = a = b = β = 0 and w = 0 at init, so the weight is
+    exactly 1 and the block is exactly pre-norm (γ starts at `dyn_gamma_init` so that w has a
+    gradient; γ·tanh(0) is still 0). The skip path stays at 1.
+
+    Cost: c·s(τ) is folded into the position term and into γ, so the weight is
+    `base[p] + tanh(N(x) wᵀ)·γ'` — one scalar per token; the only (B, T, C)-sized work added to
+    pre-norm is the d→k projection (k = dyn_rank ≤ 8) and folding the weight into the residual add
+    (`addcmul`). Without grad (generation, evaluation) base and γ' are cached per parameter version
+    and τ, so decoding adds four small ops per sub-layer.
+    """
+
+    additive, skip_scale = True, 1.0
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.gain = _gate(torch.zeros(())) if cfg.dyn_gain else None
+        self.step_coef = _gate(torch.zeros(2)) if cfg.dyn_step else None  # (a, b)
+        self.pos_coef = _gate(torch.zeros(())) if cfg.dyn_position else None  # β
+        if cfg.dyn_content:
+            self.content_proj = _gate(torch.zeros(cfg.dyn_rank, cfg.d_model))  # w: (k, C)
+            self.content_coef = _gate(torch.full((cfg.dyn_rank,), cfg.dyn_gamma_init))  # γ: (k,)
+        else:
+            self.content_proj = self.content_coef = None
+        self._gates = [p for p in (self.gain, self.step_coef, self.pos_coef, self.content_coef, self.content_proj)
+                       if p is not None]
+        self.enabled = bool(self._gates)
+        self.log_p0 = math.log(cfg.position_p0)
+        self._phi: torch.Tensor | None = None  # (N,) φ(p), grown on demand (like Rotary's table)
+        self._frozen: tuple | None = None  # inference cache: (key, base (N,), γ' (1, k) or None)
+
+    def phi(self, end: int, device: torch.device) -> torch.Tensor:
+        """(≥ end,) table of φ(p) = log((p+1)/P0), p = 0, 1, ..."""
+        if self._phi is None or self._phi.shape[0] < end or self._phi.device != device:
+            n = max(end, 2 * (0 if self._phi is None else self._phi.shape[0]), 256)
+            p = torch.arange(n, device=device, dtype=torch.float64)
+            self._phi = (torch.log1p(p) - self.log_p0).float()
+        return self._phi
+
+    def scale(self, progress: torch.Tensor) -> torch.Tensor | None:
+        """c · s(τ): a 0-d tensor, or None when both factors are off."""
+        out = None
+        if self.gain is not None:
+            out = 1 + self.gain
+        if self.step_coef is not None:
+            s = 1 + progress * (self.step_coef[0] + progress * self.step_coef[1])
+            out = s if out is None else out * s
+        return out
+
+    def folded(self, progress: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The weight as `base + tanh(N(x) wᵀ) @ γ'ᵀ`: base = c·s(τ)·(1 + β·φ) over phi's positions (or a 0-d
+        c·s(τ), or None for 1), γ' = c·s(τ)·γ as (1, k) (None without the content term)."""
+        scale = self.scale(progress)
+        base = scale
+        if self.pos_coef is not None:
+            base = 1 + self.pos_coef * phi
+            if scale is not None:
+                base = base * scale
+        gamma = None
+        if self.content_coef is not None:
+            gamma = (self.content_coef if scale is None else self.content_coef * scale).unsqueeze(0)
+        return base, gamma
+
+    def _key(self, progress: torch.Tensor) -> list:
+        """What the inference cache depends on: each gate's and τ's in-place version and storage."""
+        key = [progress._version, progress.data_ptr()]
+        for p in self._gates:
+            key += (p._version, p.data_ptr())
+        return key
+
+    def _freeze(self, key: list, progress: torch.Tensor, end: int, device: torch.device) -> tuple:
+        phi = self.phi(end, device)
+        base, gamma = self.folded(progress, phi)
+        base = (torch.ones_like(phi) * (1 if base is None else base)).detach()  # always an (N,) table
+        frozen = (key, base.unsqueeze(-1), base.tolist())
+        if gamma is not None:  # γ' as (k, 1), wᵀ as (C, k), a (1, 1) one for addmm's bias
+            frozen += (gamma.detach().t().contiguous(), self.content_proj.detach().t().contiguous(),
+                       torch.ones(1, 1, device=device))
+        self._frozen = frozen
+        return frozen
+
+    def inference_multiplier(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """multiplier() without autograd, in the fewest ops (decoding is dominated by per-op overhead):
+        base (N, 1), γ' and wᵀ are cached until a gate, τ or the device changes or more positions are
+        needed."""
+        start, T = ctx.start, ctx.length
+        key = self._key(ctx.progress)
+        frozen = self._frozen
+        if frozen is None or frozen[0] != key or len(frozen[2]) < start + T or frozen[1].device != h.device:
+            frozen = self._freeze(key, ctx.progress, start + T, h.device)
+        if len(frozen) == 3:
+            return frozen[1][start : start + T]  # (T, 1)
+        _, base, base_list, gamma_t, w_t, one = frozen
+        if T == 1:  # decoding: mm, tanh, and one addmm that also adds base[p] (as addmm's beta)
+            B = h.shape[0]
+            z = torch.mm(h.view(B, -1), w_t).tanh_()  # (B, k)
+            return torch.addmm(one, z, gamma_t, beta=base_list[start]).view(B, 1, 1)
+        z = torch.matmul(h, w_t).tanh_()  # (B, T, k)
+        return torch.matmul(z, gamma_t).add_(base[start : start + T])  # (B, T, 1)
+
+    def multiplier(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+        """The weight on the branch for each token, broadcastable to h (B, T, C): (B, T, 1), (T, 1), () or
+        None (weight 1). h = N(x)."""
+        start, T = ctx.start, ctx.length
+        end = start + T
+        base, gamma = self.folded(ctx.progress, self.phi(end, h.device)[start:end] if self.pos_coef is not None
+                                  else None)
+        if base is not None and base.dim() == 1:
+            base = base.unsqueeze(-1)  # (T, 1)
+        if gamma is None:
+            return base
+        m = F.linear(torch.tanh(F.linear(h, self.content_proj)), gamma)  # (B, T, 1)
+        return m + (1 if base is None else base)
+
+    def forward(self, x: torch.Tensor, branch: Branch, ctx: ForwardContext) -> torch.Tensor:
+        h = self.norm(x)
+        if not self.enabled:
+            return x + branch(h)
+        m = self.multiplier(h, ctx) if torch.is_grad_enabled() else self.inference_multiplier(h, ctx)
+        if m is None:
+            return x + branch(h)
+        return torch.addcmul(x, branch(h), m)
+
+    @torch.no_grad()
+    def coefficients(self, progress: torch.Tensor | None = None) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.gain is not None:
+            out["gain"] = 1 + float(self.gain)
+        if self.step_coef is not None:
+            out["step_a"], out["step_b"] = float(self.step_coef[0]), float(self.step_coef[1])
+        if progress is not None and (self.gain is not None or self.step_coef is not None):
+            out["scale"] = float(self.scale(progress))  # c·s(τ) at the current τ
+        if self.pos_coef is not None:
+            out["beta"] = float(self.pos_coef)
+        if self.content_proj is not None:
+            out["gamma_norm"] = float(self.content_coef.norm())
+            out["w_norm"] = float(self.content_proj.norm())
+        return out
+
+
+RESIDUALS: dict[str, type[nn.Module]] = {
+    "prenorm": PreNormResidual,
+    "postnorm": PostNormResidual,
+    "rezero": ReZeroResidual,
+    "layerscale": LayerScaleResidual,
+    "deepnorm": DeepNormResidual,
+    "dynamic": DynamicResidual,
+}
 
 
 def make_residual(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     """One residual module for sub-layer `layer_idx` (0 .. 2·n_layer-1: attention, MLP, attention, ...)."""
     return RESIDUALS[cfg.residual](cfg, layer_idx)
+
+
+def residual_modules(model: nn.Module) -> list[nn.Module]:
+    """The residual modules of a model in sub-layer order (attention, MLP, attention, ...)."""
+    return [m for m in model.modules() if isinstance(m, tuple(RESIDUALS.values()))]
+
+
+@torch.no_grad()
+def residual_stats(model: nn.Module) -> dict[str, list[float]]:
+    """Learned residual coefficients, one list per coefficient over sub-layers, keys prefixed `res_`
+    (e.g. res_gain, res_beta, res_alpha); {} for kinds that learn none. Cheap: call at log steps."""
+    progress = getattr(model, "progress", None)
+    out: dict[str, list[float]] = {}
+    for mod in residual_modules(model):
+        coefs = mod.coefficients(progress) if isinstance(mod, DynamicResidual) else mod.coefficients()
+        for k, v in coefs.items():
+            out.setdefault(f"res_{k}", []).append(v)
+    return out

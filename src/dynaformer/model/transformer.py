@@ -56,11 +56,15 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if p.dim() < 2:
+            if p.dim() < 2 or getattr(p, "own_init", False):
                 continue  # norm gains (ones) and mechanism parameters initialise themselves
             is_branch_out = name.endswith(("attn.proj.weight", "mlp.down.weight"))
             scale = 1.0 / math.sqrt(2 * self.cfg.n_layer) if is_branch_out else 1.0
             nn.init.normal_(p, mean=0.0, std=std * scale)
+        for block in self.blocks:  # residual kinds with their own branch init (DeepNorm's β)
+            for res, branch in ((block.attn_res, block.attn), (block.mlp_res, block.mlp)):
+                if hasattr(res, "init_branch"):
+                    res.init_branch(branch)
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -14,8 +14,10 @@ from tqdm import tqdm
 from ..configtools import to_dict
 from ..data import BatchSampler, eval_windows
 from ..errors import DynaformerError, Interrupted
+from ..eval.diagnostics import layer_grad_norms
 from ..eval.perplexity import evaluate_windows
 from ..model import Transformer
+from ..model.residual import residual_stats
 from .checkpoint import latest_checkpoint, load_model_state, load_trainer_state, save_checkpoint, verify_checkpoint
 from .metrics import MetricsLog, format_eval_line, format_train_line
 from .optim import lr_at, make_optimizer
@@ -47,6 +49,7 @@ class Trainer:
         self.autocast = torch.bfloat16 if self.cfg.dtype == "bf16" else None
         self.step, self.elapsed_before = 0, 0.0
         self.last_val: dict | None = None
+        self.layer_grad_norm: list[float] | None = None  # per block, at log steps (eval/diagnostics.py)
         resume_from = self._resume_checkpoint() if run.resumed else None
         if resume_from is not None:
             self._load(resume_from)
@@ -109,6 +112,8 @@ class Trainer:
                 _, loss = self.forward(x, y)
             (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
+        if (self.step + 1) % cfg.log_interval == 0 or self.step + 1 == cfg.max_steps:
+            self.layer_grad_norm = layer_grad_norms(self.model)  # before clipping; logged with this step
         if cfg.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
         else:
@@ -145,7 +150,8 @@ class Trainer:
                     dt = (time.perf_counter() - window_t) / window_steps
                     rec = {"step": self.step, "elapsed_s": round(self.elapsed(), 4), "loss": loss,
                            "lr": lr_at(self.step - 1, cfg), "grad_norm": gnorm, "tok_s": tokens_per_step / dt,
-                           "ms_step": 1000 * dt, "progress": float(self.model.progress)}
+                           "ms_step": 1000 * dt, "progress": float(self.model.progress),
+                           "layer_grad_norm": self.layer_grad_norm, **residual_stats(self.model)}
                     self.metrics.write(rec)
                     bar.write(format_train_line(rec, cfg.max_steps))
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tok_s'] / 1000:.1f}k")
