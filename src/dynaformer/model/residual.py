@@ -151,10 +151,12 @@ class DynamicResidual(nn.Module):
     """Dynamic residual weighting (DESIGN.md §2), pre-norm with a per-token weight on the branch:
 
         x ← x + c · s(τ) · m(p, x) · F(N(x))
-        c    = 1 + g                                   learned gain                    (dyn_gain)
-        s(τ) = 1 + a·τ + b·τ²                          τ = training progress buffer     (dyn_step)
-        m    = 1 + β·φ(p) + Σ_j γ_j·tanh(w_jᵀ N(x))    φ(p) = log((p+1)/P0)             (dyn_position,
-                                                                                        dyn_content)
+        c·s(τ) = 1 + g + a·τ + b·τ²                    learned gain g (dyn_gain), schedule a, b (dyn_step),
+                                                       τ = training progress (a buffer)
+        m      = 1 + β·φ(p) + Σ_j γ_j·tanh(w_jᵀ N(x))  φ(p) = log((p+1)/P0)  (dyn_position, dyn_content)
+
+    c·s(τ) is the product (1 + g)·(1 + a'·τ + b'·τ²) parametrised linearly: the same family of
+    quadratic schedules, in fewer ops.
 
     p is the token's absolute position (its own prefix length: ctx.start + t), never the sequence
     length or a statistic over positions or the batch, so a token's weight does not change as the
@@ -174,15 +176,17 @@ class DynamicResidual(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.gain = _gate(torch.zeros(())) if cfg.dyn_gain else None
-        self.step_coef = _gate(torch.zeros(2)) if cfg.dyn_step else None  # (a, b)
+        powers = ([0.0] if cfg.dyn_gain else []) + ([1.0, 2.0] if cfg.dyn_step else [])
+        self.scale_names = (["gain"] if cfg.dyn_gain else []) + (["step_a", "step_b"] if cfg.dyn_step else [])
+        self.scale_coef = _gate(torch.zeros(len(powers))) if powers else None  # (g, a, b) or a subset
+        self.register_buffer("scale_powers", torch.tensor(powers), persistent=False)  # τ^0, τ^1, τ^2
         self.pos_coef = _gate(torch.zeros(())) if cfg.dyn_position else None  # β
         if cfg.dyn_content:
             self.content_proj = _gate(torch.zeros(cfg.dyn_rank, cfg.d_model))  # w: (k, C)
-            self.content_coef = _gate(torch.full((cfg.dyn_rank,), cfg.dyn_gamma_init))  # γ: (k,)
+            self.content_coef = _gate(torch.full((1, cfg.dyn_rank), cfg.dyn_gamma_init))  # γ: (1, k)
         else:
             self.content_proj = self.content_coef = None
-        self._gates = [p for p in (self.gain, self.step_coef, self.pos_coef, self.content_coef, self.content_proj)
+        self._gates = [p for p in (self.scale_coef, self.pos_coef, self.content_coef, self.content_proj)
                        if p is not None]
         self.enabled = bool(self._gates)
         self.log_p0 = math.log(cfg.position_p0)
@@ -190,22 +194,18 @@ class DynamicResidual(nn.Module):
         self._frozen: tuple | None = None  # inference cache: (key, base (N,), γ' (1, k) or None)
 
     def phi(self, end: int, device: torch.device) -> torch.Tensor:
-        """(≥ end,) table of φ(p) = log((p+1)/P0), p = 0, 1, ..."""
+        """(≥ end, 1) table of φ(p) = log((p+1)/P0), p = 0, 1, ..."""
         if self._phi is None or self._phi.shape[0] < end or self._phi.device != device:
             n = max(end, 2 * (0 if self._phi is None else self._phi.shape[0]), 256)
             p = torch.arange(n, device=device, dtype=torch.float64)
-            self._phi = (torch.log1p(p) - self.log_p0).float()
+            self._phi = (torch.log1p(p) - self.log_p0).float().unsqueeze(-1)
         return self._phi
 
     def scale(self, progress: torch.Tensor) -> torch.Tensor | None:
         """c · s(τ): a 0-d tensor, or None when both factors are off."""
-        out = None
-        if self.gain is not None:
-            out = 1 + self.gain
-        if self.step_coef is not None:
-            s = 1 + progress * (self.step_coef[0] + progress * self.step_coef[1])
-            out = s if out is None else out * s
-        return out
+        if self.scale_coef is None:
+            return None
+        return 1 + torch.dot(self.scale_coef, progress.pow(self.scale_powers))
 
     def folded(self, progress: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The weight as `base + tanh(N(x) wᵀ) @ γ'ᵀ`: base = c·s(τ)·(1 + β·φ) over phi's positions (or a 0-d
@@ -213,12 +213,10 @@ class DynamicResidual(nn.Module):
         scale = self.scale(progress)
         base = scale
         if self.pos_coef is not None:
-            base = 1 + self.pos_coef * phi
-            if scale is not None:
-                base = base * scale
+            base = 1 + self.pos_coef * phi if scale is None else torch.addcmul(scale, scale * self.pos_coef, phi)
         gamma = None
         if self.content_coef is not None:
-            gamma = (self.content_coef if scale is None else self.content_coef * scale).unsqueeze(0)
+            gamma = self.content_coef if scale is None else self.content_coef * scale
         return base, gamma
 
     def _key(self, progress: torch.Tensor) -> list:
@@ -231,8 +229,8 @@ class DynamicResidual(nn.Module):
     def _freeze(self, key: list, progress: torch.Tensor, end: int, device: torch.device) -> tuple:
         phi = self.phi(end, device)
         base, gamma = self.folded(progress, phi)
-        base = (torch.ones_like(phi) * (1 if base is None else base)).detach()  # always an (N,) table
-        frozen = (key, base.unsqueeze(-1), base.tolist())
+        base = (torch.ones_like(phi) * (1 if base is None else base)).detach()  # always an (N, 1) table
+        frozen = (key, base, base[:, 0].tolist())
         if gamma is not None:  # γ' as (k, 1), wᵀ as (C, k), a (1, 1) one for addmm's bias
             frozen += (gamma.detach().t().contiguous(), self.content_proj.detach().t().contiguous(),
                        torch.ones(1, 1, device=device))
@@ -265,8 +263,6 @@ class DynamicResidual(nn.Module):
         end = start + T
         base, gamma = self.folded(ctx.progress, self.phi(end, h.device)[start:end] if self.pos_coef is not None
                                   else None)
-        if base is not None and base.dim() == 1:
-            base = base.unsqueeze(-1)  # (T, 1)
         if gamma is None:
             return base
         m = F.linear(torch.tanh(F.linear(h, self.content_proj)), gamma)  # (B, T, 1)
@@ -284,12 +280,10 @@ class DynamicResidual(nn.Module):
     @torch.no_grad()
     def coefficients(self, progress: torch.Tensor | None = None) -> dict[str, float]:
         out: dict[str, float] = {}
-        if self.gain is not None:
-            out["gain"] = 1 + float(self.gain)
-        if self.step_coef is not None:
-            out["step_a"], out["step_b"] = float(self.step_coef[0]), float(self.step_coef[1])
-        if progress is not None and (self.gain is not None or self.step_coef is not None):
-            out["scale"] = float(self.scale(progress))  # c·s(τ) at the current τ
+        if self.scale_coef is not None:
+            out.update(zip(self.scale_names, self.scale_coef.tolist(), strict=True))
+            if progress is not None:
+                out["scale"] = float(self.scale(progress))  # c·s(τ) at the current τ
         if self.pos_coef is not None:
             out["beta"] = float(self.pos_coef)
         if self.content_proj is not None:
