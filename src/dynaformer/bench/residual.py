@@ -13,36 +13,48 @@ from collections.abc import Iterator
 
 import torch
 
+from ..errors import DynaformerError
 from ..model import Transformer
 from ..model.generate import generate
 from .common import preset, sync
 
 KINDS = ("prenorm", "dynamic")
+CONTROL = "prenorm_control"  # a second, identical pre-norm model: its ratio to prenorm is the noise floor
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="preset name or YAML (default: small)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--context", type=int, default=None, help="sequence length (default: the preset's context_len)")
-    p.add_argument("--steps", type=int, default=20, help="timed training steps per variant (interleaved)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per variant (interleaved)")
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--new_tokens", type=int, default=64, help="generated tokens per timed generation")
-    p.add_argument("--gen_repeats", type=int, default=5, help="timed generations per variant (interleaved)")
+    p.add_argument("--gen_repeats", type=int, default=10, help="timed generations per variant (interleaved)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="training step precision (autocast)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: perf_counter; cpu: process CPU time (steadier on a shared machine; use --threads 1)")
+    p.add_argument("--factors", default="gain,step,position,content",
+                   help="factors of the dynamic model that are on (comma-separated; default: all four)")
+    p.add_argument("--no_control", action="store_true",
+                   help="skip the A/A control (a second pre-norm model timed alongside, to show the noise floor)")
 
 
 def _models(args: argparse.Namespace) -> dict[str, Transformer]:
     base = preset(args.config)
+    factors = {f.strip() for f in args.factors.split(",") if f.strip()}
+    unknown = factors - {"gain", "step", "position", "content"}
+    if unknown:
+        raise DynaformerError(f"bench residual: --factors: unknown factor '{sorted(unknown)[0]}' "
+                              f"(choose from gain, step, position, content)")
     models = {}
-    for kind in KINDS:
-        cfg = dataclasses.replace(base, residual=kind, dyn_gain=True, dyn_step=True, dyn_position=True,
-                                  dyn_content=True)
+    for name in KINDS + (() if args.no_control else (CONTROL,)):
+        kind = "prenorm" if name == CONTROL else name
+        cfg = dataclasses.replace(base, residual=kind, dyn_gain="gain" in factors, dyn_step="step" in factors,
+                                  dyn_position="position" in factors, dyn_content="content" in factors)
         torch.manual_seed(0)
-        models[kind] = Transformer(cfg).to(args.device)
-        models[kind].progress.fill_(0.5)
+        models[name] = Transformer(cfg).to(args.device)
+        models[name].progress.fill_(0.5)
     return models
 
 
@@ -92,11 +104,15 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
     gen = _interleaved(gen_fns, args.gen_repeats, clock, device, warmup=1)
 
     record = {"bench": "residual", "config": args.config or "small", "batch": args.batch_size, "seq": T,
-              "dtype": args.dtype, "clock": args.clock, "device": str(device), "threads": torch.get_num_threads(),
+              "dtype": args.dtype, "clock": args.clock, "factors": args.factors, "device": str(device),
+              "threads": torch.get_num_threads(),
               "steps": args.steps, "prenorm_ms": round(1000 * train["prenorm"], 2),
               "dynamic_ms": round(1000 * train["dynamic"], 2),
               "ratio": round(train["dynamic"] / train["prenorm"], 4)}
     for kind in KINDS:
         record[f"{kind}_gen_tok_s"] = round(args.new_tokens / gen[kind], 2)
     record["gen_ratio"] = round(gen["prenorm"] / gen["dynamic"], 4)  # dynamic tok/s ÷ prenorm tok/s
+    if CONTROL in models:  # the same measurements for two identical pre-norm models: ≈ 1 ± noise
+        record["control_ratio"] = round(train[CONTROL] / train["prenorm"], 4)
+        record["control_gen_ratio"] = round(gen["prenorm"] / gen[CONTROL], 4)
     yield record

@@ -247,7 +247,7 @@ def plot_training(metrics_path: Path, path: Path) -> Path | None:
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
     for ax in axes.flat[len(series):]:
         ax.axis("off")
-    for ax, (key, points) in zip(axes.flat, series.items()):
+    for ax, (key, points) in zip(axes.flat, series.items(), strict=False):
         steps = [s for s, _ in points]
         n = max(len(v) for _, v in points)
         cmap = plt.get_cmap("viridis")

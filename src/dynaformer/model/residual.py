@@ -219,18 +219,11 @@ class DynamicResidual(nn.Module):
             gamma = self.content_coef if scale is None else self.content_coef * scale
         return base, gamma
 
-    def _key(self, progress: torch.Tensor) -> list:
-        """What the inference cache depends on: each gate's and τ's in-place version and storage."""
-        key = [progress._version, progress.data_ptr()]
-        for p in self._gates:
-            key += (p._version, p.data_ptr())
-        return key
-
     def _freeze(self, key: list, progress: torch.Tensor, end: int, device: torch.device) -> tuple:
         phi = self.phi(end, device)
         base, gamma = self.folded(progress, phi)
         base = (torch.ones_like(phi) * (1 if base is None else base)).detach()  # always an (N, 1) table
-        frozen = (key, base, base[:, 0].tolist())
+        frozen = (key, phi.shape[0], device, base, base[:, 0].tolist())
         if gamma is not None:  # γ' as (k, 1), wᵀ as (C, k), a (1, 1) one for addmm's bias
             frozen += (gamma.detach().t().contiguous(), self.content_proj.detach().t().contiguous(),
                        torch.ones(1, 1, device=device))
@@ -238,23 +231,24 @@ class DynamicResidual(nn.Module):
         return frozen
 
     def inference_multiplier(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """multiplier() without autograd, in the fewest ops (decoding is dominated by per-op overhead):
-        base (N, 1), γ' and wᵀ are cached until a gate, τ or the device changes or more positions are
-        needed."""
-        start, T = ctx.start, ctx.length
-        key = self._key(ctx.progress)
+        """multiplier() without autograd, in the fewest ops (decoding is dominated by per-op overhead).
+        base (N, 1), γ' and wᵀ are cached; the cache key holds the in-place version and storage of τ and
+        of each gate, so it follows optimizer steps, load_state_dict, .to() and in-place edits."""
+        start, end = ctx.start, ctx.start + ctx.length
+        key = [ctx.progress._version, ctx.progress.data_ptr()]
+        for p in self._gates:
+            key += (p._version, p.data_ptr())
         frozen = self._frozen
-        if frozen is None or frozen[0] != key or len(frozen[2]) < start + T or frozen[1].device != h.device:
-            frozen = self._freeze(key, ctx.progress, start + T, h.device)
-        if len(frozen) == 3:
-            return frozen[1][start : start + T]  # (T, 1)
-        _, base, base_list, gamma_t, w_t, one = frozen
-        if T == 1:  # decoding: mm, tanh, and one addmm that also adds base[p] (as addmm's beta)
+        if frozen is None or frozen[0] != key or frozen[1] < end or frozen[2] != h.device:
+            frozen = self._freeze(key, ctx.progress, end, h.device)
+        if len(frozen) == 5:
+            return frozen[3][start:end]  # (T, 1)
+        if end - start == 1:  # decoding: mm, tanh, and one addmm that also adds base[p] (as addmm's beta)
             B = h.shape[0]
-            z = torch.mm(h.view(B, -1), w_t).tanh_()  # (B, k)
-            return torch.addmm(one, z, gamma_t, beta=base_list[start]).view(B, 1, 1)
-        z = torch.matmul(h, w_t).tanh_()  # (B, T, k)
-        return torch.matmul(z, gamma_t).add_(base[start : start + T])  # (B, T, 1)
+            z = torch.mm(h.view(B, -1), frozen[6]).tanh_()  # (B, k)
+            return torch.addmm(frozen[7], z, frozen[5], beta=frozen[4][start]).view(B, 1, 1)
+        z = torch.matmul(h, frozen[6]).tanh_()  # (B, T, k)
+        return torch.matmul(z, frozen[5]).add_(frozen[3][start:end])  # (B, T, 1)
 
     def multiplier(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         """The weight on the branch for each token, broadcastable to h (B, T, C): (B, T, 1), (T, 1), () or
