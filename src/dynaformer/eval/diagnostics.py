@@ -41,9 +41,13 @@ def layer_grad_norms(model: nn.Module) -> list[float]:
     out = []
     for block in _blocks(model):
         grads = [p.grad for p in _branch_params(block, "attn") + _branch_params(block, "mlp") if p.grad is not None]
-        out.append(float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads
-                   else math.nan)
+        norms = [_full(g.float().norm()) for g in grads]  # FSDP: a DTensor's norm is reduced over ranks
+        out.append(float(torch.linalg.vector_norm(torch.stack(norms))) if norms else math.nan)
     return out
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _split(windows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,6 +34,11 @@ from .layers import RMSNorm
 Branch = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a parameter's full value (FSDP shards parameters as DTensors)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _gate(t: torch.Tensor) -> nn.Parameter:
     """A mechanism parameter: no weight decay, initialised here (Transformer.reset_parameters skips it)."""
     p = nn.Parameter(t)
@@ -120,7 +125,7 @@ class ReZeroResidual(nn.Module):
         return torch.addcmul(x, branch(x), self.alpha)
 
     def coefficients(self) -> dict[str, float]:
-        return {"alpha": float(self.alpha)}
+        return {"alpha": float(_host(self.alpha))}
 
 
 def cait_layerscale_init(depth: int) -> float:
@@ -144,7 +149,8 @@ class LayerScaleResidual(nn.Module):
         return torch.addcmul(x, branch(self.norm(x)), self.scale)
 
     def coefficients(self) -> dict[str, float]:
-        return {"scale_mean": float(self.scale.mean()), "scale_absmax": float(self.scale.abs().max())}
+        scale = _host(self.scale)
+        return {"scale_mean": float(scale.mean()), "scale_absmax": float(scale.abs().max())}
 
 
 class DynamicResidual(nn.Module):
@@ -275,14 +281,14 @@ class DynamicResidual(nn.Module):
     def coefficients(self, progress: torch.Tensor | None = None) -> dict[str, float]:
         out: dict[str, float] = {}
         if self.scale_coef is not None:
-            out.update(zip(self.scale_names, self.scale_coef.tolist(), strict=True))
+            out.update(zip(self.scale_names, _host(self.scale_coef).tolist(), strict=True))
             if progress is not None:
-                out["scale"] = float(self.scale(progress))  # c·s(τ) at the current τ
+                out["scale"] = float(_host(self.scale(progress)))  # c·s(τ) at the current τ
         if self.pos_coef is not None:
-            out["beta"] = float(self.pos_coef)
+            out["beta"] = float(_host(self.pos_coef))
         if self.content_proj is not None:
-            out["gamma_norm"] = float(self.content_coef.norm())
-            out["w_norm"] = float(self.content_proj.norm())
+            out["gamma_norm"] = float(_host(self.content_coef.norm()))
+            out["w_norm"] = float(_host(self.content_proj.norm()))
         return out
 
 
