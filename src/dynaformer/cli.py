@@ -117,14 +117,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .eval.diagnostics import diagnose_run
 
         result["diagnostics"] = diagnose_run(args.run, max_tokens=min(args.tokens, 16_384))
-        if not args.json:
-            d = result["diagnostics"]
-            print(f"diagnostics: grad norm first/last {d['grad_ratio_first_last']:.3g} | attention ablation "
-                  f"{' '.join(f'{v:+.3f}' for v in d['attn_ablation_increase'])} | written to "
-                  f"{Path(d['checkpoint']).parent / 'diagnostics.json'}")
     print(json.dumps(result) if args.json else
           f"{result['checkpoint']}: loss {result['loss']:.4f} | ppl {result['ppl']:.3f} | "
           f"bpb {result['bpb']:.4f} | {result['tokens']:,} tokens of {result['data']}")
+    if args.diagnostics and not args.json:
+        d = result["diagnostics"]
+        print(f"diagnostics: grad norm first/last layer {d['grad_ratio_first_last']:.3g} | attention ablation "
+              f"{' '.join(f'{v:+.3f}' for v in d['attn_ablation_increase'])} | "
+              f"{Path(d['checkpoint']).parent / 'diagnostics.json'}")
     return 0
 
 
