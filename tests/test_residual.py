@@ -407,3 +407,35 @@ def test_every_kind_is_selectable_and_round_trips():
         assert dataclasses.asdict(cfg)["residual"] == kind
         module = residual_modules(Transformer(tiny_config(residual=kind)))[0]
         assert type(module).__name__.lower().startswith(kind)
+
+
+@pytest.mark.slow
+def test_every_kind_shards_with_fsdp2(tmp_path):
+    """FSDP2 refuses 0-d parameters and turns parameters into DTensors: every kind must shard, train a
+    step, and report its coefficients and per-layer gradient norms (one gloo rank, in a subprocess)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fsdp.py"
+    script.write_text(f"""
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from dynaformer.model import ModelConfig, Transformer
+from dynaformer.eval.diagnostics import layer_grad_norms
+from dynaformer.model.residual import residual_stats
+dist.init_process_group("gloo", rank=0, world_size=1)
+for kind in {RESIDUALS!r}:
+    m = Transformer(ModelConfig(n_layer=2, d_model=32, n_head=2, vocab_size=64, residual=kind))
+    for b in m.blocks:
+        fully_shard(b)
+    fully_shard(m)
+    x = torch.randint(0, 64, (2, 16))
+    m(x, x)[1].backward()
+    assert all(v == v for v in layer_grad_norms(m)), kind
+    residual_stats(m)
+dist.destroy_process_group()
+print("ok")
+""")
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561", "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]

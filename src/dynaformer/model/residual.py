@@ -119,7 +119,7 @@ class ReZeroResidual(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.alpha = _gate(torch.zeros(()))
+        self.alpha = _gate(torch.zeros(1))  # (1,), not 0-d: FSDP2 cannot shard scalar parameters
 
     def forward(self, x: torch.Tensor, branch: Branch, ctx: ForwardContext) -> torch.Tensor:
         return torch.addcmul(x, branch(x), self.alpha)
@@ -186,7 +186,7 @@ class DynamicResidual(nn.Module):
         self.scale_names = (["gain"] if cfg.dyn_gain else []) + (["step_a", "step_b"] if cfg.dyn_step else [])
         self.scale_coef = _gate(torch.zeros(len(powers))) if powers else None  # (g, a, b) or a subset
         self.register_buffer("scale_powers", torch.tensor(powers), persistent=False)  # τ^0, τ^1, τ^2
-        self.pos_coef = _gate(torch.zeros(())) if cfg.dyn_position else None  # β
+        self.pos_coef = _gate(torch.zeros(1)) if cfg.dyn_position else None  # β, (1,) for FSDP2
         if cfg.dyn_content:
             self.content_proj = _gate(torch.zeros(cfg.dyn_rank, cfg.d_model))  # w: (k, C)
             self.content_coef = _gate(torch.full((1, cfg.dyn_rank), cfg.dyn_gamma_init))  # γ: (1, k)
@@ -281,9 +281,10 @@ class DynamicResidual(nn.Module):
     def coefficients(self, progress: torch.Tensor | None = None) -> dict[str, float]:
         out: dict[str, float] = {}
         if self.scale_coef is not None:
-            out.update(zip(self.scale_names, _host(self.scale_coef).tolist(), strict=True))
-            if progress is not None:
-                out["scale"] = float(_host(self.scale(progress)))  # c·s(τ) at the current τ
+            coef = _host(self.scale_coef)
+            out.update(zip(self.scale_names, coef.tolist(), strict=True))
+            if progress is not None:  # c·s(τ) at the current τ
+                out["scale"] = 1 + float(torch.dot(coef, progress.to(coef).pow(self.scale_powers.to(coef))))
         if self.pos_coef is not None:
             out["beta"] = float(_host(self.pos_coef))
         if self.content_proj is not None:
