@@ -116,7 +116,8 @@ def read_jsonl(path: str | Path) -> list[Example]:
         if not isinstance(obj, dict) or "text" not in obj or "label" not in obj:
             missing = "text" if not isinstance(obj, dict) or "text" not in obj else "label"
             raise DynaformerError(f"data: {p}:{n} has no \"{missing}\" field")
-        if not isinstance(obj["text"], str) or not isinstance(obj["label"], str | int) or isinstance(obj["label"], bool):
+        label = obj["label"]
+        if not isinstance(obj["text"], str) or not isinstance(label, str | int) or isinstance(label, bool):
             raise DynaformerError(f"data: {p}:{n}: \"text\" must be a string and \"label\" a string or integer")
         out.append(Example(obj["text"], str(obj["label"]), int(obj.get("distance", -1))))
     if not out:
