@@ -26,6 +26,7 @@ class ModelConfig:
     init_std: float = 0.02
     dropout: float = 0.0
     tie_embeddings: bool = True
+    causal: bool = True  # False: a bidirectional encoder (masked-LM pretraining, classification)
     residual: ResidualKind = "prenorm"  # see model/residual.py
     # Depth L used by depth-scaled residual inits (deepnorm α=(2L)^¼, β=(8L)^-¼; layerscale ε); None: n_layer.
     residual_depth: int | None = None
