@@ -196,8 +196,8 @@ class DynamicResidual(nn.Module):
                        if p is not None]
         self.enabled = bool(self._gates)
         self.log_p0 = math.log(cfg.position_p0)
-        self._phi: torch.Tensor | None = None  # (N,) φ(p), grown on demand (like Rotary's table)
-        self._frozen: tuple | None = None  # inference cache: (key, base (N,), γ' (1, k) or None)
+        self._phi: torch.Tensor | None = None  # (N, 1) φ(p), grown on demand (like Rotary's table)
+        self._frozen: tuple | None = None  # inference cache, see _freeze
 
     def phi(self, end: int, device: torch.device) -> torch.Tensor:
         """(≥ end, 1) table of φ(p) = log((p+1)/P0), p = 0, 1, ..."""
@@ -225,14 +225,16 @@ class DynamicResidual(nn.Module):
             gamma = self.content_coef if scale is None else self.content_coef * scale
         return base, gamma
 
-    def _freeze(self, key: list, progress: torch.Tensor, end: int, device: torch.device) -> tuple:
+    def _freeze(self, key: list, progress: torch.Tensor, end: int, where: tuple) -> tuple:
+        """(key, N, (device, dtype), base (N, 1), base as a list[, γ' (k, 1), wᵀ (C, k), a (1, 1) one])."""
+        device, dtype = where
         phi = self.phi(end, device)
         base, gamma = self.folded(progress, phi)
         base = (torch.ones_like(phi) * (1 if base is None else base)).detach()  # always an (N, 1) table
-        frozen = (key, phi.shape[0], device, base, base[:, 0].tolist())
+        frozen = (key, phi.shape[0], where, base.to(dtype), base[:, 0].tolist())
         if gamma is not None:  # γ' as (k, 1), wᵀ as (C, k), a (1, 1) one for addmm's bias
-            frozen += (gamma.detach().t().contiguous(), self.content_proj.detach().t().contiguous(),
-                       torch.ones(1, 1, device=device))
+            frozen += (gamma.detach().t().contiguous().to(dtype), self.content_proj.detach().t().contiguous().to(dtype),
+                       torch.ones(1, 1, device=device, dtype=dtype))
         self._frozen = frozen
         return frozen
 
@@ -244,9 +246,9 @@ class DynamicResidual(nn.Module):
         key = [ctx.progress._version, ctx.progress.data_ptr()]
         for p in self._gates:
             key += (p._version, p.data_ptr())
-        frozen = self._frozen
-        if frozen is None or frozen[0] != key or frozen[1] < end or frozen[2] != h.device:
-            frozen = self._freeze(key, ctx.progress, end, h.device)
+        frozen, where = self._frozen, (h.device, h.dtype)
+        if frozen is None or frozen[0] != key or frozen[1] < end or frozen[2] != where:
+            frozen = self._freeze(key, ctx.progress, end, where)
         if len(frozen) == 5:
             return frozen[3][start:end]  # (T, 1)
         if end - start == 1:  # decoding: mm, tanh, and one addmm that also adds base[p] (as addmm's beta)
