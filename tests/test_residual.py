@@ -185,6 +185,9 @@ def test_inference_cache_follows_parameters_and_progress():
     assert torch.allclose(a3, b3, atol=1e-5) and not torch.allclose(a2, a3)
     model.load_state_dict(state)
     assert torch.allclose(both()[0], a2, atol=1e-6)
+    model.double()  # new storage and dtype: the cache is rebuilt
+    a4, b4 = both()
+    assert a4.dtype == torch.float64 and torch.allclose(a4, b4, atol=1e-9) and torch.allclose(a4.float(), a2, atol=1e-5)
 
 
 # --- baselines: init ------------------------------------------------------------------------------------

@@ -225,13 +225,17 @@ class DynamicResidual(nn.Module):
             gamma = self.content_coef if scale is None else self.content_coef * scale
         return base, gamma
 
-    def _freeze(self, key: list, progress: torch.Tensor, end: int, where: tuple) -> tuple:
-        """(key, N, (device, dtype), base (N, 1), base as a list[, γ' (k, 1), wᵀ (C, k), a (1, 1) one])."""
-        device, dtype = where
+    def _apply(self, fn, *args, **kwargs):
+        """.to(), .double(), .cuda(), ... replace parameter storage: drop the cached tables."""
+        self._frozen = self._phi = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _freeze(self, key: list, progress: torch.Tensor, end: int, device: torch.device, dtype: torch.dtype) -> tuple:
+        """(key, N, base (N, 1), base as a list[, γ' (k, 1), wᵀ (C, k), a (1, 1) one]) in h's dtype."""
         phi = self.phi(end, device)
         base, gamma = self.folded(progress, phi)
         base = (torch.ones_like(phi) * (1 if base is None else base)).detach()  # always an (N, 1) table
-        frozen = (key, phi.shape[0], where, base.to(dtype), base[:, 0].tolist())
+        frozen = (key, phi.shape[0], base.to(dtype), base[:, 0].tolist())
         if gamma is not None:  # γ' as (k, 1), wᵀ as (C, k), a (1, 1) one for addmm's bias
             frozen += (gamma.detach().t().contiguous().to(dtype), self.content_proj.detach().t().contiguous().to(dtype),
                        torch.ones(1, 1, device=device, dtype=dtype))
@@ -240,23 +244,23 @@ class DynamicResidual(nn.Module):
 
     def inference_multiplier(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """multiplier() without autograd, in the fewest ops (decoding is dominated by per-op overhead).
-        base (N, 1), γ' and wᵀ are cached; the cache key holds the in-place version and storage of τ and
-        of each gate, so it follows optimizer steps, load_state_dict, .to() and in-place edits."""
+        base (N, 1), γ' and wᵀ are cached; the cache key holds the in-place version of τ and of each gate,
+        so it follows optimizer steps, load_state_dict and in-place edits; _apply (.to() etc.) drops it."""
         start, end = ctx.start, ctx.start + ctx.length
-        key = [ctx.progress._version, ctx.progress.data_ptr()]
+        key = [ctx.progress._version]
         for p in self._gates:
-            key += (p._version, p.data_ptr())
-        frozen, where = self._frozen, (h.device, h.dtype)
-        if frozen is None or frozen[0] != key or frozen[1] < end or frozen[2] != where:
-            frozen = self._freeze(key, ctx.progress, end, where)
-        if len(frozen) == 5:
-            return frozen[3][start:end]  # (T, 1)
+            key.append(p._version)
+        frozen = self._frozen
+        if frozen is None or frozen[0] != key or frozen[1] < end:
+            frozen = self._freeze(key, ctx.progress, end, h.device, h.dtype)
+        if len(frozen) == 4:
+            return frozen[2][start:end]  # (T, 1)
         if end - start == 1:  # decoding: mm, tanh, and one addmm that also adds base[p] (as addmm's beta)
             B = h.shape[0]
-            z = torch.mm(h.view(B, -1), frozen[6]).tanh_()  # (B, k)
-            return torch.addmm(frozen[7], z, frozen[5], beta=frozen[4][start]).view(B, 1, 1)
-        z = torch.matmul(h, frozen[6]).tanh_()  # (B, T, k)
-        return torch.matmul(z, frozen[5]).add_(frozen[3][start:end])  # (B, T, 1)
+            z = torch.mm(h.view(B, -1), frozen[5]).tanh_()  # (B, k)
+            return torch.addmm(frozen[6], z, frozen[4], beta=frozen[3][start]).view(B, 1, 1)
+        z = torch.matmul(h, frozen[5]).tanh_()  # (B, T, k)
+        return torch.matmul(z, frozen[4]).add_(frozen[2][start:end])  # (B, T, 1)
 
     def multiplier(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         """The weight on the branch for each token, broadcastable to h (B, T, C): (B, T, 1), (T, 1), () or
