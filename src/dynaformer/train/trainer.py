@@ -17,7 +17,8 @@ from ..errors import DynaformerError, Interrupted
 from ..eval.perplexity import evaluate_windows
 from ..model import Transformer
 from .checkpoint import latest_checkpoint, load_model_state, load_trainer_state, save_checkpoint, verify_checkpoint
-from .metrics import MetricsLog, format_eval_line, format_train_line
+from ..model.span_stats import plot_span_heatmap, span_stats
+from .metrics import MetricsLog, format_eval_line, format_train_line, read_metrics
 from .optim import lr_at, make_optimizer
 from .rundir import Run
 
@@ -107,7 +108,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
                                 enabled=self.autocast is not None):
                 _, loss = self.forward(x, y)
-            (loss / cfg.grad_accum).backward()
+            ((loss + self.model.aux_loss()) / cfg.grad_accum).backward()  # aux: the span penalty, if any
             total += loss.detach() / cfg.grad_accum
         if cfg.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
@@ -145,7 +146,8 @@ class Trainer:
                     dt = (time.perf_counter() - window_t) / window_steps
                     rec = {"step": self.step, "elapsed_s": round(self.elapsed(), 4), "loss": loss,
                            "lr": lr_at(self.step - 1, cfg), "grad_norm": gnorm, "tok_s": tokens_per_step / dt,
-                           "ms_step": 1000 * dt, "progress": float(self.model.progress)}
+                           "ms_step": 1000 * dt, "progress": float(self.model.progress),
+                           **span_stats(self.model)}
                     self.metrics.write(rec)
                     bar.write(format_train_line(rec, cfg.max_steps))
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tok_s'] / 1000:.1f}k")
@@ -167,6 +169,7 @@ class Trainer:
         finally:
             bar.close()
             self.metrics.close()
+            plot_span_heatmap(read_metrics(self.metrics.path), self.run_info.dir / "spans.png")
             for s, h in handlers.items():
                 signal.signal(s, h)
         return {"run_dir": str(self.run_info.dir), "step": self.step, "elapsed_s": round(self.elapsed(), 3),
