@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.span import band_flops, span_attention
+from ..model import ModelConfig, Transformer
+from ..model.span_stats import span_stats
 from .common import time_interleaved
 
 
@@ -31,9 +33,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no_backward", action="store_true", help="time the forward pass only")
+    p.add_argument("--model", action="store_true",
+                   help="time a whole training step instead (4 layers, 256 wide, 8 heads, seq T, batch 1, AdamW): "
+                        "dense versus dynamic spans ≤ --span (span_max = span − ramp)")
+
+
+def span_model_config(seq: int, span: int, ramp: int = 32, kind: str = "dynamic", n_layer: int = 4,
+                      d_model: int = 256, n_head: int = 8) -> tuple[ModelConfig, ModelConfig]:
+    """(dense, span) configs of the benchmark model: the span model's reach z + R stays ≤ `span`; learned spans
+    start at 7/8 of their maximum."""
+    base = dict(n_layer=n_layer, d_model=d_model, n_head=n_head, context_len=seq)
+    s_max = span - ramp
+    return ModelConfig(**base), ModelConfig(**base, span=kind, span_max=s_max, span_ramp=ramp,
+                                            span_init=0.875 * s_max, span_window=span)
+
+
+def run_model(args: argparse.Namespace) -> Iterator[dict]:
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (args.batch, args.seq))
+    fns, models = {}, {}
+    for name, cfg in zip(("dense", "span"), span_model_config(args.seq, args.span, int(args.ramp))):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        models[name] = model
+
+        def step(model=model, opt=opt):
+            _, loss = model(x, x)
+            (loss + model.aux_loss()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        fns[name] = step
+    times = time_interleaved(fns, args.repeats, warmup=1)
+    stats = span_stats(models["span"])
+    yield {"bench": "attention_model_step", "seq": args.seq, "span": args.span, "batch": args.batch,
+           "params": models["dense"].num_params(), "threads": torch.get_num_threads(),
+           "dense_step_ms": round(1000 * times["dense"], 1), "span_step_ms": round(1000 * times["span"], 1),
+           "step_speedup": round(times["dense"] / times["span"], 3),
+           "mean_span": round(sum(sum(r) for r in stats["span_mean"]) / sum(len(r) for r in stats["span_mean"]), 1),
+           "attn_pairs_frac": stats.get("attn_pairs_frac")}
 
 
 def run(args: argparse.Namespace) -> Iterator[dict]:
+    if args.model:
+        yield from run_model(args)
+        return
     torch.manual_seed(0)
     B, H, T, D = args.batch, args.heads, args.seq, args.head_dim
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

@@ -67,6 +67,24 @@ def masked_sdpa_span_attention(q, k, v, z, ramp: float, hard: bool = False) -> t
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
+def decode_span_attention(q, k, v, z, ramp: float, hard: bool = False) -> torch.Tensor:
+    """Few queries (decoding), no autograd: the span bias in four small ops, then scores → softmax → values
+    with batched matmuls (cheaper than a fused kernel's thread fan-out for a handful of queries)."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[-2]
+    d = _distances(Tq, Tk, q.device)  # (Tq, Tk)
+    zz = z.float().expand(B, H, Tq).unsqueeze(-1)
+    if hard:
+        bias = torch.sub(zz.floor() + 1, d).clamp_(0.0, 1.0).log_()
+    else:
+        bias = torch.sub((zz + ramp) / ramp, d / ramp).clamp_(0.0, 1.0).log_()
+    if Tq > 1:
+        bias.masked_fill_(d < 0, NEG_INF)  # the future
+    scores = torch.baddbmm(bias.to(q.dtype).reshape(B * H, Tq, Tk), q.reshape(B * H, Tq, D),
+                           k.reshape(B * H, Tk, D).transpose(1, 2), alpha=1.0 / math.sqrt(D))
+    return torch.bmm(scores.softmax(-1), v.reshape(B * H, Tk, D)).view(B, H, Tq, D)
+
+
 def span_covers_all(z: torch.Tensor, Tq: int, Tk: int) -> bool:
     """True when every query sees all its causal keys with weight 1 (z_i ≥ i + o): the mask is a no-op."""
     pos = torch.arange(Tq, device=z.device, dtype=z.dtype) + (Tk - Tq)
@@ -415,6 +433,8 @@ def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, z: torch.T
     (the mask is identically 1), FlexAttention on CUDA, the masked SDPA for short or single-step queries,
     else the CPU band kernel."""
     Tq, Tk = q.shape[-2], k.shape[-2]
+    if impl == "auto" and Tq <= 16 and not (torch.is_grad_enabled() and (q.requires_grad or z.requires_grad)):
+        return decode_span_attention(q, k, v, z, ramp, hard)
     if impl == "auto":
         if span_covers_all(z.detach(), Tq, Tk):
             impl = "dense"
