@@ -233,7 +233,8 @@ class _BandSpanAttention(torch.autograd.Function):
                     return x.reshape(-1, D)[rows_].unsqueeze(1)
             parts, res = [], []
             if Wr > 0:  # ramp columns [c0 − E, c0 − E + Wr): masked
-                Kr, Vr = window(kp, E, Wr), window(vp, E, Wr)
+                # contiguous copies (small: Wr keys per chunk) so the span gradient can use plain batched GEMMs
+                Kr, Vr = window(kp, E, Wr).contiguous(), window(vp, E, Wr).contiguous()
                 d_f = (ci[:, None] + E - torch.arange(Wr, device=q.device, dtype=q.dtype)[None, :]) / r
                 zz = zs[:, :1] if (kind == "box" and const) else zs
                 mask_r = _band_mask(zz, d_f, r, hard).expand(*Qs.shape[:2], C, Wr)  # (n, nc, C, Wr)
@@ -304,10 +305,13 @@ class _BandSpanAttention(torch.autograd.Function):
                     # ∂L/∂z_i = Σ_j P_ij (dO_i·v_j − δ_i)/(R m_ij) over the ramp (0 < m < 1); P/m = exp(s − lse)
                     if delta is None:
                         delta = (dOs * o_s).sum(-1, keepdim=True)
-                    A = torch.matmul(Qs, Kx[..., :Wg, :].transpose(-1, -2)).mul_(scale).sub_(lse.unsqueeze(-1))
-                    A.exp_().mul_(torch.matmul(dOs, Vx[..., :Wg, :].transpose(-1, -2)).sub_(delta))
+                    n1, n2 = Qs.shape[:2]
+                    Q3, dO3 = Qs.reshape(n1 * n2, C, D), dOs.reshape(n1 * n2, C, D)
+                    K3, V3 = Kx[..., :Wg, :].reshape(n1 * n2, Wg, D), Vx[..., :Wg, :].reshape(n1 * n2, Wg, D)
+                    A = torch.baddbmm(-lse.reshape(n1 * n2, C, 1), Q3, K3.transpose(1, 2), alpha=scale).exp_()
+                    A.mul_(torch.baddbmm(-delta.reshape(n1 * n2, C, 1), dO3, V3.transpose(1, 2)))
                     mr = mask[..., :Wg]
-                    g = torch.where((mr < 0) & (mr > NEG_INF), A, 0.0).sum(-1)
+                    g = torch.where((mr < 0) & (mr > NEG_INF), A.view(n1, n2, C, Wg), 0.0).sum(-1)
                     dZs = g if dZs is None else dZs + g
             if kind == "box":
                 dq[r0:r1, cs:] = dQs
