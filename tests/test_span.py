@@ -215,3 +215,18 @@ def test_cli_bad_span_exits_2(tmp_path):
     res = run_cli("train", "--span", "per_head", "--span_ramp", "0", "--out", str(tmp_path / "r"),
                   "--max_steps", "1")
     assert res.returncode == 2 and "span_ramp" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("kind", ["dynamic", "per_head", "fixed"])
+def test_flex_block_mask_matches_reference_forward(kind, monkeypatch):
+    """The GPU path's kv-tile block mask and score_mod, run by eager FlexAttention on CPU (forward only:
+    CPU has no FlexAttention backward; the compiled GPU kernel itself is unverified here)."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    import dynaformer.kernels.span as ks
+
+    monkeypatch.setattr(ks, "_FLEX_COMPILED", flex.flex_attention)
+    q, k, v = (torch.randn(2, 2, T, 16) for T in (300, 428, 428))  # Tk > Tq, lengths not multiples of 128
+    z = _spans(kind, 2, 2, 300, 0.0, 200.0)
+    got = ks.flex_span_attention(q, k, v, z, 16.0, kind == "fixed")
+    assert _rel(got, reference_span_attention(q, k, v, z, 16.0, kind == "fixed")) <= 1e-5

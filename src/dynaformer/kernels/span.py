@@ -399,10 +399,10 @@ def flex_span_attention(q, k, v, z, ramp: float, hard: bool = False, block: int 
         lo_t, hi_t = lo // block, hi // block  # (B, H, nq), (nq,)
         full_lo = (qpos0[:, None] + i - zp.floor()).amax(-1).clamp_min(0).long()  # keys with m = 1 for all rows
         full_lo_t = -(-full_lo // block)
-        full_hi_t = qpos0 // block  # tiles strictly below the diagonal... up to the tile holding qpos0 (excl.)
+        full_hi_t = qpos0 // block  # tiles entirely at or before the tile's first query (causal for all rows)
         t = torch.arange(nk, device=q.device)
         in_band = (t >= lo_t[..., None]) & (t <= hi_t[:, None])
-        full = (t >= full_lo_t[..., None]) & (t < full_hi_t[:, None]) & in_band & (not hard or True)
+        full = (t >= full_lo_t[..., None]) & (t < full_hi_t[:, None]) & in_band
         partial = in_band & ~full
         kv_num = partial.sum(-1).int()
         kv_idx = torch.argsort((~partial).int(), dim=-1, stable=True).int()
@@ -411,18 +411,24 @@ def flex_span_attention(q, k, v, z, ramp: float, hard: bool = False, block: int 
 
     def mask_mod(b, h, qi, kj):
         d = qi + o - kj
-        zz = zf[b, h, qi]
+        zz = zf[b, h, qi.clamp(max=Tq - 1)]  # padded query rows read the last span
         return (d >= 0) & ((d <= zz) if hard else (d < zz + ramp))
 
     def score_mod(score, b, h, qi, kj):
         d = (qi + o - kj).to(torch.float32)
-        zz = zf[b, h, qi]
+        zz = zf[b, h, qi.clamp(max=Tq - 1)]
         m = ((ramp + zz - d) / ramp).clamp(0.0, 1.0)
         return score if hard else score + torch.log(m.clamp_min(1e-30))
 
     bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
                                   seq_lengths=(Tq, Tk))
-    return flex_attention(q, k, v, score_mod=score_mod, block_mask=bm)
+    global _FLEX_COMPILED
+    if _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=True)
+    return _FLEX_COMPILED(q, k, v, score_mod=score_mod, block_mask=bm)
+
+
+_FLEX_COMPILED = None
 
 
 # ----------------------------------------------------------------------------------------------------
