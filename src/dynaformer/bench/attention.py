@@ -52,7 +52,7 @@ def run_model(args: argparse.Namespace) -> Iterator[dict]:
     torch.manual_seed(0)
     x = torch.randint(0, 256, (args.batch, args.seq))
     fns, models = {}, {}
-    for name, cfg in zip(("dense", "span"), span_model_config(args.seq, args.span, int(args.ramp))):
+    for name, cfg in zip(("dense", "span"), span_model_config(args.seq, args.span, int(args.ramp)), strict=True):
         torch.manual_seed(0)
         model = Transformer(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)

@@ -53,7 +53,7 @@ def run_context(args: argparse.Namespace) -> Iterator[dict]:
     max_len = T + per_call * (args.repeats + 2) + 1
     prompt = torch.randint(0, 256, (1, T))
     state, fns, prefill = {}, {}, {}
-    for name, cfg in zip(("dense", "span"), span_model_config(max_len, args.span)):
+    for name, cfg in zip(("dense", "span"), span_model_config(max_len, args.span), strict=True):
         torch.manual_seed(0)
         model = Transformer(cfg).eval()
         cache = model.new_cache(1, max_len)

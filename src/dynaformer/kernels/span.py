@@ -138,7 +138,7 @@ def band_plan(z: torch.Tensor, Tq: int, Tk: int, ramp: float, hard: bool, chunk:
     waste = ((Er[:, None] - E) * regular).sum(1) / work
     ok = (cs < nC) & (waste <= box_waste)
     rows = []
-    for r, (er, c, good) in enumerate(zip(Er.tolist(), cs.tolist(), ok.tolist())):
+    for r, (er, c, good) in enumerate(zip(Er.tolist(), cs.tolist(), ok.tolist(), strict=True)):
         if not good:
             continue
         if rows and rows[-1][1] == r and rows[-1][2:] == [c, er]:
@@ -331,7 +331,7 @@ class _BandSpanAttention(torch.autograd.Function):
 
 def _sum_to(g: torch.Tensor, shape) -> torch.Tensor:
     """Reduce a broadcast gradient back to `shape`."""
-    dims = [i for i, (a, s) in enumerate(zip(g.shape, shape)) if s == 1 and a != 1]
+    dims = [i for i, (a, s) in enumerate(zip(g.shape, shape, strict=True)) if s == 1 and a != 1]
     return g.sum(dims, keepdim=True) if dims else g
 
 
