@@ -274,7 +274,7 @@ class _BandSpanAttention(torch.autograd.Function):
         dk = dout.new_zeros(BH, Tkp, D)
         dv = dout.new_zeros(BH, Tkp, D)
         want_z = ctx.needs_input_grad[3] and not hard
-        dz = dout.new_zeros(BH, nC, C) if want_z else None
+        dz = dout.new_zeros(BH, nC, C, dtype=torch.float32) if want_z else None
         for kind, where, Qs, o_s, lse, parts in ctx.saved:
             if kind == "box":
                 r0, r1, cs = where
@@ -304,10 +304,12 @@ class _BandSpanAttention(torch.autograd.Function):
                 if want_z and Wg > 0:
                     # ∂L/∂z_i = Σ_j P_ij (dO_i·v_j − δ_i)/(R m_ij) over the ramp (0 < m < 1); P/m = exp(s − lse)
                     if delta is None:
-                        delta = (dOs * o_s).sum(-1, keepdim=True)
+                        delta = (dOs.float() * o_s.float()).sum(-1, keepdim=True)
                     n1, n2 = Qs.shape[:2]
-                    Q3, dO3 = Qs.reshape(n1 * n2, C, D), dOs.reshape(n1 * n2, C, D)
-                    K3, V3 = Kx[..., :Wg, :].reshape(n1 * n2, Wg, D), Vx[..., :Wg, :].reshape(n1 * n2, Wg, D)
+                    f32 = torch.float32  # (bf16 inputs: the span gradient is accumulated in fp32)
+                    Q3, dO3 = Qs.reshape(n1 * n2, C, D).to(f32), dOs.reshape(n1 * n2, C, D).to(f32)
+                    K3 = Kx[..., :Wg, :].reshape(n1 * n2, Wg, D).to(f32)
+                    V3 = Vx[..., :Wg, :].reshape(n1 * n2, Wg, D).to(f32)
                     A = torch.baddbmm(-lse.reshape(n1 * n2, C, 1), Q3, K3.transpose(1, 2), alpha=scale).exp_()
                     A.mul_(torch.baddbmm(-delta.reshape(n1 * n2, C, 1), dO3, V3.transpose(1, 2)))
                     mr = mask[..., :Wg]

@@ -50,6 +50,10 @@ class Attention(nn.Module):
             except ImportError as e:  # pragma: no cover
                 raise DynaformerError("model.span: this torch has no FlexAttention for the CUDA span path; "
                                       "set model.span_impl=masked") from e
+        if self.span_impl == "band" and q.is_cuda:
+            raise DynaformerError("model.span_impl: 'band' is the CPU kernel; use auto or flex on CUDA")
+        if self.span_impl == "flex" and not q.is_cuda and torch.is_grad_enabled():
+            raise DynaformerError("model.span_impl: FlexAttention has no backward on CPU; use auto or band")
         z = self.span(x, ctx)  # (1, H, 1) or (B, H, T) spans in tokens
         impl, ramp, hard = self.span_impl, self.span.ramp, self.span.hard
         if ctx.cache is None:

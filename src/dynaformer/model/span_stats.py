@@ -60,6 +60,8 @@ def plot_span_heatmap(records: list[dict], path: Path) -> Path | None:
     fig.colorbar(im, ax=axes[0])
     last = torch.tensor(recs[-1]["span_mean"])
     im2 = axes[1].imshow(last.numpy(), aspect="auto", cmap="viridis")
+    axes[1].set_xticks(range(n_head))
+    axes[1].set_yticks(range(n_layer))
     axes[1].set_xlabel("head")
     axes[1].set_ylabel("layer")
     axes[1].set_title(f"final mean span (step {steps[-1]})")
