@@ -70,8 +70,8 @@ class ModelConfig:
             raise ConfigError(f"model.span_init: must be in (0, span_max={self.span_max}), got {self.span_init}")
         if self.span_penalty < 0:
             raise ConfigError(f"model.span_penalty: must be ≥ 0, got {self.span_penalty}")
-        if self.span_max_start is not None and not 0 < self.span_max_start <= self.span_max:
-            raise ConfigError(f"model.span_max_start: must be in (0, span_max={self.span_max}], "
-                              f"got {self.span_max_start}")
+        if self.span_max_start is not None and not self.span_init < self.span_max_start <= self.span_max:
+            raise ConfigError(f"model.span_max_start: must be in (span_init={self.span_init}, "
+                              f"span_max={self.span_max}], got {self.span_max_start}")
         if self.norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("model.norm_eps and model.init_std must be > 0")

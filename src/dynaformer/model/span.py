@@ -49,7 +49,7 @@ class LearnedSpan(nn.Module):
         self.n_head, self.ramp, self.tile = cfg.n_head, float(cfg.span_ramp), cfg.span_tile
         self.s_max, self.s_start = float(cfg.span_max), float(cfg.span_max_start or cfg.span_max)
         self.penalty = cfg.span_penalty
-        frac = cfg.span_init / self.s_start if cfg.span_init < self.s_start else 0.5
+        frac = cfg.span_init / self.s_start  # validate() keeps it in (0, 1)
         self.a = nn.Parameter(torch.full((cfg.n_head,), math.log(frac / (1 - frac))))
         self.a.no_weight_decay = True
         self.v = None
