@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import DynaformerError
-from ..kernels import causal_attention, span_attention
+from ..kernels import bidirectional_attention, causal_attention, span_attention
 from .config import ModelConfig
 from .context import ForwardContext
 from .layers import Rotary
@@ -33,12 +33,15 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.rotary(qkv[:2], ctx.start).unbind(0)  # rotate q and k in one pass; each (B, H, T, D)
         v = qkv[2]
-        if self.span is None:
-            if ctx.cache is not None:
-                k, v = ctx.cache.layers[self.layer_idx].append(k, v)  # (B, H, L, D), L = start + T
-            y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, H, T, D)
+        if self.span is not None:  # causal only (validate() rejects spans for the encoder)
+            return self.proj(self._span_attention(x, q, k, v, ctx).transpose(1, 2).reshape(B, T, C))
+        if ctx.cache is not None:
+            k, v = ctx.cache.layers[self.layer_idx].append(k, v)  # (B, H, L, D), L = start + T
+        p = self.dropout if self.training else 0.0
+        if ctx.causal:
+            y = causal_attention(q, k, v, p)  # (B, H, T, D)
         else:
-            y = self._span_attention(x, q, k, v, ctx)
+            y = bidirectional_attention(q, k, v, ctx.key_padding_mask, p)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
     def _span_attention(self, x, q, k, v, ctx: ForwardContext) -> torch.Tensor:
