@@ -11,7 +11,8 @@ from ..errors import ConfigError
 @dataclass
 class TrainConfig:
     data: str = "builtin:default"  # FILE, FOLDER, builtin:default (tiny-shakespeare if present) or builtin:stories
-    tokenizer: Literal["byte", "char"] = "byte"
+    tokenizer: Literal["byte", "char", "bpe"] = "byte"
+    tokenizer_file: str = ""  # bpe: a tokenizer JSON from `dynaformer data tokenizer`
     out: str = "runs/default"  # the run folder
     val_fraction: float = 0.1
     max_steps: int = 1000
@@ -36,6 +37,7 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default
     resume: str = "none"  # none, auto (newest complete checkpoint in `out`), or a step-N folder
     progress_bar: bool = True
+    tensorboard: bool = False  # also write metrics as TensorBoard scalars to <out>/tensorboard (extra [tensorboard])
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "eval_tokens"):
@@ -56,8 +58,19 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: must be in [0, 1), got {getattr(self, name)}")
         if not self.out:
             raise ConfigError("train.out: the run folder must be named")
+        if self.tokenizer == "bpe" and not self.tokenizer_file:
+            raise ConfigError("train.tokenizer_file: --tokenizer bpe needs a tokenizer file "
+                              "(train one with `dynaformer data tokenizer --vocab N FILES --out tok.json`)")
+        if self.tokenizer_file and self.tokenizer != "bpe":
+            raise ConfigError(f"train.tokenizer_file: only used with --tokenizer bpe (tokenizer is '{self.tokenizer}')")
+        if self.tensorboard:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ConfigError("train.tensorboard: needs the tensorboard package: "
+                                  "pip install 'dynaformer[tensorboard]'")
 
 
 # Fields that may differ when resuming a run without changing its results.
 RESUMABLE_CHANGES = frozenset({"out", "resume", "progress_bar", "log_interval", "eval_interval", "ckpt_interval",
-                               "keep_last", "threads", "compile", "device"})
+                               "keep_last", "threads", "compile", "device", "tensorboard"})
