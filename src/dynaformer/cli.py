@@ -101,10 +101,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.run import evaluate_run
 
     if args.lm_eval:
-        from .hf import require
+        from .extras import require
 
         require("lm_eval", "eval")
-        from .hf.harness import run_lm_eval
+        from .eval.lm_harness import run_lm_eval
 
         out = run_lm_eval(args.run, args.lm_eval, limit=args.limit, num_fewshot=args.num_fewshot,
                           batch_size=args.batch_size)
@@ -130,7 +130,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    from .hf import require
+    from .extras import require
 
     require("transformers", "hf")
     from .hf.export import export_hf

@@ -11,16 +11,7 @@ Importing this package registers `DynaformerConfig` with `AutoConfig` and `Dynaf
 
 from __future__ import annotations
 
-from ..errors import DynaformerError
-
-
-def require(module: str, extra: str) -> None:
-    """Raise a one-line user error naming the extra to install when an optional package is missing."""
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise DynaformerError(f"this needs the optional package '{module}': pip install 'dynaformer[{extra}]'")
-
+from ..extras import require
 
 require("transformers", "hf")
 

@@ -5,7 +5,7 @@
 
     dynaformer eval runs/x --lm-eval dynaformer_story_qa,dynaformer_stories_ppl
 
-Bundled tasks (tasks/, generated at run time, fully offline): `dynaformer_story_qa` (multiple choice:
+Bundled tasks (lm_tasks/, generated at run time, fully offline): `dynaformer_story_qa` (multiple choice:
 where is a character, the supporting fact 4 sentences before the question), `dynaformer_story_qa_far`
 (the same at 24 sentences), `dynaformer_story_qa_gen` (the same, generated answer, exact match) and
 `dynaformer_stories_ppl` (rolling log-likelihood: word/byte perplexity, bits per byte); the tag
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DynaformerError
+from ..extras import require
 from ..model import Transformer
 from ..model.generate import sample_next
-from . import require
 
 require("lm_eval", "eval")
 
@@ -35,7 +35,7 @@ from lm_eval.api.model import TemplateLM  # noqa: E402
 from lm_eval.api.registry import register_model  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
-TASKS_DIR = Path(__file__).parent / "tasks"
+TASKS_DIR = Path(__file__).parent / "lm_tasks"
 
 
 @register_model("dynaformer")
@@ -175,12 +175,16 @@ def run_lm_eval(run: str, tasks: str, limit: float | None = None, num_fewshot: i
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise DynaformerError("eval: --lm-eval needs at least one task name")
-    tm = TaskManager(include_path=str(TASKS_DIR))
-    known = set(tm.all_tasks)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        bundled = sorted(n for n in known if n.startswith("dynaformer"))
-        raise DynaformerError(f"eval: unknown lm-eval task '{unknown[0]}' (bundled, offline: {', '.join(bundled)})")
+    # Our tasks alone index in well under a second; lm-eval's own thousands take tens of seconds, so they
+    # are indexed only when a name is not one of ours.
+    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    bundled = sorted(tm.all_tasks)
+    missing = [n for n in names if n not in bundled]
+    if missing and not any(n.startswith("dynaformer") for n in missing):
+        tm = TaskManager(include_path=str(TASKS_DIR))
+        missing = [n for n in missing if n not in tm.all_tasks]
+    if missing:
+        raise DynaformerError(f"eval: unknown lm-eval task '{missing[0]}' (bundled, offline: {', '.join(bundled)})")
     model, tokenizer, ckpt = load_model(run, device=device)
     lm = DynaformerLM(model, tokenizer, batch_size=batch_size)
     try:
@@ -188,8 +192,8 @@ def run_lm_eval(run: str, tasks: str, limit: float | None = None, num_fewshot: i
                               log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                               fewshot_random_seed=seed, bootstrap_iters=0)
     except (ConnectionError, OSError, FileNotFoundError) as e:
-        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1"
-        raise DynaformerError(f"eval: lm-eval could not load a task's data{' (HF_DATASETS_OFFLINE=1)' if offline else ''}: "
+        offline = " (HF_DATASETS_OFFLINE=1)" if os.environ.get("HF_DATASETS_OFFLINE") == "1" else ""
+        raise DynaformerError(f"eval: lm-eval could not load a task's data{offline}: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     results = {task: {k.split(",")[0]: v for k, v in metrics.items()
                       if isinstance(v, int | float) and "_stderr" not in k and k != "sample_len"}

@@ -10,8 +10,16 @@ import random
 
 import datasets
 
-from dynaformer.data.corpus import _FILLER, _NAMES, _PLACES, _THINGS, _VERBS_DROP, _VERBS_MOVE, _VERBS_TAKE
-from dynaformer.data.corpus import generated_stories
+from dynaformer.data.corpus import (
+    _FILLER,
+    _NAMES,
+    _PLACES,
+    _THINGS,
+    _VERBS_DROP,
+    _VERBS_MOVE,
+    _VERBS_TAKE,
+    generated_stories,
+)
 
 
 def _distractor(rng: random.Random, others: list[str]) -> str:
