@@ -1,5 +1,5 @@
 """TensorBoard scalars: the same numbers as metrics.jsonl (which is always written); a missing
-tensorboard package is a one-line config error before anything is written."""
+optional package (tensorboard, lm-eval, transformers) is a one-line error naming the extra to install."""
 
 from __future__ import annotations
 
@@ -40,3 +40,18 @@ def test_missing_package_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"train.tensorboard.*dynaformer\[tensorboard\]"):
         TrainConfig(tensorboard=True).validate()
     TrainConfig(tensorboard=False).validate()
+
+
+@pytest.mark.parametrize("argv,module,extra", [
+    (["eval", "RUN", "--lm-eval", "dynaformer_story_qa"], "lm_eval", "eval"),
+    (["export-hf", "RUN", "OUT"], "transformers", "hf"),
+])
+def test_missing_extra_is_one_line(argv, module, extra, monkeypatch, capsys, tmp_path):
+    from dynaformer.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    capsys.readouterr()
+    rc = main([str(tmp_path / a) if a in ("RUN", "OUT") else a for a in argv])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and f"dynaformer[{extra}]" in err[0], err
