@@ -12,7 +12,6 @@ for assisted decoding) are done by re-reading those tokens: always exact, never 
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -127,10 +126,13 @@ class DynaformerPreTrainedModel(PreTrainedModel):
         if getattr(self, "_constructing", False):
             return  # direct construction: the Transformer has just initialised itself
         names = getattr(self, "_module_names", None)
-        if names is None:
+        if names is None or id(module) not in names:
             names = self._module_names = {id(m): n for n, m in self.named_modules()}
         name = names.get(id(module))
-        if name is None or not (name == "model" or name.startswith("model.")):
+        if name is None:  # not (yet) part of the model, e.g. a resized embedding: HF's generic init
+            super()._init_weights(module)
+            return
+        if not (name == "model" or name.startswith("model.")):
             return
         ref = self._reference_model()
         ref_module = ref.get_submodule(name[len("model."):]) if name != "model" else ref
@@ -144,8 +146,7 @@ class DynaformerPreTrainedModel(PreTrainedModel):
         ref = getattr(self, "_reference", None)
         if ref is None:
             cfg = self.config.model_config()
-            ctx = torch.device("cpu") if hasattr(torch, "get_default_device") else contextlib.nullcontext()
-            with ctx:
+            with torch.device("cpu"):  # never on the meta device HF may be building the model on
                 ref = Transformer(cfg)
             object.__setattr__(self, "_reference", ref)  # not a submodule
         return ref
