@@ -186,6 +186,9 @@ def run_lm_eval(run: str, tasks: str, limit: float | None = None, num_fewshot: i
     if missing:
         raise DynaformerError(f"eval: unknown lm-eval task '{missing[0]}' (bundled, offline: {', '.join(bundled)})")
     model, tokenizer, ckpt = load_model(run, device=device)
+    if not model.cfg.causal:
+        raise DynaformerError(f"eval: '{ckpt}' holds a bidirectional encoder (model.causal=false); lm-eval "
+                              f"scores and generates with causal language models only")
     lm = DynaformerLM(model, tokenizer, batch_size=batch_size)
     try:
         res = simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, num_fewshot=num_fewshot,

@@ -60,6 +60,9 @@ def check_vocab(tokenizer, vocab_size: int, what: str) -> None:
 
 def export_hf(run: str | Path, out: str | Path, tokenizer_file: str | None = None, force: bool = False) -> dict:
     model, tokenizer, ckpt = load_model(run)
+    if not model.cfg.causal:
+        raise DynaformerError(f"export-hf: '{ckpt}' holds a bidirectional encoder (model.causal=false); "
+                              f"export-hf writes causal language models only")
     if tokenizer_file:
         tokenizer = load_tokenizer_file(tokenizer_file)
         check_vocab(tokenizer, model.cfg.vocab_size, f"tokenizer file '{tokenizer_file}'")

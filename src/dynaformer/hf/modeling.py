@@ -164,6 +164,8 @@ class DynaformerForCausalLM(DynaformerPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: DynaformerConfig, model: Transformer | None = None) -> None:
         super().__init__(config)
+        if not config.model_config().causal:
+            raise ValueError("a bidirectional dynaformer encoder (causal=false) is not a causal LM")
         self._constructing = True
         self.model = model if model is not None else Transformer(config.model_config())
         self.post_init()
