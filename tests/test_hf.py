@@ -206,3 +206,8 @@ def test_export_hf_end_to_end(tmp_path, text_file, capsys):
     _one_line_error(_cli(capsys, "export-hf", str(run), str(tmp_path / "o3"), "--tokenizer", str(other)),
                     "vocabulary")
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_encoder_is_not_a_causal_lm():
+    with pytest.raises(ValueError, match="causal=false"):
+        DynaformerForCausalLM.from_dynaformer(Transformer(tiny_config(causal=False)))
