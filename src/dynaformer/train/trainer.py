@@ -74,7 +74,8 @@ class Trainer:
         resume_from = self._resume_checkpoint() if run.resumed else None
         if resume_from is not None:
             self._load(resume_from)
-        self.metrics = MetricsLog(run.dir / "metrics.jsonl", resume_step=self.step if run.resumed else None) \
+        self.metrics = MetricsLog(run.dir / "metrics.jsonl", resume_step=self.step if run.resumed else None,
+                                  tensorboard_dir=run.dir / "tensorboard" if self.cfg.tensorboard else None) \
             if self.dist.is_main else None
         self.forward = torch.compile(self.wrapped) if self.cfg.compile else self.wrapped
         self._stop_signal: int | None = None
