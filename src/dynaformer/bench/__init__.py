@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import generate, residual, train
+from . import attention, generate, residual, train
 
-BENCHMARKS: dict[str, ModuleType] = {"train": train, "generate": generate, "residual": residual}
+BENCHMARKS: dict[str, ModuleType] = {"train": train, "generate": generate, "attention": attention,
+                                     "residual": residual}

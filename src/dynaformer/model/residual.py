@@ -43,7 +43,7 @@ def _gate(t: torch.Tensor) -> nn.Parameter:
     """A mechanism parameter: no weight decay, initialised here (Transformer.reset_parameters skips it)."""
     p = nn.Parameter(t)
     p.no_weight_decay = True
-    p.own_init = True
+    p.keep_init = True
     return p
 
 
@@ -101,7 +101,7 @@ class DeepNormResidual(PostNormResidual):
         fused QKV (DeepNet keeps q, k at gain 1), the attention output and both MLP matrices; the
         output matrices get β in place of GPT-2's 1/√(2·n_layer)."""
         for name, p in branch.named_parameters():
-            if p.dim() < 2 or getattr(p, "own_init", False):
+            if p.dim() < 2 or getattr(p, "keep_init", False):
                 continue
             if name == "qkv.weight":
                 p[2 * p.shape[0] // 3 :].mul_(self.init_gain)
