@@ -185,7 +185,9 @@ class DynamicResidual(nn.Module):
         powers = ([0.0] if cfg.dyn_gain else []) + ([1.0, 2.0] if cfg.dyn_step else [])
         self.scale_names = (["gain"] if cfg.dyn_gain else []) + (["step_a", "step_b"] if cfg.dyn_step else [])
         self.scale_coef = _gate(torch.zeros(len(powers))) if powers else None  # (g, a, b) or a subset
-        self.register_buffer("scale_powers", torch.tensor(powers), persistent=False)  # τ^0, τ^1, τ^2
+        # τ^0, τ^1, τ^2 — a cached tensor, not a buffer: HF transformers re-initialises every module that holds a
+        # non-persistent buffer after loading (hf/modeling.py), which would reset the gates.
+        self.scale_powers, self._powers_t = powers, None
         self.pos_coef = _gate(torch.zeros(1)) if cfg.dyn_position else None  # β, (1,) for FSDP2
         if cfg.dyn_content:
             self.content_proj = _gate(torch.zeros(cfg.dyn_rank, cfg.d_model))  # w: (k, C)
@@ -211,7 +213,10 @@ class DynamicResidual(nn.Module):
         """c · s(τ): a 0-d tensor, or None when both factors are off."""
         if self.scale_coef is None:
             return None
-        return 1 + torch.dot(self.scale_coef, progress.pow(self.scale_powers))
+        powers = self._powers_t
+        if powers is None or powers.device != progress.device:
+            powers = self._powers_t = torch.tensor(self.scale_powers, device=progress.device)
+        return 1 + torch.dot(self.scale_coef, progress.pow(powers).to(self.scale_coef.dtype))
 
     def folded(self, progress: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The weight as `base + tanh(N(x) wᵀ) @ γ'ᵀ`: base = c·s(τ)·(1 + β·φ) over phi's positions (or a 0-d
@@ -227,7 +232,7 @@ class DynamicResidual(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         """.to(), .double(), .cuda(), ... replace parameter storage: drop the cached tables."""
-        self._frozen = self._phi = None
+        self._frozen = self._phi = self._powers_t = None
         return super()._apply(fn, *args, **kwargs)
 
     def _freeze(self, key: list, progress: torch.Tensor, end: int, device: torch.device, dtype: torch.dtype) -> tuple:
@@ -290,7 +295,8 @@ class DynamicResidual(nn.Module):
             coef = _host(self.scale_coef)
             out.update(zip(self.scale_names, coef.tolist(), strict=True))
             if progress is not None:  # c·s(τ) at the current τ
-                out["scale"] = 1 + float(torch.dot(coef, progress.to(coef).pow(self.scale_powers.to(coef))))
+                powers = torch.tensor(self.scale_powers, dtype=coef.dtype, device=coef.device)
+                out["scale"] = 1 + float(torch.dot(coef, progress.to(coef).pow(powers)))
         if self.pos_coef is not None:
             out["beta"] = float(_host(self.pos_coef))
         if self.content_proj is not None:
