@@ -56,6 +56,12 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: must be in [0, 1), got {getattr(self, name)}")
         if not self.out:
             raise ConfigError("train.out: the run folder must be named")
+        if self.data.startswith("task:"):  # generated long-range tasks (data/tasks.py): byte-level
+            from ..data.tasks import parse_task_spec
+
+            parse_task_spec(self.data)
+            if self.tokenizer != "byte":
+                raise ConfigError(f"train.tokenizer: task data '{self.data}' needs the byte tokenizer")
 
 
 # Fields that may differ when resuming a run without changing its results.

@@ -105,7 +105,7 @@ def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Run:
             raise DynaformerError(f"cannot resume '{run_dir}': the config differs ({diff})")
         return Run(run_dir, model_cfg, train_cfg, tokenizer, open_splits(run_dir / "data"), resumed=True)
 
-    text, source = read_text(train_cfg.data)
+    text, source = read_text(train_cfg.data, model_cfg.context_len)
     tokenizer = CharTokenizer.fit(text) if train_cfg.tokenizer == "char" else ByteTokenizer()
     model_cfg.vocab_size = tokenizer.vocab_size
     n_tokens = len(tokenizer.encode_array(text))

@@ -42,6 +42,12 @@ class Trainer:
         self.model = Transformer(self.mcfg).to(self.device)
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.sampler = BatchSampler(run.splits.train, self.cfg.batch_size, self.mcfg.context_len, self.cfg.seed)
+        if self.cfg.data.startswith("task:"):  # task rows (answer-only targets), optionally mixed with text
+            from ..data.tasks import TaskSampler, parse_task_spec
+
+            spec = parse_task_spec(self.cfg.data)
+            self.sampler = TaskSampler(spec, self.cfg.batch_size, self.mcfg.context_len, self.cfg.seed,
+                                       text_sampler=self.sampler if spec.text else None)
         self.val_windows = eval_windows(run.splits.val, self.mcfg.context_len, self.cfg.eval_tokens)
         self.token_bytes = torch.from_numpy(run.tokenizer.token_bytes())
         self.autocast = torch.bfloat16 if self.cfg.dtype == "bf16" else None
