@@ -424,12 +424,13 @@ def sample_distances(rng: np.random.Generator, n: int, lo: int, hi: int) -> np.n
 
 
 def task_range(task: Task, length: int, dist: tuple[int, int] | None) -> tuple[int, int]:
+    """The task's valid distances at `length`, narrowed to `dist` (an error if nothing is left)."""
     lo, hi = task.distance_range(length)
     if dist is not None:
-        if dist[0] > dist[1] or dist[0] < lo or dist[1] > hi:
+        if dist[0] > dist[1] or max(lo, dist[0]) > min(hi, dist[1]):
             raise DynaformerError(f"task {task.name}: distance range {dist[0]}-{dist[1]} is impossible at length "
                                   f"{length} (valid: {lo}..{hi})")
-        lo, hi = dist
+        lo, hi = max(lo, dist[0]), min(hi, dist[1])
     return lo, hi
 
 

@@ -361,8 +361,9 @@ def variant_table(col: Collected) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-def build(col: Collected) -> list[tuple]:
-    """The report as blocks: ("h", level, text), ("p", text), ("table", head, rows), ("img", title, png|None)."""
+def build(col: Collected, plots: bool = True) -> list[tuple]:
+    """The report as blocks: ("h", level, text), ("p", text), ("table", head, rows), ("img", title, png|None,
+    why-None). plots=False only checks which plots have data (no drawing)."""
     colors = _colors(list(col.results))
     blocks: list[tuple] = [("h", 1, f"dynaformer report: {', '.join(col.grids) or 'runs'}")]
     n_runs = sum(len(v) for v in col.results.values())
@@ -388,7 +389,7 @@ def build(col: Collected) -> list[tuple]:
     blocks.append(("table", head, vrows))
     blocks.append(("p", "; ".join(f"{k}: {v[0]}" for k, v in METRICS.items())))
     have_plt = _plt() is not None
-    plots = [
+    figures = [
         ("Loss curves", lambda: plot_loss(col, colors)),
         ("Bits per byte by token position (1×, 2×, 4× the training context)", lambda: plot_position(col, colors)),
         ("Long-range accuracy by distance (dotted: chance)", lambda: plot_longrange(col, colors)),
@@ -403,7 +404,10 @@ def build(col: Collected) -> list[tuple]:
         ("Compute", lambda: plot_compute(col, colors)),
     ]
     blocks.append(("h", 2, "Plots"))
-    for title, fn in plots:
+    for title, fn in figures:
+        if not plots:
+            blocks.append(("img", title, b"" if _has_data(col, title) else None, "not recorded by any run"))
+            continue
         blocks.append(("img", title, fn() if have_plt else None,
                        "matplotlib is not installed (pip install dynaformer[plot])" if not have_plt else
                        "not recorded by any run"))
@@ -413,6 +417,16 @@ def build(col: Collected) -> list[tuple]:
     else:
         blocks.append(("p", "None: every cell finished."))
     return blocks
+
+
+def _has_data(col: Collected, title: str) -> bool:
+    family = {"Per-layer gradient norms over training (recorded by the run)": "layer_grad_norms",
+              "Spans per layer and head over training": "spans",
+              "Residual coefficients over training": "residual_coefs"}.get(title)
+    if family is None:
+        return True
+    return any(((r.get("diagnostics") or {}).get("recorded") or {}).get(family) for rs in col.results.values()
+               for r in rs)
 
 
 def _slug(s: str) -> str:
