@@ -23,7 +23,6 @@ from dynaformer.harness.stats import t_sf2, welch
 from dynaformer.model import ModelConfig, Transformer
 
 
-
 def run_cli(*argv: str):
     """The CLI in this process (its exit paths are the same as a subprocess's, without the start-up)."""
     import contextlib
@@ -243,3 +242,16 @@ def test_flops_honour_the_span_hook():
     assert kv["analytic"] == kv["dense"] // 4 and kv["measured"] == kv["dense"]  # measured: what the cache holds
     x = torch.zeros(1, 8, dtype=torch.long)
     model(x)
+
+
+def test_matched_wall_clock_sets_steps_per_variant(tmp_path):
+    from dynaformer.harness.compare import prepare
+
+    raw = {**GRID, "match": "wall_clock", "wall_clock_s": 2.0,
+           "variants": {"small": {}, "big": {"d_model": 128, "n_head": 2, "n_layer": 4}}, "seeds": 1}
+    cells = prepare(grid_from_dict(raw), tmp_path / "o", skip_invalid=False)
+    steps = json.loads((tmp_path / "o" / "grid.json").read_text())["steps"]
+    assert steps["small"] > steps["big"] >= 1  # the slower variant gets fewer steps in the same time
+    assert {c.variant: c.train["max_steps"] for c in cells} == steps
+    again = prepare(grid_from_dict(raw), tmp_path / "o", skip_invalid=False)  # resume reuses the calibration
+    assert {c.variant: c.train["max_steps"] for c in again} == steps

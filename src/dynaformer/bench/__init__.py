@@ -7,6 +7,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import generate, train
+from . import generate, harness, train
 
-BENCHMARKS: dict[str, ModuleType] = {"train": train, "generate": generate}
+BENCHMARKS: dict[str, ModuleType] = {"train": train, "generate": generate, "harness": harness}

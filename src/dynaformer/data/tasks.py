@@ -133,13 +133,14 @@ def _seed_words(seed: int | tuple, name: str, length: int) -> tuple[int, ...]:
 
 
 class Passkey(Task):
-    """filler … " KEY:ddddd. " … filler … " KEY?ddddd" (the answer: the last 5 tokens)."""
+    """filler … " KEY:ddddd. " … filler … " KEY:ddddd" (the answer: the last 5 tokens). The question
+    repeats the evidence's prefix, as "The pass key is …" does in the original task."""
 
     name, answer_len, answer_alphabet = "passkey", 5, DIGITS
 
     def distance_range(self, length: int) -> tuple[int, int]:
         N = length + 1
-        return 12, N - 10  # evidence block " KEY:ddddd. " must fit between the start and " KEY?"
+        return 12, N - 10  # evidence block " KEY:ddddd. " must fit between the start and the question
 
     def _generate(self, rng, n, N, d):
         out = _filler(rng, n, N)
@@ -149,7 +150,7 @@ class Passkey(Task):
         _put(out, e - 5, b" KEY:")
         _put(out, e, key)
         _put(out, e + 5, b". ")
-        _put(out, a - 5, b" KEY?")
+        _put(out, a - 5, b" KEY:")
         _put(out, a, key)
         evidence = (e[:, None] + np.arange(5))[:, None, :]
         return TaskBatch(self.name, out, a[:, None], 5, evidence)

@@ -10,6 +10,7 @@ causal: (T + 1) / 2 keys per query and T cached positions.
 from __future__ import annotations
 
 import statistics
+
 import torch
 
 from ..model import Transformer

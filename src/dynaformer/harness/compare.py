@@ -234,6 +234,7 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
                                         stderr=subprocess.STDOUT)
                 log.close()
                 running[c.key] = (proc, c, d)
+                bar.set_postfix_str(", ".join(running))
             for key, (proc, c, d) in list(running.items()):
                 s = c.train["max_steps"] if proc.poll() is not None else _last_step(d)
                 bar.update(max(0, s - done_steps[key]))
@@ -242,6 +243,7 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
                     continue
                 unlock(d)
                 del running[key]
+                bar.set_postfix_str(", ".join(running))
                 if proc.returncode == 0 and (d / "result.json").exists():
                     report["done"].append(key)
                 elif proc.returncode == 130:
@@ -252,7 +254,7 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
             if running:
                 time.sleep(0.5)
     except KeyboardInterrupt:
-        for proc, _, d in running.values():
+        for proc, _, _d in running.values():
             proc.terminate()  # the trainer saves a checkpoint on SIGTERM
         for proc, _, d in running.values():
             try:

@@ -202,6 +202,10 @@ def plot_longrange(col: Collected, colors) -> bytes | None:
         if chance is not None:
             ax.axhline(chance, ls=":", color="grey", lw=1)
         ax.set_xscale("log")
+        ticks = sorted({d for rs in col.results.values() for r in rs
+                        for d in ((r.get("longrange") or {}).get("tasks", {}).get(t) or {}).get("distance", [])})
+        ax.set_xticks(ticks, [str(d) for d in ticks], fontsize=7)
+        ax.minorticks_off()
         ax.set(title=f"{t}: exact match", xlabel="distance (tokens)", ylim=(-0.03, 1.03))
     axes[0][0].legend(fontsize=7)
     return _png(fig)
