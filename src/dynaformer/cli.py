@@ -82,18 +82,30 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
 # --- verbs -------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .train import distributed
     from .train.rundir import open_run
-    from .train.trainer import Trainer
+    from .train.trainer import Trainer, resolve_device
 
     model_cfg, train_cfg = build_configs(args)
-    run = open_run(model_cfg, train_cfg)
-    trainer = Trainer(run)
-    print(f"run folder: {run.dir} | {trainer.model.num_params():,} parameters | data: {run.splits.meta['source']} "
-          f"({run.splits.meta['n_train']:,} train / {run.splits.meta['n_val']:,} val tokens)")
-    summary = trainer.fit()
-    print(json.dumps(summary) if args.json else
-          f"done: step {summary['step']} | val_loss {summary.get('val_loss', float('nan')):.4f} | "
-          f"{summary['elapsed_s']:.1f}s | outputs in {run.dir}")
+    dist = distributed.init_distributed(resolve_device(train_cfg.device))
+    try:
+        # Rank 0 creates (or checks) the run folder; the other ranks then attach to it.
+        run = open_run(model_cfg, train_cfg) if dist.is_main else None
+        distributed.barrier(dist)
+        run = run or open_run(model_cfg, train_cfg, attach=True)
+        trainer = Trainer(run, dist)
+        if dist.is_main:
+            meta = run.splits.meta
+            print(f"run folder: {run.dir} | {trainer.model.num_params():,} parameters | data: {meta['source']} "
+                  f"({meta['n_train']:,} train / {meta['n_val']:,} val tokens)"
+                  + (f" | {dist.world} ranks ({train_cfg.parallel})" if dist.enabled else ""))
+        summary = trainer.fit()
+    finally:
+        distributed.shutdown(dist)
+    if dist.is_main:
+        print(json.dumps(summary) if args.json else
+              f"done: step {summary['step']} | val_loss {summary.get('val_loss', float('nan')):.4f} | "
+              f"{summary['elapsed_s']:.1f}s | outputs in {run.dir}")
     return 0
 
 

@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
     generate(model, prompt, 8, temperature=0)  # warm-up
     for name, cached in (("cached", True), ("uncached", False)):
         t = time.perf_counter()
-        generate(model, prompt, args.new_tokens, temperature=0, use_cache=cached, max_len=args.prompt_len + args.new_tokens)
+        generate(model, prompt, args.new_tokens, temperature=0, use_cache=cached,
+                 max_len=args.prompt_len + args.new_tokens)
         record[f"{name}_tok_s"] = round(args.new_tokens / (time.perf_counter() - t), 1)
     record["cache_speedup"] = round(record["cached_tok_s"] / record["uncached_tok_s"], 3)
     yield record

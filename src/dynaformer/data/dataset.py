@@ -66,27 +66,29 @@ def _windows(data: np.ndarray, starts: np.ndarray, length: int) -> tuple[torch.T
 
 
 class BatchSampler:
-    """Random windows of `context_len + 1` tokens. Batch n is a pure function of (seed, rank, n), so
-    the sampler's whole state is its cursor n: saving it in a checkpoint makes resume bit-exact, and
-    ranks of a distributed run draw disjoint random streams."""
+    """Random windows of `context_len + 1` tokens. Step n's global batch (batch_size × world windows)
+    is a pure function of (seed, n), and rank r takes its r-th slice: the sampler's whole state is
+    its cursor n, which makes resume bit-exact, and a run on w ranks sees exactly the windows of a
+    one-process run with a w-times larger batch."""
 
     def __init__(self, data: np.ndarray, batch_size: int, context_len: int, seed: int,
-                 rank: int = 0, cursor: int = 0) -> None:
+                 rank: int = 0, world: int = 1, cursor: int = 0) -> None:
         if len(data) < context_len + 2:
             raise DynaformerError(
                 f"data: the training split has {len(data)} tokens, fewer than one window of "
                 f"context_len + 1 = {context_len + 1}; use more text or a shorter context_len")
         self.data, self.batch_size, self.context_len = data, batch_size, context_len
-        self.seed, self.rank, self.cursor = seed, rank, cursor
+        self.seed, self.rank, self.world, self.cursor = seed, rank, world, cursor
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.rank, self.cursor])
+        rng = np.random.default_rng([self.seed, self.cursor])
         self.cursor += 1
-        starts = rng.integers(0, len(self.data) - self.context_len, size=self.batch_size)
-        return _windows(self.data, starts, self.context_len)
+        starts = rng.integers(0, len(self.data) - self.context_len, size=self.batch_size * self.world)
+        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return _windows(self.data, mine, self.context_len)
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "seed": self.seed, "rank": self.rank}
+        return {"cursor": self.cursor, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor = int(state["cursor"])

@@ -24,8 +24,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, H, T, D)
-        q, k = self.rotary(q, ctx.start), self.rotary(k, ctx.start)
+        q, k = self.rotary(qkv[:2], ctx.start).unbind(0)  # rotate q and k in one pass; each (B, H, T, D)
+        v = qkv[2]
         if ctx.cache is not None:
             k, v = ctx.cache.layers[self.layer_idx].append(k, v)  # (B, H, L, D), L = start + T
         y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, H, T, D)

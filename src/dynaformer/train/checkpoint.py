@@ -33,10 +33,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _dedup(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """State dict without tied duplicates (the head shares the embedding), contiguous, on CPU."""
     out, seen = {}, {}
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else None
         if key is not None and key in seen:
             continue
@@ -46,7 +46,7 @@ def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, config: dict[str, Any],
+def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], config: dict[str, Any],
                     trainer_state: dict[str, Any], keep_last: int = 0) -> Path:
     final = run_dir / f"step-{step}"
     if final.exists():
@@ -54,7 +54,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, config: di
     tmp = run_dir / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_model_tensors(model), tmp / "model.safetensors", metadata={"format": FORMAT})
+    save_file(_dedup(model_state), tmp / "model.safetensors", metadata={"format": FORMAT})
     (tmp / "config.json").write_text(json.dumps({**config, "step": step}, indent=2, ensure_ascii=False))
     torch.save(trainer_state, tmp / "trainer.pt")
     files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
@@ -111,11 +111,21 @@ def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
     return None
 
 
-def load_model_state(ckpt: Path, model: torch.nn.Module) -> None:
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Temporary checkpoint folders left by a crash mid-write (never visible as step-N)."""
+    for tmp in run_dir.glob(".tmp-step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     try:
-        tensors = load_file(ckpt / "model.safetensors")
+        return load_file(ckpt / "model.safetensors")
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"checkpoint '{ckpt}': cannot read model.safetensors ({e})") from None
+
+
+def load_model_state(ckpt: Path, model: torch.nn.Module) -> None:
+    tensors = read_model_tensors(ckpt)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = {n for n in missing if n == "head.weight" and getattr(model, "cfg", None) and model.cfg.tie_embeddings}
     missing = [n for n in missing if n not in tied]

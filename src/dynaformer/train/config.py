@@ -35,10 +35,12 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default
     resume: str = "none"  # none, auto (newest complete checkpoint in `out`), or a step-N folder
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2)
+    max_bad_steps: int = 3  # non-finite loss/grad steps in a row before reloading the last checkpoint
     progress_bar: bool = True
 
     def validate(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "eval_tokens"):
+        for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "eval_tokens", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}: must be > 0, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_interval", "ckpt_interval", "keep_last", "threads", "weight_decay",
@@ -64,6 +66,8 @@ class TrainConfig:
                 raise ConfigError(f"train.tokenizer: task data '{self.data}' needs the byte tokenizer")
 
 
-# Fields that may differ when resuming a run without changing its results.
+# Fields that may change when a run is resumed: bookkeeping, and the per-rank batch split, which
+# changes when a run moves to another world size (keep batch_size × world × grad_accum to continue exactly).
 RESUMABLE_CHANGES = frozenset({"out", "resume", "progress_bar", "log_interval", "eval_interval", "ckpt_interval",
-                               "keep_last", "threads", "compile", "device"})
+                               "keep_last", "threads", "compile", "device", "parallel", "max_bad_steps",
+                               "batch_size", "grad_accum"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
@@ -12,8 +13,11 @@ class MetricsLog:
         self.path = path
         if resume_step is not None and path.exists():
             # Drop lines from after the checkpoint we resume from: they will be recomputed.
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            # A line cut short by a hard kill is dropped too.
+            kept = [ln for ln in path.read_text().splitlines() if (r := _parse(ln)) and r.get("step", 0) <= resume_step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, path)
         self._f = open(path, "a", buffering=1)
 
     def write(self, record: dict) -> None:
@@ -24,8 +28,17 @@ class MetricsLog:
         self._f.close()
 
 
+def _parse(line: str) -> dict | None:
+    try:
+        r = json.loads(line)
+    except ValueError:
+        return None
+    return r if isinstance(r, dict) else None
+
+
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    """Records of a metrics.jsonl (a line cut short by a crash is skipped)."""
+    return [r for ln in path.read_text().splitlines() if (r := _parse(ln))]
 
 
 def format_train_line(r: dict, max_steps: int) -> str:

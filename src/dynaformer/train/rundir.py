@@ -49,6 +49,8 @@ def identity(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict:
 def _first_difference(old: dict, new: dict) -> str | None:
     for section in ("model", "train"):
         a, b = old.get(section, {}), new.get(section, {})
+        if section == "train":
+            a = {k: v for k, v in a.items() if k not in RESUMABLE_CHANGES}
         for key in sorted(set(a) | set(b)):
             if a.get(key) != b.get(key):
                 return f"{section}.{key}: {a.get(key)!r} in the folder, {b.get(key)!r} now"
@@ -82,12 +84,25 @@ def configs_from_run_json(info: dict) -> tuple[ModelConfig, TrainConfig]:
         raise DynaformerError(f"run.json is not from this version of dynaformer ({e})") from None
 
 
-def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Run:
-    """Create a new run folder, or reopen an existing one when resuming the same run."""
+# What a run folder holds before run.json is written: a crash then leaves only these, and the
+# next attempt may start the folder again.
+_SETUP_FILES = {"data", "tokenizer.json", ".run.json.tmp"}
+
+
+def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig, attach: bool = False) -> Run:
+    """Create a new run folder, or reopen an existing one when resuming the same run.
+    attach=True: open the folder another process (rank 0) has just set up, without checks."""
     run_dir = Path(train_cfg.out)
-    exists = run_dir.is_dir() and any(run_dir.iterdir())
+    if attach:
+        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+        model_cfg.vocab_size = tokenizer.vocab_size
+        return Run(run_dir, model_cfg, train_cfg, tokenizer, open_splits(run_dir / "data"),
+                   resumed=train_cfg.resume != "none")
     if run_dir.exists() and not run_dir.is_dir():
         raise DynaformerError(f"run folder '{run_dir}' exists and is not a folder")
+    entries = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    # An interrupted setup (no run.json, only setup files) holds nothing of value: start it again.
+    exists = bool(entries) and not (entries <= _SETUP_FILES and not (run_dir / "run.json").is_file())
     if exists:
         if not (run_dir / "run.json").is_file():
             raise DynaformerError(f"'{run_dir}' exists and is not a dynaformer run folder; choose another --out")

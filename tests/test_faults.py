@@ -1,0 +1,164 @@
+"""A trainer that loses nothing: hard kills at random moments, non-finite steps, malformed input."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dynaformer.cli import build_configs, load_yaml_config, make_parser
+from dynaformer.configtools import field_types, from_dict
+from dynaformer.errors import DynaformerError
+from dynaformer.model import ModelConfig
+from dynaformer.train.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
+from dynaformer.train.config import TrainConfig
+from dynaformer.train.metrics import read_metrics
+from dynaformer.train.rundir import open_run
+from dynaformer.train.trainer import Trainer
+
+from .conftest import ROOT
+
+ARGS = ["--n_layer", "1", "--n_head", "2", "--d_model", "32", "--context_len", "32", "--batch_size", "4",
+        "--max_steps", "150", "--log_interval", "1", "--eval_interval", "50", "--eval_tokens", "256",
+        "--ckpt_interval", "3", "--keep_last", "2", "--progress_bar", "false", "--threads", "1"]
+
+
+def _cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dynaformer.cli", "train", *ARGS, "--data", str(data), "--out", str(out), *extra]
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+
+
+def test_kill_9_ten_times_then_resume_matches(tmp_path, text_file):
+    ref = subprocess.run(_cmd(text_file, tmp_path / "ref"), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert ref.returncode == 0, ref.stderr
+    rng = random.Random(0)
+    out = tmp_path / "killed"
+    kills = 0
+    for attempt in range(40):
+        extra = () if attempt == 0 else ("--resume", "auto")
+        proc = subprocess.Popen(_cmd(text_file, out, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, cwd=ROOT)
+        if kills < 10:
+            # Wait until training runs (past the interpreter start), then kill at a random moment:
+            # mid-step, mid-evaluation or mid-checkpoint (one is written every 3 steps).
+            t0 = time.time()
+            while time.time() - t0 < 60 and proc.poll() is None and not (out / "metrics.jsonl").exists():
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.6))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        _, err = proc.communicate(timeout=300)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, err
+        for ckpt in list_checkpoints(out):  # no visible checkpoint is ever half-written
+            verify_checkpoint(ckpt)
+    assert kills == 10 and proc.returncode == 0
+    assert _losses(out) == _losses(tmp_path / "ref")
+
+
+def _trainer(tmp_path: Path, data: Path, **train) -> Trainer:
+    model = ModelConfig(context_len=32, n_layer=1, n_head=2, d_model=32)
+    base = dict(data=str(data), out=str(tmp_path / "run"), max_steps=12, batch_size=4, log_interval=1,
+                eval_interval=0, eval_tokens=256, progress_bar=False, ckpt_interval=4)
+    base.update(train)
+    return Trainer(open_run(model, TrainConfig(**base)))
+
+
+def test_nan_batch_is_skipped_and_logged(tmp_path, text_file):
+    trainer = _trainer(tmp_path, text_file)
+    real = trainer.compute_loss
+
+    def poisoned(x, y):
+        loss = real(x, y)
+        return loss * float("nan") if trainer.step == 5 else loss  # the batch of step 6 is bad
+
+    trainer.compute_loss = poisoned
+    summary = trainer.fit()
+    assert summary["step"] == 12 and not summary["diverged"]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    events = [r for r in records if r.get("event") == "nonfinite_step_skipped"]
+    assert len(events) == 1 and events[0]["step"] == 6
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_repeated_nan_reloads_checkpoint_and_lowers_lr(tmp_path, text_file):
+    trainer = _trainer(tmp_path, text_file, max_bad_steps=3)
+    real = trainer.compute_loss
+    poisoned_steps = {5, 6, 7}  # three bad batches in a row after the step-4 checkpoint
+    calls = []
+
+    def poisoned(x, y):
+        calls.append(trainer.step)
+        bad = trainer.step in poisoned_steps and len(calls) < 12
+        return real(x, y) * float("nan") if bad else real(x, y)
+
+    trainer.compute_loss = poisoned
+    trainer.fit()
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    reload = [r for r in records if r.get("event") == "reloaded_checkpoint"]
+    assert len(reload) == 1 and reload[0]["checkpoint"].endswith("step-4") and reload[0]["lr_scale"] == 0.5
+    assert trainer.lr_scale == 0.5 and trainer.step == 12
+
+
+def test_interrupted_setup_starts_again(tmp_path, text_file):
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "tokenizer.json").write_text("{")  # a crash before run.json was written
+    trainer = _trainer(tmp_path, text_file, max_steps=2)
+    assert trainer.fit()["step"] == 2 and latest_checkpoint(run) is not None
+
+
+# --- property-based: malformed config never escapes as a traceback -----------------------------
+
+_KEYS = sorted({*field_types(ModelConfig), *field_types(TrainConfig)}) + ["n_layers", "lr_", "x"]
+_VALUES = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.text(max_size=12), st.booleans(),
+                    st.none(), st.lists(st.integers(), max_size=3))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=4))
+def test_any_config_dict_is_valid_or_a_config_error(tmp_path, raw):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    try:
+        sections = load_yaml_config(str(path))
+        from_dict(ModelConfig, sections["model"], "model")
+        from_dict(TrainConfig, sections["train"], "train")
+    except DynaformerError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_KEYS), st.text(max_size=10)), max_size=4))
+def test_any_cli_overrides_are_valid_or_exit_2(pairs):
+    argv = ["train"] + [tok for k, v in pairs for tok in (f"--{k}", v)]
+    try:
+        args = make_parser().parse_args(argv)
+        build_configs(args)
+    except DynaformerError:
+        pass
+    except SystemExit as e:
+        assert e.code == 2
+
+
+@pytest.mark.parametrize("text", ["model: [1, 2]", "a: b: c", "model:\n  n_layer: {x: 1}", "- 1\n- 2", "\t:"])
+def test_malformed_yaml_is_a_user_error(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(DynaformerError):
+        sections = load_yaml_config(str(path))
+        from_dict(ModelConfig, sections["model"], "model")
