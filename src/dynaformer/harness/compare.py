@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -206,6 +208,11 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
     report = {"done": [c.key for c in cells if c not in pending and (cell_dir(out, c) / "result.json").exists()],
               "failed": [], "busy": [], "skipped": [c.key for c in grid.cells(True) if c.error]}
     running: dict[str, tuple[subprocess.Popen, Cell, Path]] = {}
+
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, _term) if threading.current_thread() is threading.main_thread() else None
     try:
         while pending or running:
             while pending and len(running) < max(1, workers):
@@ -233,6 +240,7 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
                 proc = subprocess.Popen([sys.executable, "-m", "dynaformer.harness.cell", str(d)], stdout=log,
                                         stderr=subprocess.STDOUT)
                 log.close()
+                (d / ".lock").write_text(f"{socket.gethostname()}:{proc.pid}")  # the lock lives as long as the cell
                 running[c.key] = (proc, c, d)
                 bar.set_postfix_str(", ".join(running))
             for key, (proc, c, d) in list(running.items()):
@@ -265,5 +273,7 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
         raise
     finally:
         bar.close()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     write_json(out / "status.json", report)
     return report
