@@ -152,3 +152,14 @@ def test_ctrl_c_saves_and_resumes(tmp_path, text_file):
     assert f"resumed from {ckpts[0]} (step {step})" in res.stderr
     steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 400 and steps == sorted(steps)
+
+
+def test_bench_prints_json_lines():
+    res = run_cli("bench", "generate", "--config", "tiny-cpu", "--prompt_len", "4", "--new_tokens", "4", "--json")
+    assert res.returncode == 0, res.stderr
+    record = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {"cached_tok_s", "uncached_tok_s", "cache_speedup"} <= set(record)
+    res = run_cli("bench", "train", "--config", "tiny-cpu", "--batch_size", "2", "--context", "16", "--steps", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    record = json.loads(res.stdout.strip().splitlines()[-1])
+    assert record["fp32_ms"] > 0 and record["bf16_ms"] > 0

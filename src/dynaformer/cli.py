@@ -129,6 +129,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .train.finetune import FinetuneConfig, finetune
+
+    values: dict[str, dict] = {"model": {"causal": False}, "finetune": {}}  # from scratch: an encoder
+    if args.config:
+        values["model"].update(load_yaml_config(args.config)["model"])
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, name = dest.split(".", 1)
+            values[section][name] = value
+    cfg = from_dict(FinetuneConfig, values["finetune"], "finetune")
+    result = finetune(cfg, from_dict(ModelConfig, values["model"], "model"))
+    print(json.dumps(result) if args.json else
+          f"done: val accuracy {result['accuracy']:.3f} (chance {result['chance']:.3f}) | macro-F1 "
+          f"{result['macro_f1']:.3f} | by distance {result['accuracy_by_distance']} | outputs in {result['run_dir']}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -184,6 +202,17 @@ def make_parser() -> Parser:
     for section, cls in SECTIONS.items():
         add_fields(p, cls, section)
     p.set_defaults(func=cmd_train)
+
+    from .train.finetune import FinetuneConfig
+
+    p = sub.add_parser("finetune", help="fine-tune a classifier (encoder by default) on a classification task",
+                       description="Fine-tune a sequence classifier on a generated task (entail, listops) or "
+                       "JSONL files, from a pretrained run (--init RUN) or from scratch (model flags).")
+    p.add_argument("--config", metavar="FILE", help="YAML whose model: section sets a from-scratch model")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_fields(p, FinetuneConfig, "finetune")
+    add_fields(p, ModelConfig, "model")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="evaluate a run's newest checkpoint (loss, perplexity, bits per byte)")
     p.add_argument("run", help="run folder or one of its step-N folders")

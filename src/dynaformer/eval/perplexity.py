@@ -31,3 +31,32 @@ def evaluate_windows(model: nn.Module, windows: torch.Tensor, batch_size: int,
     loss = total_nats / total_tokens
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": total_nats / math.log(2) / total_bytes,
             "tokens": total_tokens}
+
+
+@torch.no_grad()
+def evaluate_mlm(model: nn.Module, windows: torch.Tensor, batch_size: int, mask_id: int, vocab_size: int,
+                 token_bytes: torch.Tensor | None = None, seed: int = 0) -> dict:
+    """Masked-LM loss over fixed windows with a fixed masking (same every call): mean nats per masked
+    token, accuracy at masked positions, and bits per byte of the masked tokens."""
+    from ..data.masking import mask_tokens
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    total_nats, total_tokens, total_bytes, correct = 0.0, 0, 0, 0
+    for i in range(0, len(windows), batch_size):
+        x = windows[i : i + batch_size, :-1]
+        inputs, targets = mask_tokens(x, mask_id, vocab_size, gen)
+        logits, _ = model(inputs.to(device))
+        sel = targets != -100
+        t = targets[sel].to(device)
+        nats = F.cross_entropy(logits[sel.to(device)].float(), t, reduction="sum")
+        total_nats += nats.item()
+        total_tokens += int(sel.sum())
+        correct += int((logits[sel.to(device)].argmax(-1) == t).sum())
+        total_bytes += int(token_bytes[targets[sel]].sum()) if token_bytes is not None else int(sel.sum())
+    model.train(was_training)
+    loss = total_nats / max(1, total_tokens)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "bpb": total_nats / math.log(2) / max(1, total_bytes),
+            "accuracy": correct / max(1, total_tokens), "tokens": total_tokens}

@@ -22,3 +22,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     i = torch.arange(Tq, device=q.device)[:, None] + offset
     j = torch.arange(Tk, device=q.device)[None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=j <= i, dropout_p=dropout_p)
+
+
+def bidirectional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Encoder attention: every query sees every (non-padding) key. key_padding_mask: (B, T) bool."""
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)

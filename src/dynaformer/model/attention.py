@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import causal_attention
+from ..kernels import bidirectional_attention, causal_attention
 from .config import ModelConfig
 from .context import ForwardContext
 from .layers import Rotary
@@ -28,5 +28,9 @@ class Attention(nn.Module):
         v = qkv[2]
         if ctx.cache is not None:
             k, v = ctx.cache.layers[self.layer_idx].append(k, v)  # (B, H, L, D), L = start + T
-        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, H, T, D)
+        p = self.dropout if self.training else 0.0
+        if ctx.causal:
+            y = causal_attention(q, k, v, p)  # (B, H, T, D)
+        else:
+            y = bidirectional_attention(q, k, v, ctx.key_padding_mask, p)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))

@@ -25,6 +25,7 @@ class ModelConfig:
     init_std: float = 0.02
     dropout: float = 0.0
     tie_embeddings: bool = True
+    causal: bool = True  # False: a bidirectional encoder (masked-LM pretraining, classification)
     residual: ResidualKind = "prenorm"
     span: SpanKind = "none"
 

@@ -15,6 +15,8 @@ class ForwardContext:
     length: int  # number of new tokens in this call
     progress: torch.Tensor  # training progress τ ∈ [0, 1], a scalar buffer of the model
     cache: KVCache | None = None
+    causal: bool = True
+    key_padding_mask: torch.Tensor | None = None  # (B, T) bool, True = a real token (encoder batches)
 
     def positions(self, device: torch.device) -> torch.Tensor:
         """(T,) absolute positions of the tokens of this call: each token's own prefix length."""

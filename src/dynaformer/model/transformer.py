@@ -71,17 +71,25 @@ class Transformer(nn.Module):
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_head, max_len, self.cfg.head_dim,
                        dtype=dtype or p.dtype, device=p.device)
 
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None,
+               key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids → final normed hidden states (B, T, C)."""
+        B, T = idx.shape
+        if cache is not None and not self.cfg.causal:
+            raise ValueError("a bidirectional encoder (causal=False) has no KV cache")
+        start = cache.length if cache is not None else 0
+        ctx = ForwardContext(start=start, length=T, progress=self.progress, cache=cache, causal=self.cfg.causal,
+                             key_padding_mask=key_padding_mask)
+        x = self.embed(idx)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, ctx)
+        return self.norm(x)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) token ids → logits (B, T, V) and, with targets (B, T), the mean cross-entropy
         over targets ≠ -100. With a cache, idx holds only the new tokens and follows what it stores."""
-        B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        ctx = ForwardContext(start=start, length=T, progress=self.progress, cache=cache)
-        x = self.embed(idx)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, ctx)
-        logits = self.head(self.norm(x))  # (B, T, V)
+        logits = self.head(self.hidden(idx, cache))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)

@@ -12,6 +12,7 @@ from ..errors import ConfigError
 class TrainConfig:
     data: str = "builtin:default"  # FILE, FOLDER, builtin:default (tiny-shakespeare if present) or builtin:stories
     tokenizer: Literal["byte", "char"] = "byte"
+    objective: Literal["clm", "mlm"] = "clm"  # next-token (causal LM) or masked-LM (needs model.causal=false)
     out: str = "runs/default"  # the run folder
     val_fraction: float = 0.1
     max_steps: int = 1000
@@ -71,3 +72,12 @@ class TrainConfig:
 RESUMABLE_CHANGES = frozenset({"out", "resume", "progress_bar", "log_interval", "eval_interval", "ckpt_interval",
                                "keep_last", "threads", "compile", "device", "parallel", "max_bad_steps",
                                "batch_size", "grad_accum"})
+
+
+def check_compatible(model_causal: bool, objective: str) -> None:
+    """Cross-field rules between the model and the training objective."""
+    if objective == "mlm" and model_causal:
+        raise ConfigError("train.objective: mlm needs a bidirectional model (set model.causal=false)")
+    if objective == "clm" and not model_causal:
+        raise ConfigError("model.causal: a bidirectional model cannot train on next-token prediction "
+                          "(use train.objective=mlm)")

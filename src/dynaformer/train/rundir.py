@@ -27,7 +27,7 @@ from ..data import ByteTokenizer, CharTokenizer, load_tokenizer, open_splits, re
 from ..data.dataset import TokenSplits
 from ..errors import ConfigError, DynaformerError
 from ..model import ModelConfig
-from .config import RESUMABLE_CHANGES, TrainConfig
+from .config import RESUMABLE_CHANGES, TrainConfig, check_compatible
 
 
 @dataclass
@@ -38,6 +38,11 @@ class Run:
     tokenizer: ByteTokenizer | CharTokenizer
     splits: TokenSplits
     resumed: bool
+
+
+def model_vocab_size(tokenizer, train_cfg: TrainConfig) -> int:
+    """The tokenizer's vocabulary, plus one [MASK] id (= tokenizer.vocab_size) for masked-LM."""
+    return tokenizer.vocab_size + (1 if train_cfg.objective == "mlm" else 0)
 
 
 def identity(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict:
@@ -93,9 +98,10 @@ def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig, attach: bool = Fals
     """Create a new run folder, or reopen an existing one when resuming the same run.
     attach=True: open the folder another process (rank 0) has just set up, without checks."""
     run_dir = Path(train_cfg.out)
+    check_compatible(model_cfg.causal, train_cfg.objective)
     if attach:
         tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-        model_cfg.vocab_size = tokenizer.vocab_size
+        model_cfg.vocab_size = model_vocab_size(tokenizer, train_cfg)
         return Run(run_dir, model_cfg, train_cfg, tokenizer, open_splits(run_dir / "data"),
                    resumed=train_cfg.resume != "none")
     if run_dir.exists() and not run_dir.is_dir():
@@ -108,7 +114,7 @@ def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig, attach: bool = Fals
             raise DynaformerError(f"'{run_dir}' exists and is not a dynaformer run folder; choose another --out")
         info = load_run_json(run_dir)
         tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-        model_cfg.vocab_size = tokenizer.vocab_size
+        model_cfg.vocab_size = model_vocab_size(tokenizer, train_cfg)
         diff = _first_difference(info.get("identity", {}), identity(model_cfg, train_cfg))
         if train_cfg.resume == "none":
             if diff:
@@ -122,7 +128,7 @@ def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig, attach: bool = Fals
 
     text, source = read_text(train_cfg.data, model_cfg.context_len)
     tokenizer = CharTokenizer.fit(text) if train_cfg.tokenizer == "char" else ByteTokenizer()
-    model_cfg.vocab_size = tokenizer.vocab_size
+    model_cfg.vocab_size = model_vocab_size(tokenizer, train_cfg)
     n_tokens = len(tokenizer.encode_array(text))
     n_val = int(round(n_tokens * train_cfg.val_fraction))
     need = model_cfg.context_len + 2

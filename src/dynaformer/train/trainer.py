@@ -16,8 +16,9 @@ from tqdm import tqdm
 
 from ..configtools import to_dict
 from ..data import BatchSampler, eval_windows
+from ..data.masking import mask_tokens, step_generator
 from ..errors import DynaformerError, Interrupted
-from ..eval.perplexity import evaluate_windows
+from ..eval.perplexity import evaluate_mlm, evaluate_windows
 from ..model import Transformer
 from .checkpoint import (
     latest_checkpoint,
@@ -69,6 +70,7 @@ class Trainer:
                                        rank=self.dist.rank, text_sampler=self.sampler if spec.text else None)
         self.val_windows = eval_windows(run.splits.val, self.mcfg.context_len, self.cfg.eval_tokens)
         self.token_bytes = torch.from_numpy(run.tokenizer.token_bytes())
+        self.mask_id = run.tokenizer.vocab_size  # masked-LM only: the extra id after the tokenizer's
         self.autocast = torch.bfloat16 if self.cfg.dtype == "bf16" else None
         self.step, self.elapsed_before, self.lr_scale, self.bad_steps = 0, 0.0, 1.0, 0
         self.last_val: dict | None = None
@@ -129,8 +131,19 @@ class Trainer:
 
     def evaluate(self) -> dict:
         # Every rank evaluates the same windows (FSDP needs all ranks in each forward).
-        return evaluate_windows(self.forward if not self.dist.enabled else self.wrapped, self.val_windows,
-                                4 * self.cfg.batch_size, self.token_bytes, self.autocast)
+        model = self.forward if not self.dist.enabled else self.wrapped
+        if self.cfg.objective == "mlm":
+            return evaluate_mlm(model, self.val_windows, 4 * self.cfg.batch_size, self.mask_id, self.mask_id,
+                                self.token_bytes, seed=self.cfg.seed)
+        return evaluate_windows(model, self.val_windows, 4 * self.cfg.batch_size, self.token_bytes, self.autocast)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of one micro-batch: shifted windows, or masked windows for masked-LM."""
+        cursor = self.sampler.cursor
+        x, y = self.sampler.next()
+        if self.cfg.objective == "mlm":
+            x, y = mask_tokens(x, self.mask_id, self.mask_id, step_generator(self.cfg.seed, cursor, self.dist.rank))
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
@@ -146,8 +159,7 @@ class Trainer:
         self.model.progress.fill_(self.step / cfg.max_steps)
         total = torch.zeros((), device=self.device)
         for i in range(cfg.grad_accum):
-            x, y = self.sampler.next()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = self.next_batch()
             # DDP: all-reduce gradients only on the last micro-batch.
             skip_sync = self.dist.enabled and not self.sharded and i < cfg.grad_accum - 1
             with self.wrapped.no_sync() if skip_sync else contextlib.nullcontext():
