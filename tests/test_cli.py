@@ -159,7 +159,8 @@ def test_bench_prints_json_lines():
     assert res.returncode == 0, res.stderr
     record = json.loads(res.stdout.strip().splitlines()[-1])
     assert {"cached_tok_s", "uncached_tok_s", "cache_speedup"} <= set(record)
-    res = run_cli("bench", "train", "--config", "tiny-cpu", "--batch_size", "2", "--context", "16", "--steps", "1", "--json")
+    res = run_cli("bench", "train", "--config", "tiny-cpu", "--batch_size", "2", "--context", "16", "--steps", "1",
+                  "--json")
     assert res.returncode == 0, res.stderr
     record = json.loads(res.stdout.strip().splitlines()[-1])
     assert record["fp32_ms"] > 0 and record["bf16_ms"] > 0

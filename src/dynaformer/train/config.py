@@ -65,6 +65,8 @@ class TrainConfig:
             parse_task_spec(self.data)
             if self.tokenizer != "byte":
                 raise ConfigError(f"train.tokenizer: task data '{self.data}' needs the byte tokenizer")
+            if self.objective != "clm":
+                raise ConfigError(f"train.objective: task data '{self.data}' trains next-token answers (clm)")
 
 
 # Fields that may change when a run is resumed: bookkeeping, and the per-rank batch split, which
