@@ -4,6 +4,7 @@
 # Re-running resumes or reuses the finished run in runs/quickstart.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export DYNAFORMER_EXTRAS="${DYNAFORMER_EXTRAS:-plot}"  # the main job needs no test or ecosystem extras
 source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 RUN="${1:-runs/quickstart}"

@@ -112,6 +112,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.run import evaluate_run
 
+    if args.lm_eval:
+        from .extras import require
+
+        require("lm_eval", "eval")
+        from .eval.lm_harness import run_lm_eval
+
+        out = run_lm_eval(args.run, args.lm_eval, limit=args.limit, num_fewshot=args.num_fewshot,
+                          batch_size=args.batch_size)
+        print(json.dumps(out) if args.json else "\n".join(
+            f"{task}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            for task, metrics in out["results"].items()))
+        return 0
     result = evaluate_run(args.run, data=args.data, max_tokens=args.tokens, batch_size=args.batch_size)
     print(json.dumps(result) if args.json else
           f"{result['checkpoint']}: loss {result['loss']:.4f} | ppl {result['ppl']:.3f} | "
@@ -126,6 +138,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                              use_cache=not args.no_cache, max_len=args.max_len)
     print(text)
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from .extras import require
+
+    require("transformers", "hf")
+    from .hf.export import export_hf
+
+    out = export_hf(args.run, args.out, tokenizer_file=args.tokenizer, force=args.force)
+    print(json.dumps(out) if args.json else
+          f"exported {out['checkpoint']} → {out['out']} ({out['params']:,} parameters, {out['tokenizer']} tokenizer "
+          f"with {out['vocab_size']} tokens); load with `import dynaformer.hf` then "
+          f"AutoModelForCausalLM.from_pretrained('{out['out']}')")
+    return 0
+
+
+def cmd_data_tokenizer(args: argparse.Namespace) -> int:
+    from .data import read_text
+    from .data.bpe import train_bpe
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise DynaformerError(f"data tokenizer: '{out}' exists; choose another --out or pass --force")
+    texts = [read_text(src)[0] for src in args.sources]
+    tok = train_bpe(texts, args.vocab, min_frequency=args.min_frequency)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(tok.hf.to_str(pretty=False), encoding="utf-8")
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_tokens = sum(len(tok.encode(t)) for t in texts)
+    rec = {"out": str(out), "vocab_size": tok.vocab_size, "bytes": n_bytes, "tokens": n_tokens,
+           "bytes_per_token": round(n_bytes / max(n_tokens, 1), 4)}
+    print(json.dumps(rec) if args.json else
+          f"wrote {out}: {tok.vocab_size} tokens | {rec['bytes_per_token']} bytes/token on the training text; "
+          f"use it with `dynaformer train --tokenizer bpe --tokenizer_file {out}`")
     return 0
 
 
@@ -220,7 +267,38 @@ def make_parser() -> Parser:
     p.add_argument("--tokens", type=int, default=262_144, help="token budget (default: 262144)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--lm-eval", "--lm_eval", dest="lm_eval", metavar="TASKS",
+                   help="run lm-evaluation-harness tasks instead (comma-separated; bundled offline tasks: "
+                        "dynaformer_story_qa, dynaformer_story_qa_far, dynaformer_story_qa_gen, "
+                        "dynaformer_stories_ppl, or the tag dynaformer; needs the [eval] extra)")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: documents per task (or a fraction)")
+    p.add_argument("--num_fewshot", type=int, default=None, help="lm-eval: few-shot examples")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export-hf", help="export a run's newest checkpoint as a transformers model folder",
+                       description="Write OUT with config.json, model.safetensors and tokenizer files that "
+                                   "AutoModelForCausalLM / AutoTokenizer load after `import dynaformer.hf` "
+                                   "(needs the [hf] extra).")
+    p.add_argument("run", help="run folder or one of its step-N folders")
+    p.add_argument("out", help="output folder (must be empty or absent)")
+    p.add_argument("--tokenizer", metavar="FILE", help="tokenizer to ship instead of the run's own (a tokenizers "
+                   "JSON or a run's tokenizer.json); its vocabulary must match the checkpoint's")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("data", help="data tools (tokenizer training)")
+    data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    dp = data_sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer (HF tokenizers; [hf] extra)",
+                             description="Train a byte-level BPE tokenizer on text files, folders or builtin: "
+                                         "sources; use it with `train --tokenizer bpe --tokenizer_file OUT`.")
+    dp.add_argument("sources", nargs="+", metavar="SOURCE", help="text file, folder or builtin:stories")
+    dp.add_argument("--vocab", type=int, default=8192, help="vocabulary size, ≥ 257 (default: 8192)")
+    dp.add_argument("--min_frequency", type=int, default=2, help="least count of a pair to merge (default: 2)")
+    dp.add_argument("--out", required=True, help="output JSON file")
+    dp.add_argument("--force", action="store_true", help="overwrite --out")
+    dp.add_argument("--json", action="store_true", help="print one JSON object")
+    dp.set_defaults(func=cmd_data_tokenizer)
 
     p = sub.add_parser("generate", help="sample text from a run's newest checkpoint")
     p.add_argument("run", help="run folder or one of its step-N folders")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import generate, harness, train
+from . import attention, generate, harness, train
 
-BENCHMARKS: dict[str, ModuleType] = {"train": train, "generate": generate, "harness": harness}
+BENCHMARKS: dict[str, ModuleType] = {"train": train, "generate": generate, "attention": attention,
+                                     "harness": harness}

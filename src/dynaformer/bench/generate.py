@@ -1,4 +1,5 @@
-"""`dynaformer bench generate`: decoding tokens/s with the KV cache versus recomputing the window."""
+"""`dynaformer bench generate`: decoding tokens/s with the KV cache versus recomputing the window; with
+`--context N`, a dense model versus a span model (span-bounded KV cache) decoding after N tokens of context."""
 
 from __future__ import annotations
 
@@ -10,16 +11,24 @@ import torch
 
 from ..model import Transformer
 from ..model.generate import generate
-from .common import preset
+from .common import preset, time_interleaved
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="preset name or YAML (default: small)")
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--context", type=int, default=None,
+                   help="dense vs span decoding after this many tokens of context (4 layers, 256 wide, 8 heads; "
+                        "span model: dynamic spans with reach ≤ --span)")
+    p.add_argument("--span", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
 
 
 def run(args: argparse.Namespace) -> Iterator[dict]:
+    if args.context:
+        yield from run_context(args)
+        return
     cfg = preset(args.config)
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
@@ -27,10 +36,45 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
     record = {"bench": "generate", "params": model.num_params(), "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "threads": torch.get_num_threads()}
     generate(model, prompt, 8, temperature=0)  # warm-up
+    max_len = args.prompt_len + args.new_tokens
     for name, cached in (("cached", True), ("uncached", False)):
         t = time.perf_counter()
-        generate(model, prompt, args.new_tokens, temperature=0, use_cache=cached,
-                 max_len=args.prompt_len + args.new_tokens)
+        generate(model, prompt, args.new_tokens, temperature=0, use_cache=cached, max_len=max_len)
         record[f"{name}_tok_s"] = round(args.new_tokens / (time.perf_counter() - t), 1)
     record["cache_speedup"] = round(record["cached_tok_s"] / record["uncached_tok_s"], 3)
     yield record
+
+
+@torch.no_grad()
+def run_context(args: argparse.Namespace) -> Iterator[dict]:
+    from .attention import span_model_config
+
+    T, per_call = args.context, 16
+    max_len = T + per_call * (args.repeats + 2) + 1
+    prompt = torch.randint(0, 256, (1, T))
+    state, fns, prefill = {}, {}, {}
+    for name, cfg in zip(("dense", "span"), span_model_config(max_len, args.span), strict=True):
+        torch.manual_seed(0)
+        model = Transformer(cfg).eval()
+        cache = model.new_cache(1, max_len)
+        t = time.perf_counter()
+        logits, _ = model(prompt, cache=cache)
+        prefill[name] = time.perf_counter() - t
+        state[name] = (model, cache, logits[:, -1:].argmax(-1))
+
+        def decode(name=name):
+            model, cache, tok = state[name]
+            for _ in range(per_call):
+                logits, _ = model(tok, cache=cache)
+                tok = logits[:, -1:].argmax(-1)
+            state[name] = (model, cache, tok)
+
+        fns[name] = decode
+    times = time_interleaved(fns, args.repeats, warmup=1)
+    dense_bytes, span_bytes = state["dense"][1].nbytes(), state["span"][1].nbytes()
+    yield {"bench": "generate_context", "context": T, "span": args.span, "threads": torch.get_num_threads(),
+           "dense_kv_bytes": dense_bytes, "span_kv_bytes": span_bytes,
+           "kv_ratio": round(span_bytes / dense_bytes, 4),
+           "dense_tok_s": round(per_call / times["dense"], 1), "span_tok_s": round(per_call / times["span"], 1),
+           "tok_s_speedup": round(times["dense"] / times["span"], 3),
+           "dense_prefill_s": round(prefill["dense"], 3), "span_prefill_s": round(prefill["span"], 3)}

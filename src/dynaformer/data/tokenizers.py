@@ -1,5 +1,6 @@
-"""Tokenizers: byte-level (default; vocab 256, any text, nothing to download) and char-level
-(vocab built from the training text and saved with the run)."""
+"""Tokenizers: byte-level (default; vocab 256, any text, nothing to download), char-level
+(vocab built from the training text and saved with the run) and byte-level BPE (bpe.py; trained
+locally with HF `tokenizers`, saved with the run)."""
 
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ class CharTokenizer:
         return {"kind": self.kind, "chars": self.chars}
 
 
-TOKENIZER_KINDS = ("byte", "char")
+TOKENIZER_KINDS = ("byte", "char", "bpe")
 
 
 def tokenizer_from_dict(d: dict) -> ByteTokenizer | CharTokenizer:
@@ -89,6 +90,10 @@ def tokenizer_from_dict(d: dict) -> ByteTokenizer | CharTokenizer:
         return ByteTokenizer()
     if kind == "char" and isinstance(d.get("chars"), list):
         return CharTokenizer(d["chars"])
+    if kind == "bpe" and isinstance(d.get("tokenizer"), dict):
+        from .bpe import BPETokenizer
+
+        return BPETokenizer(d["tokenizer"])
     raise DynaformerError(f"tokenizer: unknown or malformed tokenizer description (kind={kind!r})")
 
 

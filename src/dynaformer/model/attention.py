@@ -1,14 +1,19 @@
-"""Multi-head causal self-attention: fused QKV, rotary positions, SDPA, optional KV cache."""
+"""Multi-head causal self-attention: fused QKV, rotary positions, SDPA, optional KV cache, optional span
+(model/span.py: fixed window, learned per head, or predicted per token; kernels/span.py computes it)."""
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 from torch import nn
 
-from ..kernels import bidirectional_attention, causal_attention
+from ..errors import DynaformerError
+from ..kernels import bidirectional_attention, causal_attention, span_attention
 from .config import ModelConfig
 from .context import ForwardContext
 from .layers import Rotary
+from .span import make_span
 
 
 class Attention(nn.Module):
@@ -20,12 +25,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
         self.rotary = rotary  # shared across layers; holds no parameters
+        self.span = make_span(cfg)  # None: dense causal attention
+        self.span_impl = cfg.span_impl
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.rotary(qkv[:2], ctx.start).unbind(0)  # rotate q and k in one pass; each (B, H, T, D)
         v = qkv[2]
+        if self.span is not None:  # causal only (validate() rejects spans for the encoder)
+            return self.proj(self._span_attention(x, q, k, v, ctx).transpose(1, 2).reshape(B, T, C))
         if ctx.cache is not None:
             k, v = ctx.cache.layers[self.layer_idx].append(k, v)  # (B, H, L, D), L = start + T
         p = self.dropout if self.training else 0.0
@@ -34,3 +43,28 @@ class Attention(nn.Module):
         else:
             y = bidirectional_attention(q, k, v, ctx.key_padding_mask, p)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def _span_attention(self, x, q, k, v, ctx: ForwardContext) -> torch.Tensor:
+        """Span attention (no attention-probability dropout). With a span-bounded cache, each group of heads
+        gets its own key window: only the keys those heads can still reach."""
+        if q.is_cuda and self.span_impl in ("auto", "flex"):
+            try:
+                importlib.import_module("torch.nn.attention.flex_attention")
+            except ImportError as e:  # pragma: no cover
+                raise DynaformerError("model.span: this torch has no FlexAttention for the CUDA span path; "
+                                      "set model.span_impl=masked") from e
+        if self.span_impl == "band" and q.is_cuda:
+            raise DynaformerError("model.span_impl: 'band' is the CPU kernel; use auto or flex on CUDA")
+        if self.span_impl == "flex" and not q.is_cuda and torch.is_grad_enabled():
+            raise DynaformerError("model.span_impl: FlexAttention has no backward on CPU; use auto or band")
+        z = self.span(x, ctx)  # (1, H, 1) or (B, H, T) spans in tokens
+        impl, ramp, hard = self.span_impl, self.span.ramp, self.span.hard
+        if ctx.cache is None:
+            return span_attention(q, k, v, z, ramp, hard, impl=impl)
+        groups = ctx.cache.layers[self.layer_idx].append(k, v)
+        if isinstance(groups, tuple):  # an unbounded cache: every key so far
+            return span_attention(q, groups[0], groups[1], z, ramp, hard, impl=impl)
+        y = torch.empty_like(q)
+        for heads, kg, vg in groups:  # (B, G, L_g, D) each, ending at the newest position
+            y[:, heads] = span_attention(q[:, heads], kg, vg, z[:, heads], ramp, hard, impl=impl)
+        return y

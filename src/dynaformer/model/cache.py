@@ -1,4 +1,5 @@
-"""Key/value cache for incremental decoding: one preallocated buffer per layer."""
+"""Key/value cache for incremental decoding: one preallocated buffer per layer, or, for span attention,
+a span-bounded buffer per group of heads that keeps only the keys those heads can still reach."""
 
 from __future__ import annotations
 
@@ -28,10 +29,63 @@ class LayerCache:
         return 2 * per_pos * self.length
 
 
+class BoundedLayerCache:
+    """Span-bounded cache: head h keeps only its last keep[h] keys (its reach: max span + ramp + slack), so the
+    bytes fall with the spans. Heads with the same bound share a trimmed buffer of keep + keep/4 slots: new
+    keys are written in place and the buffer is compacted (last keep keys moved to the front) when full.
+
+    `append` returns [(heads, k, v)] per group, k and v (B, G, L, D) ending at the newest position; keys
+    older than the reach are gone, which the span mask would have zeroed anyway."""
+
+    def __init__(self, batch: int, keep: list[int], head_dim: int, dtype, device) -> None:
+        by_keep: dict[int, list[int]] = {}
+        for h, n in enumerate(keep):
+            by_keep.setdefault(n, []).append(h)
+        self.groups = []
+        for n, heads in sorted(by_keep.items()):
+            contiguous = heads == list(range(heads[0], heads[-1] + 1))
+            index = slice(heads[0], heads[-1] + 1) if contiguous else torch.tensor(heads, device=device)
+            slack = max(4, n // 4)  # compaction (a copy of `keep` keys) every `slack` tokens
+            buf = torch.empty(2, batch, len(heads), n + slack, head_dim, dtype=dtype, device=device)
+            self.groups.append({"heads": index, "keep": n, "buf": buf, "fill": 0})
+        self.length = 0  # positions seen (not stored)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> list[tuple]:
+        T = k.shape[-2]
+        out = []
+        for g in self.groups:
+            buf, fill, keep = g["buf"], g["fill"], g["keep"]
+            kn, vn = k[:, g["heads"]], v[:, g["heads"]]
+            if fill + T <= buf.shape[-2]:
+                buf[0, :, :, fill : fill + T] = kn
+                buf[1, :, :, fill : fill + T] = vn
+                g["fill"] = fill + T
+                ka, va = buf[0, :, :, : fill + T], buf[1, :, :, : fill + T]
+            else:  # the keys this call needs, then keep only the last `keep` of them
+                old = min(fill, keep)
+                ka = torch.cat([buf[0, :, :, fill - old : fill], kn], dim=2)
+                va = torch.cat([buf[1, :, :, fill - old : fill], vn], dim=2)
+                n = min(keep, ka.shape[-2])
+                buf[0, :, :, :n] = ka[:, :, -n:]
+                buf[1, :, :, :n] = va[:, :, -n:]
+                g["fill"] = n
+            out.append((g["heads"], ka, va))
+        self.length += T
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes allocated for keys and values (the full buffers, slack included)."""
+        return sum(g["buf"].numel() * g["buf"].element_size() for g in self.groups)
+
+
 class KVCache:
+    """keep: per layer, None (keep every key) or the per-head key bound of a span-bounded cache."""
+
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
-                 dtype=torch.float32, device=None) -> None:
-        self.layers = [LayerCache(batch, n_head, max_len, head_dim, dtype, device) for _ in range(n_layer)]
+                 dtype=torch.float32, device=None, keep: list[list[int] | None] | None = None) -> None:
+        keep = keep or [None] * n_layer
+        self.layers = [LayerCache(batch, n_head, max_len, head_dim, dtype, device) if kl is None
+                       else BoundedLayerCache(batch, kl, head_dim, dtype, device) for kl in keep]
         self.max_len = max_len
 
     @property

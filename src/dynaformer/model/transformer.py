@@ -20,6 +20,7 @@ from .config import ModelConfig
 from .context import ForwardContext
 from .layers import MLP, RMSNorm, Rotary
 from .residual import make_residual
+from .span import span_cache_bound
 
 
 class Block(nn.Module):
@@ -56,7 +57,7 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if p.dim() < 2:
+            if p.dim() < 2 or getattr(p, "keep_init", False):
                 continue  # norm gains (ones) and mechanism parameters initialise themselves
             is_branch_out = name.endswith(("attn.proj.weight", "mlp.down.weight"))
             scale = 1.0 / math.sqrt(2 * self.cfg.n_layer) if is_branch_out else 1.0
@@ -68,8 +69,15 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         p = self.embed.weight
+        keep = [span_cache_bound(b.attn.span, float(self.progress)) for b in self.blocks]
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_head, max_len, self.cfg.head_dim,
-                       dtype=dtype or p.dtype, device=p.device)
+                       dtype=dtype or p.dtype, device=p.device, keep=keep)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Auxiliary losses recorded by the last training forward (the span penalty), to add to the loss."""
+        losses = [m.aux_loss for m in self.modules() if m is not self and getattr(m, "aux_loss", None) is not None
+                  and isinstance(m.aux_loss, torch.Tensor)]
+        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.embed.weight.device)
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None,
                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:

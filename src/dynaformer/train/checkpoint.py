@@ -65,7 +65,10 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
     os.replace(tmp, final)
     if keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Rename first (atomic), then delete: a crash mid-delete never leaves a visible, partial step-N.
+            doomed = run_dir / f".tmp-step-delete-{old.name}-{os.getpid()}"
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

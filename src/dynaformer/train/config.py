@@ -11,7 +11,8 @@ from ..errors import ConfigError
 @dataclass
 class TrainConfig:
     data: str = "builtin:default"  # FILE, FOLDER, builtin:default (tiny-shakespeare if present) or builtin:stories
-    tokenizer: Literal["byte", "char"] = "byte"
+    tokenizer: Literal["byte", "char", "bpe"] = "byte"
+    tokenizer_file: str = ""  # bpe: a tokenizer JSON from `dynaformer data tokenizer`
     objective: Literal["clm", "mlm"] = "clm"  # next-token (causal LM) or masked-LM (needs model.causal=false)
     out: str = "runs/default"  # the run folder
     val_fraction: float = 0.1
@@ -39,6 +40,7 @@ class TrainConfig:
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2)
     max_bad_steps: int = 3  # non-finite loss/grad steps in a row before reloading the last checkpoint
     progress_bar: bool = True
+    tensorboard: bool = False  # also write metrics as TensorBoard scalars to <out>/tensorboard (extra [tensorboard])
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "eval_tokens", "max_bad_steps"):
@@ -59,6 +61,17 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: must be in [0, 1), got {getattr(self, name)}")
         if not self.out:
             raise ConfigError("train.out: the run folder must be named")
+        if self.tokenizer == "bpe" and not self.tokenizer_file:
+            raise ConfigError("train.tokenizer_file: --tokenizer bpe needs a tokenizer file "
+                              "(train one with `dynaformer data tokenizer --vocab N FILES --out tok.json`)")
+        if self.tokenizer_file and self.tokenizer != "bpe":
+            raise ConfigError(f"train.tokenizer_file: only used with --tokenizer bpe (tokenizer is '{self.tokenizer}')")
+        if self.tensorboard:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ConfigError("train.tensorboard: needs the tensorboard package: "
+                                  "pip install 'dynaformer[tensorboard]'")
         if self.data.startswith("task:"):  # generated long-range tasks (data/tasks.py): byte-level
             from ..data.tasks import parse_task_spec
 
@@ -73,7 +86,7 @@ class TrainConfig:
 # changes when a run moves to another world size (keep batch_size × world × grad_accum to continue exactly).
 RESUMABLE_CHANGES = frozenset({"out", "resume", "progress_bar", "log_interval", "eval_interval", "ckpt_interval",
                                "keep_last", "threads", "compile", "device", "parallel", "max_bad_steps",
-                               "batch_size", "grad_accum"})
+                               "batch_size", "grad_accum", "tensorboard"})
 
 
 def check_compatible(model_causal: bool, objective: str) -> None:

@@ -9,7 +9,10 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+    """metrics.jsonl always; with `tensorboard_dir`, every numeric field also as a TensorBoard scalar
+    (tag `train/loss`, `eval/val_loss`, ... by record kind, x-axis = step)."""
+
+    def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None) -> None:
         self.path = path
         if resume_step is not None and path.exists():
             # Drop lines from after the checkpoint we resume from: they will be recomputed.
@@ -19,13 +22,26 @@ class MetricsLog:
             tmp.write_text("".join(ln + "\n" for ln in kept))
             os.replace(tmp, path)
         self._f = open(path, "a", buffering=1)
+        self._tb = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step hides events from after the resumed checkpoint, as the JSONL truncation above does.
+            self._tb = SummaryWriter(str(tensorboard_dir), purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, record: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._f.write(json.dumps(clean) + "\n")
+        if self._tb is not None:
+            group = "eval" if any(k.startswith("val_") for k in record) else "train"
+            for k, v in clean.items():
+                if k != "step" and isinstance(v, int | float) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"{group}/{k}", v, global_step=record["step"])
 
     def close(self) -> None:
         self._f.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def _parse(line: str) -> dict | None:

@@ -124,10 +124,21 @@ def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig, attach: bool = Fals
                                   f"it, or choose another --out")
         if diff:
             raise DynaformerError(f"cannot resume '{run_dir}': the config differs ({diff})")
+        if train_cfg.tokenizer == "bpe":
+            from ..data.bpe import load_bpe_file
+
+            if load_bpe_file(train_cfg.tokenizer_file).to_dict() != tokenizer.to_dict():
+                raise DynaformerError(f"cannot resume '{run_dir}': tokenizer file '{train_cfg.tokenizer_file}' "
+                                      f"does not match the run's tokenizer (its tokenizer.json)")
         return Run(run_dir, model_cfg, train_cfg, tokenizer, open_splits(run_dir / "data"), resumed=True)
 
     text, source = read_text(train_cfg.data, model_cfg.context_len)
-    tokenizer = CharTokenizer.fit(text) if train_cfg.tokenizer == "char" else ByteTokenizer()
+    if train_cfg.tokenizer == "bpe":
+        from ..data.bpe import load_bpe_file
+
+        tokenizer = load_bpe_file(train_cfg.tokenizer_file)
+    else:
+        tokenizer = CharTokenizer.fit(text) if train_cfg.tokenizer == "char" else ByteTokenizer()
     model_cfg.vocab_size = model_vocab_size(tokenizer, train_cfg)
     n_tokens = len(tokenizer.encode_array(text))
     n_val = int(round(n_tokens * train_cfg.val_fraction))

@@ -20,6 +20,7 @@ from ..data.masking import mask_tokens, step_generator
 from ..errors import DynaformerError, Interrupted
 from ..eval.perplexity import evaluate_mlm, evaluate_windows
 from ..model import Transformer
+from ..model.span_stats import plot_span_heatmap, span_stats
 from .checkpoint import (
     latest_checkpoint,
     load_trainer_state,
@@ -29,7 +30,7 @@ from .checkpoint import (
     verify_checkpoint,
 )
 from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, wrap_model
-from .metrics import MetricsLog, format_eval_line, format_train_line
+from .metrics import MetricsLog, format_eval_line, format_train_line, read_metrics
 from .optim import lr_at, make_optimizer
 from .rundir import Run
 from .state import load_model_state_dict, load_optimizer_state, model_state, optimizer_state
@@ -79,7 +80,8 @@ class Trainer:
         resume_from = self._resume_checkpoint() if run.resumed else None
         if resume_from is not None:
             self._load(resume_from)
-        self.metrics = MetricsLog(run.dir / "metrics.jsonl", resume_step=self.step if run.resumed else None) \
+        self.metrics = MetricsLog(run.dir / "metrics.jsonl", resume_step=self.step if run.resumed else None,
+                                  tensorboard_dir=run.dir / "tensorboard" if self.cfg.tensorboard else None) \
             if self.dist.is_main else None
         self.forward = torch.compile(self.wrapped) if self.cfg.compile else self.wrapped
         self._stop_signal: int | None = None
@@ -164,7 +166,7 @@ class Trainer:
             skip_sync = self.dist.enabled and not self.sharded and i < cfg.grad_accum - 1
             with self.wrapped.no_sync() if skip_sync else contextlib.nullcontext():
                 loss = self.compute_loss(x, y)
-                (loss / cfg.grad_accum).backward()
+                ((loss + self.model.aux_loss()) / cfg.grad_accum).backward()  # aux: the span penalty, if any
             total += loss.detach() / cfg.grad_accum
         if cfg.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
@@ -233,7 +235,8 @@ class Trainer:
                     dt = (time.perf_counter() - window_t) / window_steps
                     rec = {"step": self.step, "elapsed_s": round(self.elapsed(), 4), "loss": loss,
                            "lr": lr_at(self.step - 1, cfg) * self.lr_scale, "grad_norm": gnorm,
-                           "tok_s": tokens_per_step / dt, "ms_step": 1000 * dt, "progress": float(self.model.progress)}
+                           "tok_s": tokens_per_step / dt, "ms_step": 1000 * dt, "progress": float(self.model.progress),
+                           **span_stats(self.model)}
                     self._log(rec, format_train_line(rec, cfg.max_steps), bar)
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tok_s'] / 1000:.1f}k")
                 if do_eval:
@@ -254,6 +257,7 @@ class Trainer:
             bar.close()
             if self.metrics is not None:
                 self.metrics.close()
+                plot_span_heatmap(read_metrics(self.metrics.path), self.run_info.dir / "spans.png")
             for s, h in handlers.items():
                 signal.signal(s, h)
         val_loss = (self.last_val or {}).get("val_loss")

@@ -1,0 +1,118 @@
+"""`dynaformer bench attention`: span attention versus dense causal SDPA, forward + backward, side by side.
+
+Gradients flow to q, k, v and (for learned kinds) to the spans. `speedup` = dense_ms / span_ms. The FLOP
+figures count query·key pairs: `needed_pairs` are those with m > 0 (the floor any exact kernel must
+touch), `computed_pairs` those the band kernel computes, `dense_pairs` the causal triangle."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.span import band_flops, span_attention
+from ..model import ModelConfig, Transformer
+from ..model.span_stats import span_stats
+from .common import time_interleaved
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seq", type=int, default=4096, help="sequence length T")
+    p.add_argument("--span", type=int, default=256, help="span z in tokens (the ramp R comes on top)")
+    p.add_argument("--ramp", type=float, default=32.0)
+    p.add_argument("--kind", choices=["per_head", "dynamic", "fixed"], default="dynamic",
+                   help="per_head: z_h = span; dynamic: z_{t,h} ~ span·U(0.75, 1), a different span per "
+                        "token and head; fixed: a hard window of `span` keys (no span gradient)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head_dim", type=int, default=64)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--impl", default="auto", help="auto | band | masked | dense | reference")
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no_backward", action="store_true", help="time the forward pass only")
+    p.add_argument("--model", action="store_true",
+                   help="time a whole training step instead (4 layers, 256 wide, 8 heads, seq T, batch 1, AdamW): "
+                        "dense versus dynamic spans ≤ --span (span_max = span − ramp)")
+
+
+def span_model_config(seq: int, span: int, ramp: int = 32, kind: str = "dynamic", n_layer: int = 4,
+                      d_model: int = 256, n_head: int = 8) -> tuple[ModelConfig, ModelConfig]:
+    """(dense, span) configs of the benchmark model: the span model's reach z + R stays ≤ `span`; learned spans
+    start at 7/8 of their maximum."""
+    base = dict(n_layer=n_layer, d_model=d_model, n_head=n_head, context_len=seq)
+    s_max = span - ramp
+    return ModelConfig(**base), ModelConfig(**base, span=kind, span_max=s_max, span_ramp=ramp,
+                                            span_init=0.875 * s_max, span_window=span)
+
+
+def run_model(args: argparse.Namespace) -> Iterator[dict]:
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (args.batch, args.seq))
+    fns, models = {}, {}
+    for name, cfg in zip(("dense", "span"), span_model_config(args.seq, args.span, int(args.ramp)), strict=True):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        models[name] = model
+
+        def step(model=model, opt=opt):
+            _, loss = model(x, x)
+            (loss + model.aux_loss()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        fns[name] = step
+    times = time_interleaved(fns, args.repeats, warmup=1)
+    stats = span_stats(models["span"])
+    yield {"bench": "attention_model_step", "seq": args.seq, "span": args.span, "batch": args.batch,
+           "params": models["dense"].num_params(), "threads": torch.get_num_threads(),
+           "dense_step_ms": round(1000 * times["dense"], 1), "span_step_ms": round(1000 * times["span"], 1),
+           "step_speedup": round(times["dense"] / times["span"], 3),
+           "mean_span": round(sum(sum(r) for r in stats["span_mean"]) / sum(len(r) for r in stats["span_mean"]), 1),
+           "attn_pairs_frac": stats.get("attn_pairs_frac")}
+
+
+def run(args: argparse.Namespace) -> Iterator[dict]:
+    if args.model:
+        yield from run_model(args)
+        return
+    torch.manual_seed(0)
+    B, H, T, D = args.batch, args.heads, args.seq, args.head_dim
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    backward = not args.no_backward
+    q, k, v = (torch.randn(B, H, T, D, dtype=dtype, requires_grad=backward) for _ in range(3))
+    hard = args.kind == "fixed"
+    if args.kind == "dynamic":
+        z = args.span * (0.75 + 0.25 * torch.rand(B, H, T))
+    elif args.kind == "per_head":
+        z = torch.full((1, H, 1), float(args.span))
+    else:
+        z = torch.full((1, H, 1), float(args.span - 1))  # window of `span` keys: d ≤ span − 1
+    z.requires_grad_(backward and not hard)
+    go = torch.randn(B, H, T, D, dtype=dtype)
+
+    def dense():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if backward:
+            out.backward(go)
+
+    def span():
+        out = span_attention(q, k, v, z, args.ramp, hard=hard, impl=args.impl, chunk=args.chunk)
+        if backward:
+            out.backward(go)
+
+    times = time_interleaved({"dense": dense, "span": span}, args.repeats)
+    computed, dense_pairs = band_flops(z.expand(B, H, T), T, T, args.ramp, hard, chunk=args.chunk)
+    zz = z.detach().expand(B, H, T)
+    reach = (zz.floor() + 1) if hard else torch.ceil(zz + args.ramp)
+    needed = int(torch.minimum(reach, torch.arange(1, T + 1).float()).sum())
+    yield {"bench": "attention", "kind": args.kind, "seq": T, "span": args.span, "ramp": args.ramp, "batch": B,
+           "heads": H, "head_dim": D, "dtype": args.dtype, "backward": backward, "span_grad": bool(z.requires_grad),
+           "impl": args.impl, "chunk": args.chunk, "threads": torch.get_num_threads(),
+           "dense_ms": round(1000 * times["dense"], 2), "span_ms": round(1000 * times["span"], 2),
+           "speedup": round(times["dense"] / times["span"], 3),
+           "dense_pairs": dense_pairs, "computed_pairs": computed, "needed_pairs": needed,
+           "floor_speedup": round(dense_pairs / needed, 2), "band_pair_speedup": round(dense_pairs / computed, 2)}

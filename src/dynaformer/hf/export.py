@@ -1,0 +1,105 @@
+"""`dynaformer export-hf RUN OUT`: a run's newest checkpoint as a transformers model folder
+(config.json, model.safetensors, generation_config.json, tokenizer files, README.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..data.tokenizers import load_tokenizer
+from ..errors import DynaformerError
+from ..eval.run import load_model
+from .modeling import DynaformerForCausalLM
+from .tokenization import to_hf_tokenizer
+
+_CARD = """---
+library_name: transformers
+tags: [dynaformer]
+---
+# {name}
+
+A dynaformer language model exported from `{ckpt}` (step {step}).
+
+```python
+import dynaformer.hf  # registers model_type "dynaformer" with the transformers Auto classes
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{name}")
+tok = AutoTokenizer.from_pretrained("{name}")
+ids = tok("Once upon a time", return_tensors="pt").input_ids
+print(tok.decode(model.generate(ids, max_new_tokens=50, do_sample=False)[0]))
+```
+
+Model config (`config.json` → `dynaformer`): {summary}. Tokenizer: {tokenizer} ({vocab} tokens).
+Batches must be unpadded (or right-padded without a cache): positions are absolute and the model has
+no padding mask.
+"""
+
+
+def load_tokenizer_file(path: str | Path):
+    """A tokenizer from FILE: a run folder's tokenizer.json (any kind) or a `tokenizers` BPE JSON."""
+    from ..data.bpe import load_bpe_file
+
+    p = Path(path)
+    try:
+        spec = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        spec = None
+    if isinstance(spec, dict) and spec.get("kind") in ("byte", "char"):
+        return load_tokenizer(p)
+    return load_bpe_file(p)
+
+
+def check_vocab(tokenizer, vocab_size: int, what: str) -> None:
+    if tokenizer.vocab_size != vocab_size:
+        raise DynaformerError(f"{what} has {tokenizer.vocab_size} tokens but the checkpoint's vocabulary has "
+                              f"{vocab_size}: it is not the tokenizer this model was trained with")
+
+
+def export_hf(run: str | Path, out: str | Path, tokenizer_file: str | None = None, force: bool = False) -> dict:
+    model, tokenizer, ckpt = load_model(run)
+    if not model.cfg.causal:
+        raise DynaformerError(f"export-hf: '{ckpt}' holds a bidirectional encoder (model.causal=false); "
+                              f"export-hf writes causal language models only")
+    if tokenizer_file:
+        tokenizer = load_tokenizer_file(tokenizer_file)
+        check_vocab(tokenizer, model.cfg.vocab_size, f"tokenizer file '{tokenizer_file}'")
+    check_vocab(tokenizer, model.cfg.vocab_size, f"the tokenizer of '{ckpt}'")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DynaformerError(f"export-hf: '{out}' exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise DynaformerError(f"export-hf: '{out}' is not empty; choose another folder or pass --force")
+    hf_tok = to_hf_tokenizer(tokenizer, model_max_length=model.cfg.context_len)
+    special = {}
+    if hf_tok.eos_token_id is not None:
+        special = {"eos_token_id": hf_tok.eos_token_id, "bos_token_id": hf_tok.bos_token_id,
+                   "pad_token_id": hf_tok.eos_token_id}
+    hf_model = DynaformerForCausalLM.from_dynaformer(model, **special)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        hf_model.save_pretrained(tmp)
+        hf_tok.save_pretrained(tmp)
+        # transformers 5 writes its new class name (TokenizersBackend), which 4.x cannot resolve; the old
+        # name is an alias in 5.x, so this folder loads with AutoTokenizer on both.
+        tc_path = tmp / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text())
+        tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False))
+        step = json.loads((ckpt / "config.json").read_text()).get("step")
+        cfg = model.cfg
+        summary = (f"{cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, context {cfg.context_len}, "
+                   f"residual '{cfg.residual}', span '{cfg.span}'")
+        (tmp / "README.md").write_text(_CARD.format(name=out.name, ckpt=ckpt, step=step, summary=summary,
+                                                    tokenizer=tokenizer.kind, vocab=tokenizer.vocab_size))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"checkpoint": str(ckpt), "out": str(out), "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+            "params": model.num_params(), "files": sorted(p.name for p in out.iterdir())}

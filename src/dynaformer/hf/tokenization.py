@@ -1,0 +1,53 @@
+"""Our tokenizers as `transformers.PreTrainedTokenizerFast`, so `AutoTokenizer` loads an exported model's
+tokenizer and its ids are exactly ours (tested): byte-level as a 256-token byte-level BPE without merges,
+char-level as a character vocabulary, BPE as the trained `tokenizers` JSON itself."""
+
+from __future__ import annotations
+
+from ..data.bpe import EOT, BPETokenizer, _tokenizers
+from ..data.tokenizers import ByteTokenizer, CharTokenizer
+from ..errors import DynaformerError
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """The printable-character alphabet of byte-level BPE (GPT-2): printable Latin-1 bytes stand for
+    themselves, the others for code points 256, 257, ... in byte order. `tokenizers`' ByteLevel uses it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def _as_tokenizers_object(tok):
+    tk = _tokenizers()
+    if isinstance(tok, BPETokenizer):
+        return tk.Tokenizer.from_str(tok.hf.to_str())
+    if isinstance(tok, ByteTokenizer):
+        vocab = {ch: b for b, ch in bytes_to_unicode().items()}
+        hf = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=[]))
+        hf.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.decoder = tk.decoders.ByteLevel()
+        return hf
+    if isinstance(tok, CharTokenizer):
+        # A BPE model with no merges splits text into characters and looks each one up.
+        hf = tk.Tokenizer(tk.models.BPE(vocab={c: i for i, c in enumerate(tok.chars)}, merges=[]))
+        hf.decoder = tk.decoders.Fuse()
+        return hf
+    raise DynaformerError(f"export: no transformers tokenizer for tokenizer kind {getattr(tok, 'kind', tok)!r}")
+
+
+def to_hf_tokenizer(tok, model_max_length: int | None = None):
+    """A `PreTrainedTokenizerFast` with the same ids as `tok` (byte, char or BPE)."""
+    from transformers import PreTrainedTokenizerFast
+
+    kwargs = {}
+    if isinstance(tok, BPETokenizer) and tok.eot_id is not None:
+        kwargs.update(eos_token=EOT, bos_token=EOT)
+    hf = PreTrainedTokenizerFast(tokenizer_object=_as_tokenizers_object(tok), clean_up_tokenization_spaces=False,
+                                 model_max_length=model_max_length or int(1e30), **kwargs)
+    return hf

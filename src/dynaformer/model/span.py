@@ -1,0 +1,113 @@
+"""Attention span per head (Sukhbaatar et al. 2019, "Adaptive Attention Span in Transformers").
+
+A query at distance d = i − j ≥ 0 from a key weights it by m(d) = clamp((R + z − d)/R, 0, 1) (kernels/span.py):
+- `fixed`:    a hard sliding window of w keys (z = w − 1, no ramp).
+- `per_head`: z_h = S·σ(a_h), one learned span per head.
+- `dynamic`:  z_{t,h} = S·σ(a_h + v_hᵀx_t), predicted from the token's own (normed) input, so it is causal and
+              the KV cache stays valid. v starts at zero, so every head starts at span_init.
+S may grow linearly from `span_max_start` to `span_max` over training (τ = progress; frozen at inference).
+Learned kinds add an L1 penalty on the span *as the kernels pay for it*: per tile of queries the largest
+reach z + R, rounded up to the tile (straight-through), averaged over heads and tiles.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .context import ForwardContext
+
+
+class FixedSpan(nn.Module):
+    hard = True
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.window, self.ramp = cfg.n_head, cfg.span_window, 1.0
+        self.aux_loss: torch.Tensor | None = None
+        self.last_z: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        z = x.new_full((1, self.n_head, 1), float(self.window - 1), dtype=torch.float32)
+        self.last_z = z
+        return z
+
+    def reach(self) -> list[int]:
+        """Per head: how many keys back (counting the query itself) any future query can see."""
+        return [self.window] * self.n_head
+
+
+class LearnedSpan(nn.Module):
+    hard = False
+
+    def __init__(self, cfg: ModelConfig, dynamic: bool) -> None:
+        super().__init__()
+        self.n_head, self.ramp, self.tile = cfg.n_head, float(cfg.span_ramp), cfg.span_tile
+        self.s_max, self.s_start = float(cfg.span_max), float(cfg.span_max_start or cfg.span_max)
+        self.penalty = cfg.span_penalty
+        frac = cfg.span_init / self.s_start  # validate() keeps it in (0, 1)
+        self.a = nn.Parameter(torch.full((cfg.n_head,), math.log(frac / (1 - frac))))
+        self.a.no_weight_decay = True
+        self.v = None
+        if dynamic:
+            self.v = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_model))  # zero: spans start at span_init
+            self.v.keep_init = True  # Transformer.reset_parameters leaves it at zero
+        self.aux_loss: torch.Tensor | None = None
+        self.last_z: torch.Tensor | None = None
+
+    def max_span(self, progress: torch.Tensor | float) -> torch.Tensor | float:
+        if self.s_start == self.s_max:
+            return self.s_max
+        return self.s_start + (self.s_max - self.s_start) * progress
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x: (B, T, C) the attention input → spans z in tokens, (1, H, 1) per head or (B, H, T) dynamic."""
+        self.aux_loss = None
+        S = self.max_span(ctx.progress.float())
+        if self.v is None:
+            z = (S * torch.sigmoid(self.a.float())).view(1, -1, 1)
+        else:
+            logits = F.linear(x.float(), self.v.float()).transpose(1, 2) + self.a.float()[:, None]  # (B, H, T)
+            z = S * torch.sigmoid(logits)
+        self.last_z = z.detach()
+        if self.training and self.penalty > 0:
+            self.aux_loss = self.penalty * paid_span(z, self.ramp, self.tile).mean()
+        return z
+
+    def reach(self, progress: float) -> list[int]:
+        """Per head: how many keys back (counting the query itself) any future query can see."""
+        S = float(self.max_span(progress))
+        if self.v is None:
+            z = S * torch.sigmoid(self.a.detach().float())
+            return [int(math.ceil(float(zh) + self.ramp)) for zh in z]
+        return [int(math.ceil(S + self.ramp))] * self.n_head  # content decides: any span up to S can occur
+
+
+def paid_span(z: torch.Tensor, ramp: float, tile: int) -> torch.Tensor:
+    """Reach z + R, maximised over each tile of `tile` queries and rounded up to the tile (straight-through
+    gradient): the keys the band kernel touches for that tile. z (B|1, H, T|1) → (B|1, H, ⌈T/tile⌉)."""
+    reach = z + ramp
+    if reach.shape[-1] > 1:
+        T = reach.shape[-1]
+        reach = F.pad(reach, (0, -T % tile), value=0.0).unflatten(-1, (-1, tile)).amax(-1)
+    return reach + (torch.ceil(reach.detach() / tile) * tile - reach.detach())
+
+
+def make_span(cfg: ModelConfig) -> nn.Module | None:
+    if cfg.span == "none":
+        return None
+    if cfg.span == "fixed":
+        return FixedSpan(cfg)
+    return LearnedSpan(cfg, dynamic=cfg.span == "dynamic")
+
+
+def span_cache_bound(span: nn.Module | None, progress: float, slack: int = 1) -> list[int] | None:
+    """Per-head number of keys a span-bounded KV cache keeps (reach + slack), None for dense attention."""
+    if span is None:
+        return None
+    reach = span.reach() if isinstance(span, FixedSpan) else span.reach(progress)
+    return [r + slack for r in reach]

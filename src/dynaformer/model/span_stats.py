@@ -1,0 +1,72 @@
+"""Span statistics for logs and plots: mean / max span per layer and head, and the attention work the
+band kernel actually does (query·key pairs) versus dense causal attention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..kernels.span import band_flops
+from .span import FixedSpan
+
+
+@torch.no_grad()
+def span_stats(model: nn.Module, seq_len: int | None = None) -> dict:
+    """From the spans of the last forward: {"span_mean": [[per head] per layer], "span_max": ...,
+    "attn_pairs_frac": computed / dense pairs}; {} for a model without spans."""
+    spans = [b.attn.span for b in getattr(model, "blocks", [])]
+    if not spans or spans[0] is None or spans[0].last_z is None:
+        return {}
+    means, maxes, computed, dense = [], [], 0, 0
+    for span in spans:
+        z = span.last_z.float()  # (1|B, H, 1|T)
+        means.append([round(float(x), 2) for x in z.mean(dim=(0, 2))])
+        maxes.append([round(float(x), 2) for x in z.amax(dim=(0, 2))])
+        T = seq_len or z.shape[-1]
+        if T > 1:
+            c, d = band_flops(z.expand(z.shape[0], z.shape[1], T), T, T, span.ramp, isinstance(span, FixedSpan))
+            computed, dense = computed + c, dense + d
+    out = {"span_mean": means, "span_max": maxes}
+    if dense:
+        out["attn_pairs_frac"] = round(computed / dense, 4)
+    return out
+
+
+def plot_span_heatmap(records: list[dict], path: Path) -> Path | None:
+    """Heat map of the mean span per (layer, head) over training from metrics records; None without
+    matplotlib or span records."""
+    recs = [r for r in records if "span_mean" in r]
+    if not recs:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = [r["step"] for r in recs]
+    grid = torch.tensor([[x for layer in r["span_mean"] for x in layer] for r in recs]).T  # (L·H, steps)
+    n_layer, n_head = len(recs[0]["span_mean"]), len(recs[0]["span_mean"][0])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.3 * n_layer * n_head + 2.5))
+    im = axes[0].imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
+                        extent=(steps[0], steps[-1], n_layer * n_head - 0.5, -0.5))
+    axes[0].set_yticks(range(n_layer * n_head), [f"L{i // n_head}H{i % n_head}" for i in range(n_layer * n_head)],
+                       fontsize=6)
+    axes[0].set_xlabel("step")
+    axes[0].set_title("mean span per layer/head (tokens)")
+    fig.colorbar(im, ax=axes[0])
+    last = torch.tensor(recs[-1]["span_mean"])
+    im2 = axes[1].imshow(last.numpy(), aspect="auto", cmap="viridis")
+    axes[1].set_xticks(range(n_head))
+    axes[1].set_yticks(range(n_layer))
+    axes[1].set_xlabel("head")
+    axes[1].set_ylabel("layer")
+    axes[1].set_title(f"final mean span (step {steps[-1]})")
+    fig.colorbar(im2, ax=axes[1])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,213 @@
+"""transformers integration: save → from_pretrained gives identical logits, HF generate (with and without
+cache, greedy and beam) equals our own sampler, for every residual and span kind; export-hf end to end
+with AutoModelForCausalLM / AutoTokenizer; bad inputs exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dynaformer.configtools import to_dict
+from dynaformer.data import ByteTokenizer, CharTokenizer
+from dynaformer.model import Transformer
+from dynaformer.model.generate import generate
+
+from .conftest import MATRIX, tiny_config
+
+pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'dynaformer[hf]'")
+pytest.importorskip("tokenizers", reason="needs the [hf] extra: pip install 'dynaformer[hf]'")
+
+from dynaformer.hf import DynaformerCache, DynaformerForCausalLM  # noqa: E402
+from dynaformer.hf.tokenization import to_hf_tokenizer  # noqa: E402
+
+
+def _trained_like(residual: str, span: str) -> Transformer:
+    """A model whose every parameter and buffer is off its initial value (mechanism gates start at 0, so
+    a save/load that dropped them would go unnoticed on a fresh model)."""
+    model = Transformer(tiny_config(residual=residual, span=span))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        model.progress.fill_(0.37)
+    return model.eval()
+
+
+@pytest.mark.parametrize("residual,span", MATRIX)
+def test_save_from_pretrained_identical(residual, span, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = _trained_like(residual, span)
+    DynaformerForCausalLM.from_dynaformer(model).save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert AutoConfig.from_pretrained(tmp_path).dynaformer == to_dict(model.cfg)  # every field round-trips
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, DynaformerForCausalLM)
+    theirs = loaded.model.state_dict()
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, theirs[name]), name
+    assert torch.equal(loaded.model.rotary.inv_freq, model.rotary.inv_freq)  # non-persistent, rebuilt on load
+    x = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x)[0])
+    if model.cfg.tie_embeddings:
+        assert loaded.model.head.weight is loaded.model.embed.weight
+
+
+@pytest.mark.parametrize("residual,span", MATRIX)
+def test_generate_cached_uncached_and_ours(residual, span):
+    model = _trained_like(residual, span)
+    hf = DynaformerForCausalLM.from_dynaformer(model).eval()
+    prompt = torch.randint(0, 64, (2, 6))
+    n = 40  # past context_len=32: the cache is regrown from its tokens on the way
+    a = hf.generate(prompt, max_new_tokens=n, do_sample=False, use_cache=True)
+    b = hf.generate(prompt, max_new_tokens=n, do_sample=False, use_cache=False)
+    ours = generate(model, prompt, n, temperature=0.0, max_len=prompt.shape[1] + n)  # no sliding window
+    assert a.shape == (2, 6 + n)
+    assert torch.equal(a, b) and torch.equal(a, ours)
+    beam_a = hf.generate(prompt, max_new_tokens=12, do_sample=False, num_beams=3, use_cache=True)
+    beam_b = hf.generate(prompt, max_new_tokens=12, do_sample=False, num_beams=3, use_cache=False)
+    assert torch.equal(beam_a, beam_b)
+
+
+def test_cache_step_by_step_matches_full_forward():
+    model = _trained_like("prenorm", "none")
+    hf = DynaformerForCausalLM.from_dynaformer(model).eval()
+    x = torch.randint(0, 64, (1, 50))
+    with torch.no_grad():
+        full = hf(x, use_cache=False).logits
+        out = hf(x[:, :7], use_cache=True)
+        cache = out.past_key_values
+        assert isinstance(cache, DynaformerCache) and cache.get_seq_length() == 7
+        steps = [out.logits]
+        for t in range(7, 50):
+            out = hf(x[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+        assert cache.get_seq_length() == 50 and cache.capacity >= 50
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_labels_loss_and_padding():
+    model = _trained_like("prenorm", "none")
+    hf = DynaformerForCausalLM.from_dynaformer(model)
+    x = torch.randint(0, 64, (2, 16))
+    labels = x.clone()
+    labels[0, 10:] = -100
+    out = hf(x, labels=labels)
+    _, ref = model(x[:, :-1], targets=labels[:, 1:])
+    torch.testing.assert_close(out.loss, ref)
+    out.loss.backward()  # trainable through the wrapper
+    assert model.embed.weight.grad is not None
+    right = torch.ones(2, 16, dtype=torch.long)
+    right[1, 12:] = 0
+    with torch.no_grad():
+        assert torch.equal(hf(x, attention_mask=right, use_cache=False).logits[1, :12], model(x)[0][1, :12])
+        left = right.flip(1)
+        with pytest.raises(ValueError, match="unpadded"):
+            hf(x, attention_mask=left, use_cache=False)
+
+
+def test_init_weights_gives_our_init_not_hfs(tmp_path):
+    """A tensor missing from the checkpoint is initialised as our Transformer does (GPT-2 scaled branch
+    output, std init_std/√(2·n_layer)), not with HF's generic N(0, 0.02)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(n_layer=8, d_model=64, n_head=2)
+    DynaformerForCausalLM.from_dynaformer(Transformer(cfg)).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.blocks.0.attn.proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    std = loaded.model.blocks[0].attn.proj.weight.std().item()
+    assert 0.0035 < std < 0.0065, std  # 0.02 / 4 = 0.005; HF's generic init would give 0.02
+    assert not hasattr(loaded, "_reference")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.text(max_size=60))
+def test_byte_tokenizer_as_hf(text):
+    hf = to_hf_tokenizer(ByteTokenizer())
+    ids = hf(text)["input_ids"]
+    assert ids == ByteTokenizer().encode(text)
+    assert hf.decode(ids) == text
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.text(alphabet="ab \n\tçé😀.", max_size=60))
+def test_char_tokenizer_as_hf(text):
+    tok = CharTokenizer.fit("ab \n\tçé😀.")
+    hf = to_hf_tokenizer(tok)
+    ids = hf(text)["input_ids"]
+    assert ids == tok.encode(text)
+    assert hf.decode(ids) == text
+
+
+# --- export-hf, end to end ---------------------------------------------------------------------------
+
+TINY = ["--n_layer", "1", "--n_head", "2", "--d_model", "32", "--context_len", "32", "--batch_size", "2",
+        "--eval_tokens", "64", "--progress_bar", "false", "--max_steps", "2", "--warmup_steps", "0"]
+
+
+def _cli(capsys, *argv: str) -> subprocess.CompletedProcess:
+    from dynaformer.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, rc, out.out, out.err)
+
+
+def _one_line_error(res, needle: str) -> None:
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], res.stderr
+
+
+def test_export_hf_end_to_end(tmp_path, text_file, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dynaformer.eval.run import load_model
+
+    run = tmp_path / "run"
+    res = _cli(capsys, "train", *TINY, "--data", str(text_file), "--out", str(run), "--tokenizer", "char")
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "hf"
+    res = _cli(capsys, "export-hf", str(run), str(out), "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(info["files"])
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    ours, our_tok, _ = load_model(run)
+    text = "Ada went to the garden."
+    ids = tok(text, return_tensors="pt").input_ids
+    assert ids[0].tolist() == our_tok.encode(text)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ours(ids)[0])
+    gen = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert tok.decode(gen[0]).startswith(text)
+    assert torch.equal(gen, generate(ours, ids, 8, temperature=0.0))
+
+    # bad inputs: one line, exit 2
+    _one_line_error(_cli(capsys, "export-hf", str(run), str(out)), "not empty")
+    (tmp_path / "empty_run").mkdir()
+    _one_line_error(_cli(capsys, "export-hf", str(tmp_path / "empty_run"), str(tmp_path / "o2")),
+                    "no complete checkpoint")
+    other = tmp_path / "other_tok.json"
+    other.write_text(json.dumps(CharTokenizer.fit("xyz").to_dict()))
+    _one_line_error(_cli(capsys, "export-hf", str(run), str(tmp_path / "o3"), "--tokenizer", str(other)),
+                    "vocabulary")
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_encoder_is_not_a_causal_lm():
+    with pytest.raises(ValueError, match="causal=false"):
+        DynaformerForCausalLM.from_dynaformer(Transformer(tiny_config(causal=False)))
