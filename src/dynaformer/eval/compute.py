@@ -38,11 +38,31 @@ def matmul_params(model: Transformer) -> int:
     return n
 
 
-def flops_per_token(model: Transformer, T: int) -> dict:
+def measured_attention_fraction(model: torch.nn.Module, windows: torch.Tensor) -> float | None:
+    """Query·key pairs the span kernels compute / dense causal pairs, from a forward over real text
+    windows (N, T) (spans are content-dependent); None for a model without spans."""
+    try:
+        from ..model.span_stats import span_stats
+    except ImportError:
+        return None
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        model(windows.to(next(model.parameters()).device))
+        stats = span_stats(model, windows.shape[1])
+    model.train(was)
+    return stats.get("attn_pairs_frac")
+
+
+def flops_per_token(model: Transformer, T: int, attention_fraction: float | None = None) -> dict:
     """Analytic forward FLOPs per token at sequence length T (multiply-add = 2 FLOPs):
-    2·(matmul params) + per layer 4·d_model·keys (QKᵀ and PV). Training ≈ 3× forward."""
+    2·(matmul params) + per layer 4·d_model·keys (QKᵀ and PV). Training ≈ 3× forward. Keys per query
+    come from the `attended_keys` hook, else from a measured `attention_fraction` of dense causal."""
     d = model.cfg.d_model
     keys = attended_keys(model, T)
+    if attention_fraction is not None and not any(callable(getattr(a, "attended_keys", None))
+                                                  for a in attention_modules(model)):
+        keys = [k * attention_fraction for k in keys]
     dense = 4 * d * (T + 1) / 2 * len(keys)
     attn = sum(4 * d * k for k in keys)
     fwd = 2 * matmul_params(model) + attn
@@ -109,9 +129,12 @@ def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
         return 0, "unavailable"
 
 
-def compute_summary(model: Transformer, metrics: list[dict], context_len: int, kv_context: int | None = None) -> dict:
+def compute_summary(model: Transformer, metrics: list[dict], context_len: int, kv_context: int | None = None,
+                    windows: torch.Tensor | None = None) -> dict:
+    """windows: real (N, context_len) inputs to measure the span kernels' computed fraction on."""
     kv_T = kv_context or context_len
+    frac = measured_attention_fraction(model, windows) if windows is not None else None
     return {"params": model.num_params(), "params_non_embedding": model.num_params(embeddings=False),
-            "flops": flops_per_token(model, context_len), "counted_forward_flops": counted_flops_per_token(
+            "flops": flops_per_token(model, context_len, frac), "counted_forward_flops": counted_flops_per_token(
                 model, context_len), "kv_cache": kv_cache_bytes(model, kv_T), **run_timings(metrics)}
 

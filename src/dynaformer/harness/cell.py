@@ -96,7 +96,7 @@ def evaluate_trained(trainer, ev: dict) -> dict:
     metrics = read_metrics(run.dir / "metrics.jsonl")
     diagnostics = {"grad_norm_layers": layer_grad_norms(model, diag_w),
                    "attn_ablation": attention_ablation(model, diag_w), **recorded_diagnostics(metrics)}
-    compute = compute_summary(model, metrics, C)
+    compute = compute_summary(model, metrics, C, windows=diag_w[:, :-1])
     compute["peak_memory"], compute["peak_memory_kind"] = peak_memory_bytes(trainer.device)
     curve = [[r["step"], r["loss"]] for r in metrics if "loss" in r]
     val_curve = [[r["step"], r["val_loss"], r.get("val_bpb")] for r in metrics if "val_loss" in r]

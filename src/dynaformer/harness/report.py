@@ -255,11 +255,15 @@ def plot_recorded(col: Collected, colors, family: str, title: str) -> bytes | No
         if len(names) <= 8:
             ax.legend(fontsize=6)
     # heat map of the final values, indices parsed from the keys (…/LAYER/HEAD or …LAYER…HEAD)
-    v, rec = have[-1]
+    preferred = [h for h in have if h[0] in (col.questions.get("span"), col.questions.get("residual"))]
+    v, rec = (preferred or have)[0]
     import re
 
     grid: dict[tuple[int, int], float] = {}
+    means = [n for n in rec["series"] if "mean" in n]
     for n, ys in rec["series"].items():
+        if means and n not in means:
+            continue  # span_mean over span_max
         nums = [int(x) for x in re.findall(r"\d+", n)]
         last = next((y for y in reversed(ys) if y is not None), None)
         if last is not None and nums:
@@ -271,6 +275,8 @@ def plot_recorded(col: Collected, colors, family: str, title: str) -> bytes | No
         for (l, h), val in grid.items():
             m[l, h] = val
         im = ax.imshow(m, aspect="auto", cmap="viridis")
+        ax.set_xticks(range(H))
+        ax.set_yticks(range(L))
         fig.colorbar(im, ax=ax)
         ax.set(title=f"final values: {v}", xlabel="head / index", ylabel="layer")
     return _png(fig)
