@@ -45,11 +45,11 @@ GRID = {
     "train": {"max_steps": 12, "batch_size": 4, "eval_interval": 6, "eval_tokens": 1024, "log_interval": 3,
               "ckpt_interval": 6, "warmup_steps": 2, "data": "task:suite?text=builtin:stories&frac=0.5",
               "threads": 1, "progress_bar": False},
-    "variants": {"baseline": {}, "swiglu": {"mlp": "swiglu"}},
+    "variants": {"baseline": {}, "dyn_span": {"span": "dynamic"}},  # a mechanism variant, unchanged harness
     "seeds": 2,
     "eval": {"n_per_distance": 4, "text_tokens": 1024, "diag_windows": 2, "multiples": [1, 2],
              "fractions": [0.25, 0.75]},
-    "questions": {"residual": "swiglu", "span": "swiglu", "size_matched": "swiglu"},
+    "questions": {"residual": "dyn_span", "span": "dyn_span", "size_matched": "dyn_span"},
 }
 VOLATILE = {"elapsed_s", "compute", "summary", "curve"}  # timings differ between runs; everything else must not
 
@@ -71,7 +71,7 @@ def test_compare_resume_equals_uninterrupted(grid_dir, tmp_path):
     # and its process died holding the lock; another cell never started.
     out = tmp_path / "out"
     shutil.copytree(grid_dir, out)
-    cell = out / "cells" / "swiglu" / "seed1"
+    cell = out / "cells" / "dyn_span" / "seed1"
     want = json.loads((cell / "result.json").read_text())
     (cell / "result.json").unlink()
     shutil.rmtree(cell / "run" / "step-12")
@@ -80,7 +80,7 @@ def test_compare_resume_equals_uninterrupted(grid_dir, tmp_path):
     shutil.rmtree(out / "cells" / "baseline" / "seed0")
     want0 = json.loads((grid_dir / "cells" / "baseline" / "seed0" / "result.json").read_text())
     status = run_grid(grid_from_dict(GRID), out, workers=0, progress=False)
-    assert sorted(status["done"]) == ["baseline/seed0", "baseline/seed1", "swiglu/seed0", "swiglu/seed1"]
+    assert sorted(status["done"]) == ["baseline/seed0", "baseline/seed1", "dyn_span/seed0", "dyn_span/seed1"]
     got = json.loads((cell / "result.json").read_text())
     assert _stable(got) == _stable(want)
     assert _stable(json.loads((out / "cells" / "baseline" / "seed0" / "result.json").read_text())) == _stable(want0)
@@ -126,7 +126,7 @@ def _inject_recorded(grid_dir: Path, dst: Path) -> Path:
 
 def test_report_has_every_plot_and_full_verdict_table(grid_dir, tmp_path):
     src = _inject_recorded(grid_dir, tmp_path / "g")
-    half = src / "cells" / "swiglu" / "seed9"  # a half-written cell: listed as skipped, not fatal
+    half = src / "cells" / "dyn_span" / "seed9"  # a half-written cell: listed as skipped, not fatal
     (half / "run").mkdir(parents=True)
     (half / "cell.json").write_text(json.dumps({"train": {"max_steps": 12}}))
     (half / "run" / "metrics.jsonl").write_text('{"step": 3, "loss": 5.0}\n')
@@ -147,7 +147,10 @@ def test_report_has_every_plot_and_full_verdict_table(grid_dir, tmp_path):
     blocks = build(collect([grid_dir]), plots=False)
     missing = [b[1] for b in blocks if b[0] == "img" and b[2] is None]
     assert missing == ["Per-layer gradient norms over training (recorded by the run)",
-                       "Spans per layer and head over training", "Residual coefficients over training"]
+                       "Residual coefficients over training"]  # the span variant logged its spans itself
+    spans = json.loads((grid_dir / "cells" / "dyn_span" / "seed0" / "result.json").read_text())
+    assert spans["diagnostics"]["recorded"]["spans"]["series"]  # span_mean/span_max from metrics.jsonl
+    assert spans["compute"]["flops"]["attention_fraction"] != 1.0  # the span kernels' measured work
 
 
 def test_report_bad_inputs(grid_dir, tmp_path):
