@@ -205,9 +205,11 @@ def test_verdict_flips_with_its_evidence():
     assert V.judge(claim5, slow_same, base, "dyn", "base")[0] == V.SUPPORTED
     slow_better = [_fake("dyn", s, ms=130.0 + s, far=0.60 + 0.01 * s) for s in range(3)]
     assert V.judge(claim5, slow_better, base, "dyn", "base")[0] == V.CONTRADICTED
-    # Floor: every model at 0% cannot tell the variants apart.
+    # Floor: every model at (or near) 0% cannot tell the variants apart.
     zero = [_fake("x", s, far=0.0) for s in range(3)]
     assert V.judge(claim, zero, zero, "dyn", "base")[0] == V.INCONCLUSIVE
+    near = [_fake("x", s, far=[0.0, 0.0, 0.003][s]) for s in range(3)]
+    assert V.judge(claim, near, near, "dyn", "base")[0] == V.INCONCLUSIVE
     # Missing metric
     gone = copy.deepcopy(better)
     gone[0]["longrange"] = None

@@ -389,7 +389,11 @@ def build(col: Collected, plots: bool = True) -> list[tuple]:
                         "interval of the effect lies below the threshold (no effect of that size, or the opposite);"
                         " inconclusive: neither. Compound options: AND needs every part, OR any part, NOT swaps. "
                         "The last column repeats the test against the size-matched larger baseline. "
-                        "'seed answer' marks the option the seed file calls correct; it plays no part in judging."))
+                        "'seed answer' marks the option the seed file calls correct; it plays no part in judging. "
+                        "Accuracy claims where both arms stay below the accuracy threshold are inconclusive (floor). "
+                        "ms/step comes from each run's own training log: on a shared machine it carries the "
+                        "load of the moment; for clean speed ratios use the interleaved benchmarks "
+                        "(dynaformer bench)."))
     blocks.append(("table", ["name", "value"], [[k, _fmt(v)] for k, v in THRESHOLDS.items()]))
     rows, _ = verdict_rows(col)
     blocks.append(("table", ["question", "option", "claim", "metric (first part)", "variant mean ± sd",

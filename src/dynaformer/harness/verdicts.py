@@ -88,6 +88,7 @@ METRICS = {
 
 
 DETERMINISTIC = {"infer_flops", "kv_bytes"}  # analytic or exact: equal across seeds by construction
+ACCURACY = {"far_acc", "qa_acc"}  # both arms at the floor (< D_ACC) cannot tell variants apart
 
 
 def metric_value(r: dict, name: str):
@@ -170,6 +171,10 @@ def judge_test(t: Test, V: list[dict], R: list[dict], vname: str, rname: str) ->
     w = welch(a, b, ALPHA)
     ma, sa = mean_sd(a)
     mb, sb = mean_sd(b)
+    if t.metric in ACCURACY and max(ma, mb) < D_ACC:
+        return Evidence(t.describe(), t.metric, vname, rname, (ma, sa, len(a)), (mb, sb, len(b)), w.diff,
+                        None if math.isnan(w.p) else w.p, INCONCLUSIVE,
+                        f"both below {D_ACC:.0%} exact match: the task is too hard at this scale to tell")
     if t.metric not in DETERMINISTIC and len(a) > 1 and len(b) > 1 and sa == 0 and sb == 0:
         # A noisy metric that does not vary across seeds is at a floor or ceiling (e.g. every model at 0%
         # accuracy): the runs cannot tell the variants apart, which is not evidence against the claim.
