@@ -215,6 +215,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .harness.compare import run_grid
+    from .harness.grid import load_grid
+
+    grid = load_grid(args.grid, variants=args.variants.split(",") if args.variants else None, seeds=args.seeds)
+    out = args.out or f"runs/compare-{grid.name}"
+    status = run_grid(grid, Path(out), workers=args.workers, skip_invalid=args.skip_invalid,
+                      progress=not args.no_progress)
+    print(json.dumps(status) if args.json else
+          f"compare {grid.name}: {len(status['done'])} cells done, {len(status['failed'])} failed, "
+          f"{len(status['busy'])} busy elsewhere, {len(status['skipped'])} skipped | {out}")
+    for f in status["failed"]:
+        print(f"  failed: {f}", file=sys.stderr)
+    if args.report:
+        from .harness.report import write_report
+
+        rep = write_report([out], Path(out) / "report")
+        print(f"report: {rep['markdown']} and {rep['html']}")
+    return 1 if status["failed"] else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .harness.report import write_report
+
+    out = args.out or (str(Path(args.paths[0]) / "report"))
+    rep = write_report(args.paths, out)
+    print(json.dumps(rep) if args.json else
+          f"report: {rep['markdown']} and {rep['html']} ({rep['runs']} runs, {rep['skipped']} skipped)")
+    return 0
+
+
 def make_parser() -> Parser:
     parser = Parser(prog="dynaformer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -292,6 +323,29 @@ def make_parser() -> Parser:
     p.add_argument("--max_len", type=int, default=None, help="longest context to condition on (default: context_len)")
     p.add_argument("--no_cache", action="store_true", help="recompute the whole window every token")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("compare", help="train and evaluate a grid of variants × seeds (resumable)",
+                       description="Train every (variant, seed) cell of a grid YAML (configs/grid-cpu.yaml) into "
+                                   "OUT/cells/VARIANT/seedS; rerun the same command to resume a killed grid.")
+    p.add_argument("grid", help="grid YAML: model/train base, variants, seeds, eval, questions")
+    p.add_argument("--out", help="output folder (default: runs/compare-GRIDNAME)")
+    p.add_argument("--variants", help="comma-separated subset of the grid's variants")
+    p.add_argument("--seeds", type=int, help="number of seeds (default: the grid's, else 3)")
+    p.add_argument("--workers", type=int, default=1, help="cells trained at once, each its own process "
+                                                          "(0: in this process)")
+    p.add_argument("--skip_invalid", action="store_true",
+                   help="skip (and report) variants whose config this build does not accept, instead of failing")
+    p.add_argument("--report", action="store_true", help="write OUT/report when the grid is done")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="Markdown + HTML report with verdicts from compare folders",
+                       description="Build report.md and a self-contained report.html from compare folders.")
+    p.add_argument("paths", nargs="+", help="compare output folders (or cell folders)")
+    p.add_argument("--out", help="report folder (default: FIRST_PATH/report)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_report)
 
     from .bench import BENCHMARKS
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import attention, generate, residual, train
+from . import attention, generate, harness, residual, train
 
 BENCHMARKS: dict[str, ModuleType] = {"train": train, "generate": generate, "attention": attention,
-                                     "residual": residual}
+                                     "residual": residual, "harness": harness}

@@ -65,10 +65,20 @@ def generated_stories(n_chars: int, seed: int = 0) -> str:
     return "".join(parts)[:n_chars]
 
 
-def read_text(source: str) -> tuple[str, str]:
+def read_text(source: str, context_len: int | None = None) -> tuple[str, str]:
     """Return (text, description) for a data source: FILE, FOLDER (all files, sorted, joined by
-    newlines), `builtin:stories`, or `builtin:default` (tiny-shakespeare if it is beside the
-    project, generated stories otherwise)."""
+    newlines), `builtin:stories`, `builtin:default` (tiny-shakespeare if it is beside the
+    project, generated stories otherwise), or a `task:` spec (data/tasks.py: its `text=` source, or
+    rendered task examples of length `len` or `context_len`)."""
+    if source.startswith("task:"):
+        from .tasks import parse_task_spec, render_text
+
+        spec = parse_task_spec(source)
+        if spec.text is not None:
+            text, desc = read_text(spec.text)
+            return text, f"{source} (text: {desc})"
+        length = spec.length or context_len or 256
+        return render_text(spec, length, max(64, 200_000 // (length * len(spec.tasks)))), source
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX):]
         if name == "default":

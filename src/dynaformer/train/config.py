@@ -72,6 +72,14 @@ class TrainConfig:
             if importlib.util.find_spec("tensorboard") is None:
                 raise ConfigError("train.tensorboard: needs the tensorboard package: "
                                   "pip install 'dynaformer[tensorboard]'")
+        if self.data.startswith("task:"):  # generated long-range tasks (data/tasks.py): byte-level
+            from ..data.tasks import parse_task_spec
+
+            parse_task_spec(self.data)
+            if self.tokenizer != "byte":
+                raise ConfigError(f"train.tokenizer: task data '{self.data}' needs the byte tokenizer")
+            if self.objective != "clm":
+                raise ConfigError(f"train.objective: task data '{self.data}' trains next-token answers (clm)")
 
 
 # Fields that may change when a run is resumed: bookkeeping, and the per-rank batch split, which

@@ -132,7 +132,7 @@ def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig, attach: bool = Fals
                                       f"does not match the run's tokenizer (its tokenizer.json)")
         return Run(run_dir, model_cfg, train_cfg, tokenizer, open_splits(run_dir / "data"), resumed=True)
 
-    text, source = read_text(train_cfg.data)
+    text, source = read_text(train_cfg.data, model_cfg.context_len)
     if train_cfg.tokenizer == "bpe":
         from ..data.bpe import load_bpe_file
 

@@ -65,6 +65,12 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, self.cfg)  # after sharding: FSDP2 swaps in DTensors
         self.sampler = BatchSampler(run.splits.train, self.cfg.batch_size, self.mcfg.context_len, self.cfg.seed,
                                     rank=self.dist.rank, world=self.dist.world)
+        if self.cfg.data.startswith("task:"):  # task rows (answer-only targets), optionally mixed with text
+            from ..data.tasks import TaskSampler, parse_task_spec
+
+            spec = parse_task_spec(self.cfg.data)
+            self.sampler = TaskSampler(spec, self.cfg.batch_size, self.mcfg.context_len, self.cfg.seed,
+                                       rank=self.dist.rank, text_sampler=self.sampler if spec.text else None)
         self.val_windows = eval_windows(run.splits.val, self.mcfg.context_len, self.cfg.eval_tokens)
         self.token_bytes = torch.from_numpy(run.tokenizer.token_bytes())
         self.mask_id = run.tokenizer.vocab_size  # masked-LM only: the extra id after the tokenizer's

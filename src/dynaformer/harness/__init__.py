@@ -1,0 +1,1 @@
+"""The experiment harness: grids of variants × seeds (compare), evaluation, the report."""

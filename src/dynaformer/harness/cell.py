@@ -1,0 +1,127 @@
+"""One grid cell: train (resuming if a checkpoint is there), evaluate, write result.json atomically.
+
+Runs in its own process (`python -m dynaformer.harness.cell CELL_DIR`) so that peak memory is the
+cell's own and a crash stays in its cell; `run_cell` is also callable in-process (tests).
+
+    CELL_DIR/cell.json    what to run (model, train, eval plan), written by `compare`
+    CELL_DIR/run/         the run folder (dynaformer train layout)
+    CELL_DIR/result.json  everything the report needs; its presence marks the cell done
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..configtools import from_dict
+from ..data import eval_windows
+from ..errors import DynaformerError, Interrupted
+from ..eval.compute import compute_summary, peak_memory_bytes
+from ..eval.longrange import evaluate_longrange
+from ..eval.perplexity import evaluate_windows
+from ..eval.text import evaluate_text
+from ..model import ModelConfig
+from ..train.config import TrainConfig
+from ..train.metrics import read_metrics
+from .diagnostics import attention_ablation, layer_grad_norms, recorded_diagnostics
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False, default=_clean))
+    os.replace(tmp, path)
+
+
+def _clean(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(type(o))
+
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def run_cell(cell_dir: Path, progress_bar: bool = False) -> dict:
+    from ..train.rundir import open_run
+    from ..train.trainer import Trainer
+
+    spec = json.loads((cell_dir / "cell.json").read_text())
+    run_dir = cell_dir / "run"
+    if run_dir.exists() and not (run_dir / "run.json").is_file():
+        shutil.rmtree(run_dir)  # killed while the run folder was being created: start it again
+    train = {**spec["train"], "out": str(run_dir), "resume": "auto", "progress_bar": progress_bar}
+    mcfg = from_dict(ModelConfig, spec["model"], "model")
+    tcfg = from_dict(TrainConfig, train, "train")
+    run = open_run(mcfg, tcfg) if not run_dir.exists() else open_run(mcfg, tcfg)
+    trainer = Trainer(run)
+    summary = trainer.fit()
+    result = evaluate_trained(trainer, spec["eval"])
+    result.update({"variant": spec["variant"], "seed": spec["seed"], "status": "ok", "summary": summary,
+                   "model": spec["model"], "train": spec["train"]})
+    write_json(cell_dir / "result.json", _finite(result))
+    return result
+
+
+def evaluate_trained(trainer, ev: dict) -> dict:
+    """Everything measured after training: text by position, the long-range suite, train/val gap,
+    diagnostics (gradient norms, attention ablation), compute."""
+    model, run = trainer.model, trainer.run_info
+    torch.manual_seed(0)
+    C = model.cfg.context_len
+    token_bytes = torch.from_numpy(run.tokenizer.token_bytes())
+    text = evaluate_text(model, np.asarray(run.splits.val), C, ev["text_tokens"], ev["multiples"],
+                         ev["batch_size"], token_bytes)
+    train_w = eval_windows(np.asarray(run.splits.train), C, ev["text_tokens"])
+    val_w = eval_windows(np.asarray(run.splits.val), C, ev["text_tokens"])
+    tr = evaluate_windows(model, train_w, ev["batch_size"], token_bytes)
+    va = evaluate_windows(model, val_w, ev["batch_size"], token_bytes)
+    tasks = ev["tasks"] if run.tokenizer.kind == "byte" else []
+    longrange = evaluate_longrange(model, C, tasks, ev["n_per_distance"], ev["fractions"],
+                                   batch_size=ev["batch_size"]) if tasks else None
+    diag_w = val_w[: ev["diag_windows"]]
+    metrics = read_metrics(run.dir / "metrics.jsonl")
+    diagnostics = {"grad_norm_layers": layer_grad_norms(model, diag_w),
+                   "attn_ablation": attention_ablation(model, diag_w), **recorded_diagnostics(metrics)}
+    compute = compute_summary(model, metrics, C, windows=diag_w[:, :-1])
+    compute["peak_memory"], compute["peak_memory_kind"] = peak_memory_bytes(trainer.device)
+    curve = [[r["step"], r["loss"]] for r in metrics if "loss" in r]
+    val_curve = [[r["step"], r["val_loss"], r.get("val_bpb")] for r in metrics if "val_loss" in r]
+    return {"text": text, "longrange": longrange, "train_loss": tr["loss"], "val_loss": va["loss"],
+            "val_bpb": va["bpb"], "gen_gap": va["loss"] - tr["loss"], "diagnostics": diagnostics,
+            "compute": compute, "curve": curve, "val_curve": val_curve,
+            "elapsed_s": trainer.elapsed(), "steps": trainer.step,
+            "tokens": trainer.step * trainer.cfg.batch_size * trainer.cfg.grad_accum * C}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m dynaformer.harness.cell CELL_DIR", file=sys.stderr)
+        return 2
+    try:
+        run_cell(Path(argv[0]))
+    except Interrupted as e:
+        print(f"cell {argv[0]}: {e}", file=sys.stderr)
+        return 130
+    except DynaformerError as e:
+        print(f"cell {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""`dynaformer compare`: train and evaluate every (variant, seed) cell of a grid.
+
+    OUT/grid.json                    the resolved grid (a rerun must match it: resume, not mix)
+    OUT/cells/VARIANT/seedS/         cell.json, run/, result.json (done), .lock (being run)
+    OUT/skipped.json                 variants whose config does not validate on this build (skip_invalid)
+
+Resumable: a cell with result.json is done; any other cell is (re)started, and its trainer resumes
+from the newest complete checkpoint (`--resume auto`), bit-exactly. Parallel-safe: a cell is taken by
+creating its .lock with O_EXCL; a lock whose process is gone (same host) is stale and taken over, so
+several `compare` processes (or --workers) can share one grid. Matched tokens: every cell trains the
+same steps × batch × context. Matched wall-clock: each variant's steps are set so that its measured
+step time × steps ≈ wall_clock_s (calibrated once, recorded in grid.json, reused on resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import DynaformerError
+from .cell import run_cell, write_json
+from .grid import Cell, Grid
+
+
+def cell_dir(out: Path, cell: Cell) -> Path:
+    return out / "cells" / cell.variant / f"seed{cell.seed}"
+
+
+# --- locks ---------------------------------------------------------------------------------------
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def try_lock(d: Path) -> bool:
+    """Take d/.lock atomically; a lock left by a dead process on this host is taken over."""
+    lock = d / ".lock"
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                host, pid = lock.read_text().strip().rsplit(":", 1)
+            except (OSError, ValueError):
+                host, pid = "", "0"
+            if host == socket.gethostname() and not _alive(int(pid or 0)):
+                stale = d / f".lock.stale-{os.getpid()}"
+                try:
+                    os.replace(lock, stale)  # only one taker wins the rename
+                    stale.unlink()
+                except OSError:
+                    return False
+                continue
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return True
+    return False
+
+
+def unlock(d: Path) -> None:
+    try:
+        (d / ".lock").unlink()
+    except FileNotFoundError:
+        pass
+
+
+# --- wall-clock matching ------------------------------------------------------------------------
+
+def calibrate_steps(grid: Grid, cells: list[Cell], repeats: int = 5) -> dict[str, int]:
+    """Steps per variant so that steps × (median step time) ≈ wall_clock_s; step times of all
+    variants are measured interleaved in this process (drifts in machine speed hit all alike)."""
+    import torch
+
+    from ..bench.common import time_interleaved
+    from ..configtools import from_dict
+    from ..model import ModelConfig, Transformer
+
+    fns = {}
+    first = {}
+    for c in cells:
+        if c.model is not None and c.variant not in first:
+            first[c.variant] = c
+    for name, c in first.items():
+        mcfg = from_dict(ModelConfig, c.model, "model")
+        torch.manual_seed(0)
+        model = Transformer(mcfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.randint(0, mcfg.vocab_size, (c.train["batch_size"], mcfg.context_len))
+
+        def step(model=model, opt=opt, x=x):
+            _, loss = model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        fns[name] = step
+    if not fns:
+        return {}
+    threads = next(iter(first.values())).train.get("threads") or 0
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        times = time_interleaved(fns, repeats, warmup=1)
+    finally:
+        torch.set_num_threads(old)
+    return {v: max(1, int(grid.wall_clock_s / t)) for v, t in times.items()}
+
+
+# --- the grid ------------------------------------------------------------------------------------
+
+def prepare(grid: Grid, out: Path, skip_invalid: bool) -> list[Cell]:
+    """Write grid.json (or check an existing one) and each cell's cell.json; return the cells."""
+    cells = grid.cells(skip_invalid)
+    from ..data.tasks import make_task
+
+    for C in sorted({c.model["context_len"] for c in cells if c.model is not None}):
+        for t in grid.eval["tasks"]:  # fail now, not after training
+            task = make_task(t)
+            task.generate(1, C, task.distance_range(C)[0])
+    out.mkdir(parents=True, exist_ok=True)
+    info_path = out / "grid.json"
+    if info_path.exists():
+        try:
+            info = json.loads(info_path.read_text())
+        except ValueError:
+            raise DynaformerError(f"'{info_path}' is damaged; remove it or choose another --out") from None
+        if info.get("fingerprint") != grid.fingerprint():
+            raise DynaformerError(f"'{out}' holds a different grid ({info.get('name')}); choose another --out")
+        steps = info.get("steps", {})
+        if grid.match == "wall_clock":
+            new = [c for c in cells if c.model is not None and c.variant not in steps]
+            if new:
+                steps.update(calibrate_steps(grid, new))
+                write_json(info_path, {**info, "steps": steps})
+        info["grid"]["variants"] = {**info["grid"]["variants"], **grid.variants}
+        info["grid"]["questions"] = grid.questions
+        write_json(info_path, info)
+    else:
+        if any(out.iterdir()):
+            raise DynaformerError(f"'{out}' exists and is not a dynaformer compare folder; choose another --out")
+        steps = calibrate_steps(grid, cells) if grid.match == "wall_clock" else {}
+        write_json(info_path, {"name": grid.name, "fingerprint": grid.fingerprint(), "grid": grid.to_dict(),
+                               "steps": steps, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    skipped = [{"cell": c.key, "reason": c.error} for c in cells if c.error]
+    write_json(out / "skipped.json", {"skipped": skipped})
+    for c in cells:
+        if c.error:
+            continue
+        if c.variant in steps:
+            c.train["max_steps"] = int(steps[c.variant])
+        d = cell_dir(out, c)
+        d.mkdir(parents=True, exist_ok=True)
+        spec = {"variant": c.variant, "seed": c.seed, "model": c.model, "train": c.train, "eval": grid.eval}
+        if (d / "cell.json").exists():
+            try:
+                old = json.loads((d / "cell.json").read_text())
+            except ValueError:
+                old = None
+            if old is not None and old != json.loads(json.dumps(spec)):
+                raise DynaformerError(f"cell {c.key} in '{out}' was run with a different config; "
+                                      f"rename the variant or choose another --out")
+        write_json(d / "cell.json", spec)
+    return [c for c in cells if not c.error]
+
+
+def _last_step(d: Path) -> int:
+    try:
+        with open(d / "run" / "metrics.jsonl", "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 4096))
+            lines = [ln for ln in f.read().decode(errors="ignore").splitlines() if ln.startswith("{")]
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (OSError, ValueError, KeyError, IndexError):
+        return 0
+
+
+def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False, progress: bool = True,
+             max_cells: int | None = None) -> dict:
+    """Run every pending cell. workers=0 runs cells in this process (tests); N ≥ 1 runs up to N cell
+    processes at once. Returns {"done", "failed", "busy", "skipped"} cell keys."""
+    cells = prepare(grid, out, skip_invalid)
+    total = sum(c.train["max_steps"] for c in cells)
+    done_steps = {c.key: (c.train["max_steps"] if (cell_dir(out, c) / "result.json").exists() else 0)
+                  for c in cells}
+    bar = tqdm(total=total, initial=sum(done_steps.values()), unit="step", desc=f"grid {grid.name}",
+               disable=not progress, dynamic_ncols=True)
+    pending = [c for c in cells if not (cell_dir(out, c) / "result.json").exists()]
+    if max_cells is not None:
+        pending = pending[:max_cells]
+    report = {"done": [c.key for c in cells if c not in pending and (cell_dir(out, c) / "result.json").exists()],
+              "failed": [], "busy": [], "skipped": [c.key for c in grid.cells(True) if c.error]}
+    running: dict[str, tuple[subprocess.Popen, Cell, Path]] = {}
+
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, _term) if threading.current_thread() is threading.main_thread() else None
+    try:
+        while pending or running:
+            while pending and len(running) < max(1, workers):
+                c = pending.pop(0)
+                d = cell_dir(out, c)
+                if (d / "result.json").exists():
+                    report["done"].append(c.key)
+                    continue
+                if not try_lock(d):
+                    report["busy"].append(c.key)  # another compare process is on it
+                    continue
+                bar.set_postfix_str(c.key)
+                if workers == 0:
+                    try:
+                        run_cell(d)
+                        report["done"].append(c.key)
+                    except DynaformerError as e:
+                        report["failed"].append(f"{c.key}: {e}")
+                    finally:
+                        unlock(d)
+                    bar.update(c.train["max_steps"] - done_steps[c.key])
+                    done_steps[c.key] = c.train["max_steps"]
+                    continue
+                log = open(d / "cell.log", "a")
+                proc = subprocess.Popen([sys.executable, "-m", "dynaformer.harness.cell", str(d)], stdout=log,
+                                        stderr=subprocess.STDOUT)
+                log.close()
+                (d / ".lock").write_text(f"{socket.gethostname()}:{proc.pid}")  # the lock lives as long as the cell
+                running[c.key] = (proc, c, d)
+                bar.set_postfix_str(", ".join(running))
+            for key, (proc, c, d) in list(running.items()):
+                s = c.train["max_steps"] if proc.poll() is not None else _last_step(d)
+                bar.update(max(0, s - done_steps[key]))
+                done_steps[key] = max(done_steps[key], s)
+                if proc.poll() is None:
+                    continue
+                unlock(d)
+                del running[key]
+                bar.set_postfix_str(", ".join(running))
+                if proc.returncode == 0 and (d / "result.json").exists():
+                    report["done"].append(key)
+                elif proc.returncode == 130:
+                    raise KeyboardInterrupt
+                else:
+                    tail = (d / "cell.log").read_text(errors="ignore").strip().splitlines()[-1:] or ["?"]
+                    report["failed"].append(f"{key}: exit {proc.returncode}: {tail[0]}")
+            if running:
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        for proc, _, _d in running.values():
+            proc.terminate()  # the trainer saves a checkpoint on SIGTERM
+        for proc, _, d in running.values():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            unlock(d)
+        raise
+    finally:
+        bar.close()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    write_json(out / "status.json", report)
+    return report

@@ -1,0 +1,494 @@
+"""`dynaformer report`: Markdown + self-contained HTML from `compare` folders (or cell folders).
+
+Plots (matplotlib, Agg): loss curves, bpb by position, long-range accuracy by distance, per-layer
+gradient norms, attention ablation per layer, spans per layer/head, residual coefficients over
+training, compute bars. A plot whose data no run recorded says "not recorded" instead.
+Then the verdict table for every option of both seed questions (verdicts.py), and the runs that were
+skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DynaformerError
+from .grid import QUESTION_DEFAULTS
+from .stats import mean_sd
+from .verdicts import METRICS, QUESTIONS, THRESHOLDS, judge, metric_label, metric_value
+
+
+@dataclass
+class Collected:
+    results: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))  # variant → results
+    dirs: dict[str, list[Path]] = field(default_factory=lambda: defaultdict(list))
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (cell, reason)
+    questions: dict = field(default_factory=lambda: dict(QUESTION_DEFAULTS))
+    grids: list[str] = field(default_factory=list)
+
+
+def _read_result(d: Path) -> tuple[dict | None, str | None]:
+    p = d / "result.json"
+    if not p.exists():
+        run = d / "run"
+        if (run / "metrics.jsonl").exists():
+            from .compare import _last_step
+
+            try:
+                total = json.loads((d / "cell.json").read_text())["train"]["max_steps"]
+            except (OSError, ValueError, KeyError):
+                total = "?"
+            step = _last_step(d)
+            if step == total:
+                return None, "no result.json: training finished but its evaluation did not (see cell.log)"
+            return None, f"no result.json: training not finished (step {step}/{total})"
+        return None, "no result.json: not started or killed before its first step"
+    try:
+        r = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        return None, f"result.json unreadable ({e.__class__.__name__})"
+    if not isinstance(r, dict) or r.get("status") != "ok" or "variant" not in r:
+        return None, "result.json is incomplete"
+    return r, None
+
+
+def collect(paths: list[str | Path]) -> Collected:
+    """Results from compare folders (grid.json) and cell folders (result.json). A path that is neither,
+    or that holds no finished run at all, is an error naming it."""
+    col = Collected()
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise DynaformerError(f"'{p}' does not exist")
+        if (p / "grid.json").exists():
+            try:
+                info = json.loads((p / "grid.json").read_text())
+            except ValueError:
+                raise DynaformerError(f"'{p}/grid.json' is damaged") from None
+            col.grids.append(info.get("name", p.name))
+            col.questions.update(info.get("grid", {}).get("questions", {}))
+            try:
+                for s in json.loads((p / "skipped.json").read_text()).get("skipped", []):
+                    col.skipped.append((s["cell"], f"config invalid on this build: {s['reason']}"))
+            except (OSError, ValueError):
+                pass
+            cells = sorted(q.parent for q in (p / "cells").glob("*/seed*/cell.json"))
+            n_ok = 0
+            for d in cells:
+                r, why = _read_result(d)
+                if r is None:
+                    col.skipped.append((f"{d.parent.name}/{d.name}", why))
+                    continue
+                col.results[r["variant"]].append(r)
+                col.dirs[r["variant"]].append(d)
+                n_ok += 1
+            if n_ok == 0:
+                reasons = "; ".join(f"{c}: {w}" for c, w in col.skipped[-3:]) or "no cells"
+                raise DynaformerError(f"'{p}' holds no finished run ({reasons})")
+        elif (p / "result.json").exists() or (p / "cell.json").exists():
+            r, why = _read_result(p)
+            if r is None:
+                raise DynaformerError(f"'{p}': {why}")
+            col.results[r["variant"]].append(r)
+            col.dirs[r["variant"]].append(p)
+        elif (p / "run.json").exists():
+            raise DynaformerError(f"'{p}' is a training run folder without harness results; run it through "
+                                  f"`dynaformer compare` (or give the compare folder)")
+        else:
+            raise DynaformerError(f"'{p}' is not a compare folder or a cell folder (no grid.json or result.json)")
+    for v in col.results:
+        order = sorted(range(len(col.results[v])), key=lambda i: col.results[v][i]["seed"])
+        col.results[v] = [col.results[v][i] for i in order]
+        col.dirs[v] = [col.dirs[v][i] for i in order]
+    return col
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def _colors(variants: list[str]) -> dict[str, str]:
+    cycle = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
+    return {v: cycle[i % len(cycle)] for i, v in enumerate(variants)}
+
+
+def _mean_curve(curves: list[list]) -> tuple[np.ndarray, np.ndarray]:
+    by: dict[int, list[float]] = defaultdict(list)
+    for c in curves:
+        for row in c:
+            if row[1] is not None:
+                by[row[0]].append(row[1])
+    steps = np.array(sorted(by))
+    return steps, np.array([np.mean(by[s]) for s in steps])
+
+
+def plot_loss(col: Collected, colors) -> bytes:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for v, rs in col.results.items():
+        s, m = _mean_curve([r.get("curve", []) for r in rs])
+        axes[0].plot(s, m, label=v, color=colors[v])
+        s, m = _mean_curve([r.get("val_curve", []) for r in rs])
+        axes[1].plot(s, m, "o-", label=v, color=colors[v])
+    axes[0].set(title="training loss (mean over seeds)", xlabel="step", ylabel="nats/token")
+    axes[1].set(title="validation loss", xlabel="step", ylabel="nats/token")
+    axes[0].legend(fontsize=7)
+    return _png(fig)
+
+
+def plot_position(col: Collected, colors) -> bytes | None:
+    plt = _plt()
+    mults = sorted({c["multiple"] for rs in col.results.values() for r in rs
+                    for c in (r.get("text") or {}).get("contexts", [])})
+    if not mults:
+        return None
+    fig, axes = plt.subplots(1, len(mults), figsize=(4.2 * len(mults), 3.4), squeeze=False)
+    for ax, m in zip(axes[0], mults, strict=True):
+        for v, rs in col.results.items():
+            per = [next((c for c in r["text"]["contexts"] if c["multiple"] == m), None) for r in rs]
+            per = [c for c in per if c]
+            if not per:
+                continue
+            his = [b["hi"] for b in per[0]["buckets"]]
+            vals = np.mean([[b["bpb"] for b in c["buckets"]] for c in per], axis=0)
+            ax.plot(his, vals, "o-", label=v, color=colors[v], ms=3)
+        ax.set_xscale("log", base=2)
+        ax.set(title=f"bpb by position, {m}× training context", xlabel="token position (bucket end)", ylabel="bpb")
+    axes[0][0].legend(fontsize=7)
+    return _png(fig)
+
+
+def plot_longrange(col: Collected, colors) -> bytes | None:
+    plt = _plt()
+    tasks = sorted({t for rs in col.results.values() for r in rs for t in ((r.get("longrange") or {}).get("tasks")
+                                                                         or {})})
+    if not tasks:
+        return None
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.2), squeeze=False)
+    for ax, t in zip(axes[0], tasks, strict=True):
+        chance = None
+        for v, rs in col.results.items():
+            recs = [r["longrange"]["tasks"][t] for r in rs if (r.get("longrange") or {}).get("tasks", {}).get(t)]
+            if not recs:
+                continue
+            chance = recs[0]["chance"]
+            acc = np.array([rec["exact"] for rec in recs])
+            ax.errorbar(recs[0]["distance"], acc.mean(0), yerr=acc.std(0) if len(acc) > 1 else None, fmt="o-",
+                        label=v, color=colors[v], ms=3, capsize=2)
+        if chance is not None:
+            ax.axhline(chance, ls=":", color="grey", lw=1)
+        ax.set_xscale("log")
+        ticks = sorted({d for rs in col.results.values() for r in rs
+                        for d in ((r.get("longrange") or {}).get("tasks", {}).get(t) or {}).get("distance", [])})
+        ax.set_xticks(ticks, [str(d) for d in ticks], fontsize=7)
+        ax.minorticks_off()
+        ax.set(title=f"{t}: exact match", xlabel="distance (tokens)", ylim=(-0.03, 1.03))
+    axes[0][0].legend(fontsize=7)
+    return _png(fig)
+
+
+def plot_layers(col: Collected, colors, key: str, title: str, ylabel: str) -> bytes | None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    n_v = len(col.results)
+    width = 0.8 / max(1, n_v)
+    any_ = False
+    for i, (v, rs) in enumerate(col.results.items()):
+        vals = [r["diagnostics"][key] if key == "grad_norm_layers" else r["diagnostics"][key]["delta"] for r in rs
+                if (r.get("diagnostics") or {}).get(key)]
+        lens = {len(x) for x in vals}
+        if not vals or len(lens) != 1:
+            continue
+        any_ = True
+        arr = np.array(vals)
+        x = np.arange(arr.shape[1]) + i * width
+        ax.bar(x, arr.mean(0), width, yerr=arr.std(0) if len(arr) > 1 else None, label=v, color=colors[v])
+    if not any_:
+        _plt().close(fig)
+        return None
+    if key == "grad_norm_layers":
+        ax.set_yscale("log")
+    ax.set(title=title, xlabel="layer", ylabel=ylabel)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def plot_recorded(col: Collected, colors, family: str, title: str) -> bytes | None:
+    """Series a mechanism logged to metrics.jsonl, over training: one panel per variant that has any
+    (its first seed), and a layer × head heat map of the last values when the keys are 2-D."""
+    plt = _plt()
+    have = [(v, rs[0]["diagnostics"]["recorded"][family]) for v, rs in col.results.items()
+            if ((rs[0].get("diagnostics") or {}).get("recorded") or {}).get(family)]
+    if not have:
+        return None
+    fig, axes = plt.subplots(1, len(have) + 1, figsize=(4.4 * (len(have) + 1), 3.4), squeeze=False)
+    for ax, (v, rec) in zip(axes[0], have, strict=False):
+        names = list(rec["series"])[:24]
+        for n in names:
+            ys = [np.nan if y is None else y for y in rec["series"][n]]
+            ax.plot(rec["steps"], ys, lw=1, label=n if len(names) <= 8 else None)
+        ax.set(title=f"{title}: {v}", xlabel="step")
+        if len(names) <= 8:
+            ax.legend(fontsize=6)
+    # heat map of the final values, indices parsed from the keys (…/LAYER/HEAD or …LAYER…HEAD)
+    preferred = [h for h in have if h[0] in (col.questions.get("span"), col.questions.get("residual"))]
+    v, rec = (preferred or have)[0]
+    import re
+
+    grid: dict[tuple[int, int], float] = {}
+    means = [n for n in rec["series"] if "mean" in n]
+    for n, ys in rec["series"].items():
+        if means and n not in means:
+            continue  # span_mean over span_max
+        nums = [int(x) for x in re.findall(r"\d+", n)]
+        last = next((y for y in reversed(ys) if y is not None), None)
+        if last is not None and nums:
+            grid[(nums[-2] if len(nums) >= 2 else 0, nums[-1])] = last
+    ax = axes[0][-1]
+    if grid:
+        L, H = max(k[0] for k in grid) + 1, max(k[1] for k in grid) + 1
+        m = np.full((L, H), np.nan)
+        for (l, h), val in grid.items():
+            m[l, h] = val
+        im = ax.imshow(m, aspect="auto", cmap="viridis")
+        ax.set_xticks(range(H))
+        ax.set_yticks(range(L))
+        fig.colorbar(im, ax=ax)
+        ax.set(title=f"final values: {v}", xlabel="head / index", ylabel="layer")
+    return _png(fig)
+
+
+def plot_compute(col: Collected, colors) -> bytes | None:
+    plt = _plt()
+    items = [("params", lambda r: r["compute"]["params"], "parameters"),
+             ("train FLOPs/token", lambda r: r["compute"]["flops"]["train"], "FLOPs"),
+             ("attention computed / dense", lambda r: r["compute"]["flops"]["attention_fraction"], "fraction"),
+             ("ms/step", lambda r: r["compute"]["ms_step"], "ms"),
+             ("tokens/s", lambda r: r["compute"]["tok_s"], "tok/s"),
+             ("peak memory", lambda r: r["compute"]["peak_memory"] / 2**20, "MiB"),
+             ("KV cache @ context", lambda r: (r["compute"]["kv_cache"].get("measured")
+                                               or r["compute"]["kv_cache"]["analytic"]) / 2**10, "KiB")]
+    fig, axes = plt.subplots(1, len(items), figsize=(2.6 * len(items), 3.2))
+    variants = list(col.results)
+    for ax, (title, fn, unit) in zip(axes, items, strict=True):
+        means, sds = [], []
+        for v in variants:
+            vals = []
+            for r in col.results[v]:
+                try:
+                    x = fn(r)
+                except (KeyError, TypeError):
+                    x = None
+                if x is not None:
+                    vals.append(float(x))
+            m, s = mean_sd(vals) if vals else (np.nan, 0.0)
+            means.append(m)
+            sds.append(s)
+        ax.bar(range(len(variants)), means, yerr=sds, color=[colors[v] for v in variants])
+        ax.set_xticks(range(len(variants)), variants, rotation=60, fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(unit, fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# --- the document --------------------------------------------------------------------------------
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+        return f"{x:.3g}"
+    return f"{x:.{digits}g}"
+
+
+def _ms(t) -> str:
+    return "—" if t is None else f"{_fmt(t[0])} ± {_fmt(t[1], 2)} (n={t[2]})"
+
+
+def verdict_rows(col: Collected) -> tuple[list[list[str]], list[str]]:
+    ref = col.questions.get("reference", "baseline")
+    size = col.questions.get("size_matched")
+    rows, notes = [], []
+    for q in QUESTIONS:
+        var = col.questions.get(q.key)
+        for opt in q.options:
+            if var not in col.results or ref not in col.results:
+                missing = var if var not in col.results else ref
+                rows.append([q.key, str(opt.number), opt.text, "—", "—", "—", "—", "—",
+                             f"not tested: no finished runs of variant '{missing}'", "—"])
+                continue
+            verdict, ev = judge(opt.claim, col.results[var], col.results[ref], var, ref)
+            e0 = ev[0]
+            evidence = "; ".join(
+                f"{e.test}: Δ={_fmt(e.diff)}, p={_fmt(e.p, 2)} → {e.verdict}" + (f" ({e.note})" if e.note else "")
+                for e in ev)
+            vs_size = "—"
+            if size in col.results and size != var:
+                vs_size, _ = judge(opt.claim, col.results[var], col.results[size], var, size)
+            label = metric_label(e0.metric) if not e0.metric.endswith("_l") else e0.metric
+            rows.append([q.key, str(opt.number) + (" (seed answer)" if opt.number == q.answer_key else ""), opt.text,
+                         label, _ms(e0.v), _ms(e0.r), _fmt(e0.p, 2), evidence + (f". {opt.note}" if opt.note else ""),
+                         f"**{verdict}**", vs_size])
+    return rows, notes
+
+
+def variant_table(col: Collected) -> tuple[list[str], list[list[str]]]:
+    names = list(METRICS)
+    head = ["variant", "seeds"] + names
+    rows = []
+    for v, rs in col.results.items():
+        row = [v, str(len(rs))]
+        for n in names:
+            vals = [metric_value(r, n) for r in rs]
+            vals = [x for x in vals if x is not None]
+            row.append("—" if not vals else f"{_fmt(mean_sd(vals)[0])} ± {_fmt(mean_sd(vals)[1], 2)}")
+        rows.append(row)
+    return head, rows
+
+
+def build(col: Collected, plots: bool = True) -> list[tuple]:
+    """The report as blocks: ("h", level, text), ("p", text), ("table", head, rows), ("img", title, png|None,
+    why-None). plots=False only checks which plots have data (no drawing)."""
+    colors = _colors(list(col.results))
+    blocks: list[tuple] = [("h", 1, f"dynaformer report: {', '.join(col.grids) or 'runs'}")]
+    n_runs = sum(len(v) for v in col.results.values())
+    blocks.append(("p", f"{n_runs} finished runs over {len(col.results)} variants "
+                        f"({', '.join(f'{v}×{len(r)}' for v, r in col.results.items())}); reference variant "
+                        f"'{col.questions.get('reference')}', residual question tested by "
+                        f"'{col.questions.get('residual')}', span question by '{col.questions.get('span')}', "
+                        f"size-matched baseline '{col.questions.get('size_matched')}'."))
+    blocks.append(("h", 2, "Verdicts"))
+    blocks.append(("p", "Each option of each seed question becomes a claim about measured metrics of the tested "
+                        "variant versus the reference (mean ± sd over seeds; Welch t-test). supported: p < α and "
+                        "the effect is at least the threshold in the claimed direction; contradicted: the 95% "
+                        "interval of the effect lies below the threshold (no effect of that size, or the opposite);"
+                        " inconclusive: neither. Compound options: AND needs every part, OR any part, NOT swaps. "
+                        "The last column repeats the test against the size-matched larger baseline. "
+                        "'seed answer' marks the option the seed file calls correct; it plays no part in judging. "
+                        "Accuracy claims where both arms stay below the accuracy threshold are inconclusive (floor). "
+                        "ms/step comes from each run's own training log: on a shared machine it carries the "
+                        "load of the moment; for clean speed ratios use the interleaved benchmarks "
+                        "(dynaformer bench)."))
+    blocks.append(("table", ["name", "value"], [[k, _fmt(v)] for k, v in THRESHOLDS.items()]))
+    rows, _ = verdict_rows(col)
+    blocks.append(("table", ["question", "option", "claim", "metric (first part)", "variant mean ± sd",
+                             "reference mean ± sd", "p", "evidence (every part)", "verdict", "vs size-matched"], rows))
+    blocks.append(("h", 2, "All variants"))
+    head, vrows = variant_table(col)
+    blocks.append(("table", head, vrows))
+    blocks.append(("p", "; ".join(f"{k}: {v[0]}" for k, v in METRICS.items())))
+    have_plt = _plt() is not None
+    figures = [
+        ("Loss curves", lambda: plot_loss(col, colors)),
+        ("Bits per byte by token position (1×, 2×, 4× the training context)", lambda: plot_position(col, colors)),
+        ("Long-range accuracy by distance (dotted: chance)", lambda: plot_longrange(col, colors)),
+        ("Per-layer gradient norms at the end of training (harness-measured)",
+         lambda: plot_layers(col, colors, "grad_norm_layers", "‖∂L/∂θ‖ per block", "gradient norm")),
+        ("Per-layer gradient norms over training (recorded by the run)",
+         lambda: plot_recorded(col, colors, "layer_grad_norms", "grad norms")),
+        ("Attention ablation: loss increase when a layer's attention is zeroed",
+         lambda: plot_layers(col, colors, "attn_ablation", "attention importance", "Δ loss (nats)")),
+        ("Spans per layer and head over training", lambda: plot_recorded(col, colors, "spans", "spans")),
+        ("Residual coefficients over training", lambda: plot_recorded(col, colors, "residual_coefs", "coefficients")),
+        ("Compute", lambda: plot_compute(col, colors)),
+    ]
+    blocks.append(("h", 2, "Plots"))
+    for title, fn in figures:
+        if not plots:
+            blocks.append(("img", title, b"" if _has_data(col, title) else None, "not recorded by any run"))
+            continue
+        blocks.append(("img", title, fn() if have_plt else None,
+                       "matplotlib is not installed (pip install dynaformer[plot])" if not have_plt else
+                       "not recorded by any run"))
+    blocks.append(("h", 2, "Skipped runs"))
+    if col.skipped:
+        blocks.append(("table", ["run", "why"], [[c, w] for c, w in col.skipped]))
+    else:
+        blocks.append(("p", "None: every cell finished."))
+    return blocks
+
+
+def _has_data(col: Collected, title: str) -> bool:
+    family = {"Per-layer gradient norms over training (recorded by the run)": "layer_grad_norms",
+              "Spans per layer and head over training": "spans",
+              "Residual coefficients over training": "residual_coefs"}.get(title)
+    if family is None:
+        return True
+    return any(((r.get("diagnostics") or {}).get("recorded") or {}).get(family) for rs in col.results.values()
+               for r in rs)
+
+
+def _slug(s: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in s.lower()).strip("-")[:48]
+
+
+def write_report(paths: list[str | Path], out_dir: str | Path) -> dict:
+    col = collect(paths)
+    blocks = build(col)
+    out = Path(out_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    md, body = [], []
+    for b in blocks:
+        if b[0] == "h":
+            md.append("#" * b[1] + " " + b[2] + "\n")
+            body.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
+        elif b[0] == "p":
+            md.append(b[1] + "\n")
+            body.append(f"<p>{html.escape(b[1])}</p>")
+        elif b[0] == "table":
+            head, rows = b[1], b[2]
+            md.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+            md += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+            md.append("")
+            th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+            trs = "".join("<tr>" + "".join(f"<td>{html.escape(c).replace('**', '')}</td>" for c in r) + "</tr>"
+                          for r in rows)
+            body.append(f"<table><tr>{th}</tr>{trs}</table>")
+        elif b[0] == "img":
+            title, png, why = b[1], b[2], b[3]
+            md.append(f"### {title}\n")
+            body.append(f"<h3>{html.escape(title)}</h3>")
+            if png is None:
+                md.append(f"*{why}*\n")
+                body.append(f"<p><em>{html.escape(why)}</em></p>")
+            else:
+                name = f"plots/{_slug(title)}.png"
+                (out / name).write_bytes(png)
+                md.append(f"![{title}]({name})\n")
+                body.append(f'<img alt="{html.escape(title)}" src="data:image/png;base64,'
+                            f'{base64.b64encode(png).decode()}">')
+    (out / "report.md").write_text("\n".join(md))
+    style = ("body{font-family:sans-serif;max-width:1400px;margin:auto;padding:1em}table{border-collapse:collapse;"
+             "font-size:12px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}"
+             "img{max-width:100%}")
+    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>dynaformer report"
+                                     f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>")
+    rows, _ = verdict_rows(col)
+    return {"markdown": str(out / "report.md"), "html": str(out / "report.html"),
+            "runs": sum(len(v) for v in col.results.values()), "skipped": len(col.skipped),
+            "verdicts": [{"question": r[0], "option": r[1], "verdict": r[8].strip("*")} for r in rows]}

@@ -1,0 +1,284 @@
+"""The seed questions, each of their five options turned into a testable claim about measured metrics.
+
+A simple claim is "metric M of the variant differs from the reference's in direction ±, by at least δ"
+(δ absolute, or relative to the reference mean). With the Welch difference Δ (signed so that + is the
+claimed direction), its p-value and its (1−α) confidence interval:
+
+- **supported**     p < α and Δ ≥ δ (significant, and at least as large as claimed);
+- **contradicted**  the interval's upper end < δ (confidently smaller than claimed — no effect, or the
+                    opposite one);
+- **inconclusive**  otherwise (too few seeds, too much noise, or a metric that was not recorded).
+
+Compound options combine their parts: AND is supported when every part is and contradicted when any
+part is; OR the reverse; NOT swaps supported and contradicted. Inconclusive is an honest answer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .stats import mean_sd, welch
+
+ALPHA = 0.05
+SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
+
+
+# --- metrics: one number per cell (result.json) --------------------------------------------------
+
+def _get(r: dict, *path, default=None):
+    for p in path:
+        if isinstance(r, dict) and p in r:
+            r = r[p]
+        elif isinstance(r, list) and isinstance(p, int) and -len(r) <= p < len(r):
+            r = r[p]
+        else:
+            return default
+    return r
+
+
+def _ctx(r: dict, which: str):
+    ctxs = _get(r, "text", "contexts", default=[]) or []
+    if not ctxs:
+        return None
+    return min(ctxs, key=lambda c: c["multiple"]) if which == "train" else max(ctxs, key=lambda c: c["multiple"])
+
+
+def _grad_ratio(r: dict):
+    g = _get(r, "diagnostics", "grad_norm_layers")
+    if not g or g[-1] <= 0 or g[0] <= 0:
+        return None
+    return math.log10(g[0] / g[-1])
+
+
+def _task_mean(r: dict, task: str):
+    acc = _get(r, "longrange", "tasks", task, "exact")
+    return sum(acc) / len(acc) if acc else None
+
+
+def _late_bpb(r: dict):
+    c = _ctx(r, "train")
+    return c["buckets"][-1]["bpb"] if c else None
+
+
+def _long_bpb(r: dict):
+    c = _ctx(r, "long")
+    return c["bpb"] if c else None
+
+
+def _kv(r: dict):
+    kv = _get(r, "compute", "kv_cache") or {}
+    return kv.get("measured") or kv.get("analytic")
+
+
+METRICS = {
+    "val_bpb": ("held-out bits per byte (training context)", lambda r: r.get("val_bpb")),
+    "gen_gap": ("generalisation gap: val − train loss (nats)", lambda r: r.get("gen_gap")),
+    "grad_ratio": ("log₁₀ first/last-layer gradient norm", _grad_ratio),
+    "far_acc": ("long-range exact match at distance ≥ context/2 (all tasks)",
+                lambda r: _get(r, "longrange", "far_exact")),
+    "qa_acc": ("story QA exact match (all distances)", lambda r: _task_mean(r, "storyqa")),
+    "late_bpb": ("bpb at the last position bucket of the training context", _late_bpb),
+    "long_bpb": ("bpb over the longest evaluated context (4× training)", _long_bpb),
+    "ms_step": ("training ms/step", lambda r: _get(r, "compute", "ms_step")),
+    "infer_flops": ("forward FLOPs/token (attention over computed keys)",
+                    lambda r: _get(r, "compute", "flops", "forward")),
+    "kv_bytes": ("KV-cache bytes at the training context", _kv),
+}
+
+
+DETERMINISTIC = {"infer_flops", "kv_bytes"}  # analytic or exact: equal across seeds by construction
+ACCURACY = {"far_acc", "qa_acc"}  # both arms at the floor (< D_ACC) cannot tell variants apart
+
+
+def metric_value(r: dict, name: str):
+    if name.startswith("attn_importance_l"):
+        return _get(r, "diagnostics", "attn_ablation", "delta", int(name.rsplit("l", 1)[1]))
+    v = METRICS[name][1](r)
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
+
+
+def metric_label(name: str) -> str:
+    if name.startswith("attn_importance_l"):
+        return f"attention importance, layer {name.rsplit('l', 1)[1]} (loss increase when ablated)"
+    return METRICS[name][0]
+
+
+# --- claims --------------------------------------------------------------------------------------
+
+@dataclass
+class Test:
+    metric: str
+    direction: int  # +1: the claim says the variant's value is higher
+    delta: float
+    relative: bool = False
+
+    def describe(self) -> str:
+        arrow = "↑" if self.direction > 0 else "↓"
+        thr = f"{self.delta:.0%} of reference" if self.relative else f"{self.delta:g}"
+        return f"{self.metric} {arrow} by ≥ {thr}"
+
+
+@dataclass
+class All:
+    parts: list
+
+
+@dataclass
+class Any_:
+    parts: list
+
+
+@dataclass
+class Not:
+    part: object
+
+
+@dataclass
+class AllLayers:
+    """The claim holds in every layer (per-layer metric `prefix{i}`)."""
+
+    prefix: str
+    direction: int
+    delta: float
+    relative: bool = True
+
+
+@dataclass
+class Evidence:
+    test: str
+    metric: str
+    variant: str
+    reference: str
+    v: tuple[float, float, int] | None  # mean, sd, n
+    r: tuple[float, float, int] | None
+    diff: float | None
+    p: float | None
+    verdict: str
+    note: str = ""
+
+
+def _values(results: list[dict], metric: str) -> list[float] | None:
+    vals = [metric_value(r, metric) for r in results]
+    return None if not vals or any(v is None for v in vals) else vals
+
+
+def judge_test(t: Test, V: list[dict], R: list[dict], vname: str, rname: str) -> Evidence:
+    a, b = _values(V, t.metric), _values(R, t.metric)
+    if a is None or b is None:
+        return Evidence(t.describe(), t.metric, vname, rname, None, None, None, None, INCONCLUSIVE,
+                        "not recorded in every run")
+    w = welch(a, b, ALPHA)
+    ma, sa = mean_sd(a)
+    mb, sb = mean_sd(b)
+    if t.metric in ACCURACY and max(ma, mb) < D_ACC:
+        return Evidence(t.describe(), t.metric, vname, rname, (ma, sa, len(a)), (mb, sb, len(b)), w.diff,
+                        None if math.isnan(w.p) else w.p, INCONCLUSIVE,
+                        f"both below {D_ACC:.0%} exact match: the task is too hard at this scale to tell")
+    if t.metric not in DETERMINISTIC and len(a) > 1 and len(b) > 1 and sa == 0 and sb == 0:
+        # A noisy metric that does not vary across seeds is at a floor or ceiling (e.g. every model at 0%
+        # accuracy): the runs cannot tell the variants apart, which is not evidence against the claim.
+        return Evidence(t.describe(), t.metric, vname, rname, (ma, sa, len(a)), (mb, sb, len(b)), w.diff, None,
+                        INCONCLUSIVE, "no variation across seeds (floor or ceiling)")
+    delta = t.delta * abs(mb) if t.relative else t.delta
+    s = t.direction * w.diff
+    upper = max(t.direction * w.lo, t.direction * w.hi)
+    if not math.isnan(w.p) and w.p < ALPHA and s >= delta:
+        verdict = SUPPORTED
+    elif upper < delta:
+        verdict = CONTRADICTED
+    else:
+        verdict = INCONCLUSIVE
+    note = "" if len(a) > 1 and len(b) > 1 else "one seed per arm: no noise estimate"
+    return Evidence(t.describe(), t.metric, vname, rname, (ma, sa, len(a)), (mb, sb, len(b)), w.diff,
+                    None if math.isnan(w.p) else w.p, verdict, note)
+
+
+def judge(claim, V: list[dict], R: list[dict], vname: str, rname: str) -> tuple[str, list[Evidence]]:
+    if isinstance(claim, Test):
+        e = judge_test(claim, V, R, vname, rname)
+        return e.verdict, [e]
+    if isinstance(claim, AllLayers):
+        n_v = {len(_get(r, "diagnostics", "attn_ablation", "delta", default=[]) or []) for r in V}
+        n_r = {len(_get(r, "diagnostics", "attn_ablation", "delta", default=[]) or []) for r in R}
+        if len(n_v) != 1 or n_v != n_r or 0 in n_v:
+            return INCONCLUSIVE, [Evidence(f"{claim.prefix}* in every layer", claim.prefix, vname, rname, None, None,
+                                           None, None, INCONCLUSIVE, "layer counts differ or not recorded")]
+        parts = [Test(f"{claim.prefix}{i}", claim.direction, claim.delta, claim.relative) for i in range(n_v.pop())]
+        return judge(All(parts), V, R, vname, rname)
+    if isinstance(claim, All | Any_):
+        sub = [judge(p, V, R, vname, rname) for p in claim.parts]
+        vs = [v for v, _ in sub]
+        ev = [e for _, es in sub for e in es]
+        if isinstance(claim, All):
+            v = CONTRADICTED if CONTRADICTED in vs else SUPPORTED if all(x == SUPPORTED for x in vs) else INCONCLUSIVE
+        else:
+            v = SUPPORTED if SUPPORTED in vs else CONTRADICTED if all(x == CONTRADICTED for x in vs) else INCONCLUSIVE
+        return v, ev
+    if isinstance(claim, Not):
+        v, ev = judge(claim.part, V, R, vname, rname)
+        return {SUPPORTED: CONTRADICTED, CONTRADICTED: SUPPORTED}.get(v, INCONCLUSIVE), ev
+    raise TypeError(claim)
+
+
+# --- the questions -------------------------------------------------------------------------------
+
+# Thresholds (the smallest effect that counts as "an effect"), stated in the report.
+D_BPB = 0.01  # bits per byte
+D_ACC = 0.05  # exact-match accuracy (5 points)
+D_GAP = 0.02  # nats of train/val gap
+D_GRAD = 0.1  # log10 first/last gradient ratio (a 26% change)
+D_TIME = 0.05  # relative, of the reference's ms/step or FLOPs
+D_ATTN = 0.10  # relative, of the reference layer's attention importance
+
+BETTER_TEXT = Test("val_bpb", -1, D_BPB)
+BETTER_FAR = Test("far_acc", +1, D_ACC)
+BETTER_QA = Test("qa_acc", +1, D_ACC)
+SLOWER = Test("ms_step", +1, D_TIME, relative=True)
+FASTER = Test("ms_step", -1, D_TIME, relative=True)
+
+
+@dataclass
+class Option:
+    number: int
+    text: str
+    claim: object
+    note: str = ""
+
+
+@dataclass
+class Question:
+    key: str  # the grid's questions: entry naming the variant that tests it
+    title: str
+    options: list[Option]
+    answer_key: int  # the option the seed file calls correct (reported, never used to judge)
+
+
+QUESTIONS = [
+    Question("residual", "Dynamic residual weighting (seed 000): which outcome does a residual weighted by "
+             "training progress and sequence length have?", [
+                 Option(1, "Reduces generalisation: more overfitting", Test("gen_gap", +1, D_GAP)),
+                 Option(2, "Exacerbates vanishing gradients in deep layers", Test("grad_ratio", -1, D_GRAD),
+                        "first-layer gradient shrinking relative to the last"),
+                 Option(3, "Improves learning of long-range dependencies", BETTER_FAR),
+                 Option(4, "Uniformly decreases the importance of attention in all layers",
+                        AllLayers("attn_importance_l", -1, D_ATTN)),
+                 Option(5, "More compute without meaningful improvement",
+                        All([SLOWER, Not(Any_([BETTER_TEXT, BETTER_FAR]))])),
+             ], answer_key=3),
+    Question("span", "Dynamic attention span (seed 003): which outcome does a content-dependent attention span "
+             "have?", [
+                 Option(1, "Lower perplexity on long text (interpretability harder)", Test("long_bpb", -1, D_BPB),
+                        "the interpretability clause is a judgement, not measured; see the span plots"),
+                 Option(2, "Higher perplexity on long text", Test("long_bpb", +1, D_BPB)),
+                 Option(3, "Better downstream QA, but longer training time", All([BETTER_QA, SLOWER])),
+                 Option(4, "Lower training and inference cost, but worse modelling of nuance",
+                        All([FASTER, Test("infer_flops", -1, D_TIME, relative=True), Test("val_bpb", +1, D_BPB)])),
+                 Option(5, "No significant gain in understanding or efficiency",
+                        Not(Any_([BETTER_TEXT, BETTER_QA, BETTER_FAR, FASTER]))),
+             ], answer_key=3),
+]
+
+THRESHOLDS = {"α (two-sided Welch t-test)": ALPHA, "bits per byte": D_BPB, "exact-match accuracy": D_ACC,
+              "train/val gap (nats)": D_GAP, "log10 gradient ratio": D_GRAD,
+              "ms/step, FLOPs (relative)": D_TIME, "attention importance per layer (relative)": D_ATTN}

@@ -1,0 +1,262 @@
+"""compare (resume == uninterrupted, locks, bad variants), report (every plot, the full verdict
+table, skipped runs), verdicts (flip with their evidence), statistics, compute accounting."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynaformer.errors import ConfigError, DynaformerError
+from dynaformer.eval.compute import flops_per_token, kv_cache_bytes
+from dynaformer.eval.text import position_buckets
+from dynaformer.harness import verdicts as V
+from dynaformer.harness.compare import run_grid, try_lock, unlock
+from dynaformer.harness.grid import grid_from_dict
+from dynaformer.harness.report import build, collect, write_report
+from dynaformer.harness.stats import t_sf2, welch
+from dynaformer.model import ModelConfig, Transformer
+
+
+def run_cli(*argv: str):
+    """The CLI in this process (its exit paths are the same as a subprocess's, without the start-up)."""
+    import contextlib
+    import io
+    import subprocess
+
+    from dynaformer.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(list(argv))
+        except SystemExit as e:
+            rc = e.code
+    return subprocess.CompletedProcess(argv, rc, out.getvalue(), err.getvalue())
+
+GRID = {
+    "name": "fixture",
+    "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "context_len": 128},
+    "train": {"max_steps": 12, "batch_size": 4, "eval_interval": 6, "eval_tokens": 1024, "log_interval": 3,
+              "ckpt_interval": 6, "warmup_steps": 2, "data": "task:suite?text=builtin:stories&frac=0.5",
+              "threads": 1, "progress_bar": False},
+    "variants": {"baseline": {}, "dyn_span": {"span": "dynamic"}},  # a mechanism variant, unchanged harness
+    "seeds": 2,
+    "eval": {"n_per_distance": 4, "text_tokens": 1024, "diag_windows": 2, "multiples": [1, 2],
+             "fractions": [0.25, 0.75]},
+    "questions": {"residual": "dyn_span", "span": "dyn_span", "size_matched": "dyn_span"},
+}
+VOLATILE = {"elapsed_s", "compute", "summary", "curve"}  # timings differ between runs; everything else must not
+
+
+def _stable(r: dict) -> dict:
+    return {k: v for k, v in r.items() if k not in VOLATILE}
+
+
+@pytest.fixture(scope="module")
+def grid_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("grid") / "out"
+    status = run_grid(grid_from_dict(GRID), out, workers=0, progress=False)
+    assert len(status["done"]) == 4 and not status["failed"]
+    return out
+
+
+def test_compare_resume_equals_uninterrupted(grid_dir, tmp_path):
+    # Simulate a grid killed mid-cell: the cell lost its result and its final checkpoint (kept step-6),
+    # and its process died holding the lock; another cell never started.
+    out = tmp_path / "out"
+    shutil.copytree(grid_dir, out)
+    cell = out / "cells" / "dyn_span" / "seed1"
+    want = json.loads((cell / "result.json").read_text())
+    (cell / "result.json").unlink()
+    shutil.rmtree(cell / "run" / "step-12")
+    assert (cell / "run" / "step-6").is_dir()
+    (cell / ".lock").write_text(f"{__import__('socket').gethostname()}:999999")
+    shutil.rmtree(out / "cells" / "baseline" / "seed0")
+    want0 = json.loads((grid_dir / "cells" / "baseline" / "seed0" / "result.json").read_text())
+    status = run_grid(grid_from_dict(GRID), out, workers=0, progress=False)
+    assert sorted(status["done"]) == ["baseline/seed0", "baseline/seed1", "dyn_span/seed0", "dyn_span/seed1"]
+    got = json.loads((cell / "result.json").read_text())
+    assert _stable(got) == _stable(want)
+    assert _stable(json.loads((out / "cells" / "baseline" / "seed0" / "result.json").read_text())) == _stable(want0)
+    assert not (cell / ".lock").exists()
+
+
+def test_lock_is_exclusive(tmp_path):
+    assert try_lock(tmp_path)
+    assert not try_lock(tmp_path)  # held by a live process (this one)
+    unlock(tmp_path)
+    assert try_lock(tmp_path)
+
+
+def test_grid_validation():
+    with pytest.raises(ConfigError, match="variant 'dyn': model.residual"):
+        grid_from_dict({**GRID, "variants": {"dyn": {"residual": "no_such_kind"}}}).cells()
+    g = grid_from_dict({**GRID, "variants": {"baseline": {}, "dyn": {"residual": "no_such_kind"}}})
+    cells = g.cells(skip_invalid=True)
+    assert [c.error is not None for c in cells] == [False, False, True, True]
+    with pytest.raises(ConfigError, match="unknown variant 'nope'"):
+        grid_from_dict(GRID, variants=["nope"])
+    with pytest.raises(ConfigError, match="variant 'x': unknown config key 'bogus'"):
+        grid_from_dict({**GRID, "variants": {"x": {"bogus": 1}}})
+
+
+def _inject_recorded(grid_dir: Path, dst: Path) -> Path:
+    """A copy of the fixture grid whose runs also recorded mechanism diagnostics (as the residual and
+    span modules log them to metrics.jsonl)."""
+    shutil.copytree(grid_dir, dst)
+    for p in dst.glob("cells/*/seed*/result.json"):
+        r = json.loads(p.read_text())
+        steps = [3, 6, 9, 12]
+        r["diagnostics"]["recorded"] = {
+            "layer_grad_norms": {"steps": steps, "series": {f"grad_norm/layer{i}": [1.0 + i, 1.1, 1.2, 1.3]
+                                                            for i in range(2)}},
+            "spans": {"steps": steps, "series": {f"span/layer{l}/head{h}": [8.0 * (h + 1), 9, 10, 11.0 + l]
+                                                 for l in range(2) for h in range(2)}},
+            "residual_coefs": {"steps": steps, "series": {f"res_coef/{i}": [1.0, 0.9, 0.8, 0.7] for i in range(4)}},
+        }
+        p.write_text(json.dumps(r))
+    return dst
+
+
+def test_report_has_every_plot_and_full_verdict_table(grid_dir, tmp_path):
+    src = _inject_recorded(grid_dir, tmp_path / "g")
+    half = src / "cells" / "dyn_span" / "seed9"  # a half-written cell: listed as skipped, not fatal
+    (half / "run").mkdir(parents=True)
+    (half / "cell.json").write_text(json.dumps({"train": {"max_steps": 12}}))
+    (half / "run" / "metrics.jsonl").write_text('{"step": 3, "loss": 5.0}\n')
+    rep = write_report([src], tmp_path / "rep")
+    md = Path(rep["markdown"]).read_text()
+    html = Path(rep["html"]).read_text()
+    titles = ["Loss curves", "Bits per byte by token position", "Long-range accuracy by distance",
+              "Per-layer gradient norms at the end", "Per-layer gradient norms over training", "Attention ablation",
+              "Spans per layer and head", "Residual coefficients over training", "Compute"]
+    for t in titles:
+        assert t in md and t in html, t
+    assert md.count("![") == len(titles) and html.count("data:image/png;base64,") == len(titles)
+    assert "not recorded" not in md
+    assert len(rep["verdicts"]) == 10 and {v["question"] for v in rep["verdicts"]} == {"residual", "span"}
+    assert all(v["verdict"] in ("supported", "contradicted", "inconclusive") for v in rep["verdicts"])
+    assert "seed9" in md and "training not finished (step 3/12)" in md
+    # Without recorded diagnostics, those plots say so.
+    blocks = build(collect([grid_dir]), plots=False)
+    missing = [b[1] for b in blocks if b[0] == "img" and b[2] is None]
+    assert missing == ["Per-layer gradient norms over training (recorded by the run)",
+                       "Residual coefficients over training"]  # the span variant logged its spans itself
+    spans = json.loads((grid_dir / "cells" / "dyn_span" / "seed0" / "result.json").read_text())
+    assert spans["diagnostics"]["recorded"]["spans"]["series"]  # span_mean/span_max from metrics.jsonl
+    assert spans["compute"]["flops"]["attention_fraction"] != 1.0  # the span kernels' measured work
+
+
+def test_report_bad_inputs(grid_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DynaformerError, match="is not a compare folder"):
+        collect([tmp_path / "empty"])
+    half = tmp_path / "half"
+    shutil.copytree(grid_dir / "cells" / "baseline" / "seed0", half)
+    (half / "result.json").write_text('{"variant": "baseline", "seed"')  # half-written
+    with pytest.raises(DynaformerError, match="result.json unreadable"):
+        collect([half])
+    res = run_cli("report", str(tmp_path / "empty"))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "empty" in res.stderr
+    res = run_cli("report", str(tmp_path / "missing"))
+    assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_cli_bad_variant_and_task(tmp_path):
+    grid = tmp_path / "g.yaml"
+    import yaml
+
+    grid.write_text(yaml.safe_dump({**GRID, "variants": {"baseline": {}, "dyn": {"residual": "no_such_kind"}}}))
+    res = run_cli("compare", str(grid), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "variant 'dyn'" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = run_cli("compare", str(grid), "--variants", "nope", "--out", str(tmp_path / "o"))
+    assert res.returncode == 2 and "unknown variant 'nope'" in res.stderr
+    res = run_cli("train", "--data", "task:passkey?dist=5000", "--out", str(tmp_path / "r"))
+    assert res.returncode == 2 and "impossible" in res.stderr and not (tmp_path / "r").exists()
+
+
+# --- verdicts and statistics -----------------------------------------------------------------------
+
+def _fake(variant: str, seed: int, **m) -> dict:
+    return {"variant": variant, "seed": seed, "status": "ok", "val_bpb": m.get("val_bpb", 2.0),
+            "gen_gap": m.get("gen_gap", 0.0), "longrange": {"far_exact": m.get("far", 0.3), "tasks": {}},
+            "diagnostics": {"grad_norm_layers": [1.0, 1.0], "attn_ablation": {"delta": [0.5, 0.5]}},
+            "compute": {"ms_step": m.get("ms", 100.0), "flops": {"forward": 1e6}}}
+
+
+def test_verdict_flips_with_its_evidence():
+    claim = V.QUESTIONS[0].options[2].claim  # residual, option 3: long-range dependencies improve
+    better = [_fake("dyn", s, far=0.60 + 0.01 * s) for s in range(3)]
+    worse = [_fake("base", s, far=0.30 + 0.01 * s) for s in range(3)]
+    assert V.judge(claim, better, worse, "dyn", "base")[0] == V.SUPPORTED
+    assert V.judge(claim, worse, better, "dyn", "base")[0] == V.CONTRADICTED
+    noisy = [_fake("dyn", s, far=[0.1, 0.9, 0.5][s]) for s in range(3)]
+    assert V.judge(claim, noisy, worse, "dyn", "base")[0] == V.INCONCLUSIVE
+    # Compound: "more compute without meaningful improvement" (residual option 5)
+    claim5 = V.QUESTIONS[0].options[4].claim
+    slow_same = [_fake("dyn", s, ms=130.0 + s, far=0.30 + 0.01 * s, val_bpb=2.0 + 0.001 * s) for s in range(3)]
+    base = [_fake("base", s, ms=100.0 + s, far=0.30 + 0.01 * s, val_bpb=2.0 + 0.001 * s) for s in range(3)]
+    assert V.judge(claim5, slow_same, base, "dyn", "base")[0] == V.SUPPORTED
+    slow_better = [_fake("dyn", s, ms=130.0 + s, far=0.60 + 0.01 * s) for s in range(3)]
+    assert V.judge(claim5, slow_better, base, "dyn", "base")[0] == V.CONTRADICTED
+    # Floor: every model at (or near) 0% cannot tell the variants apart.
+    zero = [_fake("x", s, far=0.0) for s in range(3)]
+    assert V.judge(claim, zero, zero, "dyn", "base")[0] == V.INCONCLUSIVE
+    near = [_fake("x", s, far=[0.0, 0.0, 0.003][s]) for s in range(3)]
+    assert V.judge(claim, near, near, "dyn", "base")[0] == V.INCONCLUSIVE
+    # Missing metric
+    gone = copy.deepcopy(better)
+    gone[0]["longrange"] = None
+    assert V.judge(claim, gone, worse, "dyn", "base")[0] == V.INCONCLUSIVE
+
+
+def test_welch_matches_reference_values():
+    assert abs(t_sf2(2.0, 4) - 0.116117) < 1e-5  # scipy.stats.t.sf(2, 4) * 2
+    assert abs(t_sf2(1.0, 30) - 0.325309) < 1e-5  # (numerical integration of the t density)
+    w = welch([1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0, 8.0, 10.0])
+    # Welch: t = -2.2514, df = 5.5208, p = 0.069134 (numerical integration of the t density)
+    assert abs(w.p - 0.069134) < 1e-5 and abs(w.df - 5.520788) < 1e-5 and w.lo < 0 < w.hi
+    assert welch([1.0, 1.0], [1.0, 1.0]).p == 1.0 and welch([2.0, 2.0], [1.0, 1.0]).p == 0.0
+
+
+# --- evaluation pieces -----------------------------------------------------------------------------
+
+def test_position_buckets_cover_every_position():
+    b = position_buckets(100)
+    assert b[0] == (0, 1) and b[-1][1] == 100
+    assert all(x[1] == y[0] for x, y in zip(b[:-1], b[1:], strict=True))
+
+
+def test_flops_honour_the_span_hook():
+    model = Transformer(ModelConfig(n_layer=2, n_head=2, d_model=32, context_len=64))
+    dense = flops_per_token(model, 64)
+    assert dense["attention_fraction"] == 1.0 and dense["keys_per_layer"] == [32.5, 32.5]
+    for blk in model.blocks:
+        blk.attn.attended_keys = lambda T: 8.0
+        blk.attn.kv_cache_len = lambda T: 16
+    spanned = flops_per_token(model, 64)
+    assert math.isclose(spanned["attention_fraction"], 8 / 32.5)
+    assert spanned["forward"] < dense["forward"]
+    kv = kv_cache_bytes(model, 64)
+    assert kv["analytic"] == kv["dense"] // 4 and kv["measured"] == kv["dense"]  # measured: what the cache holds
+    x = torch.zeros(1, 8, dtype=torch.long)
+    model(x)
+
+
+def test_matched_wall_clock_sets_steps_per_variant(tmp_path):
+    from dynaformer.harness.compare import prepare
+
+    raw = {**GRID, "match": "wall_clock", "wall_clock_s": 2.0,
+           "variants": {"small": {}, "big": {"d_model": 128, "n_head": 2, "n_layer": 4}}, "seeds": 1}
+    cells = prepare(grid_from_dict(raw), tmp_path / "o", skip_invalid=False)
+    steps = json.loads((tmp_path / "o" / "grid.json").read_text())["steps"]
+    assert steps["small"] > steps["big"] >= 1  # the slower variant gets fewer steps in the same time
+    assert {c.variant: c.train["max_steps"] for c in cells} == steps
+    again = prepare(grid_from_dict(raw), tmp_path / "o", skip_invalid=False)  # resume reuses the calibration
+    assert {c.variant: c.train["max_steps"] for c in again} == steps
