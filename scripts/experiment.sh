@@ -7,6 +7,7 @@
 # and listed in the report.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export DYNAFORMER_EXTRAS="${DYNAFORMER_EXTRAS:-plot}"  # no test or ecosystem extras needed
 source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 GRID="${1:-configs/grid-cpu.yaml}"
