@@ -13,9 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-import yaml
-
-from .configtools import field_types, from_dict
+from .configtools import field_types, from_dict, read_yaml_mapping
 from .errors import ConfigError, DynaformerError, Interrupted
 from .model import ModelConfig
 from .train.config import TrainConfig
@@ -47,15 +45,7 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, section: str) -> None
 
 def load_yaml_config(path: str) -> dict[str, dict]:
     """A config file: `model:` and `train:` sections, or flat keys that name fields of either."""
-    p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        raise DynaformerError(f"--config: cannot read '{path}': {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise DynaformerError(f"--config: '{path}' is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"--config: '{path}' must hold a mapping")
+    raw = read_yaml_mapping(path, "--config")
     out: dict[str, dict] = {s: {} for s in SECTIONS}
     owners = {name: s for s, cls in SECTIONS.items() for name in field_types(cls)}
     for key, value in raw.items():

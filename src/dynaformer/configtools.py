@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-from .errors import ConfigError
+from .errors import ConfigError, DynaformerError
 
 T = TypeVar("T")
 
@@ -133,3 +134,18 @@ def to_dict(obj: Any) -> dict[str, Any]:
 def replace(obj: T, **changes: Any) -> T:
     """dataclasses.replace with coercion and validation."""
     return from_dict(type(obj), {**to_dict(obj), **changes})
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    """A YAML file that must hold a mapping; unreadable or malformed files are one-line user errors."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise DynaformerError(f"{what}: cannot read '{path}': {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise DynaformerError(f"{what}: '{path}' is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what}: '{path}' must hold a mapping")
+    return raw

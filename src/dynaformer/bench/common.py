@@ -30,9 +30,10 @@ def sync(device: torch.device) -> None:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
-                     device: torch.device | None = None) -> dict[str, float]:
+                     device: torch.device | None = None,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds per call of each function, calls interleaved round-robin so that drifts in the
-    machine's speed hit every variant alike."""
+    machine's speed hit every variant alike. clock: wall time by default, or e.g. time.process_time."""
     device = device or torch.device("cpu")
     for _ in range(warmup):
         for fn in fns.values():
@@ -41,8 +42,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
-            t = time.perf_counter()
+            t = clock()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - t)
+            times[name].append(clock() - t)
     return {k: statistics.median(v) for k, v in times.items()}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import time
 from collections.abc import Iterator
 
@@ -16,7 +15,7 @@ import torch
 from ..errors import DynaformerError
 from ..model import Transformer
 from ..model.generate import generate
-from .common import preset, sync
+from .common import preset, time_interleaved
 
 KINDS = ("prenorm", "dynamic")
 CONTROL = "prenorm_control"  # a second, identical pre-norm model: its ratio to prenorm is the noise floor
@@ -58,22 +57,6 @@ def _models(args: argparse.Namespace) -> dict[str, Transformer]:
     return models
 
 
-def _interleaved(fns: dict, repeats: int, clock, device: torch.device, warmup: int = 2) -> dict[str, float]:
-    """Median time per call, calls interleaved round-robin (like common.time_interleaved, with a choice of clock)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            t = clock()
-            fn()
-            sync(device)
-            times[name].append(clock() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def run(args: argparse.Namespace) -> Iterator[dict]:
     device = torch.device(args.device)
     models = _models(args)
@@ -95,13 +78,13 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
 
         fns[kind] = step
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    train = _interleaved(fns, args.steps, clock, device)
+    train = time_interleaved(fns, args.steps, device=device, clock=clock)
 
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), device=device)
     max_len = args.prompt_len + args.new_tokens
     gen_fns = {kind: (lambda model=model: generate(model, prompt, args.new_tokens, temperature=0, max_len=max_len))
                for kind, model in models.items()}
-    gen = _interleaved(gen_fns, args.gen_repeats, clock, device, warmup=1)
+    gen = time_interleaved(gen_fns, args.gen_repeats, warmup=1, device=device, clock=clock)
 
     record = {"bench": "residual", "config": args.config or "small", "batch": args.batch_size, "seq": T,
               "dtype": args.dtype, "clock": args.clock, "factors": args.factors, "device": str(device),

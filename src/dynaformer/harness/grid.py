@@ -27,10 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..configtools import field_types, from_dict, to_dict
-from ..errors import ConfigError, DynaformerError
+from ..configtools import field_types, from_dict, read_yaml_mapping, to_dict
+from ..errors import ConfigError
 from ..model import ModelConfig
 from ..train.config import TrainConfig
 
@@ -126,14 +124,7 @@ def resolve(base: dict[str, dict], overrides: dict[str, dict], variant: str) -> 
 
 def load_grid(path: str | Path, variants: list[str] | None = None, seeds: int | list[int] | None = None) -> Grid:
     p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        raise DynaformerError(f"grid: cannot read '{path}': {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise DynaformerError(f"grid: '{path}' is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"grid: '{path}' must hold a mapping")
+    raw = read_yaml_mapping(p, "grid")
     return grid_from_dict(raw, p.stem, variants, seeds)
 
 
