@@ -95,3 +95,13 @@ def test_config_errors_name_the_field(field, value, message):
 def test_config_coerces_strings():
     cfg = from_dict(ModelConfig, {"n_layer": "6", "dropout": "0.1", "tie_embeddings": "false"}, "model")
     assert cfg.n_layer == 6 and cfg.dropout == 0.1 and cfg.tie_embeddings is False
+
+
+def test_training_after_a_first_forward_under_inference_mode():
+    """The rotary table is built lazily; built under inference_mode it must still serve a backward."""
+    model = Transformer(tiny_config())
+    x = torch.randint(0, 64, (1, 8))
+    with torch.inference_mode():
+        model(x)
+    model(x, x)[1].backward()
+    assert model.embed.weight.grad is not None

@@ -37,9 +37,11 @@ class Rotary(nn.Module):
     def _table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cos is None or self._cos.shape[0] < length or self._cos.device != device:
             n = max(length, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
-            t = torch.arange(n, device=device, dtype=torch.float64)
-            freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float64))
-            self._cos, self._sin = freqs.cos().float(), freqs.sin().float()
+            # Built as normal tensors even under inference_mode, so a later training step can use them.
+            with torch.inference_mode(False), torch.no_grad():
+                t = torch.arange(n, device=device, dtype=torch.float64)
+                freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float64).clone())
+                self._cos, self._sin = freqs.cos().float(), freqs.sin().float()
         return self._cos, self._sin
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
