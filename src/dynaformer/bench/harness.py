@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
         task = make_task(name)
         lo, hi = task.distance_range(L)
         d = np.random.default_rng(0).integers(lo, hi + 1, args.gen_examples)
-        task.generate(16, L, d[:16])
+        warm = min(16, args.gen_examples)
+        task.generate(warm, L, d[:warm])  # warm-up
         t = time.perf_counter()
         b = task.generate(args.gen_examples, L, d)
         dt = time.perf_counter() - t
