@@ -13,15 +13,16 @@ from dynaformer.data.masking import mask_tokens
 from dynaformer.data.nlu import generate_task, load_jsonl_task
 from dynaformer.errors import DynaformerError
 from dynaformer.eval.classification import classification_report, macro_f1
+from dynaformer.kernels.span import span_log_mask
 from dynaformer.model import Transformer
 from dynaformer.model.classifier import SequenceClassifier
 from dynaformer.train.finetune import FinetuneConfig, finetune
 
-from .conftest import run_cli, tiny_config
+from .conftest import SPANS, run_cli, tiny_config
 
 
 def _reference_hidden(model: Transformer, idx: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
-    """Bidirectional attention written out: softmax(q kᵀ/√d + padding mask) v, layer by layer."""
+    """Bidirectional attention written out: softmax(q kᵀ/√d + symmetric span + padding mask) v."""
     from dynaformer.model.context import ForwardContext
 
     ctx = ForwardContext(start=0, length=idx.size(1), progress=model.progress, causal=False)
@@ -32,8 +33,11 @@ def _reference_hidden(model: Transformer, idx: torch.Tensor, pad: torch.Tensor |
         qkv = a.qkv(h).view(B, T, 3, a.n_head, a.head_dim).permute(2, 0, 3, 1, 4)
         q, k = a.rotary(qkv[:2], 0).unbind(0)
         s = q @ k.transpose(-1, -2) / math.sqrt(a.head_dim)
-        if pad is not None:
-            s = s.masked_fill(~pad[:, None, None, :], float("-inf"))
+        if a.span is not None:
+            d = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).abs().float()
+            s = s + span_log_mask(d, a.span(h, ctx).unsqueeze(-1), a.span.ramp, a.span.hard)
+        if pad is not None:  # padding keys hidden; each query keeps its own key (no empty rows)
+            s = s.masked_fill(~(pad[:, None, None, :] | torch.eye(T, dtype=torch.bool)), float("-inf"))
         y = s.softmax(-1) @ qkv[2]
         return a.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -44,9 +48,14 @@ def _reference_hidden(model: Transformer, idx: torch.Tensor, pad: torch.Tensor |
     return model.norm(x)
 
 
+@pytest.mark.parametrize("span", SPANS)
 @pytest.mark.parametrize("padded", [False, True])
-def test_bidirectional_matches_reference(padded):
-    model = Transformer(tiny_config(causal=False))
+def test_bidirectional_matches_reference(padded, span):
+    model = Transformer(tiny_config(causal=False, span=span, span_window=6, span_max=12, span_init=5, span_ramp=4))
+    with torch.no_grad():  # move span parameters off their initialisation
+        for name, p in model.named_parameters():
+            if ".span." in name:
+                p.add_(0.3 * torch.randn_like(p))
     idx = torch.randint(0, 64, (3, 21))
     pad = torch.ones(3, 21, dtype=torch.bool)
     if padded:
@@ -192,3 +201,22 @@ def test_classifier_causal_uses_last_real_token():
         alone, _ = model(idx[1:, :6], mask[1:, :6])
     torch.testing.assert_close(logits[1:], alone, rtol=0, atol=1e-5)
     assert F.softmax(logits, -1).shape == (2, 3)
+
+
+@pytest.mark.parametrize("span", [s for s in SPANS if s != "none"])
+def test_encoder_spans_are_symmetric_and_trainable(span):
+    """One layer, span ≤ 6 + ramp 2: tokens further than that on either side cannot reach position 10;
+    nearer ones on either side can; the span parameters get gradients."""
+    cfg = tiny_config(causal=False, n_layer=1, span=span, span_window=5, span_max=6, span_init=3, span_ramp=2)
+    model = Transformer(cfg)
+    x = torch.randint(0, 64, (1, 24))
+    base = model.hidden(x)[0, 10]
+    for j, reachable in ((1, False), (19, False), (9, True), (11, True)):
+        y = x.clone()
+        y[0, j] = (y[0, j] + 1) % 64
+        changed = not torch.allclose(model.hidden(y)[0, 10], base, atol=1e-6)
+        assert changed == reachable, (j, reachable)
+    model.hidden(x).square().sum().backward()
+    span_grads = [p.grad for n, p in model.named_parameters() if ".span." in n and p.requires_grad]
+    if span != "fixed":
+        assert span_grads and any(g is not None and g.abs().sum() > 0 for g in span_grads)

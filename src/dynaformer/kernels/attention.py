@@ -26,6 +26,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
 
 def bidirectional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """Encoder attention: every query sees every (non-padding) key. key_padding_mask: (B, T) bool."""
-    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, T)
+    """Encoder attention: every query sees every non-padding key (and its own, so that padding queries
+    have a row too; their outputs are never read). key_padding_mask: (B, T) bool, True = real token."""
+    mask = None
+    if key_padding_mask is not None:
+        eye = torch.eye(q.shape[-2], dtype=torch.bool, device=q.device)
+        mask = key_padding_mask[:, None, None, :] | eye  # (B, 1, T, T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)

@@ -60,6 +60,20 @@ def reference_span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return torch.softmax(scores + bias, dim=-1) @ v
 
 
+def symmetric_span_attention(q, k, v, z, ramp: float, hard: bool = False,
+                             key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Encoder span attention: a key at distance d = |i − j| on either side gets the same soft ramp.
+    q, k, v: (B, H, T, D); z broadcastable to (B, H, T); key_padding_mask (B, T) bool, True = real token.
+    Dense masked SDPA (differentiable in z); the band kernel covers the causal side only so far."""
+    T = q.shape[-2]
+    bias = span_log_mask(_distances(T, T, q.device).abs(), z.unsqueeze(-1), ramp, hard).to(q.dtype)  # (B, H, T, T)
+    if key_padding_mask is not None:
+        # Padding keys are hidden; each query keeps its own key, so no row is empty (no NaN at padding queries).
+        keep = key_padding_mask[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=q.device)
+        bias = bias.masked_fill(~keep, NEG_INF)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
 def masked_sdpa_span_attention(q, k, v, z, ramp: float, hard: bool = False) -> torch.Tensor:
     """SDPA with the span as a float mask: fine for short sequences and single decoding steps."""
     Tq, Tk = q.shape[-2], k.shape[-2]

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import DynaformerError
 from ..kernels import bidirectional_attention, causal_attention, span_attention
+from ..kernels.span import symmetric_span_attention
 from .config import ModelConfig
 from .context import ForwardContext
 from .layers import Rotary
@@ -33,7 +34,11 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.rotary(qkv[:2], ctx.start).unbind(0)  # rotate q and k in one pass; each (B, H, T, D)
         v = qkv[2]
-        if self.span is not None:  # causal only (validate() rejects spans for the encoder)
+        if self.span is not None and not ctx.causal:  # encoder: the same ramp on both sides
+            y = symmetric_span_attention(q, k, v, self.span(x, ctx), self.span.ramp, self.span.hard,
+                                         ctx.key_padding_mask)
+            return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        if self.span is not None:
             return self.proj(self._span_attention(x, q, k, v, ctx).transpose(1, 2).reshape(B, T, C))
         if ctx.cache is not None:
             k, v = ctx.cache.layers[self.layer_idx].append(k, v)  # (B, H, L, D), L = start + T

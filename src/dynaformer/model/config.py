@@ -79,9 +79,6 @@ class ModelConfig:
         for name in ("span_window", "span_max", "span_ramp", "span_tile"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name}: must be > 0, got {getattr(self, name)}")
-        if self.span != "none" and not self.causal:
-            raise ConfigError(f"model.span: '{self.span}' spans are causal; the encoder (causal=false) needs "
-                              f"span=none (symmetric spans are not implemented)")
         if not 0 < self.span_init < self.span_max:
             raise ConfigError(f"model.span_init: must be in (0, span_max={self.span_max}), got {self.span_init}")
         if self.span_penalty < 0:
