@@ -153,3 +153,22 @@ def test_grad_accum_matches_big_batch(tmp_path, text_file):
     t2.train_step()
     for k, v in t2.model.state_dict().items():
         torch.testing.assert_close(v, accum[k], rtol=1e-5, atol=1e-6)
+
+
+def test_weight_decay_groups_survive_lost_tags():
+    """Decay groups come from parameter names read before wrapping, so FSDP2 (which swaps parameters and
+    drops their `no_weight_decay` tags) still leaves gates undecayed."""
+    from dynaformer.model import Transformer
+    from dynaformer.train.optim import make_optimizer, no_decay_names
+
+    model = Transformer(ModelConfig(n_layer=1, n_head=2, d_model=32, residual="dynamic"))
+    names = no_decay_names(model)
+    tagged = [n for n, p in model.named_parameters() if p.dim() >= 2 and getattr(p, "no_weight_decay", False)]
+    assert tagged and set(tagged) <= names  # the dynamic residual's content projection is a tagged matrix
+    for _, p in model.named_parameters():
+        if hasattr(p, "no_weight_decay"):
+            del p.no_weight_decay  # what sharding does to the tags
+    opt = make_optimizer(model, TrainConfig(), names)
+    undecayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert all(id(p) in undecayed for n, p in model.named_parameters() if n in names)
+    assert len(opt.param_groups[0]["params"]) + len(opt.param_groups[1]["params"]) == len(list(model.parameters()))

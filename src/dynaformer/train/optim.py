@@ -15,10 +15,17 @@ def no_weight_decay(p: torch.Tensor) -> bool:
     return p.dim() < 2 or getattr(p, "no_weight_decay", False)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if not no_weight_decay(p)]
-    rest = [p for p in params if no_weight_decay(p)]
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that take no weight decay. Read them before FSDP2 sharding, which
+    replaces the parameters (and drops their tags) but keeps their names."""
+    return {n for n, p in model.named_parameters() if no_weight_decay(p)}
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, no_decay: set[str] | None = None) -> torch.optim.AdamW:
+    no_decay = no_decay_names(model) if no_decay is None else no_decay
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if n not in no_decay]
+    rest = [p for n, p in named if n in no_decay]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=True)
 

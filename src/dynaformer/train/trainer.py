@@ -33,7 +33,7 @@ from .checkpoint import (
 )
 from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, wrap_model
 from .metrics import MetricsLog, format_eval_line, format_train_line, read_metrics
-from .optim import lr_at, make_optimizer
+from .optim import lr_at, make_optimizer, no_decay_names
 from .rundir import Run
 from .state import load_model_state_dict, load_optimizer_state, model_state, optimizer_state
 
@@ -61,8 +61,9 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         self.model = Transformer(self.mcfg).to(self.device)
         self.sharded = self.dist.enabled and self.cfg.parallel == "fsdp"
+        no_decay = no_decay_names(self.model)  # before sharding: FSDP2 drops the parameters' tags
         self.wrapped = wrap_model(self.model, self.cfg.parallel, self.dist, self.device)
-        self.optimizer = make_optimizer(self.model, self.cfg)  # after sharding: FSDP2 swaps in DTensors
+        self.optimizer = make_optimizer(self.model, self.cfg, no_decay)  # after sharding: FSDP2 swaps in DTensors
         self.sampler = BatchSampler(run.splits.train, self.cfg.batch_size, self.mcfg.context_len, self.cfg.seed,
                                     rank=self.dist.rank, world=self.dist.world)
         if self.cfg.data.startswith("task:"):  # task rows (answer-only targets), optionally mixed with text
