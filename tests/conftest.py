@@ -48,3 +48,25 @@ def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subpro
     """Run the CLI in a subprocess (as a user would) and capture its output."""
     return subprocess.run([sys.executable, "-m", "dynaformer.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd or ROOT)
+
+
+def cli_in_process(capsys, *argv: str) -> subprocess.CompletedProcess:
+    """Same as run_cli, without paying for a new interpreter (the CLI's exit paths are the same)."""
+    from dynaformer.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, rc, out.out, out.err)
+
+
+def assert_user_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit code 2 and exactly one line on stderr that names the problem; no traceback."""
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]

@@ -4,7 +4,6 @@ gives the same ids, `data tokenizer` → `train --tokenizer bpe` → eval / expo
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +15,9 @@ pytest.importorskip("tokenizers", reason="needs the [hf] extra: pip install 'dyn
 
 from dynaformer.data.bpe import EOT, BPETokenizer, train_bpe  # noqa: E402
 from dynaformer.data.tokenizers import tokenizer_from_dict  # noqa: E402
+
+from .conftest import assert_user_error as _one_line_error
+from .conftest import cli_in_process as _cli
 
 
 @pytest.fixture(scope="module")
@@ -62,22 +64,8 @@ def test_hf_tokenizer_same_ids(bpe, text):
 _hf_cache: dict = {}
 
 
-def _cli(capsys, *argv: str) -> subprocess.CompletedProcess:
-    from dynaformer.cli import main
-
-    capsys.readouterr()
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, rc, out.out, out.err)
 
 
-def _one_line_error(res, needle: str) -> None:
-    assert res.returncode == 2, (res.returncode, res.stderr)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and needle in lines[0], res.stderr
 
 
 TINY = ["--n_layer", "1", "--n_head", "2", "--d_model", "32", "--context_len", "32", "--batch_size", "2",

@@ -13,18 +13,13 @@ from pathlib import Path
 import pytest
 
 from .conftest import ROOT, run_cli
+from .conftest import assert_user_error as _assert_user_error
+from .conftest import cli_in_process as _run_in_process
 
 TINY = ["--n_layer", "1", "--n_head", "2", "--d_model", "32", "--context_len", "32", "--batch_size", "4",
         "--eval_tokens", "256", "--progress_bar", "false"]
 
 
-def _assert_user_error(res: subprocess.CompletedProcess, *needles: str) -> None:
-    assert res.returncode == 2, (res.returncode, res.stderr)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, res.stderr
-    assert "Traceback" not in res.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -71,17 +66,6 @@ def test_help_on_each_verb():
         assert res.returncode == 0 and "usage:" in res.stdout
 
 
-def _run_in_process(capsys, *argv: str) -> subprocess.CompletedProcess:
-    """Same as run_cli, without paying for a new interpreter (the CLI's exit paths are the same)."""
-    from dynaformer.cli import main
-
-    capsys.readouterr()
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:
-        rc = e.code
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, rc, captured.out, captured.err)
 
 
 def test_bad_train_inputs(tmp_path, text_file, capsys):

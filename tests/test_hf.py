@@ -5,7 +5,6 @@ with AutoModelForCausalLM / AutoTokenizer; bad inputs exit 2."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
@@ -18,6 +17,8 @@ from dynaformer.model import Transformer
 from dynaformer.model.generate import generate
 
 from .conftest import MATRIX, tiny_config
+from .conftest import assert_user_error as _one_line_error
+from .conftest import cli_in_process as _cli
 
 pytest.importorskip("transformers", reason="needs the [hf] extra: pip install 'dynaformer[hf]'")
 pytest.importorskip("tokenizers", reason="needs the [hf] extra: pip install 'dynaformer[hf]'")
@@ -153,22 +154,8 @@ TINY = ["--n_layer", "1", "--n_head", "2", "--d_model", "32", "--context_len", "
         "--eval_tokens", "64", "--progress_bar", "false", "--max_steps", "2", "--warmup_steps", "0"]
 
 
-def _cli(capsys, *argv: str) -> subprocess.CompletedProcess:
-    from dynaformer.cli import main
-
-    capsys.readouterr()
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, rc, out.out, out.err)
 
 
-def _one_line_error(res, needle: str) -> None:
-    assert res.returncode == 2, (res.returncode, res.stderr)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and needle in lines[0], res.stderr
 
 
 def test_export_hf_end_to_end(tmp_path, text_file, capsys):

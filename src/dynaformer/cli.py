@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .configtools import field_types, from_dict, read_yaml_mapping
-from .errors import ConfigError, DynaformerError, Interrupted
+from .errors import DynaformerError, Interrupted
 from .model import ModelConfig
-from .train.config import TrainConfig
+from .train.config import TrainConfig, split_sections
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig}
 
@@ -45,19 +45,7 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, section: str) -> None
 
 def load_yaml_config(path: str) -> dict[str, dict]:
     """A config file: `model:` and `train:` sections, or flat keys that name fields of either."""
-    raw = read_yaml_mapping(path, "--config")
-    out: dict[str, dict] = {s: {} for s in SECTIONS}
-    owners = {name: s for s, cls in SECTIONS.items() for name in field_types(cls)}
-    for key, value in raw.items():
-        if key in SECTIONS:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping in '{path}'")
-            out[key].update(value)
-        elif key in owners:
-            out[owners[key]][key] = value
-        else:
-            raise ConfigError(f"unknown config key '{key}' in '{path}'")
-    return out
+    return split_sections(read_yaml_mapping(path, "--config"), f"--config '{path}'")
 
 
 def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:

@@ -27,12 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..configtools import field_types, from_dict, read_yaml_mapping, to_dict
+from ..configtools import from_dict, read_yaml_mapping, to_dict
 from ..errors import ConfigError
 from ..model import ModelConfig
-from ..train.config import TrainConfig
+from ..train.config import TrainConfig, split_sections
 
-SECTIONS = {"model": ModelConfig, "train": TrainConfig}
 EVAL_DEFAULTS: dict[str, Any] = {"tasks": ["passkey", "mqar", "selcopy", "storyqa"], "n_per_distance": 40,
                                  "fractions": [1 / 16, 1 / 8, 1 / 4, 1 / 2, 7 / 8], "text_tokens": 16384,
                                  "multiples": [1, 2, 4], "diag_windows": 8, "batch_size": 16}
@@ -92,27 +91,6 @@ class Grid:
         return out
 
 
-def _split(overrides: dict, where: str) -> dict[str, dict]:
-    """Flat field names or model:/train: sections → {"model": {...}, "train": {...}}."""
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"{where}: expected a mapping of config overrides, got {overrides!r}")
-    owners = {n: s for s, cls in SECTIONS.items() for n in field_types(cls)}
-    out: dict[str, dict] = {s: {} for s in SECTIONS}
-    for key, value in overrides.items():
-        if key in SECTIONS:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}.{key}: expected a mapping")
-            for k in value:
-                if k not in field_types(SECTIONS[key]):
-                    raise ConfigError(f"{where}: unknown config key '{key}.{k}'")
-            out[key].update(value)
-        elif key in owners:
-            out[owners[key]][key] = value
-        else:
-            raise ConfigError(f"{where}: unknown config key '{key}'")
-    return out
-
-
 def resolve(base: dict[str, dict], overrides: dict[str, dict], variant: str) -> tuple[ModelConfig, TrainConfig]:
     m = {**base.get("model", {}), **overrides.get("model", {})}
     t = {**base.get("train", {}), **overrides.get("train", {})}
@@ -135,7 +113,7 @@ def grid_from_dict(raw: dict, name: str = "grid", variants: list[str] | None = N
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"grid: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
-    base = _split({k: raw.get(k, {}) or {} for k in ("model", "train")}, "grid base")
+    base = split_sections({k: raw.get(k, {}) or {} for k in ("model", "train")}, "grid base")
     vs = raw.get("variants") or {"baseline": {}}
     if not isinstance(vs, dict):
         raise ConfigError("grid.variants: expected a mapping name → overrides")
@@ -143,7 +121,7 @@ def grid_from_dict(raw: dict, name: str = "grid", variants: list[str] | None = N
     for vname, ov in vs.items():
         if not _NAME_RE.match(str(vname)):
             raise ConfigError(f"grid.variants: bad variant name '{vname}' (letters, digits, _ . - only)")
-        parsed[str(vname)] = _split(ov or {}, f"variant '{vname}'")
+        parsed[str(vname)] = split_sections(ov or {}, f"variant '{vname}'")
     if variants:
         missing = [v for v in variants if v not in parsed]
         if missing:

@@ -96,3 +96,29 @@ def check_compatible(model_causal: bool, objective: str) -> None:
     if objective == "clm" and not model_causal:
         raise ConfigError("model.causal: a bidirectional model cannot train on next-token prediction "
                           "(use train.objective=mlm)")
+
+
+def split_sections(overrides: dict, where: str) -> dict[str, dict]:
+    """Flat field names or `model:` / `train:` sections → {"model": {...}, "train": {...}}; unknown keys
+    are a ConfigError naming them (used by --config files and by compare grids)."""
+    from ..configtools import field_types
+    from ..model.config import ModelConfig
+
+    sections = {"model": ModelConfig, "train": TrainConfig}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where}: expected a mapping of config overrides, got {overrides!r}")
+    owners = {n: s for s, cls in sections.items() for n in field_types(cls)}
+    out: dict[str, dict] = {s: {} for s in sections}
+    for key, value in overrides.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key}: expected a mapping")
+            for k in value:
+                if k not in field_types(sections[key]):
+                    raise ConfigError(f"{where}: unknown config key '{key}.{k}'")
+            out[key].update(value)
+        elif key in owners:
+            out[owners[key]][key] = value
+        else:
+            raise ConfigError(f"{where}: unknown config key '{key}'")
+    return out
