@@ -24,12 +24,11 @@ Implementations (`span_attention` picks one):
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 NEG_INF = float("-inf")
 
 
@@ -174,32 +173,62 @@ def band_plan(z: torch.Tensor, Tq: int, Tk: int, ramp: float, hard: bool, chunk:
     return sets, Ecl
 
 
-def _band_mask(zg: torch.Tensor, d_over_r: torch.Tensor, ramp: float, hard: bool) -> torch.Tensor:
-    """log m: zg (..., C) spans, d_over_r (C, W) distances / R → (..., C, W). Three passes:
-    m = clamp((z + R − d)/R, 0, 1), then log (log 0 = −inf). A hard window is the ramp with R = 1, z = ⌊z⌋
-    (the caller floors z). Causality is added by the caller."""
-    zr = (zg + 1) if hard else (zg + ramp) / ramp
-    return torch.sub(zr.unsqueeze(-1), d_over_r).clamp_(0.0, 1.0).log_()
+# Scores of one batched problem stay below this many bytes: glibc serves allocations under its 32 MiB mmap
+# threshold from the heap and reuses them, while larger ones are page-faulted in afresh at every call
+# (measured here: a fresh 46 MB buffer costs as much to fill as the GEMM that fills it).
+_SCORE_BYTES = 8 << 20
 
 
-def _merge(parts):
-    """Merge (out, lse) of attention over disjoint key sets: out = Σ exp(lse_p − lse) out_p."""
-    if len(parts) == 1:
-        return parts[0]
-    lse = parts[0][1]
-    for _, l in parts[1:]:
-        lse = torch.logaddexp(lse, l)
-    out = None
-    for o, l in parts:
-        w = (l - lse).exp_().unsqueeze(-1)
-        t = o.mul_(w)
-        if bool((l == NEG_INF).any()):  # a row with no key in this part: its output is undefined (NaN)
-            t = torch.where(w > 0, t, 0.0)
-        out = t if out is None else out.add_(t)
-    return out, lse
+class _Piece(NamedTuple):
+    """One batched problem: n query chunks of C queries and their key windows of W = E + C keys.
+
+    Window column j of chunk problem p is key (chunk start − E + j): columns [0, Wr) carry the ramp (or the
+    hard cut), [Wr, E) are inside every query's span, [E, E + C) are the chunk's own keys (causal)."""
+    kind: str  # "box": rows r0..r1, chunks a..b, windows are strided views; "gather": (row, chunk) pairs
+    where: tuple  # box: (r0, r1, a, b); gather: (rows, chunks) index tensors
+    E: int
+    Wr: int
+    in_diag: bool  # the ramp reaches into the chunk's own keys for some query
+    const: bool  # one span for every query of the piece (per-head spans)
+
+
+def _pieces(sets, nC: int, C: int) -> list[_Piece]:
+    """Cut the plan's sets into problems whose score matrices stay under _SCORE_BYTES."""
+    out = []
+    for kind, where, E, Wr, in_diag, const in sets:
+        per_chunk = C * (E + C) * 4
+        if kind == "box":
+            r0, r1, cs = where
+            per_row = (nC - cs) * per_chunk
+            if per_row >= _SCORE_BYTES:  # one row, a run of chunks at a time
+                step = max(1, _SCORE_BYTES // per_chunk)
+                for r in range(r0, r1):
+                    for a in range(cs, nC, step):
+                        out.append(_Piece("box", (r, r + 1, a, min(nC, a + step)), E, Wr, in_diag, const))
+            else:  # several rows at a time
+                step = max(1, _SCORE_BYTES // per_row)
+                for r in range(r0, r1, step):
+                    out.append(_Piece("box", (r, min(r1, r + step), cs, nC), E, Wr, in_diag, const))
+        else:
+            step = max(1, _SCORE_BYTES // per_chunk)
+            for s in range(0, where.shape[0], step):
+                idx = where[s:s + step]
+                out.append(_Piece("gather", (idx[:, 0], idx[:, 1]), E, Wr, in_diag, const))
+    return out
+
+
+def _ramp(zs: torch.Tensor, d: torch.Tensor, ramp: float, hard: bool) -> torch.Tensor:
+    """m = clamp((R + z − d)/R, 0, 1) for spans zs (n, C) and distances d (C, w) → (n, C, w). A hard window is
+    the ramp with R = 1 on the floored span (the caller floors z): m ∈ {0, 1}."""
+    r = 1.0 if hard else ramp
+    return torch.sub(((zs + r) / r).unsqueeze(-1), d / r).clamp_(0.0, 1.0)
 
 
 class _BandSpanAttention(torch.autograd.Function):
+    """Tiled band attention with explicit score tiles: per piece, S = Q·Kᵀ over the key windows (one batched
+    GEMM), the span/causal log-mask added to the ramp and diagonal columns only, softmax in place, O = P·V.
+    P is kept for the backward, which is four batched GEMMs plus the span gradient over the ramp columns."""
+
     @staticmethod
     def forward(ctx, q, k, v, z, ramp: float, hard: bool, chunk: int, box_waste: float):
         B, H, Tq, D = q.shape
@@ -209,140 +238,147 @@ class _BandSpanAttention(torch.autograd.Function):
         pad = nC * C - Tq
         Tkp = Tk + pad
         scale = 1.0 / math.sqrt(D)
-        r = 1.0 if hard else ramp
-        zd = z.detach()
+        f32 = torch.float32  # computed in fp32 (bf16 GEMMs are slow on CPUs without bf16 units)
+        zd = z.detach().to(f32)
         sets, _ = band_plan(zd, Tq, Tk, ramp, hard, C, box_waste)
-        qc = F.pad(q, (0, 0, 0, pad)).reshape(BH, nC, C, D)
-        kp = F.pad(k, (0, 0, 0, pad)).reshape(BH, Tkp, D)
-        vp = F.pad(v, (0, 0, 0, pad)).reshape(BH, Tkp, D)
+        qc = (F.pad(q.to(f32), (0, 0, 0, pad)) * scale).reshape(BH, nC, C, D)  # scaled queries
+        kp = F.pad(k.to(f32), (0, 0, 0, pad)).reshape(BH, Tkp, D)
+        vp = F.pad(v.to(f32), (0, 0, 0, pad)).reshape(BH, Tkp, D)
         zc = F.pad(zd.reshape(BH, Tq), (0, pad), value=0.0).view(BH, nC, C)
         if hard:
             zc = zc.floor()
-        out = q.new_empty(BH, nC, C, D)
-        ci = torch.arange(C, device=q.device, dtype=q.dtype)
-        causal = torch.zeros(C, C, dtype=q.dtype, device=q.device).masked_fill_(
+        out = torch.empty(BH, nC, C, D, dtype=f32, device=q.device)
+        ci = torch.arange(C, device=q.device, dtype=f32)
+        causal = torch.zeros(C, C, dtype=f32, device=q.device).masked_fill_(
             torch.ones(C, C, dtype=torch.bool, device=q.device).triu_(1), NEG_INF)
-        d_diag = (ci[:, None] - ci[None, :]) / r
         saved = []
-        for kind, where, E, Wr, in_diag, const in sets:
-            if kind == "box":
-                r0, r1, cs = where
-                nr, nc = r1 - r0, nC - cs
-                Qs = qc[r0:r1, cs:]  # (nr, nc, C, D) view
-                zs = zc[r0:r1, cs:]
-
-                def window(x, off, width, r0=r0, cs=cs, nr=nr, nc=nc):
-                    # keys o + cC − off .. + width for chunks c ≥ cs: overlapping strided view, no copy
-                    return x.as_strided((nr, nc, width, D), (Tkp * D, C * D, D, 1),
-                                        x.storage_offset() + (r0 * Tkp + o + cs * C - off) * D)
-            else:
-                idx = where
-                rr, cc = idx[:, 0], idx[:, 1]
-                Qs = qc[rr, cc].unsqueeze(1)  # (n, 1, C, D)
-                zs = zc[rr, cc].unsqueeze(1)
-                start = rr * Tkp + o + cc * C  # flat row of each chunk's first query position
-
-                def window(x, off, width, start=start):
-                    rows_ = start[:, None] - off + torch.arange(width, device=x.device)
-                    return x.reshape(-1, D)[rows_].unsqueeze(1)
-            parts, res = [], []
-            if Wr > 0:  # ramp columns [c0 − E, c0 − E + Wr): masked
-                # contiguous copies (small: Wr keys per chunk) so the span gradient can use plain batched GEMMs
-                Kr, Vr = window(kp, E, Wr).contiguous(), window(vp, E, Wr).contiguous()
-                d_f = (ci[:, None] + E - torch.arange(Wr, device=q.device, dtype=q.dtype)[None, :]) / r
-                zz = zs[:, :1] if (kind == "box" and const) else zs
-                mask_r = _band_mask(zz, d_f, r, hard).expand(*Qs.shape[:2], C, Wr)  # (n, nc, C, Wr)
-                o_r, l_r = _FLASH(Qs, Kr, Vr, attn_mask=mask_r, scale=scale)
-                if in_diag:  # rows whose span ends inside their own chunk see no far key: the kernel then
-                    # returns lse = 0, not −inf; mark them so the merge ignores this part for them
-                    l_r = l_r.masked_fill(ci + 1 > zs if hard else ci + 1 >= zs + ramp, NEG_INF)
-                res.append((o_r, l_r))
-                parts.append(("ramp", Kr, Vr, mask_r, False, E, Wr))
-            if E > Wr:  # full columns [c0 − E + Wr, c0): inside every query's span, no mask at all
-                Kf, Vf = window(kp, E - Wr, E - Wr), window(vp, E - Wr, E - Wr)
-                res.append(_FLASH(Qs, Kf, Vf, scale=scale))
-                parts.append(("full", Kf, Vf, None, False, E - Wr, 0))
-            Kd, Vd = window(kp, 0, C), window(vp, 0, C)
-            mask_d = None
-            if in_diag:
-                mask_d = _band_mask(zs, d_diag, r, hard).add_(causal)
-            res.append(_FLASH(Qs, Kd, Vd, is_causal=mask_d is None, attn_mask=mask_d, scale=scale))
-            parts.append(("diag", Kd, Vd, mask_d, mask_d is None, E, C if in_diag else 0))
-            o_s, lse = _merge(res)
-            if kind == "box":
-                out[r0:r1, cs:] = o_s
-            else:
-                out[rr, cc] = o_s.squeeze(1)
-            saved.append((kind, where, Qs, o_s, lse, parts))
+        for pc in _pieces(sets, nC, C):
+            E, Wr = pc.E, pc.Wr
+            Q, K, V, zs = _gather(pc, qc, kp, vp, zc, o, C, Tkp, D)
+            S = torch.bmm(Q, K.transpose(1, 2))  # (n, C, W)
+            if Wr > 0:
+                d_r = ci[:, None] + E - torch.arange(Wr, device=q.device, dtype=f32)[None, :]
+                S[..., :Wr].add_(_ramp(zs[:1] if pc.const else zs, d_r, ramp, hard).log_())
+            diag = S[..., E:]
+            diag.add_(causal)
+            if pc.in_diag:
+                diag.add_(_ramp(zs, ci[:, None] - ci[None, :], ramp, hard).log_())
+            torch.ops.aten._softmax.out(S, -1, False, out=S)  # in place: S is now P
+            O = torch.bmm(S, V)
+            _scatter(pc, out, O.view(-1, C, D))
+            saved.append((pc, K, V, S))
         ctx.saved = saved
+        ctx.save_for_backward(qc, kp, vp, zc, out)
         ctx.meta = (B, H, Tq, Tk, D, C, nC, pad, ramp, hard, scale)
         ctx.z_shape = z.shape
-        return out.view(B, H, nC * C, D)[:, :, :Tq]
+        return out.view(B, H, nC * C, D)[:, :, :Tq].to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         B, H, Tq, Tk, D, C, nC, pad, ramp, hard, scale = ctx.meta
+        qc, kp, vp, zc, out = ctx.saved_tensors
         BH, o, Tkp = B * H, Tk - Tq, Tk + pad
-        doc = F.pad(dout, (0, 0, 0, pad)).reshape(BH, nC, C, D)
-        dq = dout.new_empty(BH, nC, C, D)
-        dk = dout.new_zeros(BH, Tkp, D)
-        dv = dout.new_zeros(BH, Tkp, D)
+        f32 = torch.float32
+        doc = F.pad(dout.to(f32), (0, 0, 0, pad)).reshape(BH, nC, C, D)
+        delta = (doc * out).sum(-1)  # (BH, nC, C): dO_i·O_i
+        dq = torch.empty(BH, nC, C, D, dtype=f32, device=dout.device)
+        dk = torch.zeros(BH, Tkp + C, D, dtype=f32, device=dout.device)  # + C: the fold's last tile may overhang
+        dv = torch.zeros(BH, Tkp + C, D, dtype=f32, device=dout.device)
         want_z = ctx.needs_input_grad[3] and not hard
-        dz = dout.new_zeros(BH, nC, C, dtype=torch.float32) if want_z else None
-        for kind, where, Qs, o_s, lse, parts in ctx.saved:
-            if kind == "box":
-                r0, r1, cs = where
-                nr, nc = r1 - r0, nC - cs
-                dOs = doc[r0:r1, cs:]
-            else:
-                rr, cc = where[:, 0], where[:, 1]
-                dOs = doc[rr, cc].unsqueeze(1)
-                start = rr * Tkp + o + cc * C
-            dQs, dZs = None, None
-            delta = None
-            for name, Kx, Vx, mask, is_causal, E, Wg in parts:
-                # With the merged output and lse, each part's backward yields exactly its share.
-                gq, gk, gv = _FLASH_BWD(dOs, Qs, Kx, Vx, o_s, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
-                dQs = gq if dQs is None else dQs.add_(gq)
-                off, width = {"ramp": (E, Wg), "full": (E, E), "diag": (0, C)}[name]
-                width = Kx.shape[-2]
-                if kind == "box":
-                    for u in range(0, width, C):  # fold the overlapping windows back, one key tile at a time
-                        p0, w = o + cs * C - off + u, min(C, width - u)
-                        dk[r0:r1, p0:p0 + nc * C].view(nr, nc, C, D)[:, :, :w].add_(gk[:, :, u:u + w])
-                        dv[r0:r1, p0:p0 + nc * C].view(nr, nc, C, D)[:, :, :w].add_(gv[:, :, u:u + w])
-                else:
-                    flat = (start[:, None] - off + torch.arange(width, device=dout.device)).reshape(-1)
-                    dk.view(-1, D).index_add_(0, flat, gk.reshape(-1, D))
-                    dv.view(-1, D).index_add_(0, flat, gv.reshape(-1, D))
-                if want_z and Wg > 0:
-                    # ∂L/∂z_i = Σ_j P_ij (dO_i·v_j − δ_i)/(R m_ij) over the ramp (0 < m < 1); P/m = exp(s − lse)
-                    if delta is None:
-                        delta = (dOs.float() * o_s.float()).sum(-1, keepdim=True)
-                    n1, n2 = Qs.shape[:2]
-                    f32 = torch.float32  # (bf16 inputs: the span gradient is accumulated in fp32)
-                    Q3, dO3 = Qs.reshape(n1 * n2, C, D).to(f32), dOs.reshape(n1 * n2, C, D).to(f32)
-                    K3 = Kx[..., :Wg, :].reshape(n1 * n2, Wg, D).to(f32)
-                    V3 = Vx[..., :Wg, :].reshape(n1 * n2, Wg, D).to(f32)
-                    A = torch.baddbmm(-lse.reshape(n1 * n2, C, 1), Q3, K3.transpose(1, 2), alpha=scale).exp_()
-                    A.mul_(torch.baddbmm(-delta.reshape(n1 * n2, C, 1), dO3, V3.transpose(1, 2)))
-                    mr = mask[..., :Wg]
-                    g = torch.where((mr < 0) & (mr > NEG_INF), A.view(n1, n2, C, Wg), 0.0).sum(-1)
-                    dZs = g if dZs is None else dZs + g
-            if kind == "box":
-                dq[r0:r1, cs:] = dQs
-                if dZs is not None:
-                    dz[r0:r1, cs:] = dZs / ramp
-            else:
-                dq[rr, cc] = dQs.squeeze(1)
-                if dZs is not None:
-                    dz[rr, cc] = dZs.squeeze(1) / ramp
+        dz = torch.zeros(BH, nC, C, dtype=f32, device=dout.device) if want_z else None
+        ci = torch.arange(C, device=dout.device, dtype=f32)
+        for pc, K, V, P in ctx.saved:
+            E, Wr = pc.E, pc.Wr
+            Q, dO, dl, zs = _gather_q(pc, qc, doc, delta, zc)
+            dS = torch.bmm(dO, V.transpose(1, 2)).sub_(dl.unsqueeze(-1)).mul_(P)  # ∂L/∂S = P ⊙ (dO·Vᵀ − δ)
+            if want_z:
+                # ∂L/∂z_i = Σ_j ∂L/∂S_ij · ∂log m_ij/∂z_i = Σ_j dS_ij / (R m_ij) over the ramp (0 < m < 1)
+                g = None
+                if Wr > 0:
+                    d_r = ci[:, None] + E - torch.arange(Wr, device=dout.device, dtype=f32)[None, :]
+                    g = _span_grad(dS[..., :Wr], _ramp(zs[:1] if pc.const else zs, d_r, ramp, False))
+                if pc.in_diag:
+                    gd = _span_grad(dS[..., E:], _ramp(zs, ci[:, None] - ci[None, :], ramp, False))
+                    g = gd if g is None else g.add_(gd)
+                if g is not None:
+                    _scatter(pc, dz, g.div_(ramp))
+            _scatter(pc, dq, torch.bmm(dS, K).mul_(scale))
+            dK = torch.bmm(dS.transpose(1, 2), Q)  # (n, W, D)
+            dV = torch.bmm(P.transpose(1, 2), dO)
+            _fold(pc, dk, dK, o, C, Tkp, D)
+            _fold(pc, dv, dV, o, C, Tkp, D)
+        ctx.saved = None
         dq = dq.view(B, H, nC * C, D)[:, :, :Tq]
-        dk = dk.view(B, H, Tkp, D)[:, :, :Tk]
-        dv = dv.view(B, H, Tkp, D)[:, :, :Tk]
+        dk = dk[:, :Tk].reshape(B, H, Tk, D)
+        dv = dv[:, :Tk].reshape(B, H, Tk, D)
         if dz is not None:
             dz = _sum_to(dz.view(B, H, nC * C)[:, :, :Tq], ctx.z_shape)
-        return dq, dk, dv, dz, None, None, None, None
+        return dq.to(dout.dtype), dk.to(dout.dtype), dv.to(dout.dtype), dz, None, None, None, None
+
+
+def _span_grad(dS: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Σ_j dS_ij / m_ij over 0 < m_ij < 1 (the ramp) → (n, C)."""
+    w = torch.where((m > 0) & (m < 1), m.reciprocal(), 0.0)
+    return (dS * w).sum(-1)
+
+
+def _window_starts(pc: _Piece, o: int, C: int, Tkp: int) -> torch.Tensor:
+    """Flat key row (row·Tkp + position) of each gathered chunk's first window key."""
+    rr, cc = pc.where
+    return rr * Tkp + o + cc * C - pc.E
+
+
+def _gather(pc: _Piece, qc, kp, vp, zc, o: int, C: int, Tkp: int, D: int):
+    """(Q (n, C, D), K (n, W, D), V (n, W, D), z (n, C)) of a piece: strided views where possible."""
+    W = pc.E + C
+    if pc.kind == "box":
+        r0, r1, a, b = pc.where
+        nr, nc = r1 - r0, b - a
+
+        def window(x):  # keys o + cC − E .. + W for chunks a..b-1 of rows r0..r1-1: overlapping, no copy
+            return x.as_strided((nr, nc, W, D), (Tkp * D, C * D, D, 1),
+                                x.storage_offset() + (r0 * Tkp + o + a * C - pc.E) * D).reshape(nr * nc, W, D)
+
+        return (qc[r0:r1, a:b].reshape(nr * nc, C, D), window(kp), window(vp), zc[r0:r1, a:b].reshape(nr * nc, C))
+    rr, cc = pc.where
+    rows = _window_starts(pc, o, C, Tkp)[:, None] + torch.arange(W, device=kp.device)
+    return qc[rr, cc], kp.reshape(-1, D)[rows], vp.reshape(-1, D)[rows], zc[rr, cc]
+
+
+def _gather_q(pc: _Piece, qc, doc, delta, zc):
+    """Query-side tensors of a piece for the backward: Q, dO, δ, z."""
+    if pc.kind == "box":
+        r0, r1, a, b = pc.where
+        n = (r1 - r0) * (b - a)
+        C, D = qc.shape[-2:]
+        return (qc[r0:r1, a:b].reshape(n, C, D), doc[r0:r1, a:b].reshape(n, C, D),
+                delta[r0:r1, a:b].reshape(n, C), zc[r0:r1, a:b].reshape(n, C))
+    rr, cc = pc.where
+    return qc[rr, cc], doc[rr, cc], delta[rr, cc], zc[rr, cc]
+
+
+def _scatter(pc: _Piece, dst: torch.Tensor, x: torch.Tensor) -> None:
+    """Write per-chunk results x (n, C, ...) into dst (BH, nC, C, ...)."""
+    if pc.kind == "box":
+        r0, r1, a, b = pc.where
+        dst[r0:r1, a:b] = x.view(r1 - r0, b - a, *x.shape[1:])
+    else:
+        dst[pc.where] = x
+
+
+def _fold(pc: _Piece, dst: torch.Tensor, g: torch.Tensor, o: int, C: int, Tkp: int, D: int) -> None:
+    """Add window gradients g (n, W, D) back onto the keys dst (BH, Tkp + C, D)."""
+    W = g.shape[1]
+    if pc.kind == "box":
+        r0, r1, a, b = pc.where
+        nr, nc = r1 - r0, b - a
+        g = g.view(nr, nc, W, D)
+        for u in range(0, W, C):  # the windows overlap: fold them back one key tile at a time
+            p0, w = o + a * C - pc.E + u, min(C, W - u)
+            dst[r0:r1, p0:p0 + nc * C].view(nr, nc, C, D)[:, :, :w].add_(g[:, :, u:u + w])
+    else:
+        rows = _window_starts(pc, o, C, Tkp + C)[:, None] + torch.arange(W, device=dst.device)
+        dst.view(-1, D).index_add_(0, rows.reshape(-1), g.reshape(-1, D))
 
 
 def _sum_to(g: torch.Tensor, shape) -> torch.Tensor:
