@@ -230,3 +230,19 @@ def test_flex_block_mask_matches_reference_forward(kind, monkeypatch):
     z = _spans(kind, 2, 2, 300, 0.0, 200.0)
     got = ks.flex_span_attention(q, k, v, z, 16.0, kind == "fixed")
     assert _rel(got, reference_span_attention(q, k, v, z, 16.0, kind == "fixed")) <= 1e-5
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_band_survives_an_invisible_key_that_outscores_every_visible_one(hard):
+    # The band kernel's softmax takes the row max over all window columns; a key outside the span whose
+    # score beats every visible one by far more than exp's range must not zero the visible row (NaN).
+    torch.manual_seed(0)
+    B, H, T, D = 1, 2, 160, 16
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    q[..., 0] = 1.0
+    k[:, :, 40:60, 0] = 2000.0  # far keys: out of every late query's span, scores ~ +500
+    z = torch.full((1, H, 1), 20.0, requires_grad=not hard)
+    ref = reference_span_attention(q, k, v, z, 4.0, hard)
+    got = band_span_attention(q, k, v, z, 4.0, hard, chunk=16)
+    assert torch.isfinite(got).all()
+    assert _rel(got, ref) <= 1e-5

@@ -241,31 +241,30 @@ class _BandSpanAttention(torch.autograd.Function):
         f32 = torch.float32  # computed in fp32 (bf16 GEMMs are slow on CPUs without bf16 units)
         zd = z.detach().to(f32)
         sets, _ = band_plan(zd, Tq, Tk, ramp, hard, C, box_waste)
-        qc = (F.pad(q.to(f32), (0, 0, 0, pad)) * scale).reshape(BH, nC, C, D)  # scaled queries
-        kp = F.pad(k.to(f32), (0, 0, 0, pad)).reshape(BH, Tkp, D)
-        vp = F.pad(v.to(f32), (0, 0, 0, pad)).reshape(BH, Tkp, D)
+        qc = (_pad_rows(q.to(f32), pad) * scale).reshape(BH, nC, C, D)  # scaled queries
+        kp = _pad_rows(k.to(f32), pad).reshape(BH, Tkp, D)
+        vp = _pad_rows(v.to(f32), pad).reshape(BH, Tkp, D)
         zc = F.pad(zd.reshape(BH, Tq), (0, pad), value=0.0).view(BH, nC, C)
         if hard:
             zc = zc.floor()
         out = torch.empty(BH, nC, C, D, dtype=f32, device=q.device)
         ci = torch.arange(C, device=q.device, dtype=f32)
-        causal = torch.zeros(C, C, dtype=f32, device=q.device).masked_fill_(
-            torch.ones(C, C, dtype=torch.bool, device=q.device).triu_(1), NEG_INF)
+        future = torch.ones(C, C, dtype=torch.bool, device=q.device).triu_(1)
         saved = []
         for pc in _pieces(sets, nC, C):
             E, Wr = pc.E, pc.Wr
             Q, K, V, zs = _gather(pc, qc, kp, vp, zc, o, C, Tkp, D)
-            S = torch.bmm(Q, K.transpose(1, 2))  # (n, C, W)
+            m_r = m_d = None
             if Wr > 0:
                 d_r = ci[:, None] + E - torch.arange(Wr, device=q.device, dtype=f32)[None, :]
-                S[..., :Wr].add_(_ramp(zs[:1] if pc.const else zs, d_r, ramp, hard).log_())
-            diag = S[..., E:]
-            diag.add_(causal)
+                m_r = _ramp(zs[:1] if pc.const else zs, d_r, ramp, hard)
             if pc.in_diag:
-                diag.add_(_ramp(zs, ci[:, None] - ci[None, :], ramp, hard).log_())
-            torch.ops.aten._softmax.out(S, -1, False, out=S)  # in place: S is now P
-            O = torch.bmm(S, V)
-            _scatter(pc, out, O.view(-1, C, D))
+                m_d = _ramp(zs, ci[:, None] - ci[None, :], ramp, hard)
+            S = torch.bmm(Q, K.transpose(1, 2))  # (n, C, W)
+            if not _span_softmax_(S, E, m_r, m_d, future, visible_max=False):
+                S = torch.bmm(Q, K.transpose(1, 2))  # rare: redo with the max over visible keys only
+                _span_softmax_(S, E, m_r, m_d, future, visible_max=True)
+            _bmm_into(pc, out, S, V)
             saved.append((pc, K, V, S))
         ctx.saved = saved
         ctx.save_for_backward(qc, kp, vp, zc, out)
@@ -279,7 +278,7 @@ class _BandSpanAttention(torch.autograd.Function):
         qc, kp, vp, zc, out = ctx.saved_tensors
         BH, o, Tkp = B * H, Tk - Tq, Tk + pad
         f32 = torch.float32
-        doc = F.pad(dout.to(f32), (0, 0, 0, pad)).reshape(BH, nC, C, D)
+        doc = _pad_rows(dout.to(f32), pad).reshape(BH, nC, C, D)
         delta = (doc * out).sum(-1)  # (BH, nC, C): dO_i·O_i
         dq = torch.empty(BH, nC, C, D, dtype=f32, device=dout.device)
         dk = torch.zeros(BH, Tkp + C, D, dtype=f32, device=dout.device)  # + C: the fold's last tile may overhang
@@ -302,13 +301,13 @@ class _BandSpanAttention(torch.autograd.Function):
                     g = gd if g is None else g.add_(gd)
                 if g is not None:
                     _scatter(pc, dz, g.div_(ramp))
-            _scatter(pc, dq, torch.bmm(dS, K).mul_(scale))
+            _bmm_into(pc, dq, dS, K)
             dK = torch.bmm(dS.transpose(1, 2), Q)  # (n, W, D)
             dV = torch.bmm(P.transpose(1, 2), dO)
             _fold(pc, dk, dK, o, C, Tkp, D)
             _fold(pc, dv, dV, o, C, Tkp, D)
         ctx.saved = None
-        dq = dq.view(B, H, nC * C, D)[:, :, :Tq]
+        dq = dq.mul_(scale).view(B, H, nC * C, D)[:, :, :Tq]
         dk = dk[:, :Tk].reshape(B, H, Tk, D)
         dv = dv[:, :Tk].reshape(B, H, Tk, D)
         if dz is not None:
@@ -316,10 +315,45 @@ class _BandSpanAttention(torch.autograd.Function):
         return dq.to(dout.dtype), dk.to(dout.dtype), dv.to(dout.dtype), dz, None, None, None, None
 
 
+def _pad_rows(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """x (..., T, D) with `pad` zero rows appended (no copy when there are none)."""
+    return F.pad(x, (0, 0, 0, pad)) if pad else x
+
+
+def _span_softmax_(S: torch.Tensor, E: int, m_r: torch.Tensor | None, m_d: torch.Tensor | None,
+                   future: torch.Tensor, visible_max: bool) -> bool:
+    """S (n, C, W) ← softmax(S + log m) in place, as m·exp(S − max) / Σ (no log pass; m multiplies the ramp
+    columns [0, Wr) and, when given, the diagonal columns [E, E + C), which also get the causal cut).
+
+    The row max is taken over all columns, visible or not: exp never overflows, and m = 0 zeroes the
+    invisible keys. Only if an invisible key outscores every visible one by ~87 nats can the visible terms
+    underflow; that is detected (False is returned, S is spoiled) and the caller redoes the piece with
+    `visible_max`, which sets the invisible scores to −inf before the max."""
+    Wr = 0 if m_r is None else m_r.shape[-1]
+    ramp_cols, diag = S[..., :Wr], S[..., E:]
+    diag.masked_fill_(future, NEG_INF)
+    if visible_max:
+        if m_r is not None:
+            ramp_cols.masked_fill_(m_r == 0, NEG_INF)
+        if m_d is not None:
+            diag.masked_fill_(m_d == 0, NEG_INF)
+    S.sub_(S.amax(-1, keepdim=True)).exp_()
+    if m_r is not None:
+        ramp_cols.mul_(m_r)
+    if m_d is not None:
+        diag.mul_(m_d)
+    total = S.sum(-1, keepdim=True)
+    if not visible_max and bool((total < 1e-30).any()):
+        return False
+    S.div_(total)
+    return True
+
+
 def _span_grad(dS: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Σ_j dS_ij / m_ij over 0 < m_ij < 1 (the ramp) → (n, C)."""
-    w = torch.where((m > 0) & (m < 1), m.reciprocal(), 0.0)
-    return (dS * w).sum(-1)
+    """Σ_j dS_ij / m_ij over the ramp (0 < m_ij < 1) → (n, C). m is overwritten. Where m = 0, dS = 0 (P = 0);
+    where m = 1 the clamp has no gradient: m := ∞ there."""
+    m.clamp_min_(1e-30).masked_fill_(m >= 1, float("inf"))
+    return dS.div(m).sum(-1)
 
 
 def _window_starts(pc: _Piece, o: int, C: int, Tkp: int) -> torch.Tensor:
@@ -364,6 +398,17 @@ def _scatter(pc: _Piece, dst: torch.Tensor, x: torch.Tensor) -> None:
         dst[r0:r1, a:b] = x.view(r1 - r0, b - a, *x.shape[1:])
     else:
         dst[pc.where] = x
+
+
+def _bmm_into(pc: _Piece, dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """dst[piece] = a @ b, written in place when the piece's slice of dst (BH, nC, C, D) is contiguous."""
+    if pc.kind == "box":
+        r0, r1, c0, c1 = pc.where
+        view = dst[r0:r1, c0:c1]
+        if view.is_contiguous():
+            torch.bmm(a, b, out=view.view(-1, *dst.shape[2:]))
+            return
+    _scatter(pc, dst, torch.bmm(a, b))
 
 
 def _fold(pc: _Piece, dst: torch.Tensor, g: torch.Tensor, o: int, C: int, Tkp: int, D: int) -> None:
