@@ -249,7 +249,8 @@ class _BandSpanAttention(torch.autograd.Function):
             zc = zc.floor()
         out = torch.empty(BH, nC, C, D, dtype=f32, device=q.device)
         ci = torch.arange(C, device=q.device, dtype=f32)
-        future = torch.ones(C, C, dtype=torch.bool, device=q.device).triu_(1)
+        future = torch.zeros(C, C, dtype=f32, device=q.device).masked_fill_(  # causal cut, additive
+            torch.ones(C, C, dtype=torch.bool, device=q.device).triu_(1), NEG_INF)
         saved = []
         for pc in _pieces(sets, nC, C):
             E, Wr = pc.E, pc.Wr
@@ -331,7 +332,7 @@ def _span_softmax_(S: torch.Tensor, E: int, m_r: torch.Tensor | None, m_d: torch
     `visible_max`, which sets the invisible scores to −inf before the max."""
     Wr = 0 if m_r is None else m_r.shape[-1]
     ramp_cols, diag = S[..., :Wr], S[..., E:]
-    diag.masked_fill_(future, NEG_INF)
+    diag.add_(future)  # (an add with a −inf matrix runs several times faster than masked_fill_ here)
     if visible_max:
         if m_r is not None:
             ramp_cols.masked_fill_(m_r == 0, NEG_INF)
@@ -350,10 +351,10 @@ def _span_softmax_(S: torch.Tensor, E: int, m_r: torch.Tensor | None, m_d: torch
 
 
 def _span_grad(dS: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Σ_j dS_ij / m_ij over the ramp (0 < m_ij < 1) → (n, C). m is overwritten. Where m = 0, dS = 0 (P = 0);
-    where m = 1 the clamp has no gradient: m := ∞ there."""
-    m.clamp_min_(1e-30).masked_fill_(m >= 1, float("inf"))
-    return dS.div(m).sum(-1)
+    """Σ_j dS_ij / m_ij over the ramp (0 < m_ij < 1) → (n, C). m ∈ [0, 1] is overwritten. Where m = 0, dS = 0
+    (P = 0), so a tiny m stands in; where m = 1 the clamp has no gradient: the factor 1 − ⌊m⌋ drops it."""
+    m.clamp_min_(1e-30)
+    return dS.div(m).mul_(1.0 - m.floor()).sum(-1)
 
 
 def _window_starts(pc: _Piece, o: int, C: int, Tkp: int) -> torch.Tensor:
