@@ -10,12 +10,14 @@ o = Tk − Tq (the queries are the last Tq keys, as with a KV cache).
 Implementations (`span_attention` picks one):
 - `reference_span_attention`: dense scores + log m, O(Tq·Tk). For tests only.
 - `band_span_attention`: the CPU fast path. Queries are cut into chunks of C; for each (batch, head,
-  chunk) only the keys inside that chunk's largest reach *for that head* are touched. Those keys split
-  into *full* columns (inside every query's span and causal: no mask at all) and *partial* columns (the
-  ramp edge at the far end and the causal diagonal chunk), each run through the fused CPU flash kernel
-  and merged by their log-sum-exps. Problems with the same key window share one batched kernel call.
-  The span gradient is computed only over the ramp columns:
-      ∂L/∂b_ij = P_ij·(dO_i·v_j − dO_i·O_i),  P_ij = exp(s_ij + b_ij − lse_i),  ∂b_ij/∂z_i = 1/(R + z_i − d_ij).
+  chunk) only the keys inside that chunk's largest reach *for that head* are touched: a window of E + C keys
+  (E before the chunk, rounded up to 32, plus the chunk's own keys). Problems with the same E are batched
+  and run as explicit score tiles: S = Q·Kᵀ over the windows in one batched GEMM, the ramp applied only to
+  the window's leading columns, the causal cut only to its last C, softmax in place, O = P·V. The
+  backward keeps P and costs four batched GEMMs; the span gradient needs only the ramp columns:
+      ∂L/∂z_i = Σ_j dS_ij / (R m_ij) over 0 < m_ij < 1,   dS = P ⊙ (dO·Vᵀ − δ),   δ_i = dO_i·O_i.
+  Tiles are cut to ≤ 8 MB of scores so their buffers are reused from the heap. Memory: P costs 4 bytes
+  per computed query-key pair, held until the backward.
 - `flex_span_attention` (GPU): FlexAttention with a block mask from kv-tile indices and the ramp in
   score_mod. UNVERIFIED: written without a GPU; guarded to CUDA.
 - dense causal SDPA when every query's span covers all its keys (the mask is then identically 1).
@@ -81,21 +83,20 @@ def masked_sdpa_span_attention(q, k, v, z, ramp: float, hard: bool = False) -> t
 
 
 def decode_span_attention(q, k, v, z, ramp: float, hard: bool = False) -> torch.Tensor:
-    """Few queries (decoding), no autograd: the span bias in four small ops, then scores → softmax → values
-    with batched matmuls (cheaper than a fused kernel's thread fan-out for a handful of queries)."""
-    B, H, Tq, D = q.shape
-    Tk = k.shape[-2]
-    d = _distances(Tq, Tk, q.device)  # (Tq, Tk)
-    zz = z.float().expand(B, H, Tq).unsqueeze(-1)
-    if hard:
-        bias = torch.sub(zz.floor() + 1, d).clamp_(0.0, 1.0).log_()
-    else:
-        bias = torch.sub((zz + ramp) / ramp, d / ramp).clamp_(0.0, 1.0).log_()
+    """Few queries (decoding), no autograd: the span log-mask in a handful of small ops, then one fused SDPA
+    call. Distances count back from the newest key: d = (i + Tk − Tq) − j."""
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    back = torch.arange(Tk - 1, -1, -1, device=q.device, dtype=torch.float32)  # (Tk,) distance from the last key
     if Tq > 1:
-        bias.masked_fill_(d < 0, NEG_INF)  # the future
-    scores = torch.baddbmm(bias.to(q.dtype).reshape(B * H, Tq, Tk), q.reshape(B * H, Tq, D),
-                           k.reshape(B * H, Tk, D).transpose(1, 2), alpha=1.0 / math.sqrt(D))
-    return torch.bmm(scores.softmax(-1), v.reshape(B * H, Tk, D)).view(B, H, Tq, D)
+        back = back - torch.arange(Tq - 1, -1, -1, device=q.device, dtype=torch.float32)[:, None]  # (Tq, Tk)
+    zz = z.float().unsqueeze(-1)  # (B|1, H, Tq|1, 1)
+    if hard:
+        bias = torch.sub(zz.floor() + 1, back).clamp_(0.0, 1.0).log_()
+    else:
+        bias = torch.sub((zz + ramp) / ramp, back.div_(ramp)).clamp_(0.0, 1.0).log_()
+    if Tq > 1:
+        bias = bias.masked_fill(back < 0, NEG_INF)  # the future
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
 
 
 def span_covers_all(z: torch.Tensor, Tq: int, Tk: int) -> bool:

@@ -69,6 +69,8 @@ class Attention(nn.Module):
         groups = ctx.cache.layers[self.layer_idx].append(k, v)
         if isinstance(groups, tuple):  # an unbounded cache: every key so far
             return span_attention(q, groups[0], groups[1], z, ramp, hard, impl=impl)
+        if len(groups) == 1:  # one bound for every head (dynamic spans): no per-group split
+            return span_attention(q, groups[0][1], groups[0][2], z, ramp, hard, impl=impl)
         y = torch.empty_like(q)
         for heads, kg, vg in groups:  # (B, G, L_g, D) each, ending at the newest position
             y[:, heads] = span_attention(q[:, heads], kg, vg, z[:, heads], ramp, hard, impl=impl)
