@@ -148,3 +148,12 @@ def test_bench_prints_json_lines():
     assert res.returncode == 0, res.stderr
     record = json.loads(res.stdout.strip().splitlines()[-1])
     assert record["fp32_ms"] > 0 and record["bf16_ms"] > 0
+
+
+@pytest.mark.parametrize("extra", [[], ["--encoder"]])
+def test_bench_attention_reports_the_issue_fields(extra):
+    res = run_cli("bench", "attention", "--seq", "300", "--span", "40", "--repeats", "1", "--json", *extra)
+    assert res.returncode == 0, res.stderr
+    record = json.loads(res.stdout.strip().splitlines()[-1])
+    assert record["dense_ms"] > 0 and record["span_ms"] > 0
+    assert record["speedup"] == pytest.approx(record["dense_ms"] / record["span_ms"], rel=0.01)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.span import band_flops, span_attention
+from ..kernels.span_symmetric import symmetric_span_attention
 from ..model import ModelConfig, Transformer
 from ..model.span_stats import span_stats
 from .common import time_interleaved
@@ -33,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no_backward", action="store_true", help="time the forward pass only")
+    p.add_argument("--encoder", action="store_true",
+                   help="bidirectional: symmetric spans (the ramp on both sides) versus dense bidirectional SDPA")
     p.add_argument("--model", action="store_true",
                    help="time a whole training step instead (4 layers, 256 wide, 8 heads, seq T, batch 1, AdamW): "
                         "dense versus dynamic spans ≤ --span (span_max = span − ramp)")
@@ -95,16 +98,27 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
     go = torch.randn(B, H, T, D, dtype=dtype)
 
     def dense():
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=not args.encoder)
         if backward:
             out.backward(go)
 
     def span():
-        out = span_attention(q, k, v, z, args.ramp, hard=hard, impl=args.impl, chunk=args.chunk)
+        if args.encoder:
+            impl = {"auto": "auto", "band": "band"}.get(args.impl, "dense")
+            out = symmetric_span_attention(q, k, v, z, args.ramp, hard, impl=impl, chunk=args.chunk)
+        else:
+            out = span_attention(q, k, v, z, args.ramp, hard=hard, impl=args.impl, chunk=args.chunk)
         if backward:
             out.backward(go)
 
     times = time_interleaved({"dense": dense, "span": span}, args.repeats)
+    if args.encoder:
+        yield {"bench": "attention_encoder", "kind": args.kind, "seq": T, "span": args.span, "ramp": args.ramp,
+               "batch": B, "heads": H, "head_dim": D, "dtype": args.dtype, "backward": backward,
+               "impl": args.impl, "chunk": args.chunk, "threads": torch.get_num_threads(),
+               "dense_ms": round(1000 * times["dense"], 2), "span_ms": round(1000 * times["span"], 2),
+               "speedup": round(times["dense"] / times["span"], 3)}
+        return
     computed, dense_pairs = band_flops(z.expand(B, H, T), T, T, args.ramp, hard, chunk=args.chunk)
     zz = z.detach().expand(B, H, T)
     reach = (zz.floor() + 1) if hard else torch.ceil(zz + args.ramp)

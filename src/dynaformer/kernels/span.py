@@ -61,20 +61,6 @@ def reference_span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return torch.softmax(scores + bias, dim=-1) @ v
 
 
-def symmetric_span_attention(q, k, v, z, ramp: float, hard: bool = False,
-                             key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Encoder span attention: a key at distance d = |i − j| on either side gets the same soft ramp.
-    q, k, v: (B, H, T, D); z broadcastable to (B, H, T); key_padding_mask (B, T) bool, True = real token.
-    Dense masked SDPA (differentiable in z); the band kernel covers the causal side only so far."""
-    T = q.shape[-2]
-    bias = span_log_mask(_distances(T, T, q.device).abs(), z.unsqueeze(-1), ramp, hard).to(q.dtype)  # (B, H, T, T)
-    if key_padding_mask is not None:
-        # Padding keys are hidden; each query keeps its own key, so no row is empty (no NaN at padding queries).
-        keep = key_padding_mask[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=q.device)
-        bias = bias.masked_fill(~keep, NEG_INF)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-
-
 def masked_sdpa_span_attention(q, k, v, z, ramp: float, hard: bool = False) -> torch.Tensor:
     """SDPA with the span as a float mask: fine for short sequences and single decoding steps."""
     Tq, Tk = q.shape[-2], k.shape[-2]
@@ -239,7 +225,7 @@ class _BandSpanAttention(torch.autograd.Function):
         pad = nC * C - Tq
         Tkp = Tk + pad
         scale = 1.0 / math.sqrt(D)
-        f32 = torch.float32  # computed in fp32 (bf16 GEMMs are slow on CPUs without bf16 units)
+        f32 = compute_dtype(q.dtype)
         zd = z.detach().to(f32)
         sets, _ = band_plan(zd, Tq, Tk, ramp, hard, C, box_waste)
         qc = (_pad_rows(q.to(f32), pad) * scale).reshape(BH, nC, C, D)  # scaled queries
@@ -279,7 +265,7 @@ class _BandSpanAttention(torch.autograd.Function):
         B, H, Tq, Tk, D, C, nC, pad, ramp, hard, scale = ctx.meta
         qc, kp, vp, zc, out = ctx.saved_tensors
         BH, o, Tkp = B * H, Tk - Tq, Tk + pad
-        f32 = torch.float32
+        f32 = compute_dtype(dout.dtype)
         doc = _pad_rows(dout.to(f32), pad).reshape(BH, nC, C, D)
         delta = (doc * out).sum(-1)  # (BH, nC, C): dO_i·O_i
         dq = torch.empty(BH, nC, C, D, dtype=f32, device=dout.device)
@@ -315,6 +301,11 @@ class _BandSpanAttention(torch.autograd.Function):
         if dz is not None:
             dz = _sum_to(dz.view(B, H, nC * C)[:, :, :Tq], ctx.z_shape)
         return dq.to(dout.dtype), dk.to(dout.dtype), dv.to(dout.dtype), dz, None, None, None, None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Band kernels compute in fp32 (or fp64 for fp64 inputs): bf16 GEMMs are slow on CPUs without bf16 units."""
+    return dtype if dtype == torch.float64 else torch.float32
 
 
 def _pad_rows(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -440,7 +431,7 @@ def band_span_attention(q, k, v, z, ramp: float, hard: bool = False, chunk: int 
     B, H, Tq, _ = q.shape
     if z.dim() != 3:
         raise ValueError(f"z must be 3-d (B|1, H|1, Tq|1), got {tuple(z.shape)}")
-    zf = z.to(torch.float32)
+    zf = z.to(compute_dtype(q.dtype))
     # expand is a view; _BandSpanAttention reduces the gradient to z's own shape
     return _BandSpanAttention.apply(q, k, v, _Expand.apply(zf, (B, H, Tq)), float(ramp), hard, chunk, box_waste)
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import DynaformerError
 from ..kernels import bidirectional_attention, causal_attention, span_attention
-from ..kernels.span import symmetric_span_attention
+from ..kernels.span_symmetric import symmetric_span_attention
 from .config import ModelConfig
 from .context import ForwardContext
 from .layers import Rotary
@@ -36,7 +36,7 @@ class Attention(nn.Module):
         v = qkv[2]
         if self.span is not None and not ctx.causal:  # encoder: the same ramp on both sides
             y = symmetric_span_attention(q, k, v, self.span(x, ctx), self.span.ramp, self.span.hard,
-                                         ctx.key_padding_mask)
+                                         ctx.key_padding_mask, impl=self.span_impl)
             return self.proj(y.transpose(1, 2).reshape(B, T, C))
         if self.span is not None:
             return self.proj(self._span_attention(x, q, k, v, ctx).transpose(1, 2).reshape(B, T, C))

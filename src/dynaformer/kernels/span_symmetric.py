@@ -1,0 +1,239 @@
+"""Symmetric span attention for encoders: query i weights key j by the soft span mask at distance |i − j|,
+
+    m = clamp((R + z_i − |i − j|) / R, 0, 1),   attention ∝ m · exp(score),
+
+with key padding (padding keys are hidden; every query keeps its own key, so no row is empty).
+
+- `reference_symmetric_span_attention`: dense masked SDPA, O(T²). The fallback for short sequences and
+  spans that cover the sequence, and the reference of the tests.
+- `band_symmetric_span_attention`: the CPU band kernel. Queries are cut into chunks of C; a chunk of a
+  (batch, head) row touches only the window of E keys on either side of it plus its own C keys, where E is
+  the row's largest reach (rounded up to 32). Rows with the same E are batched into explicit score tiles,
+  as in the causal band kernel (kernels/span.py): S = Q·Kᵀ in one batched GEMM, softmax as
+  m·exp(S − max) / Σ, O = P·V, and a backward of four GEMMs plus the span gradient
+  ∂L/∂z_i = Σ_j dS_ij / (R m_ij) over the ramp (0 < m < 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .span import NEG_INF, _Expand, _round_up, _span_grad, compute_dtype, span_log_mask
+
+_SCORE_BYTES = 8 << 20  # scores per batched problem (heap-reused buffers; see kernels/span.py)
+
+
+def _padding_bias(T: int, key_padding_mask: torch.Tensor | None, dtype, device) -> torch.Tensor | None:
+    """(B, 1, T, T) additive mask: −inf at padding keys except each query's own key; None without padding."""
+    if key_padding_mask is None:
+        return None
+    keep = key_padding_mask[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=device)
+    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, NEG_INF)
+
+
+def reference_symmetric_span_attention(q, k, v, z, ramp: float, hard: bool = False,
+                                       key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense masked SDPA (differentiable in z). q, k, v: (B, H, T, D); z broadcastable to (B, H, T);
+    key_padding_mask (B, T) bool, True = real token."""
+    T = q.shape[-2]
+    pos = torch.arange(T, device=q.device, dtype=torch.float32)
+    d = (pos[:, None] - pos[None, :]).abs()
+    bias = span_log_mask(d, z.unsqueeze(-1), ramp, hard).to(q.dtype)  # (B, H, T, T)
+    pad = _padding_bias(T, key_padding_mask, q.dtype, q.device)
+    if pad is not None:
+        bias = bias + pad
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def symmetric_reach(z: torch.Tensor, ramp: float, hard: bool) -> torch.Tensor:
+    """Keys on one side with m > 0, counting the query itself: z + 1 (hard) or ⌈z + R⌉."""
+    return (z.floor() + 1) if hard else torch.ceil(z + ramp)
+
+
+class _SymmetricBand(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, z, key_padding_mask, ramp: float, hard: bool, chunk: int):
+        B, H, T, D = q.shape
+        C, BH = chunk, B * H
+        nC = -(-T // C)
+        pad = nC * C - T
+        cdt = compute_dtype(q.dtype)
+        zd = z.detach().to(cdt)
+        zc = F.pad(zd.reshape(BH, T), (0, pad), value=0.0).view(BH, nC, C)
+        if hard:
+            zc = zc.floor()
+        # E per row: the farthest key any query of any chunk reaches past its chunk's edge, on either side
+        i = torch.arange(C, device=q.device, dtype=cdt)
+        edge = torch.minimum(i, C - 1 - i)  # distance to the nearer chunk edge
+        E_row = (symmetric_reach(zc, ramp, hard) - 1 - edge).amax((1, 2)).clamp(0, T)
+        E_row = _round_up(E_row.long(), 32).clamp_max(_round_up(torch.tensor(T), 32)).tolist()
+        Emax = max(E_row)
+        L = Emax + nC * C + Emax  # padded key length: the windows of the first and last chunks fit
+        scale = 1.0 / math.sqrt(D)
+        qc = (F.pad(q.to(cdt), (0, 0, 0, pad)) * scale).reshape(BH, nC, C, D)
+        kp = F.pad(k.to(cdt), (0, 0, Emax, Emax + pad)).reshape(BH, L, D)
+        vp = F.pad(v.to(cdt), (0, 0, Emax, Emax + pad)).reshape(BH, L, D)
+        valid = torch.zeros(B, L, dtype=torch.bool, device=q.device)  # real keys (not padding, in range)
+        valid[:, Emax:Emax + T] = True if key_padding_mask is None else key_padding_mask
+        kb = torch.zeros(B, L, dtype=cdt, device=q.device).masked_fill_(~valid, NEG_INF)
+        kb = kb[:, None].expand(B, H, L).contiguous().view(BH, L)
+        out = torch.empty(BH, nC, C, D, dtype=cdt, device=q.device)
+        saved = []
+        for E, rows in _row_groups(E_row):
+            W = 2 * E + C
+            dist = (i[:, None] + E - torch.arange(W, device=q.device, dtype=cdt)[None, :]).abs()  # (C, W) |i − j|
+            for r0, r1, a, b in _tiles(rows, nC, C * W * 4):
+                Q, K, V, zs = _window(qc, kp, vp, zc, r0, r1, a, b, Emax - E, W, C, D, L)
+                kbw = _window_bias(kb, r0, r1, a, b, Emax - E, W, C, L)  # (n, W)
+                m = _ramp(zs, dist, ramp, hard)  # (n, C, W)
+                S = torch.bmm(Q, K.transpose(1, 2)).add_(kbw[:, None, :])
+                own = S[..., E:E + C].diagonal(dim1=-2, dim2=-1)  # (n, C): each query's own key, never hidden
+                own.copy_((Q * K[:, E:E + C]).sum(-1))
+                if not _softmax_(S, m, visible_max=False):
+                    S = torch.bmm(Q, K.transpose(1, 2)).add_(kbw[:, None, :])
+                    S[..., E:E + C].diagonal(dim1=-2, dim2=-1).copy_((Q * K[:, E:E + C]).sum(-1))
+                    _softmax_(S, m, visible_max=True)
+                out[r0:r1, a:b] = torch.bmm(S, V).view(r1 - r0, b - a, C, D)
+                saved.append((E, (r0, r1, a, b), S))
+        ctx.saved = saved
+        ctx.save_for_backward(qc, kp, vp, zc, out)
+        ctx.meta = (B, H, T, D, C, nC, pad, Emax, L, ramp, hard, scale)
+        return out.view(B, H, nC * C, D)[:, :, :T].to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        B, H, T, D, C, nC, pad, Emax, L, ramp, hard, scale = ctx.meta
+        qc, kp, vp, zc, out = ctx.saved_tensors
+        BH, cdt = B * H, qc.dtype
+        doc = F.pad(dout.to(cdt), (0, 0, 0, pad)).reshape(BH, nC, C, D)
+        delta = (doc * out).sum(-1)  # (BH, nC, C)
+        dq = torch.empty_like(qc)
+        dk = torch.zeros(BH, L + C, D, dtype=cdt, device=dout.device)  # + C: the fold's last tile may overhang
+        dv = torch.zeros_like(dk)
+        want_z = ctx.needs_input_grad[3] and not hard
+        dz = torch.zeros(BH, nC, C, dtype=cdt, device=dout.device) if want_z else None
+        i = torch.arange(C, device=dout.device, dtype=cdt)
+        for E, (r0, r1, a, b), P in ctx.saved:
+            W = 2 * E + C
+            Q, K, V, zs = _window(qc, kp, vp, zc, r0, r1, a, b, Emax - E, W, C, D, L)
+            n = Q.shape[0]
+            dO, dl = doc[r0:r1, a:b].reshape(n, C, D), delta[r0:r1, a:b].reshape(n, C, 1)
+            dS = torch.bmm(dO, V.transpose(1, 2)).sub_(dl).mul_(P)
+            if want_z:
+                dist = (i[:, None] + E - torch.arange(W, device=dout.device, dtype=cdt)[None, :]).abs()
+                dz[r0:r1, a:b] = _span_grad(dS, _ramp(zs, dist, ramp, False)).div_(ramp).view(r1 - r0, b - a, C)
+            dq[r0:r1, a:b] = torch.bmm(dS, K).view(r1 - r0, b - a, C, D)
+            _fold(dk, torch.bmm(dS.transpose(1, 2), Q), r0, r1, a, b, Emax - E, C, D)
+            _fold(dv, torch.bmm(P.transpose(1, 2), dO), r0, r1, a, b, Emax - E, C, D)
+        ctx.saved = None
+        dq = dq.mul_(scale).view(B, H, nC * C, D)[:, :, :T]
+        dk = dk[:, Emax:Emax + T].reshape(B, H, T, D)
+        dv = dv[:, Emax:Emax + T].reshape(B, H, T, D)
+        if dz is not None:
+            dz = dz.view(B, H, nC * C)[:, :, :T]  # z arrives expanded to (B, H, T); _Expand sums it back
+        return dq.to(dout.dtype), dk.to(dout.dtype), dv.to(dout.dtype), dz, None, None, None, None
+
+
+def _row_groups(E_row: list[int]) -> list[tuple[int, list[int]]]:
+    groups: dict[int, list[int]] = {}
+    for r, e in enumerate(E_row):
+        groups.setdefault(e, []).append(r)
+    return sorted(groups.items())
+
+
+def _tiles(rows: list[int], nC: int, chunk_bytes: int):
+    """(r0, r1, a, b): runs of consecutive rows, all chunks, or one row and a run of chunks, each with at most
+    _SCORE_BYTES of scores."""
+    runs, start = [], rows[0]
+    for prev, r in zip(rows, rows[1:] + [None], strict=True):
+        if r != prev + 1:
+            runs.append((start, prev + 1))
+            start = r
+    per_row = nC * chunk_bytes
+    for r0, r1 in runs:
+        if per_row >= _SCORE_BYTES:
+            step = max(1, _SCORE_BYTES // chunk_bytes)
+            for r in range(r0, r1):
+                for a in range(0, nC, step):
+                    yield r, r + 1, a, min(nC, a + step)
+        else:
+            step = max(1, _SCORE_BYTES // per_row)
+            for r in range(r0, r1, step):
+                yield r, min(r1, r + step), 0, nC
+
+
+def _window(qc, kp, vp, zc, r0, r1, a, b, off, W, C, D, L):
+    """Q (n, C, D), K and V windows (n, W, D), spans (n, C) of rows r0..r1-1, chunks a..b-1. The window of
+    chunk c starts at padded key position off + cC (off = Emax − E)."""
+    nr, nc = r1 - r0, b - a
+
+    def win(x):  # overlapping strided view; a copy only when several rows are batched
+        return x.as_strided((nr, nc, W, D), (L * D, C * D, D, 1),
+                            x.storage_offset() + (r0 * L + off + a * C) * D).reshape(nr * nc, W, D)
+
+    return qc[r0:r1, a:b].reshape(-1, C, D), win(kp), win(vp), zc[r0:r1, a:b].reshape(-1, C)
+
+
+def _window_bias(kb, r0, r1, a, b, off, W, C, L):
+    nr, nc = r1 - r0, b - a
+    return kb.as_strided((nr, nc, W), (L, C, 1), kb.storage_offset() + r0 * L + off + a * C).reshape(nr * nc, W)
+
+
+def _fold(dst, g, r0, r1, a, b, off, C, D):
+    """Add window gradients g (n, W, D) back onto the keys dst (BH, L + C, D)."""
+    nr, nc = r1 - r0, b - a
+    W = g.shape[1]
+    g = g.view(nr, nc, W, D)
+    for u in range(0, W, C):
+        p0, w = off + a * C + u, min(C, W - u)
+        dst[r0:r1, p0:p0 + nc * C].view(nr, nc, C, D)[:, :, :w].add_(g[:, :, u:u + w])
+
+
+def _ramp(zs: torch.Tensor, dist: torch.Tensor, ramp: float, hard: bool) -> torch.Tensor:
+    r = 1.0 if hard else ramp
+    return torch.sub(((zs + r) / r).unsqueeze(-1), dist / r).clamp_(0.0, 1.0)
+
+
+def _softmax_(S: torch.Tensor, m: torch.Tensor, visible_max: bool) -> bool:
+    """S ← softmax(S + log m) in place as m·exp(S − max)/Σ; False when the visible terms underflowed against
+    an invisible key's score (the caller redoes the tile with `visible_max`)."""
+    if visible_max:
+        S.masked_fill_(m == 0, NEG_INF)
+    S.sub_(S.amax(-1, keepdim=True)).exp_().mul_(m)
+    total = S.sum(-1, keepdim=True)
+    if not visible_max and bool((total < 1e-30).any()):
+        return False
+    S.div_(total)
+    return True
+
+
+def band_symmetric_span_attention(q, k, v, z, ramp: float, hard: bool = False,
+                                  key_padding_mask: torch.Tensor | None = None, chunk: int = 64) -> torch.Tensor:
+    """CPU band kernel for encoders. q, k, v: (B, H, T, D); z (B|1, H|1, T|1) spans (gradients summed back to
+    its shape); key_padding_mask (B, T) bool, True = real token."""
+    B, H, T, _ = q.shape
+    if z.dim() != 3:
+        raise ValueError(f"z must be 3-d (B|1, H|1, T|1), got {tuple(z.shape)}")
+    zf = _Expand.apply(z.to(compute_dtype(q.dtype)), (B, H, T))
+    return _SymmetricBand.apply(q, k, v, zf, key_padding_mask, float(ramp), hard, chunk)
+
+
+def symmetric_span_attention(q, k, v, z, ramp: float, hard: bool = False,
+                             key_padding_mask: torch.Tensor | None = None, impl: str = "auto",
+                             chunk: int = 64) -> torch.Tensor:
+    """Encoder span attention. impl: auto | band | dense (masked, reference and flex mean dense here). auto
+    takes the band kernel on CPU when the spans leave a good part of the sequence out, else dense masked SDPA."""
+    T = q.shape[-2]
+    if impl == "auto":
+        impl = "dense"
+        if not q.is_cuda and T > 2 * chunk:
+            reach = float(symmetric_reach(z.detach().float(), ramp, hard).max())
+            impl = "band" if 2 * reach + chunk < 0.75 * T else "dense"
+    if impl == "band":
+        return band_symmetric_span_attention(q, k, v, z, ramp, hard, key_padding_mask, chunk)
+    if impl in ("dense", "masked", "reference", "flex"):
+        return reference_symmetric_span_attention(q, k, v, z, ramp, hard, key_padding_mask)
+    raise ValueError(f"unknown symmetric span attention impl {impl!r}")
