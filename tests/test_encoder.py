@@ -18,7 +18,7 @@ from dynaformer.model import Transformer
 from dynaformer.model.classifier import SequenceClassifier
 from dynaformer.train.finetune import FinetuneConfig, finetune
 
-from .conftest import SPANS, run_cli, tiny_config
+from .conftest import RESIDUALS, SPANS, run_cli, tiny_config
 
 
 def _reference_hidden(model: Transformer, idx: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
@@ -220,3 +220,52 @@ def test_encoder_spans_are_symmetric_and_trainable(span):
     span_grads = [p.grad for n, p in model.named_parameters() if ".span." in n and p.requires_grad]
     if span != "fixed":
         assert span_grads and any(g is not None and g.abs().sum() > 0 for g in span_grads)
+
+
+def _perturbed_encoder(residual: str, span: str) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(causal=False, residual=residual, span=span, span_window=6, span_max=12,
+                                    span_init=5, span_ramp=4)).eval()
+    with torch.no_grad():  # move gates and span parameters off their identity initialisation
+        for name, p in model.named_parameters():
+            if "_coef" in name or "content_proj" in name or ".span." in name or "alpha" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("residual", RESIDUALS)
+@pytest.mark.parametrize("span", ["none", "dynamic"])
+def test_padded_batch_equals_each_example_alone(residual, span):
+    # Right padding changes nothing for the real tokens: attention hides padding keys, and the dynamic
+    # residual's length signal counts real tokens only.
+    model = _perturbed_encoder(residual, span)
+    lengths = [13, 7, 10]
+    idx = torch.randint(0, 64, (3, 13))
+    pad = torch.arange(13)[None, :] < torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        batch = model.hidden(idx, key_padding_mask=pad)
+        for b, n in enumerate(lengths):
+            alone = model.hidden(idx[b:b + 1, :n])
+            torch.testing.assert_close(batch[b, :n], alone[0], rtol=0, atol=2e-5)
+
+
+def test_encoder_residual_position_signal_is_the_sequence_length():
+    model = Transformer(tiny_config(causal=False, residual="dynamic", dyn_content=False, dyn_gain=False,
+                                    dyn_step=False, dyn_position=True))
+    from dynaformer.model.context import ForwardContext
+
+    res = model.blocks[0].attn_res
+    with torch.no_grad():
+        res.pos_coef.fill_(0.5)
+    p0 = model.cfg.position_p0
+    for T in (5, 40):
+        ctx = ForwardContext(start=0, length=T, progress=model.progress, causal=False)
+        h = torch.randn(2, T, model.cfg.d_model)
+        m = res.multiplier(h, ctx)
+        # one weight for every token of the example, set by its length: 1 + β·log(T/P0)
+        assert torch.allclose(m.expand(2, T, 1), torch.full((2, T, 1), 1 + 0.5 * math.log(T / p0)))
+    pad = torch.ones(2, 40, dtype=torch.bool)
+    pad[1, 25:] = False
+    ctx = ForwardContext(start=0, length=40, progress=model.progress, causal=False, key_padding_mask=pad)
+    m = res.multiplier(torch.randn(2, 40, model.cfg.d_model), ctx)
+    assert torch.allclose(m.view(2), torch.tensor([1 + 0.5 * math.log(40 / p0), 1 + 0.5 * math.log(25 / p0)]))

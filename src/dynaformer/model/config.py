@@ -34,7 +34,7 @@ class ModelConfig:
     # `dynamic` residual: x ← x + c·s(τ)·m(p, x)·F(N(x)); each factor can be switched off for ablations.
     dyn_gain: bool = True  # learned per-sub-layer gain c (starts at 1)
     dyn_step: bool = True  # s(τ) = 1 + a·τ + b·τ², learned a, b (start at 0), τ = training progress
-    dyn_position: bool = True  # 1 + β·log((p+1)/P0), learned β (starts at 0), p = absolute token position
+    dyn_position: bool = True  # 1 + β·log((p+1)/P0), learned β (starts at 0), p = position (encoder: p+1 = length)
     dyn_content: bool = True  # + Σ_j γ_j·tanh(w_jᵀN(x)), w (k×d) starts at 0, so the term starts at 0
     dyn_rank: int = 4  # k: content features per sub-layer (1..8)
     dyn_p0: float | None = None  # P0 of the position term; None: √context_len (φ centred in log-space)

@@ -166,7 +166,9 @@ class DynamicResidual(nn.Module):
 
     p is the token's absolute position (its own prefix length: ctx.start + t), never the sequence
     length or a statistic over positions or the batch, so a token's weight does not change as the
-    sequence grows and the KV cache stays valid. g = a = b = β = 0 and w = 0 at init, so the weight is
+    sequence grows and the KV cache stays valid. In encoder mode (ctx.causal false: no cache, every token
+    sees the whole input) p + 1 is the example's sequence length instead: its number of real tokens
+    (padding excluded), the same for all its tokens. g = a = b = β = 0 and w = 0 at init, so the weight is
     exactly 1 and the block is exactly pre-norm (γ starts at `dyn_gamma_init` so that w has a
     gradient; γ·tanh(0) is still 0). The skip path stays at 1.
 
@@ -208,6 +210,14 @@ class DynamicResidual(nn.Module):
             p = torch.arange(n, device=device, dtype=torch.float64)
             self._phi = (torch.log1p(p) - self.log_p0).float().unsqueeze(-1)
         return self._phi
+
+    def encoder_phi(self, ctx: ForwardContext, device: torch.device) -> torch.Tensor:
+        """(B|1, 1, 1) φ = log(L/P0) with L each example's number of real tokens (encoder mode)."""
+        if ctx.key_padding_mask is None:
+            L = torch.full((1, 1, 1), float(ctx.length), device=device, dtype=torch.float64)
+        else:
+            L = ctx.key_padding_mask.sum(-1).to(device=device, dtype=torch.float64).clamp_min(1).view(-1, 1, 1)
+        return (L.log() - self.log_p0).float()
 
     def scale(self, progress: torch.Tensor) -> torch.Tensor | None:
         """c · s(τ): a 0-d tensor, or None when both factors are off."""
@@ -251,6 +261,8 @@ class DynamicResidual(nn.Module):
         """multiplier() without autograd, in the fewest ops (decoding is dominated by per-op overhead).
         base (N, 1), γ' and wᵀ are cached; the cache key holds the in-place version of τ and of each gate,
         so it follows optimizer steps, load_state_dict and in-place edits; _apply (.to() etc.) drops it."""
+        if not ctx.causal:  # per-example lengths: nothing to cache across calls
+            return self.multiplier(h, ctx)
         start, end = ctx.start, ctx.start + ctx.length
         key = [ctx.progress._version]
         for p in self._gates:
@@ -272,8 +284,10 @@ class DynamicResidual(nn.Module):
         None (weight 1). h = N(x)."""
         start, T = ctx.start, ctx.length
         end = start + T
-        base, gamma = self.folded(ctx.progress, self.phi(end, h.device)[start:end] if self.pos_coef is not None
-                                  else None)
+        phi = None
+        if self.pos_coef is not None:
+            phi = self.phi(end, h.device)[start:end] if ctx.causal else self.encoder_phi(ctx, h.device)
+        base, gamma = self.folded(ctx.progress, phi)
         if gamma is None:
             return base
         m = F.linear(torch.tanh(F.linear(h, self.content_proj)), gamma)  # (B, T, 1)
