@@ -269,3 +269,60 @@ def test_encoder_residual_position_signal_is_the_sequence_length():
     ctx = ForwardContext(start=0, length=40, progress=model.progress, causal=False, key_padding_mask=pad)
     m = res.multiplier(torch.randn(2, 40, model.cfg.d_model), ctx)
     assert torch.allclose(m.view(2), torch.tensor([1 + 0.5 * math.log(40 / p0), 1 + 0.5 * math.log(25 / p0)]))
+
+
+def _ft_cfg(out, **kw) -> FinetuneConfig:
+    return FinetuneConfig(**{**dict(task="keyword", n_train=200, n_val=50, out=str(out), max_steps=12, batch_size=8,
+                                    eval_interval=4, progress_bar=False), **kw})
+
+
+def _ft_model():
+    return tiny_config(causal=False, n_layer=1, d_model=32, n_head=2, context_len=64, span="dynamic",
+                       span_max=12, span_init=5, span_ramp=4)
+
+
+def test_finetune_resumes_bit_exactly_after_an_interrupt(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from dynaformer.errors import Interrupted
+    from dynaformer.train.metrics import read_metrics
+
+    finetune(_ft_cfg(tmp_path / "a"), _ft_model())
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def ctrl_c_at_step_7(*a, **kw):
+        calls.append(1)
+        if len(calls) == 7:
+            os.kill(os.getpid(), signal.SIGINT)  # finetune's handler turns it into a clean stop
+        return clip(*a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", ctrl_c_at_step_7)
+    with pytest.raises(Interrupted, match="step 7"):
+        finetune(_ft_cfg(tmp_path / "b"), _ft_model())
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    assert sorted(p.name for p in (tmp_path / "b").glob("step-*")) == ["step-4", "step-7"]
+    result = finetune(_ft_cfg(tmp_path / "b"), _ft_model())  # the same command continues the run
+    assert result["step"] == 12
+    wa, wb = (load_file(tmp_path / r / "step-12" / "model.safetensors") for r in ("a", "b"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = (read_metrics(tmp_path / r / "metrics.jsonl") for r in ("a", "b"))
+    assert [(r["step"], r["loss"], r["val_accuracy"]) for r in ma] == [(r["step"], r["loss"], r["val_accuracy"])
+                                                                       for r in mb]
+    # a finished run asked again: nothing to do, the same result
+    assert finetune(_ft_cfg(tmp_path / "b"), _ft_model())["accuracy"] == result["accuracy"]
+
+
+def test_finetune_refuses_a_folder_holding_another_run(tmp_path):
+    finetune(_ft_cfg(tmp_path / "r", max_steps=2, eval_interval=2), _ft_model())
+    with pytest.raises(DynaformerError, match=r"different run \(finetune.lr"):
+        finetune(_ft_cfg(tmp_path / "r", max_steps=2, eval_interval=2, lr=5e-4), _ft_model())
+    with pytest.raises(DynaformerError, match="already exists"):
+        finetune(_ft_cfg(tmp_path / "r", max_steps=2, eval_interval=2, resume="none"), _ft_model())
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    res = run_cli("finetune", "--task", "keyword", "--out", str(tmp_path / "other"), "--max_steps", "2")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "not a finetune run" in res.stderr
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
