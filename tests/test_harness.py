@@ -260,3 +260,54 @@ def test_matched_wall_clock_sets_steps_per_variant(tmp_path):
     assert {c.variant: c.train["max_steps"] for c in cells} == steps
     again = prepare(grid_from_dict(raw), tmp_path / "o", skip_invalid=False)  # resume reuses the calibration
     assert {c.variant: c.train["max_steps"] for c in again} == steps
+
+
+ENC_GRID = {
+    **GRID, "name": "enc-fixture", "seeds": 2,
+    "train": {**GRID["train"], "max_steps": 2, "eval_interval": 2, "ckpt_interval": 2, "log_interval": 1},
+    "eval": {**GRID["eval"], "tasks": ["passkey"], "n_per_distance": 2, "text_tokens": 256, "multiples": [1]},
+    "encoder": {"model": {"n_layer": 1, "context_len": 64},
+                "finetune": {"n_train": 96, "n_val": 48, "max_steps": 6, "batch_size": 8, "eval_interval": 3,
+                             "threads": 1, "progress_bar": False},
+                "tasks": {"keyword": {"distance": 8}, "listops": {"depth": 1}}},
+}
+
+
+def test_encoder_cells_run_resume_and_reach_the_report(tmp_path):
+    grid = grid_from_dict(ENC_GRID)
+    enc = [c for c in grid.cells() if c.task is not None]
+    assert sorted({(c.task, c.variant) for c in enc}) == [("keyword", "baseline"), ("keyword", "dyn_span"),
+                                                          ("listops", "baseline"), ("listops", "dyn_span")]
+    assert all(c.model["causal"] is False and c.model["n_layer"] == 1 for c in enc)
+    assert {c.model["span"] for c in enc if c.variant == "dyn_span"} == {"dynamic"}
+    out = tmp_path / "out"
+    status = run_grid(grid, out, workers=0, progress=False)
+    assert len(status["done"]) == 4 + 8 and not status["failed"], status
+    one = out / "encoder" / "listops" / "dyn_span" / "seed1"
+    first = json.loads((one / "result.json").read_text())
+    assert first["kind"] == "encoder" and 0 <= first["accuracy"] <= 1 and first["steps"] == 6
+    (one / "result.json").unlink()  # as if killed after training, before its result was written
+    status = run_grid(grid, out, workers=0, progress=False)
+    assert len(status["done"]) == 12
+    again = json.loads((one / "result.json").read_text())
+    assert {k: v for k, v in again.items() if k != "elapsed_s"} == {k: v for k, v in first.items()
+                                                                     if k != "elapsed_s"}
+    rep = write_report([out], tmp_path / "rep")
+    md = Path(rep["markdown"]).read_text()
+    assert "Understanding tasks: encoders fine-tuned on classification" in md
+    rows = [ln for ln in md.splitlines() if ln.startswith("| keyword |") or ln.startswith("| listops |")]
+    assert len(rows) == 4
+    assert sum("(reference)" in r for r in rows) == 2
+    assert all(any(v in r for v in ("supported", "contradicted", "inconclusive")) for r in rows
+               if "(reference)" not in r)
+    assert "Encoder accuracy by distance" in md
+    assert len(rep["verdicts"]) == 10  # the seed-question table is unchanged
+
+
+def test_encoder_grid_validation():
+    with pytest.raises(ConfigError, match="unknown task 'sentiment'"):
+        grid_from_dict({**ENC_GRID, "encoder": {"tasks": ["sentiment"]}})
+    with pytest.raises(ConfigError, match="'nope' is not a variant"):
+        grid_from_dict({**ENC_GRID, "encoder": {"variants": ["nope"]}})
+    with pytest.raises(ConfigError, match="finetune.bogus"):
+        grid_from_dict({**ENC_GRID, "encoder": {"finetune": {"bogus": 1}}}).cells()

@@ -60,6 +60,8 @@ def run_cell(cell_dir: Path, progress_bar: bool = False) -> dict:
     from ..train.trainer import Trainer
 
     spec = json.loads((cell_dir / "cell.json").read_text())
+    if spec.get("kind") == "encoder":
+        return run_encoder_cell(cell_dir, spec, progress_bar)
     run_dir = cell_dir / "run"
     if run_dir.exists() and not (run_dir / "run.json").is_file():
         shutil.rmtree(run_dir)  # killed while the run folder was being created: start it again
@@ -72,6 +74,25 @@ def run_cell(cell_dir: Path, progress_bar: bool = False) -> dict:
     result = evaluate_trained(trainer, spec["eval"])
     result.update({"variant": spec["variant"], "seed": spec["seed"], "status": "ok", "summary": summary,
                    "model": spec["model"], "train": spec["train"]})
+    write_json(cell_dir / "result.json", _finite(result))
+    return result
+
+
+def run_encoder_cell(cell_dir: Path, spec: dict, progress_bar: bool = False) -> dict:
+    """Fine-tune a bidirectional classifier from scratch on the cell's task (resuming from its newest
+    checkpoint) and record accuracy, macro-F1 and accuracy by distance."""
+    from ..train.finetune import FinetuneConfig, finetune
+
+    fcfg = from_dict(FinetuneConfig, {**spec["finetune"], "out": str(cell_dir / "run"), "resume": "auto",
+                                      "progress_bar": progress_bar}, "finetune")
+    res = finetune(fcfg, from_dict(ModelConfig, spec["model"], "model"))
+    metrics = read_metrics(cell_dir / "run" / "metrics.jsonl")
+    result = {"kind": "encoder", "variant": spec["variant"], "seed": spec["seed"], "task": spec["task"],
+              "status": "ok", "accuracy": res["accuracy"], "macro_f1": res["macro_f1"],
+              "accuracy_by_distance": res["accuracy_by_distance"], "chance": res["chance"], "params": res["params"],
+              "steps": res["step"], "elapsed_s": metrics[-1]["elapsed_s"] if metrics else None,
+              "curve": [[r["step"], r["val_accuracy"]] for r in metrics if "val_accuracy" in r],
+              "model": spec["model"], "finetune": spec["finetune"]}
     write_json(cell_dir / "result.json", _finite(result))
     return result
 

@@ -32,6 +32,8 @@ from .grid import Cell, Grid
 
 
 def cell_dir(out: Path, cell: Cell) -> Path:
+    if cell.task is not None:
+        return out / "encoder" / cell.task / cell.variant / f"seed{cell.seed}"
     return out / "cells" / cell.variant / f"seed{cell.seed}"
 
 
@@ -95,7 +97,7 @@ def calibrate_steps(grid: Grid, cells: list[Cell], repeats: int = 5) -> dict[str
     fns = {}
     first = {}
     for c in cells:
-        if c.model is not None and c.variant not in first:
+        if c.model is not None and c.task is None and c.variant not in first:
             first[c.variant] = c
     for name, c in first.items():
         mcfg = from_dict(ModelConfig, c.model, "model")
@@ -131,7 +133,7 @@ def prepare(grid: Grid, out: Path, skip_invalid: bool) -> list[Cell]:
     cells = grid.cells(skip_invalid)
     from ..data.tasks import make_task
 
-    for C in sorted({c.model["context_len"] for c in cells if c.model is not None}):
+    for C in sorted({c.model["context_len"] for c in cells if c.model is not None and c.task is None}):
         for t in grid.eval["tasks"]:  # fail now, not after training
             task = make_task(t)
             task.generate(1, C, task.distance_range(C)[0])
@@ -146,7 +148,7 @@ def prepare(grid: Grid, out: Path, skip_invalid: bool) -> list[Cell]:
             raise DynaformerError(f"'{out}' holds a different grid ({info.get('name')}); choose another --out")
         steps = info.get("steps", {})
         if grid.match == "wall_clock":
-            new = [c for c in cells if c.model is not None and c.variant not in steps]
+            new = [c for c in cells if c.model is not None and c.task is None and c.variant not in steps]
             if new:
                 steps.update(calibrate_steps(grid, new))
                 write_json(info_path, {**info, "steps": steps})
@@ -164,11 +166,15 @@ def prepare(grid: Grid, out: Path, skip_invalid: bool) -> list[Cell]:
     for c in cells:
         if c.error:
             continue
-        if c.variant in steps:
+        if c.task is None and c.variant in steps:
             c.train["max_steps"] = int(steps[c.variant])
         d = cell_dir(out, c)
         d.mkdir(parents=True, exist_ok=True)
-        spec = {"variant": c.variant, "seed": c.seed, "model": c.model, "train": c.train, "eval": grid.eval}
+        if c.task is None:
+            spec = {"variant": c.variant, "seed": c.seed, "model": c.model, "train": c.train, "eval": grid.eval}
+        else:
+            spec = {"kind": "encoder", "variant": c.variant, "seed": c.seed, "task": c.task, "model": c.model,
+                    "finetune": c.finetune}
         if (d / "cell.json").exists():
             try:
                 old = json.loads((d / "cell.json").read_text())
@@ -197,9 +203,8 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
     """Run every pending cell. workers=0 runs cells in this process (tests); N ≥ 1 runs up to N cell
     processes at once. Returns {"done", "failed", "busy", "skipped"} cell keys."""
     cells = prepare(grid, out, skip_invalid)
-    total = sum(c.train["max_steps"] for c in cells)
-    done_steps = {c.key: (c.train["max_steps"] if (cell_dir(out, c) / "result.json").exists() else 0)
-                  for c in cells}
+    total = sum(c.steps for c in cells)
+    done_steps = {c.key: (c.steps if (cell_dir(out, c) / "result.json").exists() else 0) for c in cells}
     bar = tqdm(total=total, initial=sum(done_steps.values()), unit="step", desc=f"grid {grid.name}",
                disable=not progress, dynamic_ncols=True)
     pending = [c for c in cells if not (cell_dir(out, c) / "result.json").exists()]
@@ -233,8 +238,8 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
                         report["failed"].append(f"{c.key}: {e}")
                     finally:
                         unlock(d)
-                    bar.update(c.train["max_steps"] - done_steps[c.key])
-                    done_steps[c.key] = c.train["max_steps"]
+                    bar.update(c.steps - done_steps[c.key])
+                    done_steps[c.key] = c.steps
                     continue
                 log = open(d / "cell.log", "a")
                 proc = subprocess.Popen([sys.executable, "-m", "dynaformer.harness.cell", str(d)], stdout=log,
@@ -244,7 +249,7 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
                 running[c.key] = (proc, c, d)
                 bar.set_postfix_str(", ".join(running))
             for key, (proc, c, d) in list(running.items()):
-                s = c.train["max_steps"] if proc.poll() is not None else _last_step(d)
+                s = c.steps if proc.poll() is not None else _last_step(d)
                 bar.update(max(0, s - done_steps[key]))
                 done_steps[key] = max(done_steps[key], s)
                 if proc.poll() is None:

@@ -11,6 +11,14 @@
     match: tokens                                 # or wall_clock (with wall_clock_s per cell)
     eval: {n_per_distance: 40, text_tokens: 16384, multiples: [1, 2, 4]}
     questions: {reference: baseline, residual: dyn_residual, span: dyn_span}
+    encoder:                                      # optional: the understanding study (seed 000's NLU tasks)
+      model: {n_layer: 2, context_len: 256}       # overrides of the base model (causal is set false)
+      finetune: {n_train: 1500, max_steps: 200}   # FinetuneConfig fields shared by every encoder cell
+      tasks: {keyword: {distance: 16}, entail: {}}  # generated tasks (a list, or name → finetune overrides)
+      variants: [baseline, dyn_residual, dyn_span, both]  # grid variants whose model overrides apply
+
+Encoder cells fine-tune a bidirectional classifier from scratch on each task, for every listed variant
+and seed; the report compares their accuracy with the reference variant's.
 
 A variant whose overrides do not validate against the installed ModelConfig/TrainConfig (e.g. a
 residual kind this build does not have) is an error naming the variant — or, with skip_invalid, a
@@ -45,12 +53,23 @@ class Cell:
     variant: str
     seed: int
     model: dict | None  # resolved config dicts (None when the variant is invalid)
-    train: dict | None
+    train: dict | None  # language-model cells: the training config
     error: str | None = None
+    task: str | None = None  # encoder cells: the classification task and the fine-tuning config
+    finetune: dict | None = None
+
+    @property
+    def kind(self) -> str:
+        return "lm" if self.task is None else "encoder"
 
     @property
     def key(self) -> str:
-        return f"{self.variant}/seed{self.seed}"
+        prefix = "" if self.task is None else f"encoder-{self.task}/"
+        return f"{prefix}{self.variant}/seed{self.seed}"
+
+    @property
+    def steps(self) -> int:
+        return int((self.train if self.task is None else self.finetune)["max_steps"])
 
 
 @dataclass
@@ -63,11 +82,12 @@ class Grid:
     wall_clock_s: float | None = None
     eval: dict = field(default_factory=lambda: dict(EVAL_DEFAULTS))
     questions: dict = field(default_factory=lambda: dict(QUESTION_DEFAULTS))
+    encoder: dict | None = None  # {model, finetune, tasks: {name: overrides}, variants: [...]}
 
     def to_dict(self) -> dict:
         return {"name": self.name, "base": self.base, "variants": self.variants, "seeds": self.seeds,
                 "match": self.match, "wall_clock_s": self.wall_clock_s, "eval": self.eval,
-                "questions": self.questions}
+                "questions": self.questions, "encoder": self.encoder}
 
     def fingerprint(self) -> str:
         """What every cell shares (variants and seeds may be added to a grid folder later)."""
@@ -88,6 +108,26 @@ class Grid:
                 t = to_dict(tcfg)
                 t["seed"] = int(s)
                 out.append(Cell(name, int(s), to_dict(mcfg), t))
+        return out + self.encoder_cells(skip_invalid)
+
+    def encoder_cells(self, skip_invalid: bool = False) -> list[Cell]:
+        if not self.encoder:
+            return []
+        out = []
+        for name in self.encoder["variants"]:
+            if name not in self.variants:
+                continue  # a variant left out of this run (--variants)
+            for task, overrides in self.encoder["tasks"].items():
+                try:
+                    mcfg, fcfg = resolve_encoder(self.base, self.encoder, self.variants[name], task, overrides, name)
+                except ConfigError as e:
+                    if not skip_invalid:
+                        raise
+                    out += [Cell(name, s, None, None, error=str(e), task=task) for s in self.seeds]
+                    continue
+                for s in self.seeds:
+                    f = {**to_dict(fcfg), "seed": int(s)}
+                    out.append(Cell(name, int(s), to_dict(mcfg), None, task=task, finetune=f))
         return out
 
 
@@ -100,6 +140,48 @@ def resolve(base: dict[str, dict], overrides: dict[str, dict], variant: str) -> 
         raise ConfigError(f"variant '{variant}': {e}") from None
 
 
+def resolve_encoder(base: dict[str, dict], encoder: dict, variant_overrides: dict[str, dict], task: str,
+                    task_overrides: dict, variant: str):
+    """(ModelConfig, FinetuneConfig) of an encoder cell: base model + encoder model + the variant's model
+    overrides, bidirectional; the encoder's finetune fields + the task's."""
+    from ..train.finetune import FinetuneConfig
+
+    m = {**base.get("model", {}), **encoder.get("model", {}), **variant_overrides.get("model", {}), "causal": False}
+    f = {**encoder.get("finetune", {}), **task_overrides, "task": task}
+    try:
+        mcfg = from_dict(ModelConfig, m, "model")
+        fcfg = from_dict(FinetuneConfig, f, "finetune")
+    except ConfigError as e:
+        raise ConfigError(f"encoder variant '{variant}', task '{task}': {e}") from None
+    return mcfg, fcfg
+
+
+ENCODER_TASKS = ("keyword", "entail", "listops")
+
+
+def _parse_encoder(raw, variants: dict) -> dict | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError("grid.encoder: expected a mapping with model, finetune, tasks, variants")
+    unknown = sorted(set(raw) - {"model", "finetune", "tasks", "variants"})
+    if unknown:
+        raise ConfigError(f"grid.encoder: unknown key '{unknown[0]}' (known: finetune, model, tasks, variants)")
+    tasks = raw.get("tasks") or ["keyword"]
+    if isinstance(tasks, list):
+        tasks = {str(t): {} for t in tasks}
+    else:
+        tasks = {str(k): dict(v or {}) for k, v in tasks.items()}
+    for t in tasks:
+        if t not in ENCODER_TASKS:
+            raise ConfigError(f"grid.encoder.tasks: unknown task '{t}' (generated tasks: {', '.join(ENCODER_TASKS)})")
+    names = raw.get("variants") or [v for v in ("baseline", "dyn_residual", "dyn_span", "both") if v in variants]
+    if not isinstance(names, list) or not names:
+        raise ConfigError("grid.encoder.variants: expected a list of grid variant names")
+    return {"model": dict(raw.get("model") or {}), "finetune": dict(raw.get("finetune") or {}), "tasks": tasks,
+            "variants": [str(n) for n in names]}
+
+
 def load_grid(path: str | Path, variants: list[str] | None = None, seeds: int | list[int] | None = None) -> Grid:
     p = Path(path)
     raw = read_yaml_mapping(p, "grid")
@@ -109,12 +191,13 @@ def load_grid(path: str | Path, variants: list[str] | None = None, seeds: int | 
 def grid_from_dict(raw: dict, name: str = "grid", variants: list[str] | None = None,
                    seeds: int | list[int] | None = None) -> Grid:
     raw = copy.deepcopy(raw)
-    known = {"name", "model", "train", "variants", "seeds", "match", "wall_clock_s", "eval", "questions"}
+    known = {"name", "model", "train", "variants", "seeds", "match", "wall_clock_s", "eval", "questions", "encoder"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"grid: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
     base = split_sections({k: raw.get(k, {}) or {} for k in ("model", "train")}, "grid base")
     vs = raw.get("variants") or {"baseline": {}}
+    all_names = set(vs) if isinstance(vs, dict) else set()
     if not isinstance(vs, dict):
         raise ConfigError("grid.variants: expected a mapping name → overrides")
     parsed = {}
@@ -147,6 +230,11 @@ def grid_from_dict(raw: dict, name: str = "grid", variants: list[str] | None = N
     for t in ev["tasks"]:
         make_task(t)
     qs = {**QUESTION_DEFAULTS, **(raw.get("questions") or {})}
-    grid = Grid(str(raw.get("name", name)), base, parsed, seed_list, match, wall, ev, qs)
+    encoder = _parse_encoder(raw.get("encoder"), all_names)
+    if encoder:
+        missing = [v for v in encoder["variants"] if v not in all_names]
+        if missing:
+            raise ConfigError(f"grid.encoder.variants: '{missing[0]}' is not a variant of this grid")
+    grid = Grid(str(raw.get("name", name)), base, parsed, seed_list, match, wall, ev, qs, encoder)
     resolve(base, {}, "(base)")  # the base itself must validate
     return grid

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DynaformerError
+from .encoder_report import encoder_blocks
 from .grid import QUESTION_DEFAULTS
 from .stats import mean_sd
 from .verdicts import METRICS, QUESTIONS, THRESHOLDS, judge, metric_label, metric_value
@@ -33,6 +34,14 @@ class Collected:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (cell, reason)
     questions: dict = field(default_factory=lambda: dict(QUESTION_DEFAULTS))
     grids: list[str] = field(default_factory=list)
+    encoder: dict[str, dict[str, list[dict]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+
+    def add(self, r: dict, d: Path) -> None:
+        if r.get("kind") == "encoder":
+            self.encoder[r["task"]][r["variant"]].append(r)
+        else:
+            self.results[r["variant"]].append(r)
+            self.dirs[r["variant"]].append(d)
 
 
 def _read_result(d: Path) -> tuple[dict | None, str | None]:
@@ -43,7 +52,8 @@ def _read_result(d: Path) -> tuple[dict | None, str | None]:
             from .compare import _last_step
 
             try:
-                total = json.loads((d / "cell.json").read_text())["train"]["max_steps"]
+                spec = json.loads((d / "cell.json").read_text())
+                total = (spec.get("train") or spec["finetune"])["max_steps"]
             except (OSError, ValueError, KeyError):
                 total = "?"
             step = _last_step(d)
@@ -81,14 +91,16 @@ def collect(paths: list[str | Path]) -> Collected:
             except (OSError, ValueError):
                 pass
             cells = sorted(q.parent for q in (p / "cells").glob("*/seed*/cell.json"))
+            cells += sorted(q.parent for q in (p / "encoder").glob("*/*/seed*/cell.json"))
             n_ok = 0
             for d in cells:
                 r, why = _read_result(d)
                 if r is None:
-                    col.skipped.append((f"{d.parent.name}/{d.name}", why))
+                    name = f"{d.parent.name}/{d.name}"
+                    col.skipped.append((f"encoder-{d.parent.parent.name}/{name}" if d.parent.parent.parent.name ==
+                                        "encoder" else name, why))
                     continue
-                col.results[r["variant"]].append(r)
-                col.dirs[r["variant"]].append(d)
+                col.add(r, d)
                 n_ok += 1
             if n_ok == 0:
                 reasons = "; ".join(f"{c}: {w}" for c, w in col.skipped[-3:]) or "no cells"
@@ -97,8 +109,7 @@ def collect(paths: list[str | Path]) -> Collected:
             r, why = _read_result(p)
             if r is None:
                 raise DynaformerError(f"'{p}': {why}")
-            col.results[r["variant"]].append(r)
-            col.dirs[r["variant"]].append(p)
+            col.add(r, p)
         elif (p / "run.json").exists():
             raise DynaformerError(f"'{p}' is a training run folder without harness results; run it through "
                                   f"`dynaformer compare` (or give the compare folder)")
@@ -108,6 +119,9 @@ def collect(paths: list[str | Path]) -> Collected:
         order = sorted(range(len(col.results[v])), key=lambda i: col.results[v][i]["seed"])
         col.results[v] = [col.results[v][i] for i in order]
         col.dirs[v] = [col.dirs[v][i] for i in order]
+    for by_variant in col.encoder.values():
+        for v in by_variant:
+            by_variant[v].sort(key=lambda r: r["seed"])
     return col
 
 
@@ -402,6 +416,8 @@ def build(col: Collected, plots: bool = True) -> list[tuple]:
     head, vrows = variant_table(col)
     blocks.append(("table", head, vrows))
     blocks.append(("p", "; ".join(f"{k}: {v[0]}" for k, v in METRICS.items())))
+    enc_colors = _colors(sorted({v for by in col.encoder.values() for v in by} | set(col.results)))
+    blocks += encoder_blocks(col.encoder, col.questions.get("reference", "baseline"), enc_colors, _plt(), plots)
     have_plt = _plt() is not None
     figures = [
         ("Loss curves", lambda: plot_loss(col, colors)),

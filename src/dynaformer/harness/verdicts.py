@@ -87,6 +87,12 @@ METRICS = {
 }
 
 
+# Encoder cells (fine-tuned classifiers): judged in the report's encoder section, not in the seed-question table.
+ENCODER_METRICS = {
+    "enc_accuracy": ("fine-tuned classification accuracy", lambda r: r.get("accuracy")),
+    "enc_macro_f1": ("fine-tuned classification macro-F1", lambda r: r.get("macro_f1")),
+}
+
 DETERMINISTIC = {"infer_flops", "kv_bytes"}  # analytic or exact: equal across seeds by construction
 ACCURACY = {"far_acc", "qa_acc"}  # both arms at the floor (< D_ACC) cannot tell variants apart
 
@@ -94,7 +100,7 @@ ACCURACY = {"far_acc", "qa_acc"}  # both arms at the floor (< D_ACC) cannot tell
 def metric_value(r: dict, name: str):
     if name.startswith("attn_importance_l"):
         return _get(r, "diagnostics", "attn_ablation", "delta", int(name.rsplit("l", 1)[1]))
-    v = METRICS[name][1](r)
+    v = (ENCODER_METRICS[name] if name in ENCODER_METRICS else METRICS[name])[1](r)
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
 
 

@@ -60,6 +60,7 @@ class FinetuneConfig:
     grad_clip: float = 1.0
     ckpt_interval: int = 0  # steps between step-N checkpoints (0: every eval_interval)
     keep_last: int = 2  # checkpoints kept (0: all)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
     resume: str = "auto"  # auto: continue the run in --out from its newest good checkpoint; none: a new folder
 
     def validate(self) -> None:
@@ -139,8 +140,10 @@ def finetune(cfg: FinetuneConfig, model_cfg: ModelConfig) -> dict:
     """Train a classifier; step-N checkpoints (weights, optimizer, sampler and RNG state) make an interrupted
     run continue bit-exactly with the same command (`--resume auto`, the default)."""
     from ..eval.run import load_model
+    from .trainer import resolve_device
 
     out = Path(cfg.out)
+    device = resolve_device(cfg.device, "finetune.device")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = load_task(cfg)
@@ -160,8 +163,10 @@ def finetune(cfg: FinetuneConfig, model_cfg: ModelConfig) -> dict:
     model = SequenceClassifier(model_cfg, len(data.labels))
     if init_tensors is not None:
         model.backbone.load_state_dict(init_tensors, strict=False)
-    tr = encode(data.train, tokenizer, data.labels, cfg.max_len)
+    model.to(device)
+    tr = tuple(t.to(device) for t in encode(data.train, tokenizer, data.labels, cfg.max_len)[:3])
     va = encode(data.val, tokenizer, data.labels, cfg.max_len)
+    va = (*(t.to(device) for t in va[:3]), va[3])
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, elapsed_before, result = 0, 0.0, {}
@@ -211,7 +216,7 @@ def finetune(cfg: FinetuneConfig, model_cfg: ModelConfig) -> dict:
             lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / cfg.max_steps)))
             for g in opt.param_groups:
                 g["lr"] = lr
-            idx = torch.randint(0, len(tr[0]), (cfg.batch_size,), generator=gen)
+            idx = torch.randint(0, len(tr[0]), (cfg.batch_size,), generator=gen).to(device)
             mask = tr[1][idx]
             T = int(mask.sum(1).max())
             _, loss = model(tr[0][idx, :T], mask[:, :T], tr[2][idx])
@@ -244,7 +249,8 @@ def finetune(cfg: FinetuneConfig, model_cfg: ModelConfig) -> dict:
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out / "eval.json")
     chance = 1.0 / len(data.labels)
-    return {"run_dir": str(out), "chance": chance, "step": step, **result}
+    params = sum(p.numel() for p in model.parameters())
+    return {"run_dir": str(out), "chance": chance, "step": step, "params": params, **result}
 
 
 def finetune_config(values: dict) -> FinetuneConfig:

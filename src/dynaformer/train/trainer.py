@@ -38,15 +38,15 @@ from .rundir import Run
 from .state import load_model_state_dict, load_optimizer_state, model_state, optimizer_state
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, field: str = "train.device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise DynaformerError(f"train.device: unknown device '{name}'") from None
+        raise DynaformerError(f"{field}: unknown device '{name}'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DynaformerError(f"train.device: '{name}' was requested but CUDA is not available")
+        raise DynaformerError(f"{field}: '{name}' was requested but CUDA is not available")
     return dev
 
 
