@@ -246,3 +246,30 @@ def test_band_survives_an_invisible_key_that_outscores_every_visible_one(hard):
     got = band_span_attention(q, k, v, z, 4.0, hard, chunk=16)
     assert torch.isfinite(got).all()
     assert _rel(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["per_head", "dynamic"])
+def test_heads_that_cover_everything_run_dense_and_still_match(kind, monkeypatch):
+    # One head's span covers the whole sequence: auto runs it as dense SDPA and the rest through the band
+    # kernel; outputs and gradients (spans included) equal the reference.
+    import dynaformer.kernels.span as S
+
+    calls = []
+    band = S.band_span_attention
+    monkeypatch.setattr(S, "band_span_attention", lambda q, *a, **kw: calls.append(q.shape[1]) or band(q, *a, **kw))
+    B, H, T = 2, 4, 150
+    q, k, v = (torch.randn(B, H, T, 16, requires_grad=True) for _ in range(3))
+    z = _spans(kind, B, H, T, 5.0, 30.0)
+    z[:, 2] = 500.0  # head 2 sees everything
+    z.requires_grad_(True)
+    go = torch.randn(B, H, T, 16)
+    outs = []
+    for fn in (lambda: reference_span_attention(q, k, v, z, 8.0), lambda: span_attention(q, k, v, z, 8.0)):
+        for t in (q, k, v, z):
+            t.grad = None
+        out = fn()
+        out.backward(go)
+        outs.append([out.detach()] + [t.grad.clone() for t in (q, k, v, z)])
+    assert calls == [3]  # the band kernel saw only the three short heads
+    for a, b in zip(outs[1], outs[0], strict=True):
+        assert _rel(a, b) <= 1e-5

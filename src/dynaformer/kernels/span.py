@@ -87,8 +87,13 @@ def decode_span_attention(q, k, v, z, ramp: float, hard: bool = False) -> torch.
 
 def span_covers_all(z: torch.Tensor, Tq: int, Tk: int) -> bool:
     """True when every query sees all its causal keys with weight 1 (z_i ≥ i + o): the mask is a no-op."""
+    return bool(heads_covering(z, Tq, Tk).all())
+
+
+def heads_covering(z: torch.Tensor, Tq: int, Tk: int) -> torch.Tensor:
+    """(H,) bool: heads whose every query (in every batch row) sees all its causal keys with weight 1."""
     pos = torch.arange(Tq, device=z.device, dtype=z.dtype) + (Tk - Tq)
-    return bool((z >= pos).all())
+    return (z >= pos).all(-1).all(0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -452,16 +457,22 @@ class _Expand(torch.autograd.Function):
 
 def band_flops(z: torch.Tensor, Tq: int, Tk: int, ramp: float, hard: bool, chunk: int = 64,
                box_waste: float = 0.15) -> tuple[int, int]:
-    """(query·key pairs the band kernel computes, pairs dense causal attention computes) for z (B, H, Tq)."""
-    sets, E = band_plan(z.detach().float(), Tq, Tk, ramp, hard, chunk, box_waste)
+    """(query·key pairs the CPU path computes, pairs dense causal attention computes) for z (B, H, Tq), as
+    `span_attention(impl="auto")` dispatches: heads whose spans cover every key count as dense."""
+    B, H = z.shape[:2]
+    o = Tk - Tq
+    per_head = B * (Tq * o + Tq * (Tq + 1) // 2)
+    dense = H * per_head
+    cover = heads_covering(z.detach().float(), Tq, Tk)
+    if bool(cover.all()):
+        return dense, dense
+    zb = z[:, ~cover] if bool(cover.any()) and H > 1 else z
+    sets, E = band_plan(zb.detach().float(), Tq, Tk, ramp, hard, chunk, box_waste)
     nC = E.shape[1]
-    band = 0
+    band = int(cover.sum()) * per_head if H > 1 else 0
     for kind, where, e, *_ in sets:
         n = (where[1] - where[0]) * (nC - where[2]) if kind == "box" else where.shape[0]
         band += n * (e + chunk) * chunk
-    B, H = z.shape[:2]
-    o = Tk - Tq
-    dense = B * H * (Tq * o + Tq * (Tq + 1) // 2)
     return band, dense
 
 
@@ -525,19 +536,34 @@ _FLEX_COMPILED = None
 # Dispatch
 # ----------------------------------------------------------------------------------------------------
 
+def _split_heads(q, k, v, z, ramp: float, hard: bool, cover: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Heads whose spans cover every key run as dense causal SDPA (their mask is identically 1: the fused
+    kernel is exact and fastest); the others through the band kernel. A long head then costs what a dense
+    head costs, and the short heads stay cheap."""
+    from .attention import causal_attention
+
+    dense_h, band_h = cover.nonzero().flatten(), (~cover).nonzero().flatten()
+    y_dense = causal_attention(q[:, dense_h], k[:, dense_h], v[:, dense_h])
+    y_band = band_span_attention(q[:, band_h], k[:, band_h], v[:, band_h], z[:, band_h], ramp, hard, chunk=chunk)
+    return q.new_empty(q.shape).index_copy(1, dense_h, y_dense).index_copy(1, band_h, y_band)
+
+
 def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, z: torch.Tensor, ramp: float,
                    hard: bool = False, impl: str = "auto", chunk: int = 64) -> torch.Tensor:
     """Causal span attention; q: (B, H, Tq, D), k, v: (B, H, Tk, D), z: (B|1, H, Tq|1) spans in tokens.
 
     impl: auto | band | masked | dense | flex | reference. auto: dense SDPA when the spans cover every key
     (the mask is identically 1), FlexAttention on CUDA, the masked SDPA for short or single-step queries,
-    else the CPU band kernel."""
+    else the CPU band kernel — for the heads that need it, dense SDPA for heads whose spans cover all keys."""
     Tq, Tk = q.shape[-2], k.shape[-2]
     if impl == "auto" and Tq <= 16 and not (torch.is_grad_enabled() and (q.requires_grad or z.requires_grad)):
         return decode_span_attention(q, k, v, z, ramp, hard)
     if impl == "auto":
-        if span_covers_all(z.detach(), Tq, Tk):
+        cover = heads_covering(z.detach(), Tq, Tk)
+        if bool(cover.all()):
             impl = "dense"
+        elif bool(cover.any()) and not q.is_cuda and Tq >= chunk and z.shape[1] > 1:
+            return _split_heads(q, k, v, z, ramp, hard, cover, chunk)
         elif q.is_cuda:
             impl = "flex"
         elif Tq < chunk:  # (from one chunk up the band kernel beats the masked SDPA: measured at T=128)
