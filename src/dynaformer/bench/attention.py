@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", choices=["per_head", "dynamic", "fixed"], default="dynamic",
                    help="per_head: z_h = span; dynamic: z_{t,h} ~ span·U(0.75, 1), a different span per "
                         "token and head; fixed: a hard window of `span` keys (no span gradient)")
+    p.add_argument("--long_heads", type=int, default=0,
+                   help="per_head: this many heads get a span covering the whole sequence (the rest --span)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head_dim", type=int, default=64)
@@ -92,6 +94,7 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
         z = args.span * (0.75 + 0.25 * torch.rand(B, H, T))
     elif args.kind == "per_head":
         z = torch.full((1, H, 1), float(args.span))
+        z[:, : args.long_heads] = float(T)
     else:
         z = torch.full((1, H, 1), float(args.span - 1))  # window of `span` keys: d ≤ span − 1
     z.requires_grad_(backward and not hard)
@@ -123,7 +126,8 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
     zz = z.detach().expand(B, H, T)
     reach = (zz.floor() + 1) if hard else torch.ceil(zz + args.ramp)
     needed = int(torch.minimum(reach, torch.arange(1, T + 1).float()).sum())
-    yield {"bench": "attention", "kind": args.kind, "seq": T, "span": args.span, "ramp": args.ramp, "batch": B,
+    yield {"bench": "attention", "kind": args.kind, "seq": T, "span": args.span, "long_heads": args.long_heads,
+           "ramp": args.ramp, "batch": B,
            "heads": H, "head_dim": D, "dtype": args.dtype, "backward": backward, "span_grad": bool(z.requires_grad),
            "impl": args.impl, "chunk": args.chunk, "threads": torch.get_num_threads(),
            "dense_ms": round(1000 * times["dense"], 2), "span_ms": round(1000 * times["span"], 2),
