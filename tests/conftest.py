@@ -22,6 +22,15 @@ MATRIX = list(itertools.product(RESIDUALS, SPANS))
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def output_and_grads(fn, inputs: list[torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
+    """[fn(), then the gradient of each input that requires one] for the loss <fn(), grad_out>."""
+    for t in inputs:
+        t.grad = None
+    out = fn()
+    out.backward(grad_out)
+    return [out.detach()] + [t.grad.clone() for t in inputs if t.requires_grad]
+
+
 def tiny_config(**overrides) -> ModelConfig:
     base = dict(vocab_size=64, context_len=32, n_layer=2, n_head=2, d_model=32)
     base.update(overrides)

@@ -21,7 +21,7 @@ from dynaformer.model.generate import generate
 from dynaformer.model.span import paid_span
 from dynaformer.model.span_stats import span_stats
 
-from .conftest import run_cli, tiny_config
+from .conftest import output_and_grads, run_cli, tiny_config
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,11 +52,7 @@ def test_fast_paths_match_reference(kind, B, H, Tq, Tk, zr, ramp, impl):
     go = torch.randn(B, H, Tq, 16)
 
     def run(fn):
-        for t in (q, k, v, z):
-            t.grad = None
-        out = fn()
-        out.backward(go)
-        return [out.detach()] + [t.grad.clone() for t in (q, k, v)] + ([] if hard else [z.grad.clone()])
+        return output_and_grads(fn, [q, k, v, z], go)
 
     ref = run(lambda: reference_span_attention(q, k, v, z, ramp, hard))
     if impl == "masked":

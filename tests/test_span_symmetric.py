@@ -13,6 +13,8 @@ from dynaformer.kernels.span_symmetric import (
     symmetric_span_attention,
 )
 
+from .conftest import output_and_grads
+
 CASES = [  # kind, B, H, T, span range, ramp
     ("dynamic", 2, 3, 100, (0.0, 30.0), 8.0),
     ("dynamic", 1, 2, 97, (40.0, 120.0), 16.0),  # reaches past both ends of the sequence
@@ -43,11 +45,7 @@ def test_band_matches_reference(kind, B, H, T, zr, ramp, padded, dtype):
     go = torch.randn(B, H, T, 16, dtype=dtype)
 
     def run(fn):
-        for t in (q, k, v, z):
-            t.grad = None
-        out = fn()
-        out.backward(go)
-        return [out.detach()] + [t.grad.clone() for t in (q, k, v)] + ([] if hard else [z.grad.clone()])
+        return output_and_grads(fn, [q, k, v, z], go)
 
     ref = run(lambda: reference_symmetric_span_attention(q, k, v, z, ramp, hard, mask))
     got = run(lambda: band_symmetric_span_attention(q, k, v, z, ramp, hard, mask, chunk=16))
