@@ -44,7 +44,7 @@ CASES = [  # kind, B, H, Tq, Tk, span range, ramp
 
 
 @pytest.mark.parametrize("kind,B,H,Tq,Tk,zr,ramp", CASES)
-@pytest.mark.parametrize("impl", ["band_box", "band_gather", "masked"])
+@pytest.mark.parametrize("impl", ["band_box", "band_gather", "band_recompute", "masked"])
 def test_fast_paths_match_reference(kind, B, H, Tq, Tk, zr, ramp, impl):
     hard = kind == "fixed"
     q, k, v = (torch.randn(B, H, T, 16, requires_grad=True) for T in (Tq, Tk, Tk))
@@ -58,8 +58,9 @@ def test_fast_paths_match_reference(kind, B, H, Tq, Tk, zr, ramp, impl):
     if impl == "masked":
         got = run(lambda: masked_sdpa_span_attention(q, k, v, z, ramp, hard))
     else:  # chunk 16: lengths are not multiples of it; box_waste 0/1 forces the gather / box batching
-        waste = 1.0 if impl == "band_box" else 0.0
-        got = run(lambda: band_span_attention(q, k, v, z, ramp, hard, chunk=16, box_waste=waste))
+        waste = 0.0 if impl == "band_gather" else 1.0
+        keep = impl != "band_recompute"  # recompute: the backward rebuilds P from the kept log-sum-exp
+        got = run(lambda: band_span_attention(q, k, v, z, ramp, hard, chunk=16, box_waste=waste, keep_scores=keep))
     names = ["out", "dq", "dk", "dv", "dz"]
     for name, a, b in zip(names[: len(got)], got, ref, strict=True):
         assert _rel(a, b) <= 1e-5, (name, _rel(a, b))
@@ -229,19 +230,25 @@ def test_flex_block_mask_matches_reference_forward(kind, monkeypatch):
 
 
 @pytest.mark.parametrize("hard", [False, True])
-def test_band_survives_an_invisible_key_that_outscores_every_visible_one(hard):
+@pytest.mark.parametrize("keep", [True, False])
+def test_band_survives_an_invisible_key_that_outscores_every_visible_one(hard, keep):
     # The band kernel's softmax takes the row max over all window columns; a key outside the span whose
-    # score beats every visible one by far more than exp's range must not zero the visible row (NaN).
+    # score beats every visible one by far more than exp's range must not zero the visible row (NaN), nor
+    # overflow when the backward recomputes P from the log-sum-exp.
     torch.manual_seed(0)
     B, H, T, D = 1, 2, 160, 16
     q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
     q[..., 0] = 1.0
     k[:, :, 40:60, 0] = 2000.0  # far keys: out of every late query's span, scores ~ +500
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     z = torch.full((1, H, 1), 20.0, requires_grad=not hard)
-    ref = reference_span_attention(q, k, v, z, 4.0, hard)
-    got = band_span_attention(q, k, v, z, 4.0, hard, chunk=16)
-    assert torch.isfinite(got).all()
-    assert _rel(got, ref) <= 1e-5
+    go = torch.randn(B, H, T, D)
+    ref = output_and_grads(lambda: reference_span_attention(q, k, v, z, 4.0, hard), [q, k, v, z], go)
+    got = output_and_grads(lambda: band_span_attention(q, k, v, z, 4.0, hard, chunk=16, keep_scores=keep),
+                           [q, k, v, z], go)
+    assert _rel(got[0], ref[0]) <= 1e-5
+    for a, b in zip(got, ref, strict=True):  # gradients through |k| = 2000 keys: fp32 rounding ~1e-4 on both
+        assert torch.isfinite(a).all() and _rel(a, b) <= 1e-3
 
 
 @pytest.mark.parametrize("kind", ["per_head", "dynamic"])

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from ..kernels.span import band_flops, span_attention
+from ..kernels.span import band_flops, band_span_attention, span_attention
 from ..kernels.span_symmetric import symmetric_span_attention
 from ..model import ModelConfig, Transformer
 from ..model.span_stats import span_stats
@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--impl", default="auto", help="auto | band | masked | dense | reference")
     p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--recompute", action="store_true",
+                   help="band kernel: keep only the log-sum-exp and recompute P in the backward (the mode "
+                        "large calls switch to automatically)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no_backward", action="store_true", help="time the forward pass only")
     p.add_argument("--encoder", action="store_true",
@@ -109,6 +112,8 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
         if args.encoder:
             impl = {"auto": "auto", "band": "band"}.get(args.impl, "dense")
             out = symmetric_span_attention(q, k, v, z, args.ramp, hard, impl=impl, chunk=args.chunk)
+        elif args.recompute:
+            out = band_span_attention(q, k, v, z, args.ramp, hard, chunk=args.chunk, keep_scores=False)
         else:
             out = span_attention(q, k, v, z, args.ramp, hard=hard, impl=args.impl, chunk=args.chunk)
         if backward:
@@ -129,7 +134,8 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
     yield {"bench": "attention", "kind": args.kind, "seq": T, "span": args.span, "long_heads": args.long_heads,
            "ramp": args.ramp, "batch": B,
            "heads": H, "head_dim": D, "dtype": args.dtype, "backward": backward, "span_grad": bool(z.requires_grad),
-           "impl": args.impl, "chunk": args.chunk, "threads": torch.get_num_threads(),
+           "impl": "band (recompute)" if args.recompute else args.impl, "chunk": args.chunk,
+           "threads": torch.get_num_threads(),
            "dense_ms": round(1000 * times["dense"], 2), "span_ms": round(1000 * times["span"], 2),
            "speedup": round(times["dense"] / times["span"], 3),
            "dense_pairs": dense_pairs, "computed_pairs": computed, "needed_pairs": needed,

@@ -219,10 +219,12 @@ def _ramp(zs: torch.Tensor, d: torch.Tensor, ramp: float, hard: bool) -> torch.T
 class _BandSpanAttention(torch.autograd.Function):
     """Tiled band attention with explicit score tiles: per piece, S = Q·Kᵀ over the key windows (one batched
     GEMM), the span/causal log-mask added to the ramp and diagonal columns only, softmax in place, O = P·V.
-    P is kept for the backward, which is four batched GEMMs plus the span gradient over the ramp columns."""
+    P is kept for the backward, which is four batched GEMMs plus the span gradient over the ramp columns —
+    or, when the score tiles of one call would exceed _KEEP_BYTES (or keep_scores is False), only each
+    row's log-sum-exp, and the backward recomputes P with one more GEMM per tile."""
 
     @staticmethod
-    def forward(ctx, q, k, v, z, ramp: float, hard: bool, chunk: int, box_waste: float):
+    def forward(ctx, q, k, v, z, ramp: float, hard: bool, chunk: int, box_waste: float, keep_scores: bool | None):
         B, H, Tq, D = q.shape
         Tk = k.shape[-2]
         C, BH, o = chunk, B * H, Tk - Tq
@@ -243,23 +245,21 @@ class _BandSpanAttention(torch.autograd.Function):
         ci = torch.arange(C, device=q.device, dtype=f32)
         future = torch.zeros(C, C, dtype=f32, device=q.device).masked_fill_(  # causal cut, additive
             torch.ones(C, C, dtype=torch.bool, device=q.device).triu_(1), NEG_INF)
+        pieces = _pieces(sets, nC, C)
+        if keep_scores is None:
+            keep_scores = sum(_piece_size(pc, nC) * C * (pc.E + C) for pc in pieces) * 4 <= _KEEP_BYTES
         saved = []
-        for pc in _pieces(sets, nC, C):
-            E, Wr = pc.E, pc.Wr
+        for pc in pieces:
             Q, K, V, zs = _gather(pc, qc, kp, vp, zc, o, C, Tkp, D)
-            m_r = m_d = None
-            if Wr > 0:
-                d_r = ci[:, None] + E - torch.arange(Wr, device=q.device, dtype=f32)[None, :]
-                m_r = _ramp(zs[:1] if pc.const else zs, d_r, ramp, hard)
-            if pc.in_diag:
-                m_d = _ramp(zs, ci[:, None] - ci[None, :], ramp, hard)
+            m_r, m_d = _piece_ramps(pc, zs, ci, ramp, hard)
             S = torch.bmm(Q, K.transpose(1, 2))  # (n, C, W)
-            if not _span_softmax_(S, E, m_r, m_d, future, visible_max=False):
+            lse = _span_softmax_(S, pc.E, m_r, m_d, future, visible_max=False)
+            if lse is None:
                 S = torch.bmm(Q, K.transpose(1, 2))  # rare: redo with the max over visible keys only
-                _span_softmax_(S, E, m_r, m_d, future, visible_max=True)
+                lse = _span_softmax_(S, pc.E, m_r, m_d, future, visible_max=True)
             _bmm_into(pc, out, S, V)
-            saved.append((pc, K, V, S))
-        ctx.saved = saved
+            saved.append((pc, K, V, S, None) if keep_scores else (pc, K, V, None, lse))
+        ctx.saved, ctx.future = saved, future
         ctx.save_for_backward(qc, kp, vp, zc, out)
         ctx.meta = (B, H, Tq, Tk, D, C, nC, pad, ramp, hard, scale)
         ctx.z_shape = z.shape
@@ -279,9 +279,12 @@ class _BandSpanAttention(torch.autograd.Function):
         want_z = ctx.needs_input_grad[3] and not hard
         dz = torch.zeros(BH, nC, C, dtype=f32, device=dout.device) if want_z else None
         ci = torch.arange(C, device=dout.device, dtype=f32)
-        for pc, K, V, P in ctx.saved:
+        for pc, K, V, P, lse in ctx.saved:
             E, Wr = pc.E, pc.Wr
             Q, dO, dl, zs = _gather_q(pc, qc, doc, delta, zc)
+            if P is None:  # only the log-sum-exp was kept: P = m·exp(S − lse)
+                P = _recompute_p(torch.bmm(Q, K.transpose(1, 2)), lse, E, *_piece_ramps(pc, zs, ci, ramp, hard),
+                                 ctx.future)
             dS = torch.bmm(dO, V.transpose(1, 2)).sub_(dl.unsqueeze(-1)).mul_(P)  # ∂L/∂S = P ⊙ (dO·Vᵀ − δ)
             if want_z:
                 # ∂L/∂z_i = Σ_j ∂L/∂S_ij · ∂log m_ij/∂z_i = Σ_j dS_ij / (R m_ij) over the ramp (0 < m < 1)
@@ -305,7 +308,44 @@ class _BandSpanAttention(torch.autograd.Function):
         dv = dv[:, :Tk].reshape(B, H, Tk, D)
         if dz is not None:
             dz = _sum_to(dz.view(B, H, nC * C)[:, :, :Tq], ctx.z_shape)
-        return dq.to(dout.dtype), dk.to(dout.dtype), dv.to(dout.dtype), dz, None, None, None, None
+        return dq.to(dout.dtype), dk.to(dout.dtype), dv.to(dout.dtype), dz, None, None, None, None, None
+
+
+# Above this many bytes of score tiles in one call, the backward recomputes P instead of keeping it
+# (P costs 4 bytes per computed pair for every layer until the backward; the recompute ≈ one more GEMM).
+_KEEP_BYTES = 256 << 20
+
+
+def _piece_size(pc: _Piece, nC: int) -> int:
+    """Number of chunk problems in a piece."""
+    if pc.kind == "box":
+        r0, r1, a, b = pc.where
+        return (r1 - r0) * (b - a)
+    return int(pc.where[0].shape[0])
+
+
+def _piece_ramps(pc: _Piece, zs: torch.Tensor, ci: torch.Tensor, ramp: float, hard: bool):
+    """(m over the ramp columns, m over the diagonal columns), each None where the piece needs none."""
+    m_r = m_d = None
+    if pc.Wr > 0:
+        d_r = ci[:, None] + pc.E - torch.arange(pc.Wr, device=zs.device, dtype=zs.dtype)[None, :]
+        m_r = _ramp(zs[:1] if pc.const else zs, d_r, ramp, hard)
+    if pc.in_diag:
+        m_d = _ramp(zs, ci[:, None] - ci[None, :], ramp, hard)
+    return m_r, m_d
+
+
+def _recompute_p(S: torch.Tensor, lse: torch.Tensor, E: int, m_r, m_d, future: torch.Tensor) -> torch.Tensor:
+    """P = m·exp(S − lse) in place, from the raw scores S (n, C, W) and the kept lse (n, C, 1). Out-of-span
+    entries (m = 0) may have any score: the exponent is capped so that their exp stays finite before m
+    zeroes it (a visible entry never comes near the cap: m·exp(S − lse) ≤ 1)."""
+    S[..., E:].add_(future)
+    S.sub_(lse).clamp_(max=80.0).exp_()
+    if m_r is not None:
+        S[..., : m_r.shape[-1]].mul_(m_r)
+    if m_d is not None:
+        S[..., E:].mul_(m_d)
+    return S
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -319,14 +359,15 @@ def _pad_rows(x: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 def _span_softmax_(S: torch.Tensor, E: int, m_r: torch.Tensor | None, m_d: torch.Tensor | None,
-                   future: torch.Tensor, visible_max: bool) -> bool:
+                   future: torch.Tensor, visible_max: bool) -> torch.Tensor | None:
     """S (n, C, W) ← softmax(S + log m) in place, as m·exp(S − max) / Σ (no log pass; m multiplies the ramp
     columns [0, Wr) and, when given, the diagonal columns [E, E + C), which also get the causal cut).
 
     The row max is taken over all columns, visible or not: exp never overflows, and m = 0 zeroes the
     invisible keys. Only if an invisible key outscores every visible one by ~87 nats can the visible terms
-    underflow; that is detected (False is returned, S is spoiled) and the caller redoes the piece with
-    `visible_max`, which sets the invisible scores to −inf before the max."""
+    underflow; that is detected (None is returned, S is spoiled) and the caller redoes the piece with
+    `visible_max`, which sets the invisible scores to −inf before the max. Returns each row's log-sum-exp
+    (n, C, 1): P = m·exp(S − lse)."""
     Wr = 0 if m_r is None else m_r.shape[-1]
     ramp_cols, diag = S[..., :Wr], S[..., E:]
     diag.add_(future)  # (an add with a −inf matrix runs several times faster than masked_fill_ here)
@@ -335,16 +376,17 @@ def _span_softmax_(S: torch.Tensor, E: int, m_r: torch.Tensor | None, m_d: torch
             ramp_cols.masked_fill_(m_r == 0, NEG_INF)
         if m_d is not None:
             diag.masked_fill_(m_d == 0, NEG_INF)
-    S.sub_(S.amax(-1, keepdim=True)).exp_()
+    mx = S.amax(-1, keepdim=True)
+    S.sub_(mx).exp_()
     if m_r is not None:
         ramp_cols.mul_(m_r)
     if m_d is not None:
         diag.mul_(m_d)
     total = S.sum(-1, keepdim=True)
     if not visible_max and bool((total < 1e-30).any()):
-        return False
+        return None
     S.div_(total)
-    return True
+    return total.log_().add_(mx)
 
 
 def _span_grad(dS: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -430,15 +472,18 @@ def _sum_to(g: torch.Tensor, shape) -> torch.Tensor:
     return g.sum(dims, keepdim=True) if dims else g
 
 
-def band_span_attention(q, k, v, z, ramp: float, hard: bool = False, chunk: int = 64, box_waste: float = 0.15):
+def band_span_attention(q, k, v, z, ramp: float, hard: bool = False, chunk: int = 64, box_waste: float = 0.15,
+                        keep_scores: bool | None = None):
     """CPU band kernel (see module doc). q: (B, H, Tq, D); k, v: (B, H, Tk, D); z broadcastable to (B, H, Tq)
-    with size-1 dims kept as such (the span gradient is summed over them)."""
+    with size-1 dims kept as such (the span gradient is summed over them). keep_scores: keep P for the
+    backward (True), recompute it there (False), or decide by size (None: keep up to 256 MiB per call)."""
     B, H, Tq, _ = q.shape
     if z.dim() != 3:
         raise ValueError(f"z must be 3-d (B|1, H|1, Tq|1), got {tuple(z.shape)}")
     zf = z.to(compute_dtype(q.dtype))
     # expand is a view; _BandSpanAttention reduces the gradient to z's own shape
-    return _BandSpanAttention.apply(q, k, v, _Expand.apply(zf, (B, H, Tq)), float(ramp), hard, chunk, box_waste)
+    return _BandSpanAttention.apply(q, k, v, _Expand.apply(zf, (B, H, Tq)), float(ramp), hard, chunk, box_waste,
+                                    keep_scores)
 
 
 class _Expand(torch.autograd.Function):
