@@ -17,7 +17,8 @@ Implementations (`span_attention` picks one):
   backward keeps P and costs four batched GEMMs; the span gradient needs only the ramp columns:
       ∂L/∂z_i = Σ_j dS_ij / (R m_ij) over 0 < m_ij < 1,   dS = P ⊙ (dO·Vᵀ − δ),   δ_i = dO_i·O_i.
   Tiles are cut to ≤ 8 MB of scores so their buffers are reused from the heap. Memory: P costs 4 bytes
-  per computed query-key pair, held until the backward.
+  per computed query-key pair, held until the backward; a call above 256 MiB of tiles keeps only each
+  row's log-sum-exp instead and the backward recomputes P (≈ 9% slower).
 - `flex_span_attention` (GPU): FlexAttention with a block mask from kv-tile indices and the ramp in
   score_mod. UNVERIFIED: written without a GPU; guarded to CUDA.
 - dense causal SDPA when every query's span covers all its keys (the mask is then identically 1).
