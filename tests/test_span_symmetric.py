@@ -74,3 +74,30 @@ def test_auto_dispatch_takes_the_band_only_when_it_pays():
     for z in (short, long_):  # both dispatch choices agree with the reference
         ref = reference_symmetric_span_attention(q, k, v, z, 8.0)
         assert _rel(symmetric_span_attention(q, k, v, z, 8.0), ref) <= 1e-5
+
+
+def test_far_reaching_tokens_widen_only_their_own_chunks():
+    # Content spans: short everywhere but for three tokens. Their chunks are gathered at a long reach; the
+    # rest of the row keeps a short window. Parity with the reference still holds, gradients included.
+    from dynaformer.kernels import span_symmetric as S
+
+    torch.manual_seed(0)
+    B, H, T = 2, 2, 200
+    q, k, v = (torch.randn(B, H, T, 16, requires_grad=True) for _ in range(3))
+    z = torch.full((B, H, T), 4.0)
+    z[0, 1, 150] = z[1, 0, 20] = z[1, 0, 21] = 90.0
+    z.requires_grad_(True)
+    pieces = []
+    plan = S._plan
+    S._plan = lambda *a, **kw: pieces.extend(plan(*a, **kw)) or pieces
+    try:
+        go = torch.randn(B, H, T, 16)
+        ref = output_and_grads(lambda: reference_symmetric_span_attention(q, k, v, z, 4.0), [q, k, v, z], go)
+        got = output_and_grads(lambda: band_symmetric_span_attention(q, k, v, z, 4.0, chunk=16), [q, k, v, z], go)
+    finally:
+        S._plan = plan
+    for a, b in zip(got, ref, strict=True):
+        assert _rel(a, b) <= 1e-5
+    long_e = [p.E for p in pieces if p.kind == "gather" and p.E >= 90]
+    assert long_e and not [p for p in pieces if p.kind == "box" and p.E >= 90]
+    assert sum(len(p.where[0]) for p in pieces if p.kind == "gather" and p.E >= 90) <= 3  # only their chunks pay

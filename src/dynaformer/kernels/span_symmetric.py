@@ -17,6 +17,7 @@ with key padding (padding keys are hidden; every query keeps its own key, so no 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,12 +66,12 @@ class _SymmetricBand(torch.autograd.Function):
         zc = F.pad(zd.reshape(BH, T), (0, pad), value=0.0).view(BH, nC, C)
         if hard:
             zc = zc.floor()
-        # E per row: the farthest key any query of any chunk reaches past its chunk's edge, on either side
+        # E per (row, chunk): the farthest key any query of the chunk reaches past its edge, on either side
         i = torch.arange(C, device=q.device, dtype=cdt)
         edge = torch.minimum(i, C - 1 - i)  # distance to the nearer chunk edge
-        E_row = (symmetric_reach(zc, ramp, hard) - 1 - edge).amax((1, 2)).clamp(0, T)
-        E_row = _round_up(E_row.long(), 32).clamp_max(_round_up(torch.tensor(T), 32)).tolist()
-        Emax = max(E_row)
+        E_rc = (symmetric_reach(zc, ramp, hard) - 1 - edge).amax(-1).clamp(0, T)
+        E_rc = _round_up(E_rc.long(), 32).clamp_max(int(_round_up(torch.tensor(T), 32)))  # (BH, nC)
+        Emax = int(E_rc.max())
         L = Emax + nC * C + Emax  # padded key length: the windows of the first and last chunks fit
         scale = 1.0 / math.sqrt(D)
         qc = (F.pad(q.to(cdt), (0, 0, 0, pad)) * scale).reshape(BH, nC, C, D)
@@ -82,22 +83,21 @@ class _SymmetricBand(torch.autograd.Function):
         kb = kb[:, None].expand(B, H, L).contiguous().view(BH, L)
         out = torch.empty(BH, nC, C, D, dtype=cdt, device=q.device)
         saved = []
-        for E, rows in _row_groups(E_row):
+        for piece in _plan(E_rc, C):
+            E = piece.E
             W = 2 * E + C
             dist = (i[:, None] + E - torch.arange(W, device=q.device, dtype=cdt)[None, :]).abs()  # (C, W) |i − j|
-            for r0, r1, a, b in _tiles(rows, nC, C * W * 4):
-                Q, K, V, zs = _window(qc, kp, vp, zc, r0, r1, a, b, Emax - E, W, C, D, L)
-                kbw = _window_bias(kb, r0, r1, a, b, Emax - E, W, C, L)  # (n, W)
-                m = _ramp(zs, dist, ramp, hard)  # (n, C, W)
+            Q, K, V, zs, kbw = _operands(piece, qc, kp, vp, zc, kb, Emax, L)
+            m = _ramp(zs, dist, ramp, hard)  # (n, C, W)
+            S = torch.bmm(Q, K.transpose(1, 2)).add_(kbw[:, None, :])
+            own = S[..., E:E + C].diagonal(dim1=-2, dim2=-1)  # (n, C): each query's own key, never hidden
+            own.copy_((Q * K[:, E:E + C]).sum(-1))
+            if not _softmax_(S, m, visible_max=False):
                 S = torch.bmm(Q, K.transpose(1, 2)).add_(kbw[:, None, :])
-                own = S[..., E:E + C].diagonal(dim1=-2, dim2=-1)  # (n, C): each query's own key, never hidden
-                own.copy_((Q * K[:, E:E + C]).sum(-1))
-                if not _softmax_(S, m, visible_max=False):
-                    S = torch.bmm(Q, K.transpose(1, 2)).add_(kbw[:, None, :])
-                    S[..., E:E + C].diagonal(dim1=-2, dim2=-1).copy_((Q * K[:, E:E + C]).sum(-1))
-                    _softmax_(S, m, visible_max=True)
-                out[r0:r1, a:b] = torch.bmm(S, V).view(r1 - r0, b - a, C, D)
-                saved.append((E, (r0, r1, a, b), S))
+                S[..., E:E + C].diagonal(dim1=-2, dim2=-1).copy_((Q * K[:, E:E + C]).sum(-1))
+                _softmax_(S, m, visible_max=True)
+            _put(piece, out, torch.bmm(S, V))
+            saved.append((piece, S))
         ctx.saved = saved
         ctx.save_for_backward(qc, kp, vp, zc, out)
         ctx.meta = (B, H, T, D, C, nC, pad, Emax, L, ramp, hard, scale)
@@ -116,18 +116,18 @@ class _SymmetricBand(torch.autograd.Function):
         want_z = ctx.needs_input_grad[3] and not hard
         dz = torch.zeros(BH, nC, C, dtype=cdt, device=dout.device) if want_z else None
         i = torch.arange(C, device=dout.device, dtype=cdt)
-        for E, (r0, r1, a, b), P in ctx.saved:
+        for piece, P in ctx.saved:
+            E = piece.E
             W = 2 * E + C
-            Q, K, V, zs = _window(qc, kp, vp, zc, r0, r1, a, b, Emax - E, W, C, D, L)
-            n = Q.shape[0]
-            dO, dl = doc[r0:r1, a:b].reshape(n, C, D), delta[r0:r1, a:b].reshape(n, C, 1)
+            Q, K, V, zs, _ = _operands(piece, qc, kp, vp, zc, None, Emax, L)
+            dO, dl = _take(piece, doc), _take(piece, delta).unsqueeze(-1)
             dS = torch.bmm(dO, V.transpose(1, 2)).sub_(dl).mul_(P)
             if want_z:
                 dist = (i[:, None] + E - torch.arange(W, device=dout.device, dtype=cdt)[None, :]).abs()
-                dz[r0:r1, a:b] = _span_grad(dS, _ramp(zs, dist, ramp, False)).div_(ramp).view(r1 - r0, b - a, C)
-            dq[r0:r1, a:b] = torch.bmm(dS, K).view(r1 - r0, b - a, C, D)
-            _fold(dk, torch.bmm(dS.transpose(1, 2), Q), r0, r1, a, b, Emax - E, C, D)
-            _fold(dv, torch.bmm(P.transpose(1, 2), dO), r0, r1, a, b, Emax - E, C, D)
+                _put(piece, dz, _span_grad(dS, _ramp(zs, dist, ramp, False)).div_(ramp))
+            _put(piece, dq, torch.bmm(dS, K))
+            _fold(piece, dk, torch.bmm(dS.transpose(1, 2), Q), Emax, C, L)
+            _fold(piece, dv, torch.bmm(P.transpose(1, 2), dO), Emax, C, L)
         ctx.saved = None
         dq = dq.mul_(scale).view(B, H, nC * C, D)[:, :, :T]
         dk = dk[:, Emax:Emax + T].reshape(B, H, T, D)
@@ -137,11 +137,38 @@ class _SymmetricBand(torch.autograd.Function):
         return dq.to(dout.dtype), dk.to(dout.dtype), dv.to(dout.dtype), dz, None, None, None, None
 
 
-def _row_groups(E_row: list[int]) -> list[tuple[int, list[int]]]:
-    groups: dict[int, list[int]] = {}
-    for r, e in enumerate(E_row):
-        groups.setdefault(e, []).append(r)
-    return sorted(groups.items())
+class _Piece(NamedTuple):
+    """A batch of chunk problems with the same reach E: "box" = rows r0..r1-1 × chunks a..b-1 (windows are
+    strided views), "gather" = (rows, chunks) index tensors (windows are gathered)."""
+    kind: str
+    E: int
+    where: tuple
+
+
+def _plan(E_rc: torch.Tensor, C: int, waste: float = 0.15) -> list[_Piece]:
+    """Rows whose chunks need about the same reach run as boxes at the row's largest E (≤ `waste` of their
+    work spent on unneeded keys); the chunks of other rows are gathered by E, so a few far-reaching tokens
+    widen only their own chunks' windows. Each piece stays under _SCORE_BYTES of scores."""
+    BH, nC = E_rc.shape
+    E_row = E_rc.amax(1)
+    spent = ((E_row[:, None] - E_rc) * 2).sum(1).float() / ((2 * E_row + C) * nC).float()
+    box_rows = (spent <= waste).tolist()
+    pieces: list[_Piece] = []
+    by_e: dict[int, list[int]] = {}
+    for r, ok in enumerate(box_rows):
+        if ok:
+            by_e.setdefault(int(E_row[r]), []).append(r)
+    for E, rows in sorted(by_e.items()):
+        per_chunk = C * (2 * E + C) * 4
+        for r0, r1, a, b in _tiles(rows, nC, per_chunk):
+            pieces.append(_Piece("box", E, (r0, r1, a, b)))
+    rest = ~torch.tensor(box_rows, dtype=torch.bool, device=E_rc.device)[:, None].expand(BH, nC)
+    for E in torch.unique(E_rc[rest]).tolist():
+        idx = ((E_rc == E) & rest).nonzero()
+        step = max(1, _SCORE_BYTES // (C * (2 * E + C) * 4))
+        for s in range(0, idx.shape[0], step):
+            pieces.append(_Piece("gather", int(E), (idx[s:s + step, 0], idx[s:s + step, 1])))
+    return pieces
 
 
 def _tiles(rows: list[int], nC: int, chunk_bytes: int):
@@ -165,30 +192,65 @@ def _tiles(rows: list[int], nC: int, chunk_bytes: int):
                 yield r, min(r1, r + step), 0, nC
 
 
-def _window(qc, kp, vp, zc, r0, r1, a, b, off, W, C, D, L):
-    """Q (n, C, D), K and V windows (n, W, D), spans (n, C) of rows r0..r1-1, chunks a..b-1. The window of
-    chunk c starts at padded key position off + cC (off = Emax − E)."""
+def _window_rows(piece: _Piece, Emax: int, C: int, stride: int) -> torch.Tensor:
+    """Gather pieces: (n, W) flat key rows of each problem's window in a (BH, stride) key layout."""
+    rr, cc = piece.where
+    W = 2 * piece.E + C
+    start = rr * stride + (Emax - piece.E) + cc * C
+    return start[:, None] + torch.arange(W, device=rr.device)
+
+
+def _operands(piece: _Piece, qc, kp, vp, zc, kb, Emax: int, L: int):
+    """Q (n, C, D), K and V windows (n, W, D), spans (n, C), key bias (n, W) (None without kb). The window
+    of chunk c starts at padded key position (Emax − E) + cC."""
+    C, D = qc.shape[-2:]
+    W, off = 2 * piece.E + C, Emax - piece.E
+    if piece.kind == "gather":
+        rr, cc = piece.where
+        rows = _window_rows(piece, Emax, C, L)
+        return (qc[rr, cc], kp.reshape(-1, D)[rows], vp.reshape(-1, D)[rows], zc[rr, cc],
+                None if kb is None else kb.reshape(-1)[rows])
+    r0, r1, a, b = piece.where
     nr, nc = r1 - r0, b - a
 
     def win(x):  # overlapping strided view; a copy only when several rows are batched
         return x.as_strided((nr, nc, W, D), (L * D, C * D, D, 1),
                             x.storage_offset() + (r0 * L + off + a * C) * D).reshape(nr * nc, W, D)
 
-    return qc[r0:r1, a:b].reshape(-1, C, D), win(kp), win(vp), zc[r0:r1, a:b].reshape(-1, C)
+    kbw = None
+    if kb is not None:
+        kbw = kb.as_strided((nr, nc, W), (L, C, 1), kb.storage_offset() + r0 * L + off + a * C).reshape(nr * nc, W)
+    return qc[r0:r1, a:b].reshape(-1, C, D), win(kp), win(vp), zc[r0:r1, a:b].reshape(-1, C), kbw
 
 
-def _window_bias(kb, r0, r1, a, b, off, W, C, L):
-    nr, nc = r1 - r0, b - a
-    return kb.as_strided((nr, nc, W), (L, C, 1), kb.storage_offset() + r0 * L + off + a * C).reshape(nr * nc, W)
+def _take(piece: _Piece, x: torch.Tensor) -> torch.Tensor:
+    """Per-chunk rows of x (BH, nC, C, ...) for the piece's problems → (n, C, ...)."""
+    if piece.kind == "gather":
+        return x[piece.where]
+    r0, r1, a, b = piece.where
+    return x[r0:r1, a:b].reshape(-1, *x.shape[2:])
 
 
-def _fold(dst, g, r0, r1, a, b, off, C, D):
+def _put(piece: _Piece, dst: torch.Tensor, val: torch.Tensor) -> None:
+    if piece.kind == "gather":
+        dst[piece.where] = val
+        return
+    r0, r1, a, b = piece.where
+    dst[r0:r1, a:b] = val.view(r1 - r0, b - a, *val.shape[1:])
+
+
+def _fold(piece: _Piece, dst: torch.Tensor, g: torch.Tensor, Emax: int, C: int, L: int) -> None:
     """Add window gradients g (n, W, D) back onto the keys dst (BH, L + C, D)."""
+    W, D = g.shape[1:]
+    if piece.kind == "gather":
+        rows = _window_rows(piece, Emax, C, L + C)
+        dst.view(-1, D).index_add_(0, rows.reshape(-1), g.reshape(-1, D))
+        return
+    r0, r1, a, b = piece.where
     nr, nc = r1 - r0, b - a
-    W = g.shape[1]
     g = g.view(nr, nc, W, D)
     for u in range(0, W, C):
-        p0, w = off + a * C + u, min(C, W - u)
+        p0, w = Emax - piece.E + a * C + u, min(C, W - u)
         dst[r0:r1, p0:p0 + nc * C].view(nr, nc, C, D)[:, :, :w].add_(g[:, :, u:u + w])
 
 
