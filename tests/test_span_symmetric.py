@@ -92,8 +92,12 @@ def test_far_reaching_tokens_widen_only_their_own_chunks():
     S._plan = lambda *a, **kw: pieces.extend(plan(*a, **kw)) or pieces
     try:
         go = torch.randn(B, H, T, 16)
-        ref = output_and_grads(lambda: reference_symmetric_span_attention(q, k, v, z, 4.0), [q, k, v, z], go)
-        got = output_and_grads(lambda: band_symmetric_span_attention(q, k, v, z, 4.0, chunk=16), [q, k, v, z], go)
+        pad = torch.ones(B, T, dtype=torch.bool)
+        pad[1, 170:] = False  # with key padding too
+        ref = output_and_grads(lambda: reference_symmetric_span_attention(q, k, v, z, 4.0, key_padding_mask=pad),
+                               [q, k, v, z], go)
+        got = output_and_grads(lambda: band_symmetric_span_attention(q, k, v, z, 4.0, key_padding_mask=pad,
+                                                                     chunk=16), [q, k, v, z], go)
     finally:
         S._plan = plan
     for a, b in zip(got, ref, strict=True):
