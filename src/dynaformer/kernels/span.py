@@ -219,7 +219,8 @@ def _ramp(zs: torch.Tensor, d: torch.Tensor, ramp: float, hard: bool) -> torch.T
 
 class _BandSpanAttention(torch.autograd.Function):
     """Tiled band attention with explicit score tiles: per piece, S = Q·Kᵀ over the key windows (one batched
-    GEMM), the span/causal log-mask added to the ramp and diagonal columns only, softmax in place, O = P·V.
+    GEMM), the causal cut added to the diagonal columns, softmax in place with the ramp multiplied into the
+    ramp (and, where it reaches them, diagonal) columns after the exp, O = P·V.
     P is kept for the backward, which is four batched GEMMs plus the span gradient over the ramp columns —
     or, when the score tiles of one call would exceed _KEEP_BYTES (or keep_scores is False), only each
     row's log-sum-exp, and the backward recomputes P with one more GEMM per tile."""

@@ -22,9 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .span import NEG_INF, _Expand, _round_up, _span_grad, compute_dtype, span_log_mask
-
-_SCORE_BYTES = 8 << 20  # scores per batched problem (heap-reused buffers; see kernels/span.py)
+from .span import _SCORE_BYTES, NEG_INF, _Expand, _round_up, _span_grad, compute_dtype, span_log_mask
 
 
 def _padding_bias(T: int, key_padding_mask: torch.Tensor | None, dtype, device) -> torch.Tensor | None:
