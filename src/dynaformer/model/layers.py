@@ -45,12 +45,39 @@ class Rotary(nn.Module):
         return self._cos, self._sin
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x: (B, H, T, D) at positions start .. start+T-1."""
+        """x: (..., T, D) at positions start .. start+T-1."""
         T = x.shape[-2]
         cos, sin = self._table(start + T, x.device)
         cos, sin = cos[start : start + T].to(x.dtype), sin[start : start + T].to(x.dtype)  # (T, D/2)
-        x1, x2 = x.chunk(2, dim=-1)  # half-split pairing (GPT-NeoX convention)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return _Rotate.apply(x, cos, sin)
+
+
+def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> None:
+    """out = x rotated by +θ (sign 1) or −θ (sign −1), half-split pairing (GPT-NeoX convention):
+    (x1, x2) → (x1·cos − x2·sin, x2·cos + x1·sin). Four ops writing into one buffer: no concatenation."""
+    h = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)
+
+
+class _Rotate(torch.autograd.Function):
+    """Rotary rotation with a hand-written backward (the inverse rotation): 4 ops each way instead of
+    autograd's 7 forward and ~10 backward for the cat formulation."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        out = torch.empty_like(x)
+        _rotate_into(out, x, cos, sin, 1.0)
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        out = torch.empty_like(g)
+        _rotate_into(out, g, cos, sin, -1.0)
+        return out, None, None
 
 
 class MLP(nn.Module):
