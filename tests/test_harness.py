@@ -311,3 +311,35 @@ def test_encoder_grid_validation():
         grid_from_dict({**ENC_GRID, "encoder": {"variants": ["nope"]}})
     with pytest.raises(ConfigError, match="finetune.bogus"):
         grid_from_dict({**ENC_GRID, "encoder": {"finetune": {"bogus": 1}}}).cells()
+
+
+PRETRAIN = {"data": "builtin:stories", "max_steps": 4, "batch_size": 4, "eval_interval": 4, "ckpt_interval": 4,
+            "eval_tokens": 512, "log_interval": 2, "warmup_steps": 1}
+
+
+def test_encoder_pretraining_feeds_fine_tuning_across_workers(tmp_path):
+    raw = {**ENC_GRID, "variants": {"baseline": {}}, "seeds": 1,
+           "encoder": {**ENC_GRID["encoder"], "pretrain": PRETRAIN}}
+    grid = grid_from_dict(raw)
+    assert [c.kind for c in grid.cells()] == ["lm", "encoder_pretrain", "encoder", "encoder"]
+    out = tmp_path / "out"
+    status = run_grid(grid, out, workers=2, progress=False)  # subprocesses: fine-tuning waits for pretraining
+    assert len(status["done"]) == 4 and not status["failed"], status
+    pre = out / "encoder-pretrain" / "baseline" / "seed0"
+    assert json.loads((pre / "result.json").read_text())["val_loss"] > 0
+    for task in ("keyword", "listops"):
+        cell = out / "encoder" / task / "baseline" / "seed0"
+        assert json.loads((cell / "cell.json").read_text())["finetune"]["init"] == str(pre / "run")
+        assert json.loads((cell / "result.json").read_text())["pretrained"] is True
+    md = Path(write_report([out], tmp_path / "rep")["markdown"]).read_text()
+    assert "fine-tuned from its masked-LM pretrained encoder" in md and "Masked-LM pretraining of the encoders" in md
+
+
+def test_fine_tuning_cells_fail_cleanly_when_their_pretraining_fails(tmp_path):
+    raw = {**ENC_GRID, "variants": {"baseline": {}}, "seeds": 1,
+           "encoder": {**ENC_GRID["encoder"], "pretrain": {**PRETRAIN, "data": str(tmp_path / "missing.txt")}}}
+    status = run_grid(grid_from_dict(raw), tmp_path / "out", workers=0, progress=False)
+    failed = sorted(f.split(":")[0] for f in status["failed"])
+    assert failed == ["encoder-keyword/baseline/seed0", "encoder-listops/baseline/seed0",
+                      "encoder-pretrain/baseline/seed0"], status
+    assert any("its pretraining cell did not finish" in f for f in status["failed"])

@@ -68,9 +68,14 @@ def run_cell(cell_dir: Path, progress_bar: bool = False) -> dict:
     train = {**spec["train"], "out": str(run_dir), "resume": "auto", "progress_bar": progress_bar}
     mcfg = from_dict(ModelConfig, spec["model"], "model")
     tcfg = from_dict(TrainConfig, train, "train")
-    run = open_run(mcfg, tcfg) if not run_dir.exists() else open_run(mcfg, tcfg)
-    trainer = Trainer(run)
+    trainer = Trainer(open_run(mcfg, tcfg))
     summary = trainer.fit()
+    if spec.get("kind") == "encoder_pretrain":  # masked-LM pretraining: its product is the run folder
+        result = {"kind": "encoder_pretrain", "variant": spec["variant"], "seed": spec["seed"], "status": "ok",
+                  "summary": summary, "val_loss": summary.get("val_loss"), "steps": trainer.step,
+                  "elapsed_s": trainer.elapsed(), "model": spec["model"], "train": spec["train"]}
+        write_json(cell_dir / "result.json", _finite(result))
+        return result
     result = evaluate_trained(trainer, spec["eval"])
     result.update({"variant": spec["variant"], "seed": spec["seed"], "status": "ok", "summary": summary,
                    "model": spec["model"], "train": spec["train"]})
@@ -79,8 +84,9 @@ def run_cell(cell_dir: Path, progress_bar: bool = False) -> dict:
 
 
 def run_encoder_cell(cell_dir: Path, spec: dict, progress_bar: bool = False) -> dict:
-    """Fine-tune a bidirectional classifier from scratch on the cell's task (resuming from its newest
-    checkpoint) and record accuracy, macro-F1 and accuracy by distance."""
+    """Fine-tune a bidirectional classifier on the cell's task, from scratch or from the pretraining cell's
+    encoder (`finetune.init`), resuming from its newest checkpoint; record accuracy, macro-F1 and accuracy
+    by distance."""
     from ..train.finetune import FinetuneConfig, finetune
 
     fcfg = from_dict(FinetuneConfig, {**spec["finetune"], "out": str(cell_dir / "run"), "resume": "auto",
@@ -92,6 +98,7 @@ def run_encoder_cell(cell_dir: Path, spec: dict, progress_bar: bool = False) -> 
               "accuracy_by_distance": res["accuracy_by_distance"], "chance": res["chance"], "params": res["params"],
               "steps": res["step"], "elapsed_s": metrics[-1]["elapsed_s"] if metrics else None,
               "curve": [[r["step"], r["val_accuracy"]] for r in metrics if "val_accuracy" in r],
+              "pretrained": bool(spec["finetune"].get("init")),
               "model": spec["model"], "finetune": spec["finetune"]}
     write_json(cell_dir / "result.json", _finite(result))
     return result

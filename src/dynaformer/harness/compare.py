@@ -32,9 +32,21 @@ from .grid import Cell, Grid
 
 
 def cell_dir(out: Path, cell: Cell) -> Path:
-    if cell.task is not None:
+    if cell.kind == "encoder":
         return out / "encoder" / cell.task / cell.variant / f"seed{cell.seed}"
+    if cell.kind == "encoder_pretrain":
+        return out / "encoder-pretrain" / cell.variant / f"seed{cell.seed}"
     return out / "cells" / cell.variant / f"seed{cell.seed}"
+
+
+def depends_on(out: Path, cell: Cell, cells: list[Cell]) -> Path | None:
+    """The cell folder whose result this cell needs first: an encoder cell's pretraining cell."""
+    if cell.kind != "encoder":
+        return None
+    for c in cells:
+        if c.kind == "encoder_pretrain" and c.variant == cell.variant and c.seed == cell.seed:
+            return cell_dir(out, c)
+    return None
 
 
 # --- locks ---------------------------------------------------------------------------------------
@@ -97,7 +109,7 @@ def calibrate_steps(grid: Grid, cells: list[Cell], repeats: int = 5) -> dict[str
     fns = {}
     first = {}
     for c in cells:
-        if c.model is not None and c.task is None and c.variant not in first:
+        if c.model is not None and c.kind == "lm" and c.variant not in first:
             first[c.variant] = c
     for name, c in first.items():
         mcfg = from_dict(ModelConfig, c.model, "model")
@@ -133,7 +145,7 @@ def prepare(grid: Grid, out: Path, skip_invalid: bool) -> list[Cell]:
     cells = grid.cells(skip_invalid)
     from ..data.tasks import make_task
 
-    for C in sorted({c.model["context_len"] for c in cells if c.model is not None and c.task is None}):
+    for C in sorted({c.model["context_len"] for c in cells if c.model is not None and c.kind == "lm"}):
         for t in grid.eval["tasks"]:  # fail now, not after training
             task = make_task(t)
             task.generate(1, C, task.distance_range(C)[0])
@@ -148,7 +160,7 @@ def prepare(grid: Grid, out: Path, skip_invalid: bool) -> list[Cell]:
             raise DynaformerError(f"'{out}' holds a different grid ({info.get('name')}); choose another --out")
         steps = info.get("steps", {})
         if grid.match == "wall_clock":
-            new = [c for c in cells if c.model is not None and c.task is None and c.variant not in steps]
+            new = [c for c in cells if c.model is not None and c.kind == "lm" and c.variant not in steps]
             if new:
                 steps.update(calibrate_steps(grid, new))
                 write_json(info_path, {**info, "steps": steps})
@@ -166,15 +178,20 @@ def prepare(grid: Grid, out: Path, skip_invalid: bool) -> list[Cell]:
     for c in cells:
         if c.error:
             continue
-        if c.task is None and c.variant in steps:
+        if c.kind == "lm" and c.variant in steps:
             c.train["max_steps"] = int(steps[c.variant])
         d = cell_dir(out, c)
         d.mkdir(parents=True, exist_ok=True)
-        if c.task is None:
+        if c.kind == "lm":
             spec = {"variant": c.variant, "seed": c.seed, "model": c.model, "train": c.train, "eval": grid.eval}
+        elif c.kind == "encoder_pretrain":
+            spec = {"kind": c.kind, "variant": c.variant, "seed": c.seed, "model": c.model, "train": c.train}
         else:
-            spec = {"kind": "encoder", "variant": c.variant, "seed": c.seed, "task": c.task, "model": c.model,
-                    "finetune": c.finetune}
+            pre = depends_on(out, c, cells)
+            if pre is not None:  # fine-tune from the pretrained encoder of the same variant and seed
+                c.finetune["init"] = str(pre / "run")
+            spec = {"kind": c.kind, "variant": c.variant, "seed": c.seed, "task": c.task, "model": c.model,
+                    "finetune": c.finetune, "needs": None if pre is None else str(pre)}
         if (d / "cell.json").exists():
             try:
                 old = json.loads((d / "cell.json").read_text())
@@ -220,12 +237,19 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
     old_term = signal.signal(signal.SIGTERM, _term) if threading.current_thread() is threading.main_thread() else None
     try:
         while pending or running:
-            while pending and len(running) < max(1, workers):
+            waited = 0  # cells put back because what they need is not done yet
+            while pending and len(running) < max(1, workers) and waited < len(pending):
                 c = pending.pop(0)
                 d = cell_dir(out, c)
                 if (d / "result.json").exists():
                     report["done"].append(c.key)
                     continue
+                need = depends_on(out, c, cells)
+                if need is not None and not (need / "result.json").exists():
+                    pending.append(c)
+                    waited += 1
+                    continue
+                waited = 0
                 if not try_lock(d):
                     report["busy"].append(c.key)  # another compare process is on it
                     continue
@@ -266,6 +290,10 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
                     report["failed"].append(f"{key}: exit {proc.returncode}: {tail[0]}")
             if running:
                 time.sleep(0.5)
+            elif pending and waited >= len(pending):  # nothing runs and nothing can start: their inputs failed
+                for c in pending:
+                    report["failed"].append(f"{c.key}: its pretraining cell did not finish")
+                pending.clear()
     except KeyboardInterrupt:
         for proc, _, _d in running.values():
             proc.terminate()  # the trainer saves a checkpoint on SIGTERM

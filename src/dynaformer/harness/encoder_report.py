@@ -87,13 +87,16 @@ def plot_encoder(encoder: dict[str, dict[str, list[dict]]], colors: dict[str, st
 
 
 def encoder_blocks(encoder: dict[str, dict[str, list[dict]]], reference: str, colors: dict[str, str], plt,
-                   plots: bool = True) -> list[tuple]:
-    if not encoder:
+                   plots: bool = True, pretrain: dict[str, list[dict]] | None = None) -> list[tuple]:
+    if not encoder and not pretrain:
         return []
+    pretrained = any(r.get("pretrained") for by in encoder.values() for rs in by.values() for r in rs)
+    start = ("from its masked-LM pretrained encoder (same variant and seed; table below)" if pretrained
+             else "from scratch")
     blocks: list[tuple] = [("h", 2, "Understanding tasks: encoders fine-tuned on classification")]
     blocks.append(("p", "Seed 000 asks about a model for natural language understanding. Each variant's model "
                         "overrides are applied to a bidirectional encoder (causal = false: symmetric spans, the "
-                        "dynamic residual's position signal is the sequence length), fine-tuned from scratch with a "
+                        f"dynamic residual's position signal is the sequence length), fine-tuned {start} with a "
                         "classification head on generated tasks. Accuracy and macro-F1 on the held-out split, mean ± "
                         f"sd over seeds; accuracy by distance bucket (the supporting token or fact that many units "
                         f"before the end). Verdict: supported when the variant's accuracy exceeds the reference's by "
@@ -101,6 +104,13 @@ def encoder_blocks(encoder: dict[str, dict[str, list[dict]]], reference: str, co
                         f"of that size, else inconclusive."))
     blocks.append(("table", ["task", "variant", "seeds", "params", "accuracy", "macro-F1", "chance",
                              "accuracy by distance", "vs reference", "verdict"], encoder_rows(encoder, reference)))
+    if pretrain:
+        blocks.append(("p", "Masked-LM pretraining of the encoders (15% of positions; validation loss on the "
+                            "masked positions, nats):"))
+        blocks.append(("table", ["variant", "seeds", "steps", "masked-LM val loss"],
+                       [[v, str(len(rs)), str(rs[0].get("steps")),
+                         _ms([r["val_loss"] for r in rs if r.get("val_loss") is not None])]
+                        for v, rs in sorted(pretrain.items())]))
     title = "Encoder accuracy by distance (dotted: chance)"
     if not plots:
         has = any(_by_distance(rs) for by in encoder.values() for rs in by.values())

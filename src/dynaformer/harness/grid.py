@@ -16,9 +16,11 @@
       finetune: {n_train: 1500, max_steps: 200}   # FinetuneConfig fields shared by every encoder cell
       tasks: {keyword: {distance: 16}, entail: {}}  # generated tasks (a list, or name → finetune overrides)
       variants: [baseline, dyn_residual, dyn_span, both]  # grid variants whose model overrides apply
+      pretrain: {data: "builtin:stories", max_steps: 600}  # optional: masked-LM pretraining (train fields)
 
-Encoder cells fine-tune a bidirectional classifier from scratch on each task, for every listed variant
-and seed; the report compares their accuracy with the reference variant's.
+Encoder cells fine-tune a bidirectional classifier on each task, for every listed variant and seed —
+from scratch, or, with `pretrain`, from that variant and seed's masked-LM pretrained encoder (one
+pretraining cell feeds every task); the report compares their accuracy with the reference variant's.
 
 A variant whose overrides do not validate against the installed ModelConfig/TrainConfig (e.g. a
 residual kind this build does not have) is an error naming the variant — or, with skip_invalid, a
@@ -53,23 +55,20 @@ class Cell:
     variant: str
     seed: int
     model: dict | None  # resolved config dicts (None when the variant is invalid)
-    train: dict | None  # language-model cells: the training config
+    train: dict | None  # language-model and pretraining cells: the training config
     error: str | None = None
     task: str | None = None  # encoder cells: the classification task and the fine-tuning config
     finetune: dict | None = None
-
-    @property
-    def kind(self) -> str:
-        return "lm" if self.task is None else "encoder"
+    kind: str = "lm"  # lm | encoder_pretrain (masked-LM, feeds the encoder cells) | encoder (fine-tuning)
 
     @property
     def key(self) -> str:
-        prefix = "" if self.task is None else f"encoder-{self.task}/"
+        prefix = {"lm": "", "encoder_pretrain": "encoder-pretrain/", "encoder": f"encoder-{self.task}/"}[self.kind]
         return f"{prefix}{self.variant}/seed{self.seed}"
 
     @property
     def steps(self) -> int:
-        return int((self.train if self.task is None else self.finetune)["max_steps"])
+        return int((self.finetune if self.kind == "encoder" else self.train)["max_steps"])
 
 
 @dataclass
@@ -82,7 +81,7 @@ class Grid:
     wall_clock_s: float | None = None
     eval: dict = field(default_factory=lambda: dict(EVAL_DEFAULTS))
     questions: dict = field(default_factory=lambda: dict(QUESTION_DEFAULTS))
-    encoder: dict | None = None  # {model, finetune, tasks: {name: overrides}, variants: [...]}
+    encoder: dict | None = None  # {model, finetune, tasks: {name: overrides}, variants: [...], pretrain}
 
     def to_dict(self) -> dict:
         return {"name": self.name, "base": self.base, "variants": self.variants, "seeds": self.seeds,
@@ -111,24 +110,35 @@ class Grid:
         return out + self.encoder_cells(skip_invalid)
 
     def encoder_cells(self, skip_invalid: bool = False) -> list[Cell]:
+        """Pretraining cells (when the encoder block has `pretrain`) first, then fine-tuning cells."""
         if not self.encoder:
             return []
-        out = []
+        pre, out = [], []
         for name in self.encoder["variants"]:
             if name not in self.variants:
                 continue  # a variant left out of this run (--variants)
+            if self.encoder.get("pretrain") is not None:
+                try:
+                    mcfg, tcfg = resolve_pretrain(self.base, self.encoder, self.variants[name], name)
+                except ConfigError as e:
+                    if not skip_invalid:
+                        raise
+                    pre += [Cell(name, s, None, None, error=str(e), kind="encoder_pretrain") for s in self.seeds]
+                else:
+                    pre += [Cell(name, int(s), to_dict(mcfg), {**to_dict(tcfg), "seed": int(s)},
+                                 kind="encoder_pretrain") for s in self.seeds]
             for task, overrides in self.encoder["tasks"].items():
                 try:
                     mcfg, fcfg = resolve_encoder(self.base, self.encoder, self.variants[name], task, overrides, name)
                 except ConfigError as e:
                     if not skip_invalid:
                         raise
-                    out += [Cell(name, s, None, None, error=str(e), task=task) for s in self.seeds]
+                    out += [Cell(name, s, None, None, error=str(e), task=task, kind="encoder") for s in self.seeds]
                     continue
                 for s in self.seeds:
                     f = {**to_dict(fcfg), "seed": int(s)}
-                    out.append(Cell(name, int(s), to_dict(mcfg), None, task=task, finetune=f))
-        return out
+                    out.append(Cell(name, int(s), to_dict(mcfg), None, task=task, finetune=f, kind="encoder"))
+        return pre + out
 
 
 def resolve(base: dict[str, dict], overrides: dict[str, dict], variant: str) -> tuple[ModelConfig, TrainConfig]:
@@ -156,6 +166,17 @@ def resolve_encoder(base: dict[str, dict], encoder: dict, variant_overrides: dic
     return mcfg, fcfg
 
 
+def resolve_pretrain(base: dict[str, dict], encoder: dict, variant_overrides: dict[str, dict], variant: str):
+    """(ModelConfig, TrainConfig) of a masked-LM pretraining cell: the encoder model of the variant, the
+    grid's base training fields + the encoder's `pretrain` fields, objective mlm."""
+    m = {**base.get("model", {}), **encoder.get("model", {}), **variant_overrides.get("model", {}), "causal": False}
+    t = {**base.get("train", {}), **encoder["pretrain"], "objective": "mlm"}
+    try:
+        return from_dict(ModelConfig, m, "model"), from_dict(TrainConfig, t, "train")
+    except ConfigError as e:
+        raise ConfigError(f"encoder pretraining of variant '{variant}': {e}") from None
+
+
 ENCODER_TASKS = ("keyword", "entail", "listops")
 
 
@@ -164,9 +185,13 @@ def _parse_encoder(raw, variants: dict) -> dict | None:
         return None
     if not isinstance(raw, dict):
         raise ConfigError("grid.encoder: expected a mapping with model, finetune, tasks, variants")
-    unknown = sorted(set(raw) - {"model", "finetune", "tasks", "variants"})
+    unknown = sorted(set(raw) - {"model", "finetune", "tasks", "variants", "pretrain"})
     if unknown:
-        raise ConfigError(f"grid.encoder: unknown key '{unknown[0]}' (known: finetune, model, tasks, variants)")
+        raise ConfigError(f"grid.encoder: unknown key '{unknown[0]}' (known: finetune, model, pretrain, tasks, "
+                          f"variants)")
+    pretrain = raw.get("pretrain")
+    if pretrain is not None and not isinstance(pretrain, dict):
+        raise ConfigError("grid.encoder.pretrain: expected a mapping of training fields (data, max_steps, ...)")
     tasks = raw.get("tasks") or ["keyword"]
     if isinstance(tasks, list):
         tasks = {str(t): {} for t in tasks}
@@ -179,7 +204,7 @@ def _parse_encoder(raw, variants: dict) -> dict | None:
     if not isinstance(names, list) or not names:
         raise ConfigError("grid.encoder.variants: expected a list of grid variant names")
     return {"model": dict(raw.get("model") or {}), "finetune": dict(raw.get("finetune") or {}), "tasks": tasks,
-            "variants": [str(n) for n in names]}
+            "variants": [str(n) for n in names], **({} if pretrain is None else {"pretrain": dict(pretrain)})}
 
 
 def load_grid(path: str | Path, variants: list[str] | None = None, seeds: int | list[int] | None = None) -> Grid:

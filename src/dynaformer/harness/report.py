@@ -35,10 +35,13 @@ class Collected:
     questions: dict = field(default_factory=lambda: dict(QUESTION_DEFAULTS))
     grids: list[str] = field(default_factory=list)
     encoder: dict[str, dict[str, list[dict]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    encoder_pretrain: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
 
     def add(self, r: dict, d: Path) -> None:
         if r.get("kind") == "encoder":
             self.encoder[r["task"]][r["variant"]].append(r)
+        elif r.get("kind") == "encoder_pretrain":
+            self.encoder_pretrain[r["variant"]].append(r)
         else:
             self.results[r["variant"]].append(r)
             self.dirs[r["variant"]].append(d)
@@ -91,14 +94,13 @@ def collect(paths: list[str | Path]) -> Collected:
             except (OSError, ValueError):
                 pass
             cells = sorted(q.parent for q in (p / "cells").glob("*/seed*/cell.json"))
+            cells += sorted(q.parent for q in (p / "encoder-pretrain").glob("*/seed*/cell.json"))
             cells += sorted(q.parent for q in (p / "encoder").glob("*/*/seed*/cell.json"))
             n_ok = 0
             for d in cells:
                 r, why = _read_result(d)
                 if r is None:
-                    name = f"{d.parent.name}/{d.name}"
-                    col.skipped.append((f"encoder-{d.parent.parent.name}/{name}" if d.parent.parent.parent.name ==
-                                        "encoder" else name, why))
+                    col.skipped.append((d.relative_to(p).as_posix().removeprefix("cells/"), why))
                     continue
                 col.add(r, d)
                 n_ok += 1
@@ -417,7 +419,8 @@ def build(col: Collected, plots: bool = True) -> list[tuple]:
     blocks.append(("table", head, vrows))
     blocks.append(("p", "; ".join(f"{k}: {v[0]}" for k, v in METRICS.items())))
     enc_colors = _colors(sorted({v for by in col.encoder.values() for v in by} | set(col.results)))
-    blocks += encoder_blocks(col.encoder, col.questions.get("reference", "baseline"), enc_colors, _plt(), plots)
+    blocks += encoder_blocks(col.encoder, col.questions.get("reference", "baseline"), enc_colors, _plt(), plots,
+                             col.encoder_pretrain)
     have_plt = _plt() is not None
     figures = [
         ("Loss curves", lambda: plot_loss(col, colors)),
