@@ -191,7 +191,7 @@ def prepare(grid: Grid, out: Path, skip_invalid: bool) -> list[Cell]:
             if pre is not None:  # fine-tune from the pretrained encoder of the same variant and seed
                 c.finetune["init"] = str(pre / "run")
             spec = {"kind": c.kind, "variant": c.variant, "seed": c.seed, "task": c.task, "model": c.model,
-                    "finetune": c.finetune, "needs": None if pre is None else str(pre)}
+                    "finetune": c.finetune, **({} if pre is None else {"needs": str(pre)})}
         if (d / "cell.json").exists():
             try:
                 old = json.loads((d / "cell.json").read_text())
