@@ -86,7 +86,7 @@ class _SymmetricBand(torch.autograd.Function):
             W = 2 * E + C
             dist = (i[:, None] + E - torch.arange(W, device=q.device, dtype=cdt)[None, :]).abs()  # (C, W) |i − j|
             Q, K, V, zs, kbw = _operands(piece, qc, kp, vp, zc, kb, Emax, L)
-            m = _ramp(zs, dist, ramp, hard)  # (n, C, W)
+            m = _ramp_parts(zs, dist, ramp, hard, E, C)  # [(column slice, m there)]: m = 1 elsewhere
             S = torch.bmm(Q, K.transpose(1, 2)).add_(kbw[:, None, :])
             own = S[..., E:E + C].diagonal(dim1=-2, dim2=-1)  # (n, C): each query's own key, never hidden
             own.copy_((Q * K[:, E:E + C]).sum(-1))
@@ -122,7 +122,8 @@ class _SymmetricBand(torch.autograd.Function):
             dS = torch.bmm(dO, V.transpose(1, 2)).sub_(dl).mul_(P)
             if want_z:
                 dist = (i[:, None] + E - torch.arange(W, device=dout.device, dtype=cdt)[None, :]).abs()
-                _put(piece, dz, _span_grad(dS, _ramp(zs, dist, ramp, False)).div_(ramp))
+                g = sum(_span_grad(dS[..., cols], m) for cols, m in _ramp_parts(zs, dist, ramp, False, E, C))
+                _put(piece, dz, g.div_(ramp))
             _put(piece, dq, torch.bmm(dS, K))
             _fold(piece, dk, torch.bmm(dS.transpose(1, 2), Q), Emax, C, L)
             _fold(piece, dv, torch.bmm(P.transpose(1, 2), dO), Emax, C, L)
@@ -257,12 +258,33 @@ def _ramp(zs: torch.Tensor, dist: torch.Tensor, ramp: float, hard: bool) -> torc
     return torch.sub(((zs + r) / r).unsqueeze(-1), dist / r).clamp_(0.0, 1.0)
 
 
-def _softmax_(S: torch.Tensor, m: torch.Tensor, visible_max: bool) -> bool:
-    """S ← softmax(S + log m) in place as m·exp(S − max)/Σ; False when the visible terms underflowed against
-    an invisible key's score (the caller redoes the tile with `visible_max`)."""
+def _ramp_parts(zs: torch.Tensor, dist: torch.Tensor, ramp: float, hard: bool, E: int, C: int) -> list:
+    """m where it can be < 1: [(column slice, m (n, C, w))]. Window column j of a chunk holds keys at
+    distance |i + E − j| from query i; a column farther than the piece's shortest span from some query of
+    the chunk carries the ramp (or the cut). Those are a left and a right band of the window, unless the
+    spans are shorter than the chunk, when the whole window does."""
+    W = dist.shape[-1]
+    zmin = float(zs.min())
+    left = max(0, min(W, math.ceil(E + C - 1 - zmin)))  # columns j < left: max_i d_ij > zmin
+    right = max(0, min(W, math.floor(E + zmin) + 1))  # columns j ≥ right: likewise
+    if left >= right:
+        return [(slice(0, W), _ramp(zs, dist, ramp, hard))]
+    parts = []
+    for cols in (slice(0, left), slice(right, W)):
+        if cols.stop > cols.start:
+            parts.append((cols, _ramp(zs, dist[:, cols], ramp, hard)))
+    return parts
+
+
+def _softmax_(S: torch.Tensor, parts: list, visible_max: bool) -> bool:
+    """S ← softmax(S + log m) in place as m·exp(S − max)/Σ (m from `_ramp_parts`); False when the visible
+    terms underflowed against an invisible key's score (the caller redoes the tile with `visible_max`)."""
     if visible_max:
-        S.masked_fill_(m == 0, NEG_INF)
-    S.sub_(S.amax(-1, keepdim=True)).exp_().mul_(m)
+        for cols, m in parts:
+            S[..., cols].masked_fill_(m == 0, NEG_INF)
+    S.sub_(S.amax(-1, keepdim=True)).exp_()
+    for cols, m in parts:
+        S[..., cols].mul_(m)
     total = S.sum(-1, keepdim=True)
     if not visible_max and bool((total < 1e-30).any()):
         return False
