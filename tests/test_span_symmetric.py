@@ -31,7 +31,8 @@ def _rel(a, b):
 @pytest.mark.parametrize("kind,B,H,T,zr,ramp", CASES)
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_band_matches_reference(kind, B, H, T, zr, ramp, padded, dtype):
+@pytest.mark.parametrize("keep", [True, False])  # False: the backward recomputes P from the log-sum-exp
+def test_band_matches_reference(kind, B, H, T, zr, ramp, padded, dtype, keep):
     torch.manual_seed(0)
     hard = kind == "fixed"
     q, k, v = (torch.randn(B, H, T, 16, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -48,7 +49,7 @@ def test_band_matches_reference(kind, B, H, T, zr, ramp, padded, dtype):
         return output_and_grads(fn, [q, k, v, z], go)
 
     ref = run(lambda: reference_symmetric_span_attention(q, k, v, z, ramp, hard, mask))
-    got = run(lambda: band_symmetric_span_attention(q, k, v, z, ramp, hard, mask, chunk=16))
+    got = run(lambda: band_symmetric_span_attention(q, k, v, z, ramp, hard, mask, chunk=16, keep_scores=keep))
     tol = 1e-5 if dtype == torch.float32 else 1e-11
     for name, a, b in zip(["out", "dq", "dk", "dv", "dz"], got, ref, strict=False):
         assert _rel(a, b) <= tol, (name, _rel(a, b))

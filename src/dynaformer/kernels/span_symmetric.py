@@ -11,7 +11,8 @@ with key padding (padding keys are hidden; every query keeps its own key, so no 
   the row's largest reach (rounded up to 32). Rows with the same E are batched into explicit score tiles,
   as in the causal band kernel (kernels/span.py): S = Q·Kᵀ in one batched GEMM, softmax as
   m·exp(S − max) / Σ, O = P·V, and a backward of four GEMMs plus the span gradient
-  ∂L/∂z_i = Σ_j dS_ij / (R m_ij) over the ramp (0 < m < 1).
+  ∂L/∂z_i = Σ_j dS_ij / (R m_ij) over the ramp (0 < m < 1). Above 256 MiB of score tiles per call only
+  each row's log-sum-exp is kept and the backward recomputes P.
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .span import _SCORE_BYTES, NEG_INF, _Expand, _round_up, _span_grad, compute_dtype, span_log_mask
+from .span import (
+    _KEEP_BYTES,
+    _SCORE_BYTES,
+    NEG_INF,
+    _Expand,
+    _round_up,
+    _span_grad,
+    compute_dtype,
+    span_log_mask,
+)
 
 
 def _padding_bias(T: int, key_padding_mask: torch.Tensor | None, dtype, device) -> torch.Tensor | None:
@@ -53,8 +63,11 @@ def symmetric_reach(z: torch.Tensor, ramp: float, hard: bool) -> torch.Tensor:
 
 
 class _SymmetricBand(torch.autograd.Function):
+    """Keeps P for the backward, or — above _KEEP_BYTES of tiles per call, or keep_scores=False — only each
+    row's log-sum-exp, and the backward recomputes P (as the causal kernel does)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, z, key_padding_mask, ramp: float, hard: bool, chunk: int):
+    def forward(ctx, q, k, v, z, key_padding_mask, ramp: float, hard: bool, chunk: int, keep_scores: bool | None):
         B, H, T, D = q.shape
         C, BH = chunk, B * H
         nC = -(-T // C)
@@ -80,31 +93,32 @@ class _SymmetricBand(torch.autograd.Function):
         kb = torch.zeros(B, L, dtype=cdt, device=q.device).masked_fill_(~valid, NEG_INF)
         kb = kb[:, None].expand(B, H, L).contiguous().view(BH, L)
         out = torch.empty(BH, nC, C, D, dtype=cdt, device=q.device)
+        pieces = _plan(E_rc, C)
+        if keep_scores is None:
+            keep_scores = sum(_size(p) * C * (2 * p.E + C) for p in pieces) * 4 <= _KEEP_BYTES
         saved = []
-        for piece in _plan(E_rc, C):
+        for piece in pieces:
             E = piece.E
             W = 2 * E + C
             dist = (i[:, None] + E - torch.arange(W, device=q.device, dtype=cdt)[None, :]).abs()  # (C, W) |i − j|
             Q, K, V, zs, kbw = _operands(piece, qc, kp, vp, zc, kb, Emax, L)
             m = _ramp_parts(zs, dist, ramp, hard, E, C)  # [(column slice, m there)]: m = 1 elsewhere
-            S = torch.bmm(Q, K.transpose(1, 2)).add_(kbw[:, None, :])
-            own = S[..., E:E + C].diagonal(dim1=-2, dim2=-1)  # (n, C): each query's own key, never hidden
-            own.copy_((Q * K[:, E:E + C]).sum(-1))
-            if not _softmax_(S, m, visible_max=False):
-                S = torch.bmm(Q, K.transpose(1, 2)).add_(kbw[:, None, :])
-                S[..., E:E + C].diagonal(dim1=-2, dim2=-1).copy_((Q * K[:, E:E + C]).sum(-1))
-                _softmax_(S, m, visible_max=True)
+            S = _scores(Q, K, kbw, E, C)
+            lse = _softmax_(S, m, visible_max=False)
+            if lse is None:
+                S = _scores(Q, K, kbw, E, C)
+                lse = _softmax_(S, m, visible_max=True)
             _put(piece, out, torch.bmm(S, V))
-            saved.append((piece, S))
+            saved.append((piece, S, None) if keep_scores else (piece, None, lse))
         ctx.saved = saved
-        ctx.save_for_backward(qc, kp, vp, zc, out)
+        ctx.save_for_backward(qc, kp, vp, zc, out, kb)
         ctx.meta = (B, H, T, D, C, nC, pad, Emax, L, ramp, hard, scale)
         return out.view(B, H, nC * C, D)[:, :, :T].to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         B, H, T, D, C, nC, pad, Emax, L, ramp, hard, scale = ctx.meta
-        qc, kp, vp, zc, out = ctx.saved_tensors
+        qc, kp, vp, zc, out, kb = ctx.saved_tensors
         BH, cdt = B * H, qc.dtype
         doc = F.pad(dout.to(cdt), (0, 0, 0, pad)).reshape(BH, nC, C, D)
         delta = (doc * out).sum(-1)  # (BH, nC, C)
@@ -114,10 +128,15 @@ class _SymmetricBand(torch.autograd.Function):
         want_z = ctx.needs_input_grad[3] and not hard
         dz = torch.zeros(BH, nC, C, dtype=cdt, device=dout.device) if want_z else None
         i = torch.arange(C, device=dout.device, dtype=cdt)
-        for piece, P in ctx.saved:
+        for piece, P, lse in ctx.saved:
             E = piece.E
             W = 2 * E + C
-            Q, K, V, zs, _ = _operands(piece, qc, kp, vp, zc, None, Emax, L)
+            Q, K, V, zs, kbw = _operands(piece, qc, kp, vp, zc, None if P is not None else kb, Emax, L)
+            if P is None:  # recompute P = m·exp(S − lse); out-of-span exponents capped before m zeroes them
+                dist = (i[:, None] + E - torch.arange(W, device=dout.device, dtype=cdt)[None, :]).abs()
+                P = _scores(Q, K, kbw, E, C).sub_(lse).clamp_(max=80.0).exp_()
+                for cols, m in _ramp_parts(zs, dist, ramp, hard, E, C):
+                    P[..., cols].mul_(m)
             dO, dl = _take(piece, doc), _take(piece, delta).unsqueeze(-1)
             dS = torch.bmm(dO, V.transpose(1, 2)).sub_(dl).mul_(P)
             if want_z:
@@ -133,7 +152,21 @@ class _SymmetricBand(torch.autograd.Function):
         dv = dv[:, Emax:Emax + T].reshape(B, H, T, D)
         if dz is not None:
             dz = dz.view(B, H, nC * C)[:, :, :T]  # z arrives expanded to (B, H, T); _Expand sums it back
-        return dq.to(dout.dtype), dk.to(dout.dtype), dv.to(dout.dtype), dz, None, None, None, None
+        return dq.to(dout.dtype), dk.to(dout.dtype), dv.to(dout.dtype), dz, None, None, None, None, None
+
+
+def _scores(Q: torch.Tensor, K: torch.Tensor, kbw: torch.Tensor, E: int, C: int) -> torch.Tensor:
+    """S = Q·Kᵀ + key bias (−inf at padding), with each query's own key never hidden."""
+    S = torch.bmm(Q, K.transpose(1, 2)).add_(kbw[:, None, :])
+    S[..., E:E + C].diagonal(dim1=-2, dim2=-1).copy_((Q * K[:, E:E + C]).sum(-1))
+    return S
+
+
+def _size(piece) -> int:
+    if piece.kind == "gather":
+        return int(piece.where[0].shape[0])
+    r0, r1, a, b = piece.where
+    return (r1 - r0) * (b - a)
 
 
 class _Piece(NamedTuple):
@@ -276,31 +309,34 @@ def _ramp_parts(zs: torch.Tensor, dist: torch.Tensor, ramp: float, hard: bool, E
     return parts
 
 
-def _softmax_(S: torch.Tensor, parts: list, visible_max: bool) -> bool:
-    """S ← softmax(S + log m) in place as m·exp(S − max)/Σ (m from `_ramp_parts`); False when the visible
-    terms underflowed against an invisible key's score (the caller redoes the tile with `visible_max`)."""
+def _softmax_(S: torch.Tensor, parts: list, visible_max: bool) -> torch.Tensor | None:
+    """S ← softmax(S + log m) in place as m·exp(S − max)/Σ (m from `_ramp_parts`); returns each row's
+    log-sum-exp (n, C, 1), or None when the visible terms underflowed against an invisible key's score
+    (the caller redoes the tile with `visible_max`)."""
     if visible_max:
         for cols, m in parts:
             S[..., cols].masked_fill_(m == 0, NEG_INF)
-    S.sub_(S.amax(-1, keepdim=True)).exp_()
+    mx = S.amax(-1, keepdim=True)
+    S.sub_(mx).exp_()
     for cols, m in parts:
         S[..., cols].mul_(m)
     total = S.sum(-1, keepdim=True)
     if not visible_max and bool((total < 1e-30).any()):
-        return False
+        return None
     S.div_(total)
-    return True
+    return total.log_().add_(mx)
 
 
 def band_symmetric_span_attention(q, k, v, z, ramp: float, hard: bool = False,
-                                  key_padding_mask: torch.Tensor | None = None, chunk: int = 64) -> torch.Tensor:
+                                  key_padding_mask: torch.Tensor | None = None, chunk: int = 64,
+                                  keep_scores: bool | None = None) -> torch.Tensor:
     """CPU band kernel for encoders. q, k, v: (B, H, T, D); z (B|1, H|1, T|1) spans (gradients summed back to
-    its shape); key_padding_mask (B, T) bool, True = real token."""
+    its shape); key_padding_mask (B, T) bool, True = real token; keep_scores as in `band_span_attention`."""
     B, H, T, _ = q.shape
     if z.dim() != 3:
         raise ValueError(f"z must be 3-d (B|1, H|1, T|1), got {tuple(z.shape)}")
     zf = _Expand.apply(z.to(compute_dtype(q.dtype)), (B, H, T))
-    return _SymmetricBand.apply(q, k, v, zf, key_padding_mask, float(ramp), hard, chunk)
+    return _SymmetricBand.apply(q, k, v, zf, key_padding_mask, float(ramp), hard, chunk, keep_scores)
 
 
 def symmetric_span_attention(q, k, v, z, ramp: float, hard: bool = False,
