@@ -21,7 +21,10 @@ Implementations (`span_attention` picks one):
   row's log-sum-exp instead and the backward recomputes P (≈ 9% slower).
 - `flex_span_attention` (GPU): FlexAttention with a block mask from kv-tile indices and the ramp in
   score_mod. UNVERIFIED: written without a GPU; guarded to CUDA.
-- dense causal SDPA when every query's span covers all its keys (the mask is then identically 1).
+- `masked_sdpa_span_attention`: SDPA with the log-mask as a float mask, for fewer queries than a chunk;
+  `decode_span_attention` for a handful of queries without grad (decoding).
+- dense causal SDPA for the heads whose every query's span covers all its keys (their mask is identically
+  1); the band kernel takes the other heads.
 """
 
 from __future__ import annotations
