@@ -110,7 +110,7 @@ def evaluate(model: SequenceClassifier, ids, mask, y, distances, n_classes: int,
 
 
 # Fields that may change when a run is continued: they do not change what is computed.
-_RESUMABLE = ("resume", "progress_bar", "threads", "out", "eval_interval", "ckpt_interval", "keep_last")
+_RESUMABLE = ("resume", "progress_bar", "threads", "device", "out", "eval_interval", "ckpt_interval", "keep_last")
 
 
 def _existing_run(out: Path, cfg: FinetuneConfig, info: dict) -> Path | None:
