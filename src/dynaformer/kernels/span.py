@@ -252,7 +252,7 @@ class _BandSpanAttention(torch.autograd.Function):
             torch.ones(C, C, dtype=torch.bool, device=q.device).triu_(1), NEG_INF)
         pieces = _pieces(sets, nC, C)
         if keep_scores is None:
-            keep_scores = sum(_piece_size(pc, nC) * C * (pc.E + C) for pc in pieces) * 4 <= _KEEP_BYTES
+            keep_scores = sum(_piece_size(pc) * C * (pc.E + C) for pc in pieces) * 4 <= _KEEP_BYTES
         saved = []
         for pc in pieces:
             Q, K, V, zs = _gather(pc, qc, kp, vp, zc, o, C, Tkp, D)
@@ -321,8 +321,8 @@ class _BandSpanAttention(torch.autograd.Function):
 _KEEP_BYTES = 256 << 20
 
 
-def _piece_size(pc: _Piece, nC: int) -> int:
-    """Number of chunk problems in a piece."""
+def _piece_size(pc) -> int:
+    """Number of chunk problems in a piece (box: rows × chunks; gather: index pairs) — of either band kernel."""
     if pc.kind == "box":
         r0, r1, a, b = pc.where
         return (r1 - r0) * (b - a)

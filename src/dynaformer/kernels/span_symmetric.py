@@ -28,6 +28,7 @@ from .span import (
     _SCORE_BYTES,
     NEG_INF,
     _Expand,
+    _piece_size,
     _round_up,
     _span_grad,
     compute_dtype,
@@ -95,7 +96,7 @@ class _SymmetricBand(torch.autograd.Function):
         out = torch.empty(BH, nC, C, D, dtype=cdt, device=q.device)
         pieces = _plan(E_rc, C)
         if keep_scores is None:
-            keep_scores = sum(_size(p) * C * (2 * p.E + C) for p in pieces) * 4 <= _KEEP_BYTES
+            keep_scores = sum(_piece_size(p) * C * (2 * p.E + C) for p in pieces) * 4 <= _KEEP_BYTES
         saved = []
         for piece in pieces:
             E = piece.E
@@ -160,13 +161,6 @@ def _scores(Q: torch.Tensor, K: torch.Tensor, kbw: torch.Tensor, E: int, C: int)
     S = torch.bmm(Q, K.transpose(1, 2)).add_(kbw[:, None, :])
     S[..., E:E + C].diagonal(dim1=-2, dim2=-1).copy_((Q * K[:, E:E + C]).sum(-1))
     return S
-
-
-def _size(piece) -> int:
-    if piece.kind == "gather":
-        return int(piece.where[0].shape[0])
-    r0, r1, a, b = piece.where
-    return (r1 - r0) * (b - a)
 
 
 class _Piece(NamedTuple):
