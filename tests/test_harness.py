@@ -187,7 +187,9 @@ def _fake(variant: str, seed: int, **m) -> dict:
     return {"variant": variant, "seed": seed, "status": "ok", "val_bpb": m.get("val_bpb", 2.0),
             "gen_gap": m.get("gen_gap", 0.0), "longrange": {"far_exact": m.get("far", 0.3), "tasks": {}},
             "diagnostics": {"grad_norm_layers": [1.0, 1.0], "attn_ablation": {"delta": [0.5, 0.5]}},
-            "compute": {"ms_step": m.get("ms", 100.0), "flops": {"forward": 1e6}}}
+            "compute": {"ms_step": m.get("ms", 100.0), "flops": {"forward": 1e6}},
+            "cost": {"lengths": [1024, 4096], "train_ms": [10.0, m.get("ms", 100.0)],
+                     "decode_ms": [1.0, m.get("ms", 100.0) / 10]}}
 
 
 def test_verdict_flips_with_its_evidence():

@@ -218,7 +218,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .harness.report import write_report
 
     out = args.out or (str(Path(args.paths[0]) / "report"))
-    rep = write_report(args.paths, out)
+    lengths = None
+    if args.cost_lengths:
+        try:
+            lengths = [int(x) for x in args.cost_lengths.split(",")]
+        except ValueError:
+            raise DynaformerError(f"report: --cost_lengths takes comma-separated integers, got "
+                                  f"'{args.cost_lengths}'") from None
+        if any(T <= 0 for T in lengths):
+            raise DynaformerError(f"report: --cost_lengths must be positive, got '{args.cost_lengths}'")
+    rep = write_report(args.paths, out, cost=not args.no_cost, cost_lengths=lengths)
     print(json.dumps(rep) if args.json else
           f"report: {rep['markdown']} and {rep['html']} ({rep['runs']} runs, {rep['skipped']} skipped)")
     return 0
@@ -322,6 +331,9 @@ def make_parser() -> Parser:
                        description="Build report.md and a self-contained report.html from compare folders.")
     p.add_argument("paths", nargs="+", help="compare output folders (or cell folders)")
     p.add_argument("--out", help="report folder (default: FIRST_PATH/report)")
+    p.add_argument("--cost_lengths", metavar="T1,T2,...",
+                   help="lengths at which to time each trained model (default: the grid's eval.cost_lengths)")
+    p.add_argument("--no_cost", action="store_true", help="skip the interleaved long-length cost measurement")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_report)
 

@@ -87,6 +87,10 @@ class BatchSampler:
         mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         return _windows(self.data, mine, self.context_len)
 
+    def loss_weights(self, y: torch.Tensor) -> torch.Tensor | None:
+        """Per-target loss weights, or None for the plain mean over targets (always, for text)."""
+        return None
+
     def state_dict(self) -> dict:
         return {"cursor": self.cursor, "seed": self.seed}
 

@@ -3,9 +3,11 @@
 Every example is `length + 1` bytes of ASCII (byte-level tokens): a model reads the first `length`
 and predicts the next token at each position, so an example fills a context of `length`. Answers sit
 at the very end. Each answer token has one evidence token earlier in the sequence that it copies; the
-**distance** of an example is `answer_start − evidence_start` of its *probe* (the last answer), and is
-honoured exactly. Answers are unique (the evidence determines them) and never leak: the answer string
-occurs in the prompt only as its evidence (tests check all of this).
+**distance** of an example is `answer_start − evidence_start` of its *probe* (the last answer), unless the
+task states its own (summary: how far back the whole answer reaches), and is honoured exactly. Answers are
+unique (the evidence determines them) and never leak: the answer string occurs in the prompt only as its
+evidence (summary's places may also be visited by others: telling X's visits apart is the task). Tests
+check all of this.
 
 - `passkey`  (Mohtashami & Jaggi 2023): a 5-digit key hidden in filler text, asked for at the end.
 - `mqar`     multi-query associative recall (Arora et al. 2023, "Zoology"): key→value pairs, then
@@ -14,15 +16,19 @@ occurs in the prompt only as its evidence (tests check all of this).
              in order after a marker; the first letter lies at the chosen distance.
 - `storyqa`  bAbI-like QA (Weston et al. 2015, task 1): people move between places, with distractor
              moves and sentences; "Where is X?" at the end, the supporting fact at the chosen distance.
+- `summary`  a storyqa-like story in which X moves K times; "Which places did X visit?" asks for the K
+             places in order (scored on the whole list: exact match, token F1, ROUGE-L).
 
 Generation is vectorised with numpy (a table lookup and a scatter per batch), deterministic in
 (seed, task, length, distances), and far above 1M tokens/s (benchmarks/RESULTS.md).
 
 Spec strings (`--data task:...`): `task:NAME[,NAME...][?key=value&...]`, NAME in TASKS or `suite`
-(all four); keys: `len` (example length; default: the model's context_len), `dist` (`D` or `LO-HI`;
-default: each task's full valid range, log-uniform), `frac` (share of each batch made of task rows when
-mixed with text; default 1), `text` (a text source to mix with, e.g. `builtin:default`; its split is the
-run's validation text), `loss` (`answer`: targets only at answer tokens, the default; `all`).
+(all of them; a name given twice gets twice the rows); keys: `len` (example length; default: the
+model's context_len), `dist` (`D` or `LO-HI`; default: each task's full valid range, log-uniform), `frac`
+(share of each batch made of task rows when mixed with text, and their share of the loss: each source's
+targets are averaged separately; default 1), `text` (a text source to mix with, e.g. `builtin:default`;
+its split is the run's validation text), `loss` (`answer`: targets only at answer tokens, the default;
+`all`), and the task parameters `pairs`, `queries` (mqar), `k` (selcopy), `visits` (summary).
 """
 
 from __future__ import annotations
@@ -47,32 +53,43 @@ LETTERS = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz",
 @dataclass
 class TaskBatch:
     """n examples of one task. tokens: (n, length + 1) uint8. answers: (n, Q) start positions of
-    the Q answers (each `answer_len` tokens); evidence: (n, Q, answer_len) position of the token each
-    answer token copies; distance: (n,) = answer_start − evidence of the probe (the last answer)."""
+    the Q answers (each `answer_len` tokens; at the same columns in every row); evidence: (n, Q, answer_len)
+    position of the token each answer token copies; distance: (n,) = answer_start − evidence of the probe
+    (the last answer), unless the task gives its own. listed: the answers form one list, a space between
+    each two, that the model writes whole (the separators are training targets too)."""
 
     task: str
     tokens: np.ndarray
     answers: np.ndarray
     answer_len: int
     evidence: np.ndarray
-    distance: np.ndarray = field(init=False)
+    distance: np.ndarray | None = None
+    listed: bool = False
 
     def __post_init__(self) -> None:
-        self.distance = self.answers[:, -1] - self.evidence[:, -1, 0]
+        if self.distance is None:
+            self.distance = self.answers[:, -1] - self.evidence[:, -1, 0]
 
     def answer_positions(self, probe_only: bool = False) -> np.ndarray:
         """(n, Q·A) token positions of the answers (of the probe only, if asked)."""
         starts = self.answers[:, -1:] if probe_only else self.answers
         return (starts[:, :, None] + np.arange(self.answer_len)).reshape(len(starts), -1)
 
+    def answer_region(self, probe_only: bool = False) -> np.ndarray:
+        """(n, span) positions from the first answer (the probe, if asked) to the end of the example: all a
+        model writes after the question, separators included (for probe-only scoring: the probe alone)."""
+        start, N = int(self.answers[0, -1 if probe_only else 0]), self.tokens.shape[1]
+        return np.arange(start, N)[None, :].repeat(len(self.tokens), 0)
+
     def inputs_targets(self, loss: str = "answer") -> tuple[torch.Tensor, torch.Tensor]:
         """Model inputs (n, length) and next-token targets (n, length); with loss='answer' every
-        target that is not an answer token is -100 (ignored by the loss)."""
+        target that is not an answer token (nor, in a listed batch, a separator between answers) is -100
+        (ignored by the loss)."""
         t = torch.from_numpy(self.tokens.astype(np.int64))
         x, y = t[:, :-1], t[:, 1:].clone()
         if loss == "answer":
             keep = torch.zeros_like(y, dtype=torch.bool)
-            pos = torch.from_numpy(self.answer_positions() - 1)
+            pos = torch.from_numpy((self.answer_region() if self.listed else self.answer_positions()) - 1)
             keep.scatter_(1, pos, True)
             y[~keep] = -100
         return x, y
@@ -97,6 +114,10 @@ def _put(out: np.ndarray, start: np.ndarray, text: bytes | np.ndarray) -> None:
 class Task:
     name = ""
     answer_alphabet: np.ndarray = DIGITS
+    # Exact match is judged on the probe alone (mqar's earlier queries are not scored), or on all answers.
+    probe_only = True
+    # The answers are a list of words (summary's places): also scored by token F1 and ROUGE-L, on a greedy decode.
+    word_list = False
 
     def distance_range(self, length: int) -> tuple[int, int]:
         raise NotImplementedError
@@ -332,8 +353,105 @@ class StoryQA(Task):
 
 
 PLACES_ARR = np.frombuffer("".join(PLACES).encode(), dtype=np.uint8).reshape(len(PLACES), 6)
+_SQW = max(len(f"Which places did {n} visit? ") for n in NAMES)  # summary question field width (31)
 
-TASKS: dict[str, type[Task]] = {"passkey": Passkey, "mqar": MQAR, "selcopy": SelectiveCopy, "storyqa": StoryQA}
+
+@lru_cache(maxsize=1)
+def _summary_tables() -> tuple[np.ndarray, np.ndarray]:
+    """The unpadded length of every story sentence, and the summary questions (n_names, SQW) right-aligned
+    before the answers."""
+    table, _, _ = _story_tables()
+    lens = _W - np.argmax(table[:, ::-1] != ord(" "), axis=1)  # every sentence ends in "."
+    qs = np.frombuffer("".join(f"Which places did {n} visit? ".rjust(_SQW) for n in NAMES).encode(), dtype=np.uint8)
+    return lens, qs.reshape(len(NAMES), _SQW)
+
+
+def _put_sentences(out: np.ndarray, rows: np.ndarray, starts: np.ndarray, ids: np.ndarray) -> None:
+    """Write story sentences ids (m,) unpadded at out[rows, starts:] (their padding would hit the next one)."""
+    table, lens = _story_tables()[0], _summary_tables()[0]
+    cols = np.arange(table.shape[1])
+    keep = cols < lens[ids][:, None]  # (m, W)
+    out[np.broadcast_to(rows[:, None], keep.shape)[keep], (starts[:, None] + cols)[keep]] = table[ids][keep]
+
+
+class StorySummary(Task):
+    """A story like storyqa's in which X moves exactly K = `visits` times, each time to a different place,
+    ending in "Which places did X visit? P1 P2 … PK". The distance is how far back the summary reaches: first
+    answer − the first visit's place; the later visits lie at random places between the first and the
+    question, in order. Sentences are unpadded and one space apart, not in storyqa's 32-byte slots: the question,
+    the later visits and the answers already fill most of a 128-byte example, and padding would narrow the
+    valid distances further (unpadded, at 128 with K = 2 they are 71..92). Nobody else mentions X; others may
+    visit X's places (the model has to track who went where)."""
+
+    name, answer_len = "summary", 6
+    answer_alphabet = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
+    probe_only, word_list = False, True
+
+    def __init__(self, visits: int = 2) -> None:
+        if not 1 <= visits <= len(PLACES):
+            raise DynaformerError(f"task summary: need 1 ≤ visits ≤ {len(PLACES)} (each visit goes to a different "
+                                  f"place), got visits={visits}")
+        self.visits = visits
+
+    def chance(self) -> float:
+        return float(len(PLACES)) ** -self.visits  # exact match of guessing each of the K places uniformly
+
+    def distance_range(self, length: int) -> tuple[int, int]:
+        N, K = length + 1, self.visits
+        _, offs, _ = _story_tables()
+        lens, _ = _summary_tables()
+        longest = int(lens[: len(offs)].max()) + 1  # a move sentence and its space (32)
+        # From the first visit's place: "PLACE. " (8), the K − 1 later visits and the question; before the
+        # place, the first visit's "X went to the " (up to 24 bytes) from the start at the earliest.
+        return 8 + (K - 1) * longest + _SQW, N - 7 * K + 1 - int(offs.max())
+
+    def _generate(self, rng, n, N, d):
+        table, offs, _ = _story_tables()
+        lens, qtab = _summary_tables()
+        nN, nV, nP, nD = len(NAMES), len(VERBS), len(PLACES), len(DISTRACTORS)
+        K = self.visits
+        a = N - 7 * K + 1  # the first answer; the answers are "PLACE " apart and the last ends the example
+        q = a - _SQW  # the question field
+        who = rng.integers(0, nN, n)
+        visit = np.argsort(rng.random((n, nP)), axis=1)[:, :K]  # (n, K) distinct places, in visit order
+        moves = (who[:, None] * nV + rng.integers(0, nV, (n, K))) * nP + visit  # (n, K) X's move sentences
+        L = lens[moves] + 1  # (n, K) bytes each takes, with its space
+        start0 = a - d - offs[moves[:, 0]]  # the first visit; ≥ 0 by distance_range
+        room = q - start0 - L.sum(1)  # free bytes between the first visit and the question; ≥ 0
+        zero = np.zeros((n, 1), dtype=np.int64)
+        cuts = np.sort((rng.random((n, K - 1)) * (room + 1)[:, None]).astype(np.int64), axis=1)
+        gap = np.diff(np.concatenate([zero, cuts, room[:, None]], axis=1), axis=1)  # (n, K) free after each visit
+        starts = start0[:, None] + np.concatenate([zero, np.cumsum(L + gap, axis=1)[:, :-1]], axis=1)  # (n, K)
+        out = np.full((n, N), ord(" "), dtype=np.uint8)
+        # The free stretches (before the first visit, after each) take other people's moves and distractors,
+        # one space apart, as many as fit; the bytes left over go to a random boundary in the stretch, so runs
+        # of spaces do not mark X's visits.
+        g0 = np.concatenate([zero, starts + L], axis=1)  # (n, K + 1)
+        gw = np.concatenate([start0[:, None], gap], axis=1)
+        G, M = K + 1, int(gw.max()) // (int(lens.min()) + 1) + 1
+        names = rng.integers(0, nN - 1, (n, G, M))
+        names += names >= who[:, None, None]  # nobody else mentions X
+        others = (names * nV + rng.integers(0, nV, (n, G, M))) * nP + rng.integers(0, nP, (n, G, M))
+        ids = np.where(rng.random((n, G, M)) < 0.3, nN * nV * nP + rng.integers(0, nD, (n, G, M)), others)
+        Ls = lens[ids] + 1
+        end = np.cumsum(Ls, axis=2)  # (n, G, M)
+        fit = end <= gw[:, :, None]
+        spare = gw - np.where(fit, Ls, 0).sum(2)
+        at = (rng.random((n, G)) * (fit.sum(2) + 1)).astype(np.int64)
+        pos = g0[:, :, None] + end - Ls + spare[:, :, None] * (np.arange(M) >= at[:, :, None])
+        r, g, j = np.nonzero(fit)
+        _put_sentences(out, r, pos[r, g, j], ids[r, g, j])
+        _put_sentences(out, np.repeat(np.arange(n), K), starts.ravel(), moves.ravel())
+        _put(out, np.full(n, q), qtab[who])
+        answers = np.broadcast_to(a + 7 * np.arange(K), (n, K)).copy()
+        out[:, answers[0, :, None] + np.arange(6)] = PLACES_ARR[visit]  # single spaces between them
+        evidence = (starts + offs[moves])[:, :, None] + np.arange(6)  # (n, K, 6)
+        return TaskBatch(self.name, out, answers, 6, evidence, distance=answers[:, 0] - evidence[:, 0, 0],
+                         listed=True)
+
+
+TASKS: dict[str, type[Task]] = {"passkey": Passkey, "mqar": MQAR, "selcopy": SelectiveCopy, "storyqa": StoryQA,
+                                "summary": StorySummary}
 SUITE = tuple(TASKS)
 
 
@@ -348,7 +466,7 @@ def make_task(name: str, **params: int) -> Task:
 
 # --- spec strings -----------------------------------------------------------------------------
 
-TASK_PARAMS = {"mqar": ("pairs", "queries"), "selcopy": ("k",)}
+TASK_PARAMS = {"mqar": ("pairs", "queries"), "selcopy": ("k",), "summary": ("visits",)}
 
 
 @dataclass
@@ -407,7 +525,7 @@ def parse_task_spec(source: str) -> TaskSpec:
                         spec.params.setdefault(t, {})[key] = int(value)
             else:
                 raise DynaformerError(f"data: unknown task option '{key}' in '{source}' "
-                                      f"(known: len, dist, frac, text, loss, pairs, queries, k)")
+                                      f"(known: len, dist, frac, text, loss, pairs, queries, k, visits)")
         except ValueError:
             raise DynaformerError(f"data: bad value '{value}' for '{key}' in '{source}'") from None
     if not 0 < spec.frac <= 1:
@@ -492,6 +610,20 @@ class TaskSampler:
             xs.append(tx)
             ys.append(ty)
         return torch.cat(xs), torch.cat(ys)
+
+    def loss_weights(self, y: torch.Tensor) -> torch.Tensor | None:
+        """Per-target weights of a mixed batch (task rows first, then text rows), or None when the batch is all
+        task rows: each source's targets are averaged separately and weighted by its share `frac`. A plain mean
+        over targets would let the text rows (every token a target) drown the task rows (a few answer tokens
+        each): at frac 0.75 the answers would carry about a tenth of the loss instead of three quarters."""
+        if self.text_sampler is None or self.n_task >= self.batch_size:
+            return None
+        m = (y != -100).to(torch.float32)
+        n = self.n_task
+        w = torch.empty_like(m)
+        w[:n] = m[:n] * (self.spec.frac / m[:n].sum().clamp(min=1))
+        w[n:] = m[n:] * ((1 - self.spec.frac) / m[n:].sum().clamp(min=1))
+        return w
 
     def state_dict(self) -> dict:
         state = {"cursor": self.cursor, "seed": self.seed, "rank": self.rank}

@@ -66,7 +66,12 @@ def run_cell(cell_dir: Path, progress_bar: bool = False) -> dict:
     if run_dir.exists() and not (run_dir / "run.json").is_file():
         shutil.rmtree(run_dir)  # killed while the run folder was being created: start it again
     train = {**spec["train"], "out": str(run_dir), "resume": "auto", "progress_bar": progress_bar}
-    mcfg = from_dict(ModelConfig, spec["model"], "model")
+    model = dict(spec["model"])
+    matched = None
+    if spec.get("match_reach"):
+        model["span_window"] = matched = matched_window_of(Path(spec["match_reach"]["cell"]),
+                                                           int(model["context_len"]))
+    mcfg = from_dict(ModelConfig, model, "model")
     tcfg = from_dict(TrainConfig, train, "train")
     trainer = Trainer(open_run(mcfg, tcfg))
     summary = trainer.fit()
@@ -78,9 +83,23 @@ def run_cell(cell_dir: Path, progress_bar: bool = False) -> dict:
         return result
     result = evaluate_trained(trainer, spec["eval"])
     result.update({"variant": spec["variant"], "seed": spec["seed"], "status": "ok", "summary": summary,
-                   "model": spec["model"], "train": spec["train"]})
+                   "model": model, "train": spec["train"]})
+    if matched is not None:
+        result["matched_window"] = {"window": matched, "from": spec["match_reach"]["variant"]}
     write_json(cell_dir / "result.json", _finite(result))
     return result
+
+
+def matched_window_of(source: Path, context_len: int) -> int:
+    """The fixed window doing the attention work of the trained learned-span cell `source` (its measured
+    keys per query at the training context)."""
+    from ..model.span_stats import matched_window
+
+    try:
+        reach = json.loads((source / "result.json").read_text())["span_reach"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DynaformerError(f"match_reach: '{source}' has no finished result with span_reach") from None
+    return matched_window(float(reach["keys_per_query"]), context_len)
 
 
 def run_encoder_cell(cell_dir: Path, spec: dict, progress_bar: bool = False) -> dict:
@@ -121,6 +140,7 @@ def evaluate_trained(trainer, ev: dict) -> dict:
     longrange = evaluate_longrange(model, C, tasks, ev["n_per_distance"], ev["fractions"],
                                    batch_size=ev["batch_size"]) if tasks else None
     diag_w = val_w[: ev["diag_windows"]]
+    reach = _span_reach(model, diag_w[:, :-1])
     metrics = read_metrics(run.dir / "metrics.jsonl")
     diagnostics = {"grad_norm_layers": layer_grad_norms(model, diag_w),
                    "attn_ablation": attention_ablation(model, diag_w), **recorded_diagnostics(metrics)}
@@ -131,8 +151,19 @@ def evaluate_trained(trainer, ev: dict) -> dict:
     return {"text": text, "longrange": longrange, "train_loss": tr["loss"], "val_loss": va["loss"],
             "val_bpb": va["bpb"], "gen_gap": va["loss"] - tr["loss"], "diagnostics": diagnostics,
             "compute": compute, "curve": curve, "val_curve": val_curve,
-            "elapsed_s": trainer.elapsed(), "steps": trainer.step,
+            "span_reach": reach, "elapsed_s": trainer.elapsed(), "steps": trainer.step,
             "tokens": trainer.step * trainer.cfg.batch_size * trainer.cfg.grad_accum * C}
+
+
+@torch.no_grad()
+def _span_reach(model: torch.nn.Module, windows: torch.Tensor) -> dict | None:
+    from ..model.span_stats import span_reach
+
+    was = model.training
+    model.eval()
+    model(windows.to(next(model.parameters()).device))
+    model.train(was)
+    return span_reach(model) or None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,11 +40,16 @@ def cell_dir(out: Path, cell: Cell) -> Path:
 
 
 def depends_on(out: Path, cell: Cell, cells: list[Cell]) -> Path | None:
-    """The cell folder whose result this cell needs first: an encoder cell's pretraining cell."""
-    if cell.kind != "encoder":
+    """The cell folder whose result this cell needs first: an encoder cell's pretraining cell, or the
+    learned-span cell (same seed) whose mean reach sets a matched fixed window."""
+    if cell.kind == "lm" and cell.match_reach:
+        want = ("lm", cell.match_reach, cell.seed)
+    elif cell.kind == "encoder":
+        want = ("encoder_pretrain", cell.variant, cell.seed)
+    else:
         return None
     for c in cells:
-        if c.kind == "encoder_pretrain" and c.variant == cell.variant and c.seed == cell.seed:
+        if (c.kind, c.variant, c.seed) == want:
             return cell_dir(out, c)
     return None
 
@@ -184,6 +189,12 @@ def prepare(grid: Grid, out: Path, skip_invalid: bool) -> list[Cell]:
         d.mkdir(parents=True, exist_ok=True)
         if c.kind == "lm":
             spec = {"variant": c.variant, "seed": c.seed, "model": c.model, "train": c.train, "eval": grid.eval}
+            if c.match_reach:
+                need = depends_on(out, c, cells)
+                if need is None:
+                    raise DynaformerError(f"cell {c.key}: match_reach needs variant '{c.match_reach}', which this "
+                                          f"run leaves out")
+                spec["match_reach"] = {"variant": c.match_reach, "cell": str(need)}
         elif c.kind == "encoder_pretrain":
             spec = {"kind": c.kind, "variant": c.variant, "seed": c.seed, "model": c.model, "train": c.train}
         else:
@@ -292,7 +303,8 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
                 time.sleep(0.5)
             elif pending and waited >= len(pending):  # nothing runs and nothing can start: their inputs failed
                 for c in pending:
-                    report["failed"].append(f"{c.key}: its pretraining cell did not finish")
+                    what = "pretraining cell" if c.kind == "encoder" else f"match_reach cell ({c.match_reach})"
+                    report["failed"].append(f"{c.key}: its {what} did not finish")
                 pending.clear()
     except KeyboardInterrupt:
         for proc, _, _d in running.values():

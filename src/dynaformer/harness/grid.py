@@ -7,10 +7,12 @@
       baseline: {}
       dyn_residual: {residual: dynamic}
       baseline_large: {d_model: 160}
+      fixed_window: {span: fixed, match_reach: dyn_span}   # window = the trained dyn_span's mean reach
     seeds: 3                                      # or a list of seeds
     match: tokens                                 # or wall_clock (with wall_clock_s per cell)
-    eval: {n_per_distance: 40, text_tokens: 16384, multiples: [1, 2, 4]}
-    questions: {reference: baseline, residual: dyn_residual, span: dyn_span}
+    eval: {n_per_distance: 40, text_tokens: 16384, multiples: [1, 2, 4], cost_lengths: [1024, 2048, 4096]}
+    questions: {reference: baseline, residual: dyn_residual, span: dyn_span,
+                controls: {residual: [static_residual], span: [fixed_window, per_head]}}
     encoder:                                      # optional: the understanding study (seed 000's NLU tasks)
       model: {n_layer: 2, context_len: 256}       # overrides of the base model (causal is set false)
       finetune: {n_train: 1500, max_steps: 200}   # FinetuneConfig fields shared by every encoder cell
@@ -21,6 +23,16 @@
 Encoder cells fine-tune a bidirectional classifier on each task, for every listed variant and seed —
 from scratch, or, with `pretrain`, from that variant and seed's masked-LM pretrained encoder (one
 pretraining cell feeds every task); the report compares their accuracy with the reference variant's.
+
+Two variant keys are the harness's own, not config fields. `seeds: N` runs only the grid's first N
+seeds for that variant (controls may take fewer seeds than the variants the questions test).
+`match_reach: V` makes a `fixed` window control of equal attention work: each seed's cell waits for
+variant V's cell of the same seed and sets `span_window` to the window whose keys per query equal
+those V's trained model attends on held-out windows (model/span_stats.py).
+
+`eval.cost_lengths` are the sequence lengths at which `report` times every trained model's training
+step (forward + backward) and its decoding, interleaved (harness/cost.py); a length whose training
+step would not fit in this machine's memory is refused before anything trains.
 
 A variant whose overrides do not validate against the installed ModelConfig/TrainConfig (e.g. a
 residual kind this build does not have) is an error naming the variant — or, with skip_invalid, a
@@ -42,11 +54,13 @@ from ..errors import ConfigError
 from ..model import ModelConfig
 from ..train.config import TrainConfig, split_sections
 
-EVAL_DEFAULTS: dict[str, Any] = {"tasks": ["passkey", "mqar", "selcopy", "storyqa"], "n_per_distance": 40,
-                                 "fractions": [1 / 16, 1 / 8, 1 / 4, 1 / 2, 7 / 8], "text_tokens": 16384,
-                                 "multiples": [1, 2, 4], "diag_windows": 8, "batch_size": 16}
+EVAL_DEFAULTS: dict[str, Any] = {"tasks": ["passkey", "mqar", "selcopy", "storyqa", "summary"],
+                                 "n_per_distance": 40, "fractions": [1 / 16, 1 / 8, 1 / 4, 1 / 2, 7 / 8],
+                                 "text_tokens": 16384, "multiples": [1, 2, 4], "diag_windows": 8, "batch_size": 16,
+                                 "cost_lengths": [1024, 2048, 4096], "cost_repeats": 3}
 QUESTION_DEFAULTS = {"reference": "baseline", "residual": "dyn_residual", "span": "dyn_span",
-                     "size_matched": "baseline_large"}
+                     "size_matched": "baseline_large", "controls": {}}
+HARNESS_KEYS = ("match_reach", "seeds")  # variant keys the harness resolves itself (not ModelConfig/TrainConfig fields)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -60,6 +74,7 @@ class Cell:
     task: str | None = None  # encoder cells: the classification task and the fine-tuning config
     finetune: dict | None = None
     kind: str = "lm"  # lm | encoder_pretrain (masked-LM, feeds the encoder cells) | encoder (fine-tuning)
+    match_reach: str | None = None  # lm cells: the variant whose trained keys per query set span_window
 
     @property
     def key(self) -> str:
@@ -77,6 +92,7 @@ class Grid:
     base: dict[str, dict]
     variants: dict[str, dict[str, dict]]
     seeds: list[int]
+    harness: dict[str, dict] = field(default_factory=dict)  # variant → its HARNESS_KEYS
     match: str = "tokens"
     wall_clock_s: float | None = None
     eval: dict = field(default_factory=lambda: dict(EVAL_DEFAULTS))
@@ -84,13 +100,15 @@ class Grid:
     encoder: dict | None = None  # {model, finetune, tasks: {name: overrides}, variants: [...], pretrain}
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "base": self.base, "variants": self.variants, "seeds": self.seeds,
+        return {"name": self.name, "base": self.base, "variants": self.variants, "harness": self.harness,
+                "seeds": self.seeds,
                 "match": self.match, "wall_clock_s": self.wall_clock_s, "eval": self.eval,
                 "questions": self.questions, "encoder": self.encoder}
 
     def fingerprint(self) -> str:
         """What every cell shares (variants and seeds may be added to a grid folder later)."""
-        shared = {k: v for k, v in self.to_dict().items() if k not in ("variants", "seeds", "questions", "name")}
+        shared = {k: v for k, v in self.to_dict().items()
+                  if k not in ("variants", "harness", "seeds", "questions", "name")}
         return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
 
     def cells(self, skip_invalid: bool = False) -> list[Cell]:
@@ -103,10 +121,11 @@ class Grid:
                     raise
                 out += [Cell(name, s, None, None, error=str(e)) for s in self.seeds]
                 continue
-            for s in self.seeds:
+            for s in self.seeds[: self.harness.get(name, {}).get("seeds", len(self.seeds))]:
                 t = to_dict(tcfg)
                 t["seed"] = int(s)
-                out.append(Cell(name, int(s), to_dict(mcfg), t))
+                out.append(Cell(name, int(s), to_dict(mcfg), t,
+                                match_reach=self.harness.get(name, {}).get("match_reach")))
         return out + self.encoder_cells(skip_invalid)
 
     def encoder_cells(self, skip_invalid: bool = False) -> list[Cell]:
@@ -225,16 +244,34 @@ def grid_from_dict(raw: dict, name: str = "grid", variants: list[str] | None = N
     all_names = set(vs) if isinstance(vs, dict) else set()
     if not isinstance(vs, dict):
         raise ConfigError("grid.variants: expected a mapping name → overrides")
-    parsed = {}
+    parsed, harness = {}, {}
     for vname, ov in vs.items():
         if not _NAME_RE.match(str(vname)):
             raise ConfigError(f"grid.variants: bad variant name '{vname}' (letters, digits, _ . - only)")
-        parsed[str(vname)] = split_sections(ov or {}, f"variant '{vname}'")
+        ov = dict(ov or {})
+        harness[str(vname)] = {k: ov.pop(k) for k in HARNESS_KEYS if k in ov}
+        parsed[str(vname)] = split_sections(ov, f"variant '{vname}'")
+    for vname, h in harness.items():
+        n = h.get("seeds")
+        if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+            raise ConfigError(f"variant '{vname}': seeds must be a positive integer (the first N of the grid's seeds), "
+                              f"got {n!r}")
+        src = h.get("match_reach")
+        if src is None:
+            continue
+        if src not in all_names or src == vname:
+            raise ConfigError(f"variant '{vname}': match_reach names '{src}', which is not another variant of this "
+                              f"grid")
+        if resolve(base, parsed[vname], vname)[0].span != "fixed":
+            raise ConfigError(f"variant '{vname}': match_reach sets a fixed window; add span: fixed")
+        if resolve(base, parsed[src], src)[0].span in ("none", "fixed"):
+            raise ConfigError(f"variant '{vname}': match_reach needs a learned-span variant, '{src}' has none")
     if variants:
         missing = [v for v in variants if v not in parsed]
         if missing:
             raise ConfigError(f"unknown variant '{missing[0]}' (grid has: {', '.join(parsed)})")
-        parsed = {v: parsed[v] for v in variants}
+        needed = [h["match_reach"] for v, h in harness.items() if v in variants and "match_reach" in h]
+        parsed = {v: parsed[v] for v in variants + [n for n in needed if n not in variants]}
     s = raw.get("seeds", 3) if seeds is None else seeds
     seed_list = list(range(int(s))) if isinstance(s, int | str) else [int(x) for x in s]
     if not seed_list:
@@ -250,16 +287,71 @@ def grid_from_dict(raw: dict, name: str = "grid", variants: list[str] | None = N
         if k not in EVAL_DEFAULTS:
             raise ConfigError(f"grid.eval: unknown key '{k}' (known: {', '.join(EVAL_DEFAULTS)})")
         ev[k] = v
-    from ..data.tasks import make_task
-
-    for t in ev["tasks"]:
-        make_task(t)
-    qs = {**QUESTION_DEFAULTS, **(raw.get("questions") or {})}
+    _check_eval(ev)
+    qs = _parse_questions(raw.get("questions"), all_names)
     encoder = _parse_encoder(raw.get("encoder"), all_names)
     if encoder:
         missing = [v for v in encoder["variants"] if v not in all_names]
         if missing:
             raise ConfigError(f"grid.encoder.variants: '{missing[0]}' is not a variant of this grid")
-    grid = Grid(str(raw.get("name", name)), base, parsed, seed_list, match, wall, ev, qs, encoder)
+    grid = Grid(str(raw.get("name", name)), base, parsed, seed_list, {v: harness[v] for v in parsed if harness[v]},
+                match, wall, ev, qs, encoder)
     resolve(base, {}, "(base)")  # the base itself must validate
+    from .cost import check_lengths
+
+    cfgs = []
+    for v, ov in parsed.items():
+        try:
+            cfgs.append(resolve(base, ov, v)[0])
+        except ConfigError:
+            pass  # reported by cells() (or skipped with skip_invalid)
+    check_lengths(ev["cost_lengths"], cfgs)
     return grid
+
+
+def _positive_ints(ev: dict, key: str) -> list[int]:
+    vals = ev[key]
+    if not isinstance(vals, list) or not vals or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                         for v in vals):
+        raise ConfigError(f"grid.eval.{key}: expected a non-empty list of positive integers, got {vals!r}")
+    return vals
+
+
+def _check_eval(ev: dict) -> None:
+    """Evaluation settings that would fail after training fail now, naming the key."""
+    from ..data.tasks import TASKS
+
+    if not isinstance(ev["tasks"], list):
+        raise ConfigError(f"grid.eval.tasks: expected a list of task names, got {ev['tasks']!r}")
+    for t in ev["tasks"]:
+        if t not in TASKS:
+            raise ConfigError(f"grid.eval.tasks: unknown task '{t}' (known: {', '.join(TASKS)})")
+    _positive_ints(ev, "multiples")
+    _positive_ints(ev, "cost_lengths")
+    for key in ("n_per_distance", "text_tokens", "diag_windows", "batch_size", "cost_repeats"):
+        if not (isinstance(ev[key], int) and not isinstance(ev[key], bool) and ev[key] > 0):
+            raise ConfigError(f"grid.eval.{key}: expected a positive integer, got {ev[key]!r}")
+    fr = ev["fractions"]
+    if not isinstance(fr, list) or not fr or not all(isinstance(f, int | float) and 0 < f <= 1 for f in fr):
+        raise ConfigError(f"grid.eval.fractions: expected fractions of the context in (0, 1], got {fr!r}")
+
+
+def _parse_questions(raw, names: set[str]) -> dict:
+    """questions: {reference, residual, span, size_matched, controls: {residual: [...], span: [...]}}. A
+    question whose variant the grid lacks is reported as not tested; a control must exist."""
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError("grid.questions: expected a mapping")
+    raw = dict(raw or {})
+    unknown = sorted(set(raw) - set(QUESTION_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"grid.questions: unknown key '{unknown[0]}' (known: {', '.join(QUESTION_DEFAULTS)})")
+    qs = {**QUESTION_DEFAULTS, **raw}
+    controls = qs["controls"] or {}
+    if not isinstance(controls, dict) or any(k not in ("residual", "span") for k in controls):
+        raise ConfigError("grid.questions.controls: expected {residual: [variants], span: [variants]}")
+    qs["controls"] = {k: [v] if isinstance(v, str) else list(v or []) for k, v in controls.items()}
+    for q, cs in qs["controls"].items():  # a typo would silently drop the control rows
+        for c in cs:
+            if c not in names:
+                raise ConfigError(f"grid.questions.controls.{q}: '{c}' is not a variant of this grid")
+    return qs

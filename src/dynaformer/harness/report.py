@@ -24,7 +24,7 @@ from ..errors import DynaformerError
 from .encoder_report import encoder_blocks
 from .grid import QUESTION_DEFAULTS
 from .stats import mean_sd
-from .verdicts import METRICS, QUESTIONS, THRESHOLDS, judge, metric_label, metric_value
+from .verdicts import METRICS, THRESHOLDS
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Collected:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (cell, reason)
     questions: dict = field(default_factory=lambda: dict(QUESTION_DEFAULTS))
     grids: list[str] = field(default_factory=list)
+    eval: dict = field(default_factory=dict)  # the grid's evaluation settings (cost_lengths, cost_repeats)
     encoder: dict[str, dict[str, list[dict]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     encoder_pretrain: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
 
@@ -88,6 +89,7 @@ def collect(paths: list[str | Path]) -> Collected:
                 raise DynaformerError(f"'{p}/grid.json' is damaged") from None
             col.grids.append(info.get("name", p.name))
             col.questions.update(info.get("grid", {}).get("questions", {}))
+            col.eval.update(info.get("grid", {}).get("eval", {}))
             try:
                 for s in json.loads((p / "skipped.json").read_text()).get("skipped", []):
                     col.skipped.append((s["cell"], f"config invalid on this build: {s['reason']}"))
@@ -346,76 +348,161 @@ def _ms(t) -> str:
     return "—" if t is None else f"{_fmt(t[0])} ± {_fmt(t[1], 2)} (n={t[2]})"
 
 
-def verdict_rows(col: Collected) -> tuple[list[list[str]], list[str]]:
-    ref = col.questions.get("reference", "baseline")
-    size = col.questions.get("size_matched")
-    rows, notes = [], []
-    for q in QUESTIONS:
-        var = col.questions.get(q.key)
-        for opt in q.options:
-            if var not in col.results or ref not in col.results:
-                missing = var if var not in col.results else ref
-                rows.append([q.key, str(opt.number), opt.text, "—", "—", "—", "—", "—",
-                             f"not tested: no finished runs of variant '{missing}'", "—"])
-                continue
-            verdict, ev = judge(opt.claim, col.results[var], col.results[ref], var, ref)
-            e0 = ev[0]
-            evidence = "; ".join(
-                f"{e.test}: Δ={_fmt(e.diff)}, p={_fmt(e.p, 2)} → {e.verdict}" + (f" ({e.note})" if e.note else "")
-                for e in ev)
-            vs_size = "—"
-            if size in col.results and size != var:
-                vs_size, _ = judge(opt.claim, col.results[var], col.results[size], var, size)
-            label = metric_label(e0.metric) if not e0.metric.endswith("_l") else e0.metric
-            rows.append([q.key, str(opt.number) + (" (seed answer)" if opt.number == q.answer_key else ""), opt.text,
-                         label, _ms(e0.v), _ms(e0.r), _fmt(e0.p, 2), evidence + (f". {opt.note}" if opt.note else ""),
-                         f"**{verdict}**", vs_size])
-    return rows, notes
+def _pm(mean, sd, n=None) -> str:
+    if mean is None:
+        return "—"
+    return f"{_fmt(mean)} ± {_fmt(sd, 2)}" + (f" (n={n})" if n is not None else "")
 
 
-def variant_table(col: Collected) -> tuple[list[str], list[list[str]]]:
-    names = list(METRICS)
-    head = ["variant", "seeds"] + names
+def verdict_rows(data: dict) -> list[list[str]]:
     rows = []
-    for v, rs in col.results.items():
-        row = [v, str(len(rs))]
-        for n in names:
-            vals = [metric_value(r, n) for r in rs]
-            vals = [x for x in vals if x is not None]
-            row.append("—" if not vals else f"{_fmt(mean_sd(vals)[0])} ± {_fmt(mean_sd(vals)[1], 2)}")
-        rows.append(row)
+    for v in data["verdicts"]:
+        opt = str(v["option"]) + (" (seed answer)" if v["seed_answer"] else "")
+        if v["verdict"] == "not tested":
+            rows.append([v["question"], opt, v["claim"], "—", "—", "—", "—", "—", f"not tested: {v['why']}", "—", "—"])
+            continue
+        evidence = "; ".join(f"{e['test']}: Δ={_fmt(e['diff'])}, p={_fmt(e['p'], 2)} → {e['verdict']}"
+                             + (f" ({e['note']})" if e["note"] else "") for e in v["evidence"])
+        controls = ", ".join(f"{c}: {x}" for c, x in v["vs_controls"].items()) or "—"
+        rows.append([v["question"], opt, v["claim"], v["metric_label"],
+                     _pm(v["variant_mean"], v["variant_sd"], v["n"]),
+                     _pm(v["reference_mean"], v["reference_sd"], v["reference_n"]), _fmt(v["p"], 2),
+                     evidence + (f". {v['note']}" if v["note"] else ""), f"**{v['verdict']}**",
+                     v["vs_size_matched"] or "—", controls])
+    return rows
+
+
+def answer_rows(data: dict) -> list[list[str]]:
+    """One line per option: the verdict in a word and its decisive number (first part of the claim)."""
+    rows = []
+    for v in data["verdicts"]:
+        num = "—" if v["variant_mean"] is None else (f"{_fmt(v['variant_mean'])} vs {_fmt(v['reference_mean'])} "
+                                                       f"({v['metric']}, p={_fmt(v['p'], 2)})")
+        word = v["verdict"] + (" (floor)" if v["floor"] and v["verdict"] == "inconclusive" else "")
+        rows.append([v["question"], str(v["option"]) + (" ★" if v["seed_answer"] else ""), v["claim"], word, num])
+    return rows
+
+
+def control_rows(data: dict) -> list[list[str]]:
+    return [[c["question"], f"{c['variant']} vs {c['control']}", c["metric_label"],
+             _pm(c["variant_mean"], c["variant_sd"], c["n"]), _pm(c["control_mean"], c["control_sd"], c["control_n"]),
+             _fmt(c["p"], 2), f"**{c['verdict']}**"] for c in data["controls"]]
+
+
+def cost_tables(data: dict) -> list[tuple]:
+    cost = data.get("cost")
+    if not cost:
+        return [("p", "Not measured (report --no_cost).")]
+    L = cost["lengths"]
+    ref = cost["reference"]
+    blocks = [("p", f"Interleaved on this machine ({cost['cpu']}, {cost['threads']} threads, median of "
+                    f"{cost['repeats']} rounds; each model with its own trained weights and spans, on held-out "
+                    f"text). Training step: forward + backward of one sequence of T tokens. Decoding: ms per "
+                    f"token after a prefill of T. Speed-up is the reference's time over the variant's; the "
+                    f"crossover is the first measured length from which the variant stays cheaper.")]
+    head = ["variant"] + [f"train ms @ {T}" for T in L] + [f"decode ms/token @ {T}" for T in L] + \
+        ["train crossover", "decode crossover"]
+    rows = []
+    for v, rec in cost["variants"].items():
+        if not rec:
+            continue
+        cross = cost["crossover"].get(v)
+        train = [f"{_fmt(m, 3)}" + ("" if cross is None else f" ({cross['train_ms']['speedup'][i]:.2f}×)")
+                 for i, m in enumerate(rec["train_ms"])]
+        dec = [f"{_fmt(m, 3)}" + ("" if cross is None else f" ({cross['decode_ms']['speedup'][i]:.2f}×)")
+               for i, m in enumerate(rec["decode_ms"])]
+
+        def at(c, v=v):
+            if c is None:
+                return "reference" if v == ref else "—"
+            if c["at"] is None:
+                return f"none up to {L[-1]}"
+            return f"≤ {c['at']}" if c["between"] is None else f"{c['between'][0]}–{c['between'][1]}"
+
+        rows.append([v] + train + dec + [at(cross and cross["train_ms"]), at(cross and cross["decode_ms"])])
+    blocks.append(("table", head, rows))
+    return blocks
+
+
+def text_rows(data: dict) -> tuple[list[str], list[list[str]]]:
+    mults = sorted({e["multiple"] for es in data["text"].values() for e in es})
+    head = ["variant"] + [f"{m}×: one pass / sliding" for m in mults]
+    rows = []
+    for v, es in data["text"].items():
+        by = {e["multiple"]: e for e in es}
+        rows.append([v] + [("—" if m not in by else f"{_fmt(by[m]['one_pass_bpb'])} / {_fmt(by[m]['sliding_bpb'])}")
+                           for m in mults])
     return head, rows
 
 
-def build(col: Collected, plots: bool = True) -> list[tuple]:
+def variant_table(data: dict) -> tuple[list[str], list[list[str]]]:
+    names = list(METRICS)
+    head = ["variant", "seeds"] + names
+    rows = []
+    for v, rec in data["variants"].items():
+        n = max((x["n"] for x in rec.values()), default=0)
+        rows.append([v, str(n)] + [_pm(rec[k]["mean"], rec[k]["sd"]) if k in rec else "—" for k in names])
+    return head, rows
+
+
+def build(col: Collected, plots: bool = True, data: dict | None = None) -> list[tuple]:
     """The report as blocks: ("h", level, text), ("p", text), ("table", head, rows), ("img", title, png|None,
-    why-None). plots=False only checks which plots have data (no drawing)."""
+    why-None). The tables are rendered from `data` (report.json; built here when not given); plots=False only
+    checks which plots have data (no drawing)."""
+    from .results import report_data
+
+    data = data if data is not None else report_data(col)
     colors = _colors(list(col.results))
     blocks: list[tuple] = [("h", 1, f"dynaformer report: {', '.join(col.grids) or 'runs'}")]
     n_runs = sum(len(v) for v in col.results.values())
+    controls = col.questions.get("controls") or {}
     blocks.append(("p", f"{n_runs} finished runs over {len(col.results)} variants "
                         f"({', '.join(f'{v}×{len(r)}' for v, r in col.results.items())}); reference variant "
                         f"'{col.questions.get('reference')}', residual question tested by "
-                        f"'{col.questions.get('residual')}', span question by '{col.questions.get('span')}', "
-                        f"size-matched baseline '{col.questions.get('size_matched')}'."))
+                        f"'{col.questions.get('residual')}' (controls: "
+                        f"{', '.join(controls.get('residual', [])) or '—'}), span question by "
+                        f"'{col.questions.get('span')}' (controls: "
+                        f"{', '.join(controls.get('span', [])) or '—'}), size-matched baseline "
+                        f"'{col.questions.get('size_matched')}'. Every number below is in report.json."))
+    blocks.append(("h", 2, "Answers at a glance"))
+    blocks.append(("p", "Each option's verdict and its decisive number (tested variant vs reference, first part of "
+                        "the claim). ★ marks the option the seed file calls correct; it plays no part in judging."))
+    blocks.append(("table", ["question", "option", "claim", "verdict", "decisive number"], answer_rows(data)))
     blocks.append(("h", 2, "Verdicts"))
     blocks.append(("p", "Each option of each seed question becomes a claim about measured metrics of the tested "
                         "variant versus the reference (mean ± sd over seeds; Welch t-test). supported: p < α and "
                         "the effect is at least the threshold in the claimed direction; contradicted: the 95% "
                         "interval of the effect lies below the threshold (no effect of that size, or the opposite);"
                         " inconclusive: neither. Compound options: AND needs every part, OR any part, NOT swaps. "
-                        "The last column repeats the test against the size-matched larger baseline. "
-                        "'seed answer' marks the option the seed file calls correct; it plays no part in judging. "
-                        "Accuracy claims where both arms stay below the accuracy threshold are inconclusive (floor). "
-                        "ms/step comes from each run's own training log: on a shared machine it carries the "
-                        "load of the moment; for clean speed ratios use the interleaved benchmarks "
-                        "(dynaformer bench)."))
+                        "The last two columns repeat the test against the size-matched larger baseline and against "
+                        "the controls. Accuracy claims where both arms stay below the accuracy threshold are "
+                        "inconclusive (floor). Cost claims use the interleaved long-length measurement below "
+                        "(section Cost); long-text perplexity takes each variant the better way it can be run "
+                        "(one pass or a sliding window of its training context)."))
     blocks.append(("table", ["name", "value"], [[k, _fmt(v)] for k, v in THRESHOLDS.items()]))
-    rows, _ = verdict_rows(col)
     blocks.append(("table", ["question", "option", "claim", "metric (first part)", "variant mean ± sd",
-                             "reference mean ± sd", "p", "evidence (every part)", "verdict", "vs size-matched"], rows))
+                             "reference mean ± sd", "p", "evidence (every part)", "verdict", "vs size-matched",
+                             "vs controls"], verdict_rows(data)))
+    blocks.append(("h", 2, "Mechanism versus controls"))
+    blocks.append(("p", "Does the seed's mechanism matter, or does something simpler do the same? Residual: the "
+                        "dynamic residual against static learned weights (one learned gain per branch, no step, "
+                        "position or content terms). Span: content-dependent spans against a fixed window of equal "
+                        "attention work (its window is each seed's trained dynamic-span mean keys per query) and "
+                        "against one learned span per head. Each control is also compared with the reference. "
+                        "better / worse: p < α and at least the threshold; floor: both below the accuracy threshold."))
+    blocks.append(("table", ["question", "comparison", "metric", "variant mean ± sd", "control mean ± sd", "p",
+                             "reading"], control_rows(data)) if data["controls"] else
+                  ("p", "No controls in this grid (questions.controls)."))
+    blocks.append(("h", 2, "Cost at long lengths"))
+    blocks += cost_tables(data)
+    blocks.append(("h", 2, "Long text: one pass and sliding window"))
+    blocks.append(("p", "Held-out bits per byte over sequences of 1×, 2× and 4× the training context, read in one "
+                        "pass and through a sliding window of the training context (stride half of it). The "
+                        "long-text verdicts take each variant the better way."))
+    head, trows = text_rows(data)
+    blocks.append(("table", head, trows))
     blocks.append(("h", 2, "All variants"))
-    head, vrows = variant_table(col)
+    head, vrows = variant_table(data)
     blocks.append(("table", head, vrows))
     blocks.append(("p", "; ".join(f"{k}: {v[0]}" for k, v in METRICS.items())))
     enc_colors = _colors(sorted({v for by in col.encoder.values() for v in by} | set(col.results)))
@@ -466,11 +553,23 @@ def _slug(s: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in s.lower()).strip("-")[:48]
 
 
-def write_report(paths: list[str | Path], out_dir: str | Path) -> dict:
+def write_report(paths: list[str | Path], out_dir: str | Path, cost: bool = True,
+                 cost_lengths: list[int] | None = None) -> dict:
+    from .cell import write_json
+    from .grid import EVAL_DEFAULTS
+    from .results import attach_cost, report_data
+
     col = collect(paths)
-    blocks = build(col)
     out = Path(out_dir)
+    measured = None
+    if cost:
+        lengths = cost_lengths or col.eval.get("cost_lengths") or EVAL_DEFAULTS["cost_lengths"]
+        repeats = int(col.eval.get("cost_repeats") or EVAL_DEFAULTS["cost_repeats"])
+        measured = attach_cost(col, list(lengths), repeats, out / "cost.json")
+    data = report_data(col, measured)
+    blocks = build(col, data=data)
     (out / "plots").mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", data)
     md, body = [], []
     for b in blocks:
         if b[0] == "h":
@@ -485,8 +584,7 @@ def write_report(paths: list[str | Path], out_dir: str | Path) -> dict:
             md += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
             md.append("")
             th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-            trs = "".join("<tr>" + "".join(f"<td>{html.escape(c).replace('**', '')}</td>" for c in r) + "</tr>"
-                          for r in rows)
+            trs = "".join("<tr>" + "".join(_td(c) for c in r) + "</tr>" for r in rows)
             body.append(f"<table><tr>{th}</tr>{trs}</table>")
         elif b[0] == "img":
             title, png, why = b[1], b[2], b[3]
@@ -504,10 +602,22 @@ def write_report(paths: list[str | Path], out_dir: str | Path) -> dict:
     (out / "report.md").write_text("\n".join(md))
     style = ("body{font-family:sans-serif;max-width:1400px;margin:auto;padding:1em}table{border-collapse:collapse;"
              "font-size:12px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}"
-             "img{max-width:100%}")
+             "img{max-width:100%}.supported,.better{background:#d4f4d4}.contradicted,.worse{background:#f8d4d4}"
+             ".inconclusive,.floor{background:#f4f0d0}")
     (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>dynaformer report"
                                      f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>")
-    rows, _ = verdict_rows(col)
-    return {"markdown": str(out / "report.md"), "html": str(out / "report.html"),
+    return {"markdown": str(out / "report.md"), "html": str(out / "report.html"), "json": str(out / "report.json"),
             "runs": sum(len(v) for v in col.results.values()), "skipped": len(col.skipped),
-            "verdicts": [{"question": r[0], "option": r[1], "verdict": r[8].strip("*")} for r in rows]}
+            "verdicts": [{"question": v["question"], "option": v["option"], "verdict": v["verdict"]}
+                         for v in data["verdicts"]]}
+
+
+_VERDICT_CLASSES = ("supported", "contradicted", "inconclusive", "better", "worse", "floor")
+
+
+def _td(cell: str) -> str:
+    """A table cell; a bold verdict word gets its colour class."""
+    text = cell.replace("**", "")
+    word = text.split(" ")[0] if cell.startswith("**") else ""
+    cls = f' class="{word}"' if word in _VERDICT_CLASSES else ""
+    return f"<td{cls}>{html.escape(text)}</td>"

@@ -34,6 +34,37 @@ def span_stats(model: nn.Module, seq_len: int | None = None) -> dict:
     return out
 
 
+@torch.no_grad()
+def span_reach(model: nn.Module) -> dict:
+    """From the spans of the last forward (a causal sequence of T tokens): the mean reach z + R over layers,
+    heads and tokens, and the keys a query actually weights, mean over layers, heads and positions t of
+    min(t + 1, z + R) — the attention work a fixed window must match; {} for a model without spans."""
+    spans = [b.attn.span for b in getattr(model, "blocks", [])]
+    if not spans or spans[0] is None or spans[0].last_z is None:
+        return {}
+    reach, keys = [], []
+    for span in spans:
+        r = span.last_z.float() + span.ramp  # (1|B, H, 1|T)
+        T = r.shape[-1]
+        reach.append(float(r.mean()))
+        if T > 1:
+            pos = torch.arange(1, T + 1, dtype=r.dtype)
+            keys.append(float(torch.minimum(r, pos).mean()))
+    out = {"mean_reach": round(sum(reach) / len(reach), 3)}
+    if keys:
+        out["keys_per_query"] = round(sum(keys) / len(keys), 3)
+    return out
+
+
+def matched_window(keys_per_query: float, T: int) -> int:
+    """The smallest fixed window w whose keys per query at length T, mean over t of min(t + 1, w), reach
+    `keys_per_query`: a sliding window doing the same attention work as a learned span."""
+    for w in range(1, T + 1):
+        if sum(min(t + 1, w) for t in range(T)) / T >= keys_per_query:
+            return w
+    return T
+
+
 def plot_span_heatmap(records: list[dict], path: Path) -> Path | None:
     """Heat map of the mean span per (layer, head) over training from metrics records; None without
     matplotlib or span records."""

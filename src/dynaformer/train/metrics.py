@@ -64,4 +64,9 @@ def format_train_line(r: dict, max_steps: int) -> str:
 
 
 def format_eval_line(r: dict) -> str:
-    return f"eval {r['step']:>6} | val_loss {r['val_loss']:.4f} | val_bpb {r['val_bpb']:.4f} | {r['elapsed_s']:.1f}s"
+    tasks = ""
+    if "val_answer_loss" in r:  # task runs: the answers' loss and exact match, overall and per task
+        per = " ".join(f"{k.removeprefix('val_exact_')} {v:.2f}" for k, v in r.items() if k.startswith("val_exact_"))
+        tasks = f" | answer_loss {r['val_answer_loss']:.4f} | exact {r['val_exact']:.3f} ({per})"
+    return (f"eval {r['step']:>6} | val_loss {r['val_loss']:.4f} | val_bpb {r['val_bpb']:.4f}{tasks} | "
+            f"{r['elapsed_s']:.1f}s")

@@ -66,12 +66,15 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, self.cfg, no_decay)  # after sharding: FSDP2 swaps in DTensors
         self.sampler = BatchSampler(run.splits.train, self.cfg.batch_size, self.mcfg.context_len, self.cfg.seed,
                                     rank=self.dist.rank, world=self.dist.world)
+        self.task_probe = None  # task runs: held-out answers, scored at every evaluation
         if self.cfg.data.startswith("task:"):  # task rows (answer-only targets), optionally mixed with text
             from ..data.tasks import TaskSampler, parse_task_spec
+            from ..eval.longrange import TaskProbe
 
             spec = parse_task_spec(self.cfg.data)
             self.sampler = TaskSampler(spec, self.cfg.batch_size, self.mcfg.context_len, self.cfg.seed,
                                        rank=self.dist.rank, text_sampler=self.sampler if spec.text else None)
+            self.task_probe = TaskProbe(spec, self.sampler.length)
         self.val_windows = eval_windows(run.splits.val, self.mcfg.context_len, self.cfg.eval_tokens)
         self.token_bytes = torch.from_numpy(run.tokenizer.token_bytes())
         self.mask_id = run.tokenizer.vocab_size  # masked-LM only: the extra id after the tokenizer's
@@ -152,9 +155,15 @@ class Trainer:
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        weights = self.sampler.loss_weights(y)  # mixed task/text batches: each source averaged on its own
         with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            _, loss = self.forward(x, y)
-        return loss
+            if weights is None:
+                _, loss = self.forward(x, y)
+                return loss
+            logits, _ = self.forward(x)
+        ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
+                                               reduction="none")
+        return (ce * weights.flatten()).sum()
 
     def train_step(self) -> tuple[float, float, bool]:
         """One optimizer step over grad_accum micro-batches → (loss, grad norm, applied?)."""
@@ -249,6 +258,9 @@ class Trainer:
                 if do_eval:
                     val = self.evaluate()
                     self.last_val = {"val_loss": val["loss"], "val_bpb": val["bpb"]}
+                    if self.task_probe is not None:  # the loss over all tokens says little about the answers
+                        self.last_val.update(self.task_probe.evaluate(self.wrapped if self.dist.enabled
+                                                                      else self.forward, 4 * self.cfg.batch_size))
                     rec = {"step": self.step, "elapsed_s": round(self.elapsed(), 4), **self.last_val}
                     self._log(rec, format_eval_line(rec), bar)
                 if do_save:

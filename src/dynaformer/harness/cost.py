@@ -1,0 +1,148 @@
+"""Cost where spans matter: every trained model's training step and decoding, timed at long lengths.
+
+A span pays only once the sequence is much longer than the span, so the cost options of the seed
+questions are judged here, not by the ms/step a cell logged at its (short) training context. The
+report step loads each cell's trained model and times, interleaved round-robin over all models so
+that drifts of the machine's speed hit every variant alike:
+
+- `train_ms`:  one forward + backward (span penalty included) of a length-T sequence of held-out text,
+               batch 1; the optimizer step is left out (its cost does not depend on T);
+- `decode_ms`: one greedy decoding step with the KV cache after a prefill of T tokens;
+- `kv_bytes`:  the KV cache's bytes after the prefill.
+
+Each model runs with its own learned spans on real text (spans depend on the content). The lengths
+are `eval.cost_lengths` of the grid (default 1024, 2048, 4096) plus the training context.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..bench.common import time_interleaved
+from ..errors import ConfigError
+from ..model import ModelConfig, Transformer
+
+DECODE_TOKENS = 8  # greedy steps per timed decoding call
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give (MemAvailable), or None where that is unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def step_bytes(cfg: ModelConfig, T: int) -> int:
+    """A generous estimate of the peak memory of one forward + backward at length T, batch 1 (fp32):
+    the saved activations (≈ 24 floats per channel per layer), the logits three times (logits, their
+    float copy, the gradient), and the attention scores a quadratic kernel would hold."""
+    act = 24 * T * cfg.d_model * cfg.n_layer
+    logits = 3 * T * cfg.vocab_size
+    scores = 3 * T * T * cfg.n_head if cfg.span_impl in ("masked", "reference") else 0
+    return 4 * (act + logits + scores)
+
+
+def check_lengths(lengths: Sequence[int], cfgs: Sequence[ModelConfig] = ()) -> None:
+    """Refuse, naming it, a cost length whose training step would not fit in half the available memory."""
+    avail = available_memory()
+    if avail is None:
+        return
+    for cfg in cfgs:
+        for T in lengths:
+            need = step_bytes(cfg, T)
+            if need > avail // 2:
+                raise ConfigError(f"grid.eval.cost_lengths: length {T} needs about {need / 2**30:.1f} GiB for a "
+                                  f"training step of this model; this machine has {avail / 2**30:.1f} GiB available")
+
+
+def _tokens(text: np.ndarray, T: int, vocab: int) -> torch.Tensor:
+    """(1, T + 1) token ids: held-out text, repeated when it is shorter than T + 1."""
+    text = np.asarray(text).astype(np.int64) % vocab
+    reps = -(-(T + 1) // max(1, len(text)))
+    return torch.from_numpy(np.tile(text, reps)[: T + 1].copy())[None]
+
+
+def _train_fn(model: Transformer, seq: torch.Tensor):
+    x, y = seq[:, :-1], seq[:, 1:]
+
+    def step():
+        model.train()
+        _, loss = model(x, y)
+        (loss + model.aux_loss()).backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _decode_fn(model: Transformer, seq: torch.Tensor, calls: int):
+    """A prefilled cache and a function that decodes DECODE_TOKENS greedy tokens per call."""
+    T = seq.shape[1] - 1
+    model.eval()
+    cache = model.new_cache(1, T + DECODE_TOKENS * (calls + 1) + 1)
+    with torch.no_grad():
+        logits, _ = model(seq[:, :T], cache=cache)
+    state = {"tok": logits[:, -1:].argmax(-1)}
+
+    @torch.no_grad()
+    def decode():
+        tok = state["tok"]
+        for _ in range(DECODE_TOKENS):
+            logits, _ = model(tok, cache=cache)
+            tok = logits[:, -1:].argmax(-1)
+        state["tok"] = tok
+
+    return decode, cache
+
+
+def measure_cost(models: dict[str, Transformer], text: np.ndarray, lengths: Sequence[int], repeats: int = 3,
+                 warmup: int = 1) -> dict:
+    """Time every model at every length, interleaved. Returns {"lengths", "threads", "cpu", "repeats",
+    "models": {key: {"train_ms": [...], "decode_ms": [...], "kv_bytes": [...]}}} (one entry per length)."""
+    lengths = sorted({int(T) for T in lengths})
+    out = {key: {"train_ms": [], "decode_ms": [], "kv_bytes": []} for key in models}
+    for T in lengths:
+        train, decode, caches = {}, {}, {}
+        for key, model in models.items():
+            seq = _tokens(text, T, model.cfg.vocab_size)
+            train[key] = _train_fn(model, seq)
+            decode[key], caches[key] = _decode_fn(model, seq, warmup + repeats)
+        for key, sec in time_interleaved(train, repeats, warmup).items():
+            out[key]["train_ms"].append(1000 * sec)
+        for key, sec in time_interleaved(decode, repeats, warmup).items():
+            out[key]["decode_ms"].append(1000 * sec / DECODE_TOKENS)
+        for key, cache in caches.items():
+            out[key]["kv_bytes"].append(int(cache.nbytes()))
+        del caches, decode, train
+    for model in models.values():
+        model.eval()
+    return {"lengths": lengths, "threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability(),
+            "repeats": repeats, "decode_tokens": DECODE_TOKENS, "models": out}
+
+
+def crossover(lengths: Sequence[int], ref_ms: Sequence[float], var_ms: Sequence[float]) -> dict:
+    """Where the variant becomes cheaper than the reference: {"speedup": [ref/var per length], "at": the
+    first measured length from which it stays ≥ 1 (None if never), "between": (last slower, first faster)
+    lengths or None}."""
+    speed = [r / v if v else float("nan") for r, v in zip(ref_ms, var_ms, strict=True)]
+    at = None
+    for i in range(len(speed)):
+        if all(s >= 1 for s in speed[i:]):
+            at = lengths[i]
+            break
+    between = None
+    if at is not None and at != lengths[0]:
+        i = list(lengths).index(at)
+        between = (lengths[i - 1], at)
+    return {"speedup": speed, "at": at, "between": between}
