@@ -163,7 +163,7 @@ def _span_reach(model: torch.nn.Module, windows: torch.Tensor) -> dict | None:
     model.eval()
     model(windows.to(next(model.parameters()).device))
     model.train(was)
-    return span_reach(model) or None
+    return span_reach(model, windows.shape[1]) or None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,8 +35,8 @@ def span_stats(model: nn.Module, seq_len: int | None = None) -> dict:
 
 
 @torch.no_grad()
-def span_reach(model: nn.Module) -> dict:
-    """From the spans of the last forward (a causal sequence of T tokens): the mean reach z + R over layers,
+def span_reach(model: nn.Module, seq_len: int) -> dict:
+    """From the spans of the last forward over sequences of seq_len = T tokens: the mean reach z + R over layers,
     heads and tokens, and the keys a query actually weights, mean over layers, heads and positions t of
     min(t + 1, z + R) — the attention work a fixed window must match; {} for a model without spans."""
     spans = [b.attn.span for b in getattr(model, "blocks", [])]
@@ -45,15 +45,10 @@ def span_reach(model: nn.Module) -> dict:
     reach, keys = [], []
     for span in spans:
         r = span.last_z.float() + span.ramp  # (1|B, H, 1|T)
-        T = r.shape[-1]
         reach.append(float(r.mean()))
-        if T > 1:
-            pos = torch.arange(1, T + 1, dtype=r.dtype)
-            keys.append(float(torch.minimum(r, pos).mean()))
-    out = {"mean_reach": round(sum(reach) / len(reach), 3)}
-    if keys:
-        out["keys_per_query"] = round(sum(keys) / len(keys), 3)
-    return out
+        pos = torch.arange(1, seq_len + 1, dtype=r.dtype)
+        keys.append(float(torch.minimum(r, pos).mean()))
+    return {"mean_reach": round(sum(reach) / len(reach), 3), "keys_per_query": round(sum(keys) / len(keys), 3)}
 
 
 def matched_window(keys_per_query: float, T: int) -> int:

@@ -1,0 +1,235 @@
+"""The main study's pieces: the matched fixed-window control, report.json, the sliding-window evaluator,
+balanced task/text losses, task-run answer metrics, long-length cost and the grid's bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dynaformer.data.tasks import TaskSampler, parse_task_spec
+from dynaformer.errors import ConfigError
+from dynaformer.eval.longrange import TaskProbe, score
+from dynaformer.eval.text import evaluate_text, position_losses, sliding_position_losses
+from dynaformer.harness.compare import run_grid
+from dynaformer.harness.cost import crossover, measure_cost
+from dynaformer.harness.grid import grid_from_dict
+from dynaformer.harness.report import write_report
+from dynaformer.model import ModelConfig, Transformer
+from dynaformer.model.span_stats import matched_window
+
+from .conftest import assert_user_error, cli_in_process, tiny_config
+
+STUDY = {
+    "name": "study",
+    "model": {"n_layer": 2, "n_head": 2, "d_model": 32, "context_len": 128, "span_max": 96, "span_init": 24.0},
+    "train": {"max_steps": 8, "batch_size": 4, "eval_interval": 8, "eval_tokens": 1024, "log_interval": 4,
+              "ckpt_interval": 8, "warmup_steps": 2, "threads": 1, "progress_bar": False,
+              "data": "task:passkey,storyqa,summary?text=builtin:stories&frac=0.75"},
+    # The control comes first: it must wait for the variant whose reach it matches.
+    "variants": {"fixed_window": {"span": "fixed", "match_reach": "dyn_span", "seeds": 1}, "baseline": {},
+                 "dyn_span": {"span": "dynamic"}, "static_residual": {"residual": "dynamic", "dyn_step": False,
+                                                                       "dyn_position": False, "dyn_content": False,
+                                                                       "seeds": 1}},
+    "seeds": 2,
+    "eval": {"tasks": ["passkey", "storyqa", "summary"], "n_per_distance": 4, "text_tokens": 1024,
+             "diag_windows": 2, "multiples": [1, 2], "fractions": [0.5, 0.9], "cost_lengths": [256],
+             "cost_repeats": 1},
+    "questions": {"residual": "static_residual", "controls": {"span": ["fixed_window"]}},
+}
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("study") / "out"
+    status = run_grid(grid_from_dict(STUDY), out, workers=0, progress=False)
+    assert not status["failed"] and len(status["done"]) == 6, status
+    return out
+
+
+def test_fixed_window_control_matches_the_learned_reach(study_dir):
+    dyn = json.loads((study_dir / "cells" / "dyn_span" / "seed0" / "result.json").read_text())
+    fixed = json.loads((study_dir / "cells" / "fixed_window" / "seed0" / "result.json").read_text())
+    keys = dyn["span_reach"]["keys_per_query"]
+    w = fixed["matched_window"]["window"]
+    assert w == matched_window(keys, 128) and fixed["model"]["span_window"] == w
+    run = json.loads((study_dir / "cells" / "fixed_window" / "seed0" / "run" / "run.json").read_text())
+    assert run["model"]["span_window"] == w  # the model really trained with that window
+    # Equal attention work: the window's keys per query are the learned spans', to within one key.
+    T = 128
+    assert abs(sum(min(t + 1, w) for t in range(T)) / T - keys) <= 1.0
+    assert fixed["span_reach"]["keys_per_query"] == pytest.approx(sum(min(t + 1, w) for t in range(T)) / T, rel=1e-3)
+    assert not (study_dir / "cells" / "fixed_window" / "seed1").exists()  # seeds: 1
+    assert not (study_dir / "cells" / "baseline" / "seed0" / "result.json").read_text().count("matched_window")
+
+
+def test_matched_window_is_the_smallest_that_does_the_work():
+    assert matched_window(1.0, 64) == 1 and matched_window(64.5 / 2 * 2 / 2, 64) <= 64
+    for keys in (3.3, 10.0, 40.0):
+        w = matched_window(keys, 100)
+        work = [sum(min(t + 1, x) for t in range(100)) / 100 for x in (w - 1, w)]
+        assert work[0] < keys <= work[1]
+
+
+def test_report_json_schema_and_rendering(study_dir, tmp_path):
+    rep = write_report([study_dir], tmp_path / "rep")
+    data = json.loads(Path(rep["json"]).read_text())
+    assert {"verdicts", "variants", "longrange", "cost"} <= set(data)
+    assert len(data["verdicts"]) == 10
+    for v in data["verdicts"]:
+        assert v["question"] in ("residual", "span") and v["option"] in range(1, 6)
+        for key in ("claim", "metric", "verdict", "variant_mean", "variant_sd", "reference_mean", "reference_sd",
+                    "p", "floor"):
+            assert key in v, key
+        assert isinstance(v["floor"], bool)
+        assert v["verdict"] in ("supported", "contradicted", "inconclusive")
+    span3 = next(v for v in data["verdicts"] if v["question"] == "span" and v["option"] == 3)
+    assert [e["metric"] for e in span3["evidence"]] == ["qa_acc", "summary_rouge", "train_ms_long"]
+    assert span3["vs_controls"].keys() == {"fixed_window"}
+    for name, metrics in data["variants"].items():
+        for m in metrics.values():
+            assert set(m) == {"mean", "sd", "n"}
+    assert data["variants"]["baseline"]["val_bpb"]["n"] == 2 and data["variants"]["fixed_window"]["val_bpb"]["n"] == 1
+    for v, tasks in data["longrange"].items():
+        assert set(tasks) == {"passkey", "storyqa", "summary"}
+        for t in tasks.values():
+            assert len(t["distance"]) == len(t["exact"]) and all(0 <= x <= 1 for x in t["exact"])
+        assert len(tasks["summary"]["rouge_l"]) == len(tasks["summary"]["distance"])
+    cost = data["cost"]
+    assert cost["lengths"] == [128, 256]  # the training context, then the grid's cost lengths
+    for v, rec in cost["variants"].items():
+        assert len(rec["train_ms"]) == 2 and all(x > 0 for x in rec["train_ms"] + rec["decode_ms"])
+    assert set(cost["crossover"]) == {"fixed_window", "dyn_span", "static_residual"}
+    controls = {(c["variant"], c["control"]) for c in data["controls"]}
+    assert controls == {("dyn_span", "fixed_window"), ("fixed_window", "baseline")}
+    # The Markdown is rendered from report.json: every verdict of it appears in the document.
+    md = Path(rep["markdown"]).read_text()
+    for section in ("Answers at a glance", "Mechanism versus controls", "Cost at long lengths",
+                    "Long text: one pass and sliding window"):
+        assert section in md
+    assert md.count("**supported**") + md.count("**contradicted**") + md.count("**inconclusive**") >= 10
+    assert 'class="inconclusive"' in Path(rep["html"]).read_text() or 'class="supported"' in Path(
+        rep["html"]).read_text()
+    # A second report reuses the cost measurement of the same cells and lengths.
+    before = (tmp_path / "rep" / "cost.json").read_text()
+    write_report([study_dir], tmp_path / "rep")
+    assert (tmp_path / "rep" / "cost.json").read_text() == before
+
+
+def test_sliding_window_equals_one_pass_when_the_text_fits():
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(context_len=16)).eval()
+    windows = torch.randint(0, 64, (3, 17))
+    tb = torch.ones(64, dtype=torch.long)
+    one = position_losses(model, windows, 2, tb)
+    slide = sliding_position_losses(model, windows, 16, 2, tb)
+    assert np.array_equal(one[0], slide[0]) and np.array_equal(one[1], slide[1])
+
+
+@pytest.mark.parametrize("T", [40, 48, 37])
+def test_sliding_window_matches_a_slow_reference(T):
+    torch.manual_seed(0)
+    C = 16
+    model = Transformer(tiny_config(context_len=C)).eval()
+    windows = torch.randint(0, 64, (2, T + 1))
+    nats, nbytes = sliding_position_losses(model, windows, C, 4, torch.ones(64, dtype=torch.long))
+    # Reference: each position t is predicted by the window that first covers it, windows start at
+    # 0, C/2, C, ... and the last one ends at T.
+    starts = list(range(0, T - C + 1, C // 2))
+    if starts[-1] != T - C:
+        starts.append(T - C)
+    ref = np.zeros(T)
+    for t in range(T):
+        s = next(s for s in starts if s <= t < s + C)
+        with torch.no_grad():
+            logits, _ = model(windows[:, s : s + C])
+        ref[t] = float(torch.nn.functional.cross_entropy(logits[:, t - s], windows[:, t + 1], reduction="sum"))
+    assert np.allclose(nats, ref, atol=1e-4) and (nbytes == 2).all()
+    # Every position after the first window sees at least C/2 tokens of history.
+    assert all(t - next(s for s in starts if s <= t < s + C) >= C // 2 - 1 for t in range(C, T))
+
+
+def test_evaluate_text_reports_both_ways():
+    model = Transformer(tiny_config(context_len=16)).eval()
+    data = np.random.default_rng(0).integers(0, 64, 2000)
+    out = evaluate_text(model, data, 16, 512, (1, 2, 4), 4, torch.ones(64, dtype=torch.long))
+    c1, c4 = out["contexts"][0], out["contexts"][2]
+    assert c1["sliding"]["bpb"] == c1["bpb"] and c1["sliding"]["stride"] == 8
+    assert c4["sliding"]["bpb"] != c4["bpb"] and len(c4["sliding"]["buckets"]) == len(c4["buckets"])
+
+
+def test_mixed_batches_weight_each_source_by_its_share():
+    from dynaformer.data import BatchSampler
+
+    text = np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint8)
+    spec = parse_task_spec("task:passkey,storyqa?text=builtin:stories&frac=0.75")
+    s = TaskSampler(spec, 8, 128, seed=0, text_sampler=BatchSampler(text, 8, 128, seed=0))
+    x, y = s.next()
+    w = s.loss_weights(y)
+    n = s.n_task
+    assert n == 6 and w.shape == y.shape
+    assert math.isclose(float(w[:n].sum()), 0.75, rel_tol=1e-6) and math.isclose(float(w[n:].sum()), 0.25,
+                                                                                  rel_tol=1e-6)
+    assert (w[y == -100] == 0).all()
+    assert TaskSampler(parse_task_spec("task:passkey"), 8, 128, seed=0).loss_weights(y) is None
+
+
+def test_task_probe_scores_answers():
+    spec = parse_task_spec("task:passkey,summary")
+    probe = TaskProbe(spec, 128, n_per_task=8)
+    model = Transformer(ModelConfig(n_layer=1, n_head=2, d_model=32, context_len=128)).eval()
+    out = probe.evaluate(model)
+    assert set(out) == {"val_answer_loss", "val_exact", "val_exact_passkey", "val_exact_summary"}
+    x, y = probe.batches[0].inputs_targets("answer")
+    with torch.no_grad():
+        logits, loss0 = model(x, y)
+    start = int(probe.batches[0].answers[0, 0])  # the passkey answer: the last 5 of 129 tokens
+    assert start == 124
+    want_exact = score(probe.batches[0], logits[:, start - 1 :].argmax(-1).numpy())[0].mean()
+    assert out["val_exact_passkey"] == pytest.approx(want_exact)
+    assert out["val_answer_loss"] > 0 and math.isfinite(out["val_answer_loss"])
+    assert TaskProbe(spec, 128, n_per_task=8).batches[0].tokens.tobytes() == probe.batches[0].tokens.tobytes()
+
+
+def test_cost_measurement_and_crossover():
+    models = {"dense": Transformer(tiny_config(context_len=32)),
+              "span": Transformer(tiny_config(context_len=32, span="fixed", span_window=8))}
+    text = np.random.default_rng(0).integers(0, 64, 300)
+    cost = measure_cost(models, text, [64, 32], repeats=1, warmup=0)
+    assert cost["lengths"] == [32, 64]
+    for rec in cost["models"].values():
+        assert len(rec["train_ms"]) == len(rec["decode_ms"]) == len(rec["kv_bytes"]) == 2
+    assert cost["models"]["span"]["kv_bytes"][1] < cost["models"]["dense"]["kv_bytes"][1]  # bounded cache
+    c = crossover([1024, 2048, 4096], [10.0, 20.0, 40.0], [12.0, 18.0, 20.0])
+    assert c["at"] == 2048 and c["between"] == (1024, 2048) and c["speedup"][2] == 2.0
+    assert crossover([1024, 2048], [1.0, 1.0], [2.0, 2.0])["at"] is None
+    assert crossover([1024, 2048], [2.0, 2.0], [1.0, 1.0]) == {"speedup": [2.0, 2.0], "at": 1024, "between": None}
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"eval": {"tasks": ["passkey", "nosuchtask"]}}, "unknown task 'nosuchtask'"),
+    ({"eval": {"multiples": [1, 0]}}, "grid.eval.multiples"),
+    ({"eval": {"cost_lengths": [1024, 10**10]}}, "grid.eval.cost_lengths: length 10000000000"),
+    ({"eval": {"cost_length": [1024]}}, "unknown key 'cost_length'"),
+    ({"variants": {"baseline": {}, "fx": {"span": "fixed", "match_reach": "nope"}}}, "match_reach names 'nope'"),
+    ({"variants": {"dyn_span": {"span": "dynamic"}, "fx": {"match_reach": "dyn_span"}}}, "add span: fixed"),
+    ({"variants": {"baseline": {}, "fx": {"span": "fixed", "match_reach": "baseline"}}}, "learned-span variant"),
+    ({"variants": {"baseline": {}, "x": {"dyn_stepp": False}}}, "unknown config key 'dyn_stepp'"),
+    ({"variants": {"baseline": {"seeds": 0}}}, "seeds must be a positive integer"),
+    ({"questions": {"controls": {"span": ["nope"]}}}, "controls.span: 'nope'"),
+])
+def test_grid_bad_inputs(change, needle, tmp_path, capsys):
+    raw = {**STUDY, **change}
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        grid_from_dict(raw)
+    import yaml
+
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = cli_in_process(capsys, "compare", str(path), "--out", str(tmp_path / "out"))
+    assert_user_error(res, needle.split("'")[0].strip())
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
