@@ -90,18 +90,18 @@ def test_report_json_schema_and_rendering(study_dir, tmp_path):
     span3 = next(v for v in data["verdicts"] if v["question"] == "span" and v["option"] == 3)
     assert [e["metric"] for e in span3["evidence"]] == ["qa_acc", "summary_rouge", "train_ms_long"]
     assert span3["vs_controls"].keys() == {"fixed_window"}
-    for name, metrics in data["variants"].items():
+    for metrics in data["variants"].values():
         for m in metrics.values():
             assert set(m) == {"mean", "sd", "n"}
     assert data["variants"]["baseline"]["val_bpb"]["n"] == 2 and data["variants"]["fixed_window"]["val_bpb"]["n"] == 1
-    for v, tasks in data["longrange"].items():
+    for tasks in data["longrange"].values():
         assert set(tasks) == {"passkey", "storyqa", "summary"}
         for t in tasks.values():
             assert len(t["distance"]) == len(t["exact"]) and all(0 <= x <= 1 for x in t["exact"])
         assert len(tasks["summary"]["rouge_l"]) == len(tasks["summary"]["distance"])
     cost = data["cost"]
     assert cost["lengths"] == [128, 256]  # the training context, then the grid's cost lengths
-    for v, rec in cost["variants"].items():
+    for rec in cost["variants"].values():
         assert len(rec["train_ms"]) == 2 and all(x > 0 for x in rec["train_ms"] + rec["decode_ms"])
     assert set(cost["crossover"]) == {"fixed_window", "dyn_span", "static_residual"}
     controls = {(c["variant"], c["control"]) for c in data["controls"]}
@@ -233,3 +233,28 @@ def test_grid_bad_inputs(change, needle, tmp_path, capsys):
     res = cli_in_process(capsys, "compare", str(path), "--out", str(tmp_path / "out"))
     assert_user_error(res, needle.split("'")[0].strip())
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("digits", [1, 2, 5, 8])
+def test_passkey_key_length_and_evaluation_with_training_parameters(digits):
+    from dynaformer.data.tasks import make_task
+    from dynaformer.eval.longrange import evaluate_longrange
+
+    task = make_task("passkey", digits=digits)
+    lo, hi = task.distance_range(128)
+    assert (lo, hi) == (digits + 7, 129 - digits - 5)
+    b = task.generate(16, 128, np.array([lo, hi] * 8), seed=1)
+    assert b.answer_len == digits and (b.distance == np.array([lo, hi] * 8)).all()
+    rows = np.arange(16)[:, None]
+    assert (b.tokens[rows, b.evidence[:, 0]] == b.tokens[rows, b.answers[:, :1] + np.arange(digits)]).all()
+    prompt = [bytes(t[: b.answers[i, 0]]) for i, t in enumerate(b.tokens)]
+    assert all(sum(ch.isdigit() for ch in p.decode()) == digits for p in prompt)  # the key, once
+
+    def oracle(batch):
+        return np.take_along_axis(batch.tokens, batch.evidence[:, -1], 1)
+
+    res = evaluate_longrange(oracle, 128, ["passkey"], 8, params={"passkey": {"digits": digits}})
+    assert all(x == 1.0 for x in res["tasks"]["passkey"]["exact"])
+    assert parse_task_spec(f"task:passkey?digits={digits}").params == {"passkey": {"digits": digits}}
+    with pytest.raises(Exception, match="digits must be in 1..16"):
+        make_task("passkey", digits=0)

@@ -28,7 +28,8 @@ model's context_len), `dist` (`D` or `LO-HI`; default: each task's full valid ra
 (share of each batch made of task rows when mixed with text, and their share of the loss: each source's
 targets are averaged separately; default 1), `text` (a text source to mix with, e.g. `builtin:default`;
 its split is the run's validation text), `loss` (`answer`: targets only at answer tokens, the default;
-`all`), and the task parameters `pairs`, `queries` (mqar), `k` (selcopy), `visits` (summary).
+`all`), and the task parameters `digits` (passkey), `pairs`, `queries` (mqar), `k` (selcopy), `visits`
+(summary).
 """
 
 from __future__ import annotations
@@ -154,27 +155,36 @@ def _seed_words(seed: int | tuple, name: str, length: int) -> tuple[int, ...]:
 
 
 class Passkey(Task):
-    """filler … " KEY:ddddd. " … filler … " KEY:ddddd" (the answer: the last 5 tokens). The question
-    repeats the evidence's prefix, as "The pass key is …" does in the original task."""
+    """filler … " KEY:ddddd. " … filler … " KEY:ddddd" (the answer: the last `digits` tokens, 5 by default
+    as in the original task). The question repeats the evidence's prefix, as "The pass key is …" does there.
+    A shorter key asks for the same retrieval over the same distances with less exact copying: a key's first
+    digit follows the unique ":" and its last precedes ". ", but the digits between (10 symbols, repeats
+    allowed) need an induction circuit that small models form late (benchmarks/RESULTS.md)."""
 
-    name, answer_len, answer_alphabet = "passkey", 5, DIGITS
+    name, answer_alphabet = "passkey", DIGITS
+
+    def __init__(self, digits: int = 5) -> None:
+        if not 1 <= digits <= 16:
+            raise DynaformerError(f"task passkey: digits must be in 1..16, got {digits}")
+        self.answer_len = digits
 
     def distance_range(self, length: int) -> tuple[int, int]:
-        N = length + 1
-        return 12, N - 10  # evidence block " KEY:ddddd. " must fit between the start and the question
+        N, D = length + 1, self.answer_len
+        return D + 7, N - D - 5  # evidence block " KEY:ddddd. " must fit between the start and the question
 
     def _generate(self, rng, n, N, d):
+        D = self.answer_len
         out = _filler(rng, n, N)
-        key = DIGITS[rng.integers(0, 10, size=(n, 5))]
-        a = np.full(n, N - 5)
+        key = DIGITS[rng.integers(0, 10, size=(n, D))]
+        a = np.full(n, N - D)
         e = a - d
         _put(out, e - 5, b" KEY:")
         _put(out, e, key)
-        _put(out, e + 5, b". ")
+        _put(out, e + D, b". ")
         _put(out, a - 5, b" KEY:")
         _put(out, a, key)
-        evidence = (e[:, None] + np.arange(5))[:, None, :]
-        return TaskBatch(self.name, out, a[:, None], 5, evidence)
+        evidence = (e[:, None] + np.arange(D))[:, None, :]
+        return TaskBatch(self.name, out, a[:, None], D, evidence)
 
 
 class MQAR(Task):
@@ -466,7 +476,7 @@ def make_task(name: str, **params: int) -> Task:
 
 # --- spec strings -----------------------------------------------------------------------------
 
-TASK_PARAMS = {"mqar": ("pairs", "queries"), "selcopy": ("k",), "summary": ("visits",)}
+TASK_PARAMS = {"passkey": ("digits",), "mqar": ("pairs", "queries"), "selcopy": ("k",), "summary": ("visits",)}
 
 
 @dataclass
@@ -525,7 +535,7 @@ def parse_task_spec(source: str) -> TaskSpec:
                         spec.params.setdefault(t, {})[key] = int(value)
             else:
                 raise DynaformerError(f"data: unknown task option '{key}' in '{source}' "
-                                      f"(known: len, dist, frac, text, loss, pairs, queries, k, visits)")
+                                      f"(known: len, dist, frac, text, loss, digits, pairs, queries, k, visits)")
         except ValueError:
             raise DynaformerError(f"data: bad value '{value}' for '{key}' in '{source}'") from None
     if not 0 < spec.frac <= 1:

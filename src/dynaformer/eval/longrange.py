@@ -26,9 +26,10 @@ DEFAULT_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 7 / 8)
 Predictor = Callable[[TaskBatch], np.ndarray]  # batch → (n, span) tokens over its answer region
 
 
-def eval_distances(task_name: str, length: int, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> list[int]:
+def eval_distances(task_name: str, length: int, fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                   **params: int) -> list[int]:
     """Distances at the given fractions of the context, moved into the task's valid range."""
-    lo, hi = make_task(task_name).distance_range(length)
+    lo, hi = make_task(task_name, **params).distance_range(length)
     return sorted({int(min(hi, max(lo, round(f * length)))) for f in fractions})
 
 
@@ -135,7 +136,7 @@ def word_scores(batch: TaskBatch, pred: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 def evaluate_longrange(model_or_predict: torch.nn.Module | Predictor, length: int, tasks: Sequence[str] = SUITE,
                        n_per_distance: int = 50, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 1234,
-                       batch_size: int = 16) -> dict:
+                       batch_size: int = 16, params: dict[str, dict] | None = None) -> dict:
     """Accuracy by task and distance on freshly generated examples (the same ones every call).
 
     A model is scored teacher-forced, except on tasks with list answers (summary), where it decodes greedily:
@@ -144,7 +145,8 @@ def evaluate_longrange(model_or_predict: torch.nn.Module | Predictor, length: in
 
     Returns {"length", "tasks": {name: {"distance": [...], "exact": [...], "token_acc": [...], "n",
     "chance"}, and for list answers also "f1": [...], "rouge_l": [...]}, "far_exact": mean exact match over
-    tasks at distances ≥ length/2, "mean_exact"}."""
+    tasks at distances ≥ length/2, "mean_exact"}. params: task parameters by name (e.g. {"passkey": {"digits":
+    2}}), as the model was trained on them."""
     if isinstance(model_or_predict, torch.nn.Module):
         forced = model_predictor(model_or_predict, batch_size)
         greedy = model_predictor(model_or_predict, batch_size, greedy=True)
@@ -153,12 +155,12 @@ def evaluate_longrange(model_or_predict: torch.nn.Module | Predictor, length: in
     out: dict = {"length": length, "n_per_distance": n_per_distance, "tasks": {}}
     far, everything = [], []
     for ti, name in enumerate(tasks):
-        task = make_task(name)
+        task = make_task(name, **(params or {}).get(name, {}))
         predict = greedy if task.word_list else forced
         rec = {"distance": [], "exact": [], "token_acc": [], "n": n_per_distance, "chance": task.chance()}
         if task.word_list:
             rec["f1"], rec["rouge_l"] = [], []
-        for d in eval_distances(name, length, fractions):
+        for d in eval_distances(name, length, fractions, **(params or {}).get(name, {})):
             batch = task.generate(n_per_distance, length, d, seed=(seed, ti, d))
             pred = predict(batch)
             exact, tok = score(batch, pred)

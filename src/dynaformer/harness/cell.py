@@ -123,6 +123,14 @@ def run_encoder_cell(cell_dir: Path, spec: dict, progress_bar: bool = False) -> 
     return result
 
 
+def task_params(data: str) -> dict[str, dict]:
+    """The task parameters a run trained with (passkey digits, summary visits, ...), so that the long-range
+    evaluation asks the same tasks."""
+    from ..data.tasks import is_task_spec, parse_task_spec
+
+    return parse_task_spec(data).params if is_task_spec(data) else {}
+
+
 def evaluate_trained(trainer, ev: dict) -> dict:
     """Everything measured after training: text by position, the long-range suite, train/val gap,
     diagnostics (gradient norms, attention ablation), compute."""
@@ -138,7 +146,7 @@ def evaluate_trained(trainer, ev: dict) -> dict:
     va = evaluate_windows(model, val_w, ev["batch_size"], token_bytes)
     tasks = ev["tasks"] if run.tokenizer.kind == "byte" else []
     longrange = evaluate_longrange(model, C, tasks, ev["n_per_distance"], ev["fractions"],
-                                   batch_size=ev["batch_size"]) if tasks else None
+                                   batch_size=ev["batch_size"], params=task_params(trainer.cfg.data)) if tasks else None
     diag_w = val_w[: ev["diag_windows"]]
     reach = _span_reach(model, diag_w[:, :-1])
     metrics = read_metrics(run.dir / "metrics.jsonl")

@@ -149,10 +149,14 @@ def prepare(grid: Grid, out: Path, skip_invalid: bool) -> list[Cell]:
     """Write grid.json (or check an existing one) and each cell's cell.json; return the cells."""
     cells = grid.cells(skip_invalid)
     from ..data.tasks import make_task
+    from .cell import task_params
 
-    for C in sorted({c.model["context_len"] for c in cells if c.model is not None and c.kind == "lm"}):
+    for c in cells:
+        if c.model is None or c.kind != "lm":
+            continue
+        C, params = c.model["context_len"], task_params(c.train["data"])
         for t in grid.eval["tasks"]:  # fail now, not after training
-            task = make_task(t)
+            task = make_task(t, **params.get(t, {}))
             task.generate(1, C, task.distance_range(C)[0])
     out.mkdir(parents=True, exist_ok=True)
     info_path = out / "grid.json"
