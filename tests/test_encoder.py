@@ -124,12 +124,13 @@ def test_mlm_pretraining_runs_and_learns(tmp_path, text_file):
 
 
 def test_finetune_beats_chance(tmp_path):
-    cfg = FinetuneConfig(task="keyword", n_train=800, n_val=200, distance=8, out=str(tmp_path / "ft"), max_steps=120,
-                         batch_size=32, lr=2e-3, eval_interval=60, progress_bar=False, threads=1)
+    # 240 steps reach 0.965–0.99 on AVX2 and AVX-512 CPUs alike (seeds 0, 1); 120 stopped at 0.625 on AVX-512.
+    cfg = FinetuneConfig(task="keyword", n_train=800, n_val=200, distance=8, out=str(tmp_path / "ft"), max_steps=240,
+                         batch_size=32, lr=2e-3, eval_interval=120, progress_bar=False, threads=1)
     result = finetune(cfg, tiny_config(causal=False, n_layer=2, d_model=64, context_len=64))
     assert result["accuracy"] > 0.7 and result["chance"] == 0.5, result
     assert set(result["accuracy_by_distance"]) <= {"0", "1-1", "2-3", "4-7", "8-15"}
-    assert (tmp_path / "ft" / "step-120" / "model.safetensors").exists()
+    assert (tmp_path / "ft" / "step-240" / "model.safetensors").exists()
 
 
 def test_finetune_from_pretrained_run(tmp_path, text_file):
