@@ -162,3 +162,88 @@ def test_malformed_yaml_is_a_user_error(tmp_path, text):
     with pytest.raises(DynaformerError):
         sections = load_yaml_config(str(path))
         from_dict(ModelConfig, sections["model"], "model")
+
+
+# --- damaged checkpoints heal; nothing is lost when all are damaged -------------------------------
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_final_checkpoint_is_rewritten_on_resume(tmp_path, text_file):
+    run = tmp_path / "run"
+    assert subprocess.run(_cmd(text_file, run, "--max_steps", "9"), capture_output=True).returncode == 0
+    final = run / "step-9"
+    want = (final / "model.safetensors").read_bytes()
+    _flip_byte(final / "model.safetensors")
+    res = subprocess.run(_cmd(text_file, run, "--max_steps", "9", "--resume", "auto"), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "rewriting" in res.stderr and "step-6" in res.stderr  # resumed from the last good one
+    verify_checkpoint(final)  # healed: it verifies again, and holds the same model (bit-exact resume)
+    assert (final / "model.safetensors").read_bytes() == want
+
+
+def test_when_every_checkpoint_is_damaged_nothing_restarts_silently(tmp_path, text_file):
+    run = tmp_path / "run"
+    assert subprocess.run(_cmd(text_file, run, "--max_steps", "9"), capture_output=True).returncode == 0
+    for c in list_checkpoints(run):
+        _flip_byte(c / "trainer.pt")
+    names = sorted(p.name for p in run.iterdir())
+    metrics = (run / "metrics.jsonl").read_text()
+    res = subprocess.run(_cmd(text_file, run, "--max_steps", "9", "--resume", "auto"), capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "--resume restart" in res.stderr and "Traceback" not in res.stderr
+    assert sorted(p.name for p in run.iterdir()) == names and (run / "metrics.jsonl").read_text() == metrics
+    # The explicit flag trains again from step 0; the damaged checkpoints are kept aside, never deleted.
+    res = subprocess.run(_cmd(text_file, run, "--max_steps", "9", "--resume", "restart"), capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in run.glob("set-aside-step-*")) == ["set-aside-step-6", "set-aside-step-9"]
+    assert [c.name for c in list_checkpoints(run)] == ["step-6", "step-9"]  # the new run's, verified
+    assert all(verify_checkpoint(c) for c in list_checkpoints(run))
+    assert [s for s, _ in _losses(run)] == list(range(1, 10))  # metrics of the new run only, once each
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    from dynaformer.train.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    state = {"w": torch.zeros(2)}
+    for step in (30, 40):  # left by an earlier run, damaged: higher-numbered than what is written next
+        save_checkpoint(run, step, state, {}, {"step": step})
+        _flip_byte(run / f"step-{step}" / "trainer.pt")
+    for step in (1, 2, 3, 4):
+        save_checkpoint(run, step, state, {}, {"step": step}, keep_last=2)
+        assert (run / f"step-{step}").is_dir()
+    assert [c.name for c in list_checkpoints(run)] == ["step-3", "step-4", "step-30", "step-40"]
+    assert latest_checkpoint(run, warn=False).name == "step-4"
+
+
+LONG = ("--max_steps", "1500", "--ckpt_interval", "100")  # long enough for a second process to start
+
+
+def test_one_trainer_per_run_folder(tmp_path, text_file):
+    """A second `train --out X` (new or --resume auto) while X is being trained exits 2 naming the holder,
+    and leaves the first run whole: no duplicate metrics, no stale temporaries."""
+    run = tmp_path / "run"
+    first = subprocess.Popen(_cmd(text_file, run, *LONG), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert (run / ".lock").read_text().endswith(f":{first.pid}")
+    for extra in ((), ("--resume", "auto")):
+        res = subprocess.run(_cmd(text_file, run, *LONG, *extra), capture_output=True, text=True)
+        assert res.returncode == 2 and "in use by" in res.stderr and str(first.pid) in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    steps = [s for s, _ in _losses(run)]
+    assert steps == list(range(1, 1501)) and not list(run.glob(".tmp-*")) and not (run / ".lock").exists()
+    # A lock left by a process that died is stale: the next trainer takes it over.
+    (run / ".lock").write_text(f"{__import__('socket').gethostname()}:999999")
+    res = subprocess.run(_cmd(text_file, run, *LONG, "--resume", "auto"), capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr

@@ -195,6 +195,27 @@ def test_export_hf_end_to_end(tmp_path, text_file, capsys):
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
+def test_export_never_deletes_what_it_did_not_write(tmp_path, text_file, capsys):
+    """export-hf OUT may not be, contain or lie inside the run; --force replaces only a previous export."""
+    run = tmp_path / "sub" / "run"
+    res = _cli(capsys, "train", *TINY, "--data", str(text_file), "--out", str(run), "--tokenizer", "char")
+    assert res.returncode == 0, res.stderr
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    for out in (run, tmp_path / "sub", run / "hf", run / "step-2" / "hf", tmp_path):
+        _one_line_error(_cli(capsys, "export-hf", str(run), str(out), "--force"), "run folder")
+    _one_line_error(_cli(capsys, "export-hf", str(run / "step-2"), str(run / "x"), "--force"), "run folder")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    _one_line_error(_cli(capsys, "export-hf", str(run), str(tmp_path / "mine"), "--force"), "not a previous")
+    after = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert after == sorted(before + ["mine", "mine/notes.txt"])
+    out = tmp_path / "hf"
+    assert _cli(capsys, "export-hf", str(run), str(out)).returncode == 0
+    assert (out / ".dynaformer-export").is_file()
+    assert _cli(capsys, "export-hf", str(run), str(out), "--force").returncode == 0  # a previous export: replaced
+    assert (out / "model.safetensors").is_file() and not list(tmp_path.glob(".hf.*"))
+
+
 def test_encoder_is_not_a_causal_lm():
     with pytest.raises(ValueError, match="causal=false"):
         DynaformerForCausalLM.from_dynaformer(Transformer(tiny_config(causal=False)))

@@ -60,6 +60,9 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
 # --- verbs -------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from .locks import exclusive
     from .train import distributed
     from .train.rundir import open_run
     from .train.trainer import Trainer, resolve_device
@@ -67,17 +70,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_cfg, train_cfg = build_configs(args)
     dist = distributed.init_distributed(resolve_device(train_cfg.device))
     try:
-        # Rank 0 creates (or checks) the run folder; the other ranks then attach to it.
-        run = open_run(model_cfg, train_cfg) if dist.is_main else None
-        distributed.barrier(dist)
-        run = run or open_run(model_cfg, train_cfg, attach=True)
-        trainer = Trainer(run, dist)
-        if dist.is_main:
-            meta = run.splits.meta
-            print(f"run folder: {run.dir} | {trainer.model.num_params():,} parameters | data: {meta['source']} "
-                  f"({meta['n_train']:,} train / {meta['n_val']:,} val tokens)"
-                  + (f" | {dist.world} ranks ({train_cfg.parallel})" if dist.enabled else ""))
-        summary = trainer.fit()
+        # Rank 0 holds the run folder's lock (one writer per folder), creates or checks the folder; the
+        # other ranks then attach to it.
+        with exclusive(Path(train_cfg.out), "run folder") if dist.is_main else contextlib.nullcontext():
+            run = open_run(model_cfg, train_cfg) if dist.is_main else None
+            distributed.barrier(dist)
+            run = run or open_run(model_cfg, train_cfg, attach=True)
+            trainer = Trainer(run, dist)
+            if dist.is_main:
+                meta = run.splits.meta
+                print(f"run folder: {run.dir} | {trainer.model.num_params():,} parameters | data: "
+                      f"{meta['source']} ({meta['n_train']:,} train / {meta['n_val']:,} val tokens)"
+                      + (f" | {dist.world} ranks ({train_cfg.parallel})" if dist.enabled else ""))
+            summary = trainer.fit()
     finally:
         distributed.shutdown(dist)
     if dist.is_main:

@@ -27,6 +27,7 @@ from ..eval.compute import compute_summary, peak_memory_bytes
 from ..eval.longrange import evaluate_longrange
 from ..eval.perplexity import evaluate_windows
 from ..eval.text import evaluate_text
+from ..locks import exclusive
 from ..model import ModelConfig
 from ..train.config import TrainConfig
 from ..train.metrics import read_metrics
@@ -73,8 +74,9 @@ def run_cell(cell_dir: Path, progress_bar: bool = False) -> dict:
                                                            int(model["context_len"]))
     mcfg = from_dict(ModelConfig, model, "model")
     tcfg = from_dict(TrainConfig, train, "train")
-    trainer = Trainer(open_run(mcfg, tcfg))
-    summary = trainer.fit()
+    with exclusive(run_dir, "run folder"):
+        trainer = Trainer(open_run(mcfg, tcfg))
+        summary = trainer.fit()
     if spec.get("kind") == "encoder_pretrain":  # masked-LM pretraining: its product is the run folder
         result = {"kind": "encoder_pretrain", "variant": spec["variant"], "seed": spec["seed"], "status": "ok",
                   "summary": summary, "val_loss": summary.get("val_loss"), "steps": trainer.step,

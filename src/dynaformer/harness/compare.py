@@ -15,7 +15,6 @@ step time × steps ≈ wall_clock_s (calibrated once, recorded in grid.json, reu
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -27,6 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import DynaformerError
+from ..locks import try_lock, unlock
 from .cell import run_cell, write_json
 from .grid import Cell, Grid
 
@@ -52,52 +52,6 @@ def depends_on(out: Path, cell: Cell, cells: list[Cell]) -> Path | None:
         if (c.kind, c.variant, c.seed) == want:
             return cell_dir(out, c)
     return None
-
-
-# --- locks ---------------------------------------------------------------------------------------
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def try_lock(d: Path) -> bool:
-    """Take d/.lock atomically; a lock left by a dead process on this host is taken over."""
-    lock = d / ".lock"
-    me = f"{socket.gethostname()}:{os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                host, pid = lock.read_text().strip().rsplit(":", 1)
-            except (OSError, ValueError):
-                host, pid = "", "0"
-            if host == socket.gethostname() and not _alive(int(pid or 0)):
-                stale = d / f".lock.stale-{os.getpid()}"
-                try:
-                    os.replace(lock, stale)  # only one taker wins the rename
-                    stale.unlink()
-                except OSError:
-                    return False
-                continue
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return True
-    return False
-
-
-def unlock(d: Path) -> None:
-    try:
-        (d / ".lock").unlink()
-    except FileNotFoundError:
-        pass
 
 
 # --- wall-clock matching ------------------------------------------------------------------------

@@ -1,5 +1,9 @@
 """`dynaformer export-hf RUN OUT`: a run's newest checkpoint as a transformers model folder
-(config.json, model.safetensors, generation_config.json, tokenizer files, README.md)."""
+(config.json, model.safetensors, generation_config.json, tokenizer files, README.md).
+
+An export never deletes what it did not write: OUT may not be, contain or lie inside the run folder, and
+`--force` replaces OUT only when it is empty or a previous export (it holds the EXPORT_MARKER file every
+export writes)."""
 
 from __future__ import annotations
 
@@ -52,6 +56,30 @@ def load_tokenizer_file(path: str | Path):
     return load_bpe_file(p)
 
 
+EXPORT_MARKER = ".dynaformer-export"
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """a is b or lies inside it (resolved paths)."""
+    return a == b or b in a.parents
+
+
+def check_out(run_dir: Path, out: Path, force: bool) -> None:
+    """Refuse an OUT that would overwrite the run or anything that is not a previous export."""
+    r, o = run_dir.resolve(), out.resolve()
+    if _inside(o, r) or _inside(r, o):
+        where = "is" if o == r else "lies inside" if _inside(o, r) else "contains"
+        raise DynaformerError(f"export-hf: '{out}' {where} the run folder '{run_dir}'; choose a folder outside it")
+    if out.exists() and not out.is_dir():
+        raise DynaformerError(f"export-hf: '{out}' exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise DynaformerError(f"export-hf: '{out}' is not empty; choose another folder or pass --force")
+        if not (out / EXPORT_MARKER).is_file():
+            raise DynaformerError(f"export-hf: '{out}' is not a previous dynaformer export (no {EXPORT_MARKER}); "
+                                  f"--force replaces only those, so choose another folder")
+
+
 def check_vocab(tokenizer, vocab_size: int, what: str) -> None:
     if tokenizer.vocab_size != vocab_size:
         raise DynaformerError(f"{what} has {tokenizer.vocab_size} tokens but the checkpoint's vocabulary has "
@@ -68,10 +96,7 @@ def export_hf(run: str | Path, out: str | Path, tokenizer_file: str | None = Non
         check_vocab(tokenizer, model.cfg.vocab_size, f"tokenizer file '{tokenizer_file}'")
     check_vocab(tokenizer, model.cfg.vocab_size, f"the tokenizer of '{ckpt}'")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DynaformerError(f"export-hf: '{out}' exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise DynaformerError(f"export-hf: '{out}' is not empty; choose another folder or pass --force")
+    check_out(ckpt.parent, out, force)
     hf_tok = to_hf_tokenizer(tokenizer, model_max_length=model.cfg.context_len)
     special = {}
     if hf_tok.eos_token_id is not None:
@@ -96,9 +121,14 @@ def export_hf(run: str | Path, out: str | Path, tokenizer_file: str | None = Non
                    f"residual '{cfg.residual}', span '{cfg.span}'")
         (tmp / "README.md").write_text(_CARD.format(name=out.name, ckpt=ckpt, step=step, summary=summary,
                                                     tokenizer=tokenizer.kind, vocab=tokenizer.vocab_size))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"checkpoint": str(ckpt.resolve()), "step": step}) + "\n")
+        if out.exists():  # empty, or a previous export (check_out): move it aside, publish, then delete it
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"checkpoint": str(ckpt), "out": str(out), "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,

@@ -48,9 +48,15 @@ def _dedup(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], config: dict[str, Any],
                     trainer_state: dict[str, Any], keep_last: int = 0) -> Path:
+    """Write `step-N`. An existing `step-N` that verifies is kept (e.g. an interrupt right after a periodic
+    save); one that does not is replaced, so a damaged final checkpoint heals when the run is resumed."""
     final = run_dir / f"step-{step}"
     if final.exists():
-        return final  # this step is already saved (e.g. an interrupt right after a periodic save)
+        try:
+            verify_checkpoint(final)
+            return final
+        except CheckpointError as e:
+            print(f"warning: rewriting {final}: {e}", file=sys.stderr)
     tmp = run_dir / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -62,14 +68,28 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
     for p in tmp.iterdir():  # make the bytes durable before the rename publishes them
         with open(p, "rb") as f:
             os.fsync(f.fileno())
+    if final.exists():  # the damaged one: out of the way (atomic), the new one in, then delete the old
+        _remove(final, run_dir)
     os.replace(tmp, final)
     if keep_last > 0:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            # Rename first (atomic), then delete: a crash mid-delete never leaves a visible, partial step-N.
-            doomed = run_dir / f".tmp-step-delete-{old.name}-{os.getpid()}"
-            os.replace(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+        # Only checkpoints older than the one just written count, so a damaged folder with a higher step
+        # (left by an earlier run) can never make pruning delete the checkpoint that was just saved.
+        older = [c for c in list_checkpoints(run_dir) if checkpoint_step(c) < step]
+        for old in older[: max(0, len(older) - (keep_last - 1))]:
+            _remove(old, run_dir)
     return final
+
+
+def _remove(ckpt: Path, run_dir: Path) -> None:
+    """Rename first (atomic), then delete: a crash mid-delete never leaves a visible, partial step-N."""
+    doomed = run_dir / f".tmp-step-delete-{ckpt.name}-{os.getpid()}"
+    os.replace(ckpt, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    m = _STEP_RE.match(ckpt.name)
+    return int(m.group(1)) if m else -1
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -112,6 +132,20 @@ def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
             if warn:
                 print(f"warning: skipping {e}", file=sys.stderr)
     return None
+
+
+def set_aside_checkpoints(run_dir: Path) -> list[Path]:
+    """Rename every step-N to set-aside-step-N (never deleted: they may hold the only copy of a model)."""
+    moved = []
+    for ckpt in list_checkpoints(run_dir):
+        dst = run_dir / f"set-aside-{ckpt.name}"
+        i = 1
+        while dst.exists():
+            dst, i = run_dir / f"set-aside-{ckpt.name}.{i}", i + 1
+        os.replace(ckpt, dst)
+        print(f"warning: set {ckpt} aside as {dst.name}", file=sys.stderr)
+        moved.append(dst)
+    return moved
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:

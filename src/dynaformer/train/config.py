@@ -36,7 +36,9 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default
-    resume: str = "none"  # none, auto (newest complete checkpoint in `out`), or a step-N folder
+    # none, auto (newest checkpoint in `out` that verifies), restart (this run again from step 0, its
+    # checkpoints set aside), or a step-N folder
+    resume: str = "none"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2)
     max_bad_steps: int = 3  # non-finite loss/grad steps in a row before reloading the last checkpoint
     progress_bar: bool = True

@@ -91,7 +91,7 @@ def configs_from_run_json(info: dict) -> tuple[ModelConfig, TrainConfig]:
 
 # What a run folder holds before run.json is written: a crash then leaves only these, and the
 # next attempt may start the folder again.
-_SETUP_FILES = {"data", "tokenizer.json", ".run.json.tmp"}
+_SETUP_FILES = {"data", "tokenizer.json", ".run.json.tmp", ".lock"}  # .lock: the trainer's (locks.py)
 
 
 def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig, attach: bool = False) -> Run:

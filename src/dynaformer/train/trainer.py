@@ -17,7 +17,7 @@ from tqdm import tqdm
 from ..configtools import to_dict
 from ..data import BatchSampler, eval_windows
 from ..data.masking import mask_tokens, step_generator
-from ..errors import DynaformerError, Interrupted
+from ..errors import CheckpointError, DynaformerError, Interrupted
 from ..eval.diagnostics import layer_grad_norms
 from ..eval.perplexity import evaluate_mlm, evaluate_windows
 from ..model import Transformer
@@ -25,10 +25,12 @@ from ..model.residual import residual_stats
 from ..model.span_stats import plot_span_heatmap, span_stats
 from .checkpoint import (
     latest_checkpoint,
+    list_checkpoints,
     load_trainer_state,
     read_model_tensors,
     remove_stale_temporaries,
     save_checkpoint,
+    set_aside_checkpoints,
     verify_checkpoint,
 )
 from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, wrap_model
@@ -95,8 +97,19 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------
     def _resume_checkpoint(self) -> Path | None:
+        run_dir = self.run_info.dir
+        if self.cfg.resume == "restart":  # train this run again from step 0; old checkpoints are kept aside
+            if self.dist.is_main:
+                set_aside_checkpoints(run_dir)
+            barrier(self.dist)
+            return None
         if self.cfg.resume == "auto":
-            return latest_checkpoint(self.run_info.dir, warn=self.dist.is_main)
+            ckpt = latest_checkpoint(run_dir, warn=self.dist.is_main)
+            if ckpt is None and list_checkpoints(run_dir):
+                raise CheckpointError(f"no checkpoint in '{run_dir}' verifies, so there is nothing to resume and "
+                                      f"nothing was changed; pass --resume restart to train this run again from "
+                                      f"step 0 (its checkpoints are kept as set-aside-step-N)")
+            return ckpt
         path = Path(self.cfg.resume)
         verify_checkpoint(path)
         return path
