@@ -222,28 +222,35 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
     assert latest_checkpoint(run, warn=False).name == "step-4"
 
 
-LONG = ("--max_steps", "1500", "--ckpt_interval", "100")  # long enough for a second process to start
-
-
 def test_one_trainer_per_run_folder(tmp_path, text_file):
     """A second `train --out X` (new or --resume auto) while X is being trained exits 2 naming the holder,
-    and leaves the first run whole: no duplicate metrics, no stale temporaries."""
+    and leaves the first run whole: no duplicate metrics, no stale temporaries, the lock released."""
     run = tmp_path / "run"
-    first = subprocess.Popen(_cmd(text_file, run, *LONG), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    assert (run / ".lock").read_text().endswith(f":{first.pid}")
-    for extra in ((), ("--resume", "auto")):
-        res = subprocess.run(_cmd(text_file, run, *LONG, *extra), capture_output=True, text=True)
-        assert res.returncode == 2 and "in use by" in res.stderr and str(first.pid) in res.stderr, res.stderr
-        assert len(res.stderr.strip().splitlines()) == 1
-    assert first.wait(timeout=300) == 0, first.stderr.read()
+    long = ("--max_steps", "1000000", "--ckpt_interval", "100")  # runs until it is stopped below
+    first = subprocess.Popen(_cmd(text_file, run, *long), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert (run / ".lock").read_text().endswith(f":{first.pid}")
+        for extra in ((), ("--resume", "auto")):
+            res = subprocess.run(_cmd(text_file, run, *long, *extra), capture_output=True, text=True)
+            assert res.returncode == 2 and "in use by" in res.stderr and str(first.pid) in res.stderr, res.stderr
+            assert len(res.stderr.strip().splitlines()) == 1
+    finally:
+        first.send_signal(signal.SIGTERM)  # saves a checkpoint and exits 130
+        rc = first.wait(timeout=120)
+    assert rc == 130, first.stderr.read()
     steps = [s for s, _ in _losses(run)]
-    assert steps == list(range(1, 1501)) and not list(run.glob(".tmp-*")) and not (run / ".lock").exists()
-    # A lock left by a process that died is stale: the next trainer takes it over.
-    (run / ".lock").write_text(f"{__import__('socket').gethostname()}:999999")
-    res = subprocess.run(_cmd(text_file, run, *LONG, "--resume", "auto"), capture_output=True,
-                         text=True)
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > 0  # once each: nobody else wrote
+    assert not list(run.glob(".tmp-*")) and not (run / ".lock").exists()
+
+
+def test_a_stale_lock_is_taken_over(tmp_path, text_file):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text(f"{__import__('socket').gethostname()}:999999")  # its process is gone
+    res = subprocess.run(_cmd(text_file, run, "--max_steps", "3"), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+    assert [s for s, _ in _losses(run)] == [1, 2, 3] and not (run / ".lock").exists()
