@@ -88,11 +88,31 @@ def test_bad_train_inputs(tmp_path, text_file, capsys):
         (["--tokenizer", "bpe9"], "tokenizer"),
         (["--no_such_flag", "1"], "no_such_flag"),
         (["--config", str(tmp_path / "nope.yaml")], "nope.yaml"),
+        # Non-finite numbers and out-of-range integers never reach training.
+        (["--lr", "inf"], "train.lr: must be a finite number"),
+        (["--weight_decay", "nan"], "train.weight_decay: must be a finite number"),
+        (["--grad_clip", "nan"], "train.grad_clip: must be a finite number"),
+        (["--init_std", "inf"], "model.init_std: must be a finite number"),
+        (["--norm_eps", "nan"], "model.norm_eps: must be a finite number"),
+        (["--rope_base", "inf"], "model.rope_base: must be a finite number"),
+        (["--seed", "1e23"], "train.seed"),
+        # --resume: none, auto, restart or a checkpoint folder; anything else was silently a fresh run.
+        (["--resume", "yes-please"], "train.resume"),
+        (["--resume", str(tmp_path / "no_such_run" / "step-3")], "train.resume"),
     ]
     for extra, needle in cases:
         res = _run_in_process(capsys, "train", *TINY, "--data", str(text_file), "--out", str(out), *extra)
         _assert_user_error(res, needle)
         assert not out.exists(), extra
+
+
+def test_resume_from_a_checkpoint_of_another_shape(trained_run, tmp_path, text_file, capsys):
+    ckpt = sorted(trained_run.glob("step-*"))[-1]
+    out = tmp_path / "other"
+    res = _run_in_process(capsys, "train", *TINY, "--d_model", "48", "--data", str(text_file), "--out", str(out),
+                          "--tokenizer", "char", "--max_steps", "30", "--resume", str(ckpt))
+    _assert_user_error(res, "is a checkpoint of another run folder")
+    assert not out.exists()
 
 
 def test_existing_run_with_other_config(trained_run):

@@ -7,6 +7,7 @@ Every config in the project (model, training, generation) is a dataclass; this m
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -65,34 +66,15 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
             return False
         raise ConfigError(f"{name}: expected true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                try:
-                    f = float(value)
-                except ValueError:
-                    f = None
-                if f is not None and f.is_integer():
-                    return int(f)
-        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        out = _coerce_int(value, name)
+        if not -(2**63) <= out < 2**63:  # every integer setting is a count, a size or a seed
+            raise ConfigError(f"{name}: {value!r} is out of range (a 64-bit integer)")
+        return out
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
+        out = _coerce_float(value, name)
+        if not math.isfinite(out):
+            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+        return out
     if tp is str:
         if isinstance(value, str):
             return value
@@ -102,6 +84,39 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is Any:
         return value
     raise ConfigError(f"{name}: unsupported field type {tp}")
+
+
+def _coerce_int(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.replace("_", ""))
+        except ValueError:
+            try:
+                f = float(value)
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+    raise ConfigError(f"{name}: expected an integer, got {value!r}")
+
+
+def _coerce_float(value: Any, name: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{name}: expected a number, got {value!r}")
 
 
 def field_types(cls: type) -> dict[str, Any]:

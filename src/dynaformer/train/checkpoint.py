@@ -161,14 +161,23 @@ def read_model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint '{ckpt}': cannot read model.safetensors ({e})") from None
 
 
+def check_fits(ckpt: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """The checkpoint's tensors are exactly the model's (names and shapes; a tied head may be absent)."""
+    want = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
+    missing = [n for n in want if n not in tensors and not (tied and n == "head.weight")]
+    unexpected = [n for n in tensors if n not in want]
+    shapes = [f"{n} {tuple(t.shape)} vs {want[n]}" for n, t in tensors.items()
+              if n in want and tuple(t.shape) != want[n]]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"checkpoint '{ckpt}' does not fit this model (missing: {missing[:3]}, unexpected: "
+                              f"{unexpected[:3]}, shapes: {shapes[:2]})")
+
+
 def load_model_state(ckpt: Path, model: torch.nn.Module) -> None:
     tensors = read_model_tensors(ckpt)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = {n for n in missing if n == "head.weight" and getattr(model, "cfg", None) and model.cfg.tie_embeddings}
-    missing = [n for n in missing if n not in tied]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint '{ckpt}' does not fit this model (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    check_fits(ckpt, model, tensors)
+    model.load_state_dict(tensors, strict=False)  # strict=False only for the tied head, checked above
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:

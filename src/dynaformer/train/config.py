@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from ..errors import ConfigError
@@ -63,6 +64,15 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: must be in [0, 1), got {getattr(self, name)}")
         if not self.out:
             raise ConfigError("train.out: the run folder must be named")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"train.seed: must be in [0, 2⁶³), got {self.seed}")
+        if self.resume not in ("none", "auto", "restart") and not (Path(self.resume) / "manifest.json").is_file():
+            raise ConfigError(f"train.resume: expected none, auto, restart or a checkpoint folder (step-N), got "
+                              f"'{self.resume}'")
+        if self.resume not in ("none", "auto", "restart") and Path(self.resume).resolve().parent != \
+                Path(self.out).resolve():
+            raise ConfigError(f"train.resume: '{self.resume}' is a checkpoint of another run folder; a checkpoint "
+                              f"continues the run it belongs to (--out {Path(self.resume).parent})")
         if self.tokenizer == "bpe" and not self.tokenizer_file:
             raise ConfigError("train.tokenizer_file: --tokenizer bpe needs a tokenizer file "
                               "(train one with `dynaformer data tokenizer --vocab N FILES --out tok.json`)")

@@ -24,6 +24,7 @@ from ..model import Transformer
 from ..model.residual import residual_stats
 from ..model.span_stats import plot_span_heatmap, span_stats
 from .checkpoint import (
+    check_fits,
     latest_checkpoint,
     list_checkpoints,
     load_trainer_state,
@@ -134,7 +135,9 @@ class Trainer:
         return path
 
     def _load(self, ckpt: Path) -> None:
-        load_model_state_dict(self.model, read_model_tensors(ckpt), self.sharded)
+        tensors = read_model_tensors(ckpt)
+        check_fits(ckpt, self.model, tensors)
+        load_model_state_dict(self.model, tensors, self.sharded)
         state = load_trainer_state(ckpt)
         load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.sharded)
         self.sampler.load_state_dict(state["sampler"])
