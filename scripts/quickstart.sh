@@ -11,6 +11,7 @@ RUN="${1:-runs/quickstart}"
 dynaformer train --config configs/tiny-cpu.yaml --out "$RUN" --resume auto
 dynaformer eval "$RUN" --json > "$RUN/eval.json"
 echo "evaluation: $(cat "$RUN/eval.json")"
-dynaformer generate "$RUN" --prompt "ROMEO:" --max_new_tokens 300 --seed 0 > "$RUN/sample.txt"
+# "The " is in both corpora (a char tokenizer knows only the characters of its training text).
+dynaformer generate "$RUN" --prompt "The " --max_new_tokens 300 --seed 0 > "$RUN/sample.txt"
 echo "--- sample ($RUN/sample.txt) ---"; cat "$RUN/sample.txt"; echo "---"
 echo "outputs: $RUN (run.json, metrics.jsonl, step-*/ checkpoints, eval.json, sample.txt)"

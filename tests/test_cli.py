@@ -66,6 +66,23 @@ def test_help_on_each_verb():
         assert res.returncode == 0 and "usage:" in res.stdout
 
 
+def test_top_level_help_and_version():
+    import platform
+
+    import torch
+
+    from dynaformer import __version__
+
+    res = run_cli("--help")
+    assert res.returncode == 0 and "attention span" in res.stdout and "examples:" in res.stdout
+    for verb in ("train", "compare", "report", "generate", "export-hf"):
+        assert verb in res.stdout
+    res = run_cli("--version")
+    assert res.returncode == 0
+    want = f"dynaformer {__version__} (torch {torch.__version__}, Python {platform.python_version()})"
+    assert res.stdout.strip() == want
+
+
 
 
 def test_bad_train_inputs(tmp_path, text_file, capsys):
@@ -177,3 +194,30 @@ def test_bench_attention_reports_the_issue_fields(extra):
     record = json.loads(res.stdout.strip().splitlines()[-1])
     assert record["dense_ms"] > 0 and record["span_ms"] > 0
     assert record["speedup"] == pytest.approx(record["dense_ms"] / record["span_ms"], rel=0.01)
+
+
+@pytest.mark.slow
+def test_readme_commands_without_shared_data(tmp_path):
+    """The README's two main commands from a fresh clone, as a user without ../shared gets them: the
+    experiment (on a seconds-long grid) and the quickstart. They reuse this interpreter's environment."""
+    import os
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    for f in ("scripts/experiment.sh", "scripts/quickstart.sh", "tests/fixtures/grid-tiny.yaml", "pyproject.toml"):
+        (clone / f).parent.mkdir(parents=True, exist_ok=True)
+        (clone / f).write_bytes((ROOT / f).read_bytes())  # the working tree's version, committed or not
+    stamp = (Path(sys.prefix) / ".dynaformer-installed").read_text().strip()
+    env = {**os.environ, "DYNAFORMER_NO_SHARED": "1", "DYNAFORMER_VENV": sys.prefix,
+           "DYNAFORMER_EXTRAS": stamp.split("-", 1)[1]}  # no reinstall into this environment
+    res = subprocess.run(["bash", "scripts/experiment.sh", "tests/fixtures/grid-tiny.yaml", "runs/e"], cwd=clone,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads((clone / "runs/e/report/report.json").read_text())
+    assert len(data["verdicts"]) == 10 and data["cost"]["lengths"] == [128, 256]
+    meta = json.loads((clone / "runs/e/cells/baseline/seed0/run/data/meta.json").read_text())
+    assert "text: builtin:stories" in meta["source"]  # not tiny-shakespeare: ../shared was hidden
+    res = subprocess.run(["bash", "scripts/quickstart.sh", "runs/q"], cwd=clone, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (clone / "runs/q/sample.txt").read_text().startswith("The ")

@@ -238,9 +238,35 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+INTRO = """\
+dynaformer trains, evaluates and serves transformer language models with two mechanisms: a residual
+weighted by training progress, token position and content, and an attention span that each head learns
+per token, so that short spans save time and memory. `compare` and `report` measure both against strong
+baselines and controls and answer the seed questions with verdicts and evidence. Options of `train` are
+generated from the typed fields of ModelConfig and TrainConfig (`dynaformer train --help`); a user error
+is one line on stderr and exit code 2."""
+
+EXAMPLES = """\
+examples:
+  dynaformer train --config configs/tiny-cpu.yaml --out runs/x --span dynamic --residual dynamic
+  dynaformer compare configs/grid-cpu.yaml --out runs/grid && dynaformer report runs/grid"""
+
+
+def version_line() -> str:
+    import platform
+
+    import torch
+
+    from . import __version__
+
+    return f"dynaformer {__version__} (torch {torch.__version__}, Python {platform.python_version()})"
+
+
 def make_parser() -> Parser:
-    parser = Parser(prog="dynaformer", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    parser = Parser(prog="dynaformer", description=INTRO, epilog=EXAMPLES,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_line())
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model into a run folder",
                        description="Train a model. Options come from --config FILE.yaml, then --key value.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -12,7 +13,10 @@ _SHAKESPEARE = Path("shared") / "data" / "tinyshakespeare" / "input.txt"
 
 
 def shakespeare_path() -> Path | None:
-    """tiny-shakespeare beside the project checkout (../shared/data), if it is there."""
+    """tiny-shakespeare beside the project checkout (../shared/data), if it is there and the environment
+    variable DYNAFORMER_NO_SHARED is not set (it shows what a user without ../shared gets)."""
+    if os.environ.get("DYNAFORMER_NO_SHARED"):
+        return None
     for root in (Path.cwd().parent, Path(__file__).resolve().parents[3].parent):
         if (root / _SHAKESPEARE).is_file():
             return (root / _SHAKESPEARE).resolve()
