@@ -191,8 +191,17 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
     cells = prepare(grid, out, skip_invalid)
     total = sum(c.steps for c in cells)
     done_steps = {c.key: (c.steps if (cell_dir(out, c) / "result.json").exists() else 0) for c in cells}
+    # A live bar on a terminal; in a file (CI, nohup, > log) one plain line per cell started or ended.
+    tty = progress and sys.stderr.isatty()
     bar = tqdm(total=total, initial=sum(done_steps.values()), unit="step", desc=f"grid {grid.name}",
-               disable=not progress, dynamic_ncols=True)
+               disable=not tty, dynamic_ncols=True)
+    t0 = time.perf_counter()
+
+    def say(event: str, key: str) -> None:
+        if progress and not tty:
+            frac = sum(done_steps.values()) / max(1, total)
+            print(f"compare {grid.name}: {event} {key} | {frac:.0%} of steps | {time.perf_counter() - t0:.0f}s",
+                  file=sys.stderr, flush=True)
     pending = [c for c in cells if not (cell_dir(out, c) / "result.json").exists()]
     if max_cells is not None:
         pending = pending[:max_cells]
@@ -223,6 +232,7 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
                     report["busy"].append(c.key)  # another compare process is on it
                     continue
                 bar.set_postfix_str(c.key)
+                say("start", c.key)
                 if workers == 0:
                     try:
                         run_cell(d)
@@ -233,6 +243,7 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
                         unlock(d)
                     bar.update(c.steps - done_steps[c.key])
                     done_steps[c.key] = c.steps
+                    say("end", c.key)
                     continue
                 log = open(d / "cell.log", "a")
                 proc = subprocess.Popen([sys.executable, "-m", "dynaformer.harness.cell", str(d)], stdout=log,
@@ -250,6 +261,7 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
                 unlock(d)
                 del running[key]
                 bar.set_postfix_str(", ".join(running))
+                say("done" if proc.returncode == 0 else f"exit {proc.returncode}:", key)
                 if proc.returncode == 0 and (d / "result.json").exists():
                     report["done"].append(key)
                 elif proc.returncode == 130:
