@@ -254,3 +254,56 @@ def test_a_stale_lock_is_taken_over(tmp_path, text_file):
     res = subprocess.run(_cmd(text_file, run, "--max_steps", "3"), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert [s for s, _ in _losses(run)] == [1, 2, 3] and not (run / ".lock").exists()
+
+
+def test_damaged_token_files_are_refused(tmp_path, text_file):
+    run = tmp_path / "run"
+    assert subprocess.run(_cmd(text_file, run, "--max_steps", "3"), capture_output=True).returncode == 0
+    val = run / "data" / "val.bin"
+    data = bytearray(val.read_bytes())
+    data[10] = (data[10] + 1) % 256  # still a plausible byte token: only the checksum can tell
+    val.write_bytes(bytes(data))
+    for argv in (["eval", str(run)], ["train", *ARGS, "--data", str(text_file), "--out", str(run), "--max_steps", "3",
+                                      "--resume", "auto"]):
+        res = subprocess.run([sys.executable, "-m", "dynaformer.cli", *argv], capture_output=True, text=True)
+        assert res.returncode == 2 and "does not match the checksum" in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_sigterm_during_setup_is_one_line_and_exit_130(tmp_path):
+    big = tmp_path / "big.txt"
+    from dynaformer.data.corpus import generated_stories
+
+    big.write_text(generated_stories(1_000_000) * 20)  # 20 MB: tokenizing and writing it takes a while
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(big, run, "--max_steps", "3"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    while not run.exists() and time.time() < deadline:  # the command is past start-up: setting the run up
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    rc, err = proc.wait(timeout=120), proc.stderr.read()
+    if rc == 0:
+        pytest.skip("setup finished before the signal arrived")
+    assert rc == 130 and "stopped by SIGTERM" in err and "Traceback" not in err, (rc, err)
+    assert subprocess.run(_cmd(big, run, "--max_steps", "3"), capture_output=True).returncode == 0  # redone
+
+
+def test_a_refused_trainer_state_falls_back_to_the_previous_checkpoint(tmp_path, text_file):
+    import json
+    import pickle
+
+    from dynaformer.train.checkpoint import _sha256
+
+    run = tmp_path / "run"
+    assert subprocess.run(_cmd(text_file, run, "--max_steps", "9"), capture_output=True).returncode == 0
+    ckpt = run / "step-9"
+    (ckpt / "trainer.pt").write_bytes(pickle.dumps({"step": 9, "code": print}))  # not plain data
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["trainer.pt"] = _sha256(ckpt / "trainer.pt")  # the checksums still match
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    res = subprocess.run(_cmd(text_file, run, "--max_steps", "9", "--resume", "auto"), capture_output=True, text=True)
+    assert res.returncode == 0 and "plain-data" in res.stderr and "(step 6)" in res.stderr, res.stderr
+    from dynaformer.train.checkpoint import load_trainer_state
+
+    assert load_trainer_state(ckpt)["step"] == 9  # rewritten as plain data when the run reached step 9 again

@@ -345,3 +345,29 @@ def test_fine_tuning_cells_fail_cleanly_when_their_pretraining_fails(tmp_path):
     assert failed == ["encoder-keyword/baseline/seed0", "encoder-listops/baseline/seed0",
                       "encoder-pretrain/baseline/seed0"], status
     assert any("its pretraining cell did not finish" in f for f in status["failed"])
+
+
+def test_two_compares_on_one_wall_clock_grid_agree(tmp_path):
+    """Both processes share one calibration (taken under the grid's lock): grid.json and every cell.json
+    agree, every cell runs once, and a rerun resumes instead of failing on a different config."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = {**GRID, "match": "wall_clock", "wall_clock_s": 0.3, "seeds": 1,
+           "variants": {"small": {}, "big": {"d_model": 64, "n_head": 2}}}
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "dynaformer.cli", "compare", str(path), "--out", str(out), "--workers", "1"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), results
+    steps = json.loads((out / "grid.json").read_text())["steps"]
+    for v in ("small", "big"):
+        cell = json.loads((out / "cells" / v / "seed0" / "cell.json").read_text())
+        assert cell["train"]["max_steps"] == steps[v]
+        assert (out / "cells" / v / "seed0" / "result.json").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -382,9 +384,17 @@ def make_parser() -> Parser:
     return parser
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    # SIGTERM before a command installs its own handling (the trainer saves a checkpoint on it) ends the
+    # command like Ctrl-C does: one line, exit 130, and whatever was being set up is redone on a rerun.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None
     try:
         return args.func(args)
     except Interrupted as e:
@@ -396,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dynaformer {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -36,17 +36,20 @@ def write_splits(text: str, tokenizer: ByteTokenizer | CharTokenizer, out_dir: P
     meta = {"source": source, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
             "dtype": ids.dtype.name, "n_train": len(ids) - n_val, "n_val": n_val,
             "n_bytes": len(text.encode("utf-8")), "val_fraction": val_fraction}
+    meta["vocab_size"] = tokenizer.vocab_size  # every token id is below it (checked on open)
     for name, arr in (("train", ids[: len(ids) - n_val]), ("val", ids[len(ids) - n_val:])):
         tmp = out_dir / f".{name}.bin.tmp"
         arr.tofile(tmp)
+        meta[f"{name}_sha256"] = _file_sha256(tmp)
         os.replace(tmp, out_dir / f"{name}.bin")
     tmp = out_dir / ".meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, out_dir / "meta.json")
-    return open_splits(out_dir)
+    return open_splits(out_dir, verify=False)  # just written and hashed
 
 
-def open_splits(data_dir: Path) -> TokenSplits:
+def open_splits(data_dir: Path, verify: bool = True) -> TokenSplits:
+    """The token memmaps of a run; verify: check them against the checksums and token range in meta.json."""
     try:
         meta = json.loads((data_dir / "meta.json").read_text())
         dtype = np.dtype(meta["dtype"])
@@ -56,7 +59,23 @@ def open_splits(data_dir: Path) -> TokenSplits:
         raise DynaformerError(f"data: token files in '{data_dir}' are missing or damaged ({e})") from None
     if len(train) != meta["n_train"] or len(val) != meta["n_val"]:
         raise DynaformerError(f"data: token files in '{data_dir}' do not match their meta.json")
+    for name, arr in (("train", train), ("val", val)) if verify else ():  # runs written before checksums skip this
+        want = meta.get(f"{name}_sha256")
+        if want is not None and _file_sha256(data_dir / f"{name}.bin") != want:
+            raise DynaformerError(f"data: '{data_dir / f'{name}.bin'}' does not match the checksum in meta.json "
+                                  f"(changed or damaged); its run cannot continue on it")
+        if "vocab_size" in meta and len(arr) and int(arr.max()) >= meta["vocab_size"]:
+            raise DynaformerError(f"data: '{data_dir / f'{name}.bin'}' holds token ids ≥ the vocabulary size "
+                                  f"{meta['vocab_size']} (damaged)")
     return TokenSplits(train, val, meta)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _windows(data: np.ndarray, starts: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ step time × steps ≈ wall_clock_s (calibrated once, recorded in grid.json, reu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -26,7 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import DynaformerError
-from ..locks import try_lock, unlock
+from ..locks import holder, try_lock, unlock
 from .cell import run_cell, write_json
 from .grid import Cell, Grid
 
@@ -99,20 +100,9 @@ def calibrate_steps(grid: Grid, cells: list[Cell], repeats: int = 5) -> dict[str
 
 # --- the grid ------------------------------------------------------------------------------------
 
-def prepare(grid: Grid, out: Path, skip_invalid: bool) -> list[Cell]:
-    """Write grid.json (or check an existing one) and each cell's cell.json; return the cells."""
-    cells = grid.cells(skip_invalid)
-    from ..data.tasks import make_task
-    from .cell import task_params
-
-    for c in cells:
-        if c.model is None or c.kind != "lm":
-            continue
-        C, params = c.model["context_len"], task_params(c.train["data"])
-        for t in grid.eval["tasks"]:  # fail now, not after training
-            task = make_task(t, **params.get(t, {}))
-            task.generate(1, C, task.distance_range(C)[0])
-    out.mkdir(parents=True, exist_ok=True)
+def _grid_steps(grid: Grid, out: Path, cells: list[Cell]) -> dict[str, int]:
+    """Write grid.json, or check the existing one against this grid; calibrate wall-clock steps for variants
+    that have none yet. Returns the steps per variant (wall-clock grids). Called under the grid's lock."""
     info_path = out / "grid.json"
     if info_path.exists():
         try:
@@ -131,11 +121,48 @@ def prepare(grid: Grid, out: Path, skip_invalid: bool) -> list[Cell]:
         info["grid"]["questions"] = grid.questions
         write_json(info_path, info)
     else:
-        if any(out.iterdir()):
+        if any(p.name != ".lock" for p in out.iterdir()):
             raise DynaformerError(f"'{out}' exists and is not a dynaformer compare folder; choose another --out")
         steps = calibrate_steps(grid, cells) if grid.match == "wall_clock" else {}
         write_json(info_path, {"name": grid.name, "fingerprint": grid.fingerprint(), "grid": grid.to_dict(),
                                "steps": steps, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return steps
+
+
+@contextlib.contextmanager
+def _grid_lock(out: Path, timeout_s: float = 3600):
+    """out/.lock while grid.json is read, calibrated and written: several compare processes may share a
+    grid folder, and only one of them may calibrate it (the others wait, then read its steps)."""
+    t0, told = time.monotonic(), False
+    while not try_lock(out):
+        if not told:
+            print(f"compare: waiting for {holder(out)}, which is preparing '{out}'", file=sys.stderr)
+            told = True
+        if time.monotonic() - t0 > timeout_s:
+            raise DynaformerError(f"'{out}' has been locked by {holder(out)} for {timeout_s:.0f} s")
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        unlock(out)
+
+
+def prepare(grid: Grid, out: Path, skip_invalid: bool) -> list[Cell]:
+    """Write grid.json (or check an existing one) and each cell's cell.json; return the cells."""
+    cells = grid.cells(skip_invalid)
+    from ..data.tasks import make_task
+    from .cell import task_params
+
+    for c in cells:
+        if c.model is None or c.kind != "lm":
+            continue
+        C, params = c.model["context_len"], task_params(c.train["data"])
+        for t in grid.eval["tasks"]:  # fail now, not after training
+            task = make_task(t, **params.get(t, {}))
+            task.generate(1, C, task.distance_range(C)[0])
+    out.mkdir(parents=True, exist_ok=True)
+    with _grid_lock(out):
+        steps = _grid_steps(grid, out, cells)
     skipped = [{"cell": c.key, "reason": c.error} for c in cells if c.error]
     write_json(out / "skipped.json", {"skipped": skipped})
     for c in cells:

@@ -54,6 +54,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
     if final.exists():
         try:
             verify_checkpoint(final)
+            load_trainer_state(final)  # readable as plain data, too
             return final
         except CheckpointError as e:
             print(f"warning: rewriting {final}: {e}", file=sys.stderr)

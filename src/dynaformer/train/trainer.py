@@ -87,9 +87,8 @@ class Trainer:
         self.layer_grad_norm: list[float] | None = None  # per block, at log steps (eval/diagnostics.py)
         if self.dist.is_main:
             remove_stale_temporaries(run.dir)
-        resume_from = self._resume_checkpoint() if run.resumed else None
-        if resume_from is not None:
-            self._load(resume_from)
+        if run.resumed:
+            self._resume()
         self.metrics = MetricsLog(run.dir / "metrics.jsonl", resume_step=self.step if run.resumed else None,
                                   tensorboard_dir=run.dir / "tensorboard" if self.cfg.tensorboard else None) \
             if self.dist.is_main else None
@@ -97,23 +96,32 @@ class Trainer:
         self._stop_signal: int | None = None
 
     # --- checkpoints -------------------------------------------------------------------------
-    def _resume_checkpoint(self) -> Path | None:
+    def _resume(self) -> None:
+        """Load the checkpoint to continue from: the one named, or (auto) the newest that verifies and loads;
+        one whose trainer state is refused is skipped for the previous one."""
         run_dir = self.run_info.dir
         if self.cfg.resume == "restart":  # train this run again from step 0; old checkpoints are kept aside
             if self.dist.is_main:
                 set_aside_checkpoints(run_dir)
             barrier(self.dist)
-            return None
-        if self.cfg.resume == "auto":
-            ckpt = latest_checkpoint(run_dir, warn=self.dist.is_main)
-            if ckpt is None and list_checkpoints(run_dir):
-                raise CheckpointError(f"no checkpoint in '{run_dir}' verifies, so there is nothing to resume and "
-                                      f"nothing was changed; pass --resume restart to train this run again from "
-                                      f"step 0 (its checkpoints are kept as set-aside-step-N)")
-            return ckpt
-        path = Path(self.cfg.resume)
-        verify_checkpoint(path)
-        return path
+            return
+        if self.cfg.resume != "auto":
+            verify_checkpoint(Path(self.cfg.resume))
+            self._load(Path(self.cfg.resume))
+            return
+        found = list_checkpoints(run_dir)
+        for ckpt in reversed(found):
+            try:
+                verify_checkpoint(ckpt)
+                self._load(ckpt)
+                return
+            except CheckpointError as e:
+                if self.dist.is_main:
+                    print(f"warning: skipping {e}", file=sys.stderr)
+        if found:
+            raise CheckpointError(f"no checkpoint in '{run_dir}' verifies, so there is nothing to resume and "
+                                  f"nothing was changed; pass --resume restart to train this run again from "
+                                  f"step 0 (its checkpoints are kept as set-aside-step-N)")
 
     def _config_record(self) -> dict:
         return {"model": to_dict(self.mcfg), "train": to_dict(self.cfg), "tokenizer": self.run_info.tokenizer.to_dict()}
