@@ -159,6 +159,8 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except OSError as e:
         raise DynaformerError(f"{what}: cannot read '{path}': {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise DynaformerError(f"{what}: '{path}' is not UTF-8 text") from None
     except yaml.YAMLError as e:
         raise DynaformerError(f"{what}: '{path}' is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):

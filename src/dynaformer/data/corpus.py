@@ -75,9 +75,9 @@ def read_text(source: str, context_len: int | None = None) -> tuple[str, str]:
     project, generated stories otherwise), or a `task:` spec (data/tasks.py: its `text=` source, or
     rendered task examples of length `len` or `context_len`)."""
     if source.startswith("task:"):
-        from .tasks import parse_task_spec, render_text
+        from .tasks import check_task_data, parse_task_spec, render_text
 
-        spec = parse_task_spec(source)
+        spec = parse_task_spec(source) if context_len is None else check_task_data(source, context_len)
         if spec.text is not None:
             text, desc = read_text(spec.text)
             return text, f"{source} (text: {desc})"

@@ -105,8 +105,12 @@ def read_jsonl(path: str | Path) -> list[Example]:
     p = Path(path)
     if not p.is_file():
         raise DynaformerError(f"data: '{p}' does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DynaformerError(f"data: '{p}' is not UTF-8 text") from None
     out = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -119,7 +123,10 @@ def read_jsonl(path: str | Path) -> list[Example]:
         label = obj["label"]
         if not isinstance(obj["text"], str) or not isinstance(label, str | int) or isinstance(label, bool):
             raise DynaformerError(f"data: {p}:{n}: \"text\" must be a string and \"label\" a string or integer")
-        out.append(Example(obj["text"], str(obj["label"]), int(obj.get("distance", -1))))
+        dist = obj.get("distance", -1)
+        if not isinstance(dist, int) or isinstance(dist, bool):
+            raise DynaformerError(f"data: {p}:{n}: \"distance\" must be an integer, got {dist!r}")
+        out.append(Example(obj["text"], str(obj["label"]), dist))
     if not out:
         raise DynaformerError(f"data: '{p}' holds no examples")
     return out

@@ -538,11 +538,21 @@ def parse_task_spec(source: str) -> TaskSpec:
                                       f"(known: len, dist, frac, text, loss, digits, pairs, queries, k, visits)")
         except ValueError:
             raise DynaformerError(f"data: bad value '{value}' for '{key}' in '{source}'") from None
+    if spec.length is not None and spec.length < 1:
+        raise DynaformerError(f"data: len must be ≥ 1, got {spec.length} in '{source}'")
     if not 0 < spec.frac <= 1:
         raise DynaformerError(f"data: frac must be in (0, 1], got {spec.frac} in '{source}'")
     if spec.text is None and spec.frac < 1:
         raise DynaformerError(f"data: frac < 1 needs a text source to mix with (text=...) in '{source}'")
     spec.make()  # validates task parameters
+    return spec
+
+
+def check_task_data(source: str, context_len: int) -> TaskSpec:
+    """Parse a task spec and check that its examples fit the model's context."""
+    spec = parse_task_spec(source)
+    if spec.length is not None and spec.length > context_len:
+        raise DynaformerError(f"data: task len={spec.length} exceeds the model's context_len={context_len}")
     return spec
 
 

@@ -50,7 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from ..configtools import from_dict, read_yaml_mapping, to_dict
-from ..errors import ConfigError
+from ..data.tasks import check_task_data, is_task_spec
+from ..errors import ConfigError, DynaformerError
 from ..model import ModelConfig
 from ..train.config import TrainConfig, split_sections
 
@@ -164,9 +165,12 @@ def resolve(base: dict[str, dict], overrides: dict[str, dict], variant: str) -> 
     m = {**base.get("model", {}), **overrides.get("model", {})}
     t = {**base.get("train", {}), **overrides.get("train", {})}
     try:
-        return from_dict(ModelConfig, m, "model"), from_dict(TrainConfig, t, "train")
-    except ConfigError as e:
+        mcfg, tcfg = from_dict(ModelConfig, m, "model"), from_dict(TrainConfig, t, "train")
+        if is_task_spec(tcfg.data):
+            check_task_data(tcfg.data, mcfg.context_len)
+    except DynaformerError as e:
         raise ConfigError(f"variant '{variant}': {e}") from None
+    return mcfg, tcfg
 
 
 def resolve_encoder(base: dict[str, dict], encoder: dict, variant_overrides: dict[str, dict], task: str,
@@ -273,7 +277,12 @@ def grid_from_dict(raw: dict, name: str = "grid", variants: list[str] | None = N
         needed = [h["match_reach"] for v, h in harness.items() if v in variants and "match_reach" in h]
         parsed = {v: parsed[v] for v in variants + [n for n in needed if n not in variants]}
     s = raw.get("seeds", 3) if seeds is None else seeds
-    seed_list = list(range(int(s))) if isinstance(s, int | str) else [int(x) for x in s]
+    if isinstance(s, int) and not isinstance(s, bool) and s >= 1:
+        seed_list = list(range(s))
+    elif isinstance(s, list) and s and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in s):
+        seed_list = [int(x) for x in s]
+    else:
+        raise ConfigError(f"grid.seeds: expected a number of seeds (≥ 1) or a list of seeds (integers ≥ 0), got {s!r}")
     if not seed_list:
         raise ConfigError("grid.seeds: need at least one seed")
     match = raw.get("match", "tokens")

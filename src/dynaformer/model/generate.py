@@ -45,7 +45,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
         raise DynaformerError(
             f"generate: the prompt has {prompt.size(1)} tokens but the model takes at most {max_len} "
             f"(its context_len; pass a larger max_len to extrapolate)")
-    if temperature < 0 or (top_k is not None and top_k <= 0) or (top_p is not None and not 0 < top_p <= 1):
+    if not temperature >= 0 or (top_k is not None and top_k <= 0) or (top_p is not None and not 0 < top_p <= 1):
         raise DynaformerError("generate: need temperature ≥ 0, top_k > 0 and 0 < top_p ≤ 1")
     was_training = model.training
     model.eval()

@@ -1,0 +1,188 @@
+"""A catalogue of bad inputs across the command line: each is one line on stderr naming the problem, exit
+code 2, no traceback, and no file created or changed anywhere in the workspace."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import assert_user_error, cli_in_process
+
+TINY = ["--n_layer", "1", "--n_head", "2", "--d_model", "32", "--context_len", "32", "--batch_size", "2",
+        "--eval_tokens", "64", "--progress_bar", "false", "--warmup_steps", "0"]
+GRID = {"name": "g", "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "context_len": 128},
+        "train": {"max_steps": 2, "batch_size": 2, "data": "task:passkey?text=builtin:stories&frac=0.5"},
+        "variants": {"baseline": {}}, "seeds": 1, "eval": {"tasks": ["passkey"], "cost_lengths": [256]}}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    """A workspace: a trained run, a text file, a JSONL file, grids and odd files."""
+    from dynaformer.cli import main
+    from dynaformer.data.corpus import generated_stories
+
+    w = tmp_path_factory.mktemp("ws")
+    (w / "text.txt").write_text(generated_stories(20_000, seed=3))
+    assert main(["train", *TINY, "--data", str(w / "text.txt"), "--out", str(w / "run"), "--max_steps", "2",
+                 "--tokenizer", "char"]) == 0
+    (w / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 200)
+    (w / "bad_utf8.yaml").write_bytes(b"model:\n  n_layer: \xff\xfe\n")
+    (w / "list.yaml").write_text("- 1\n- 2\n")
+    (w / "empty.txt").write_text("")
+    (w / "ok.jsonl").write_text("\n".join(json.dumps({"text": f"a b {i}", "label": i % 2}) for i in range(40)))
+    (w / "bad.jsonl").write_text('{"text": "a", "label": 0}\nnot json\n')
+    (w / "strdist.jsonl").write_text("\n".join(json.dumps({"text": "x y", "label": 0, "distance": "far"})
+                                               for _ in range(20)))
+    (w / "ok.yaml").write_text(yaml.safe_dump(GRID))
+    for name, change in {
+        "seeds_abc": {"seeds": "abc"}, "seeds_float": {"seeds": 1.5}, "seeds_zero": {"seeds": 0},
+        "eval_tasks_str": {"eval": {"tasks": "passkey"}}, "eval_nper": {"eval": {"n_per_distance": "many"}},
+        "eval_batch": {"eval": {"batch_size": 0}}, "eval_fractions": {"eval": {"fractions": [0, 2]}},
+        "eval_multiples": {"eval": {"multiples": [1.5]}}, "cost_neg": {"eval": {"cost_lengths": [-4]}},
+        "cost_huge": {"eval": {"cost_lengths": [10**11]}}, "eval_key": {"eval": {"taskz": ["passkey"]}},
+        "unknown_key": {"bogus": 1}, "match": {"match": "steps"}, "wall": {"match": "wall_clock"},
+        "variant_field": {"variants": {"baseline": {"n_layerz": 2}}},
+        "variant_name": {"variants": {"bad name!": {}}},
+        "variant_value": {"variants": {"baseline": {"residual": "nope"}}},
+        "match_reach": {"variants": {"baseline": {}, "f": {"span": "fixed", "match_reach": "ghost"}}},
+        "controls": {"questions": {"controls": {"span": ["ghost"]}}},
+        "questions_key": {"questions": {"answer": "baseline"}},
+        "task_len": {"train": {**GRID["train"], "data": "task:passkey?len=-5"}},
+        "task_huge": {"train": {**GRID["train"], "data": "task:passkey?len=100000000"}},
+        "encoder_task": {"encoder": {"tasks": ["nope"]}},
+    }.items():
+        (w / f"{name}.yaml").write_text(yaml.safe_dump({**GRID, **change}))
+    return w
+
+
+def _snapshot(root: Path) -> dict:
+    """Every path, and each file's size and modification time (a folder's own time changes when a lock file
+    comes and goes inside it, which writes nothing)."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else "dir"
+            for p in root.rglob("*")}
+
+
+def _cases(w: Path) -> list[tuple[list[str], str]]:
+    run, text, out = str(w / "run"), str(w / "text.txt"), str(w / "new")
+    train = ["train", *TINY, "--data", text, "--out", out]
+    cases = [
+        # train: values
+        (train + ["--lr", "inf"], "train.lr"), (train + ["--lr", "nan"], "train.lr"),
+        (train + ["--lr", "-1e-3"], "train.lr"), (train + ["--lr", "0"], "train.lr"),
+        (train + ["--weight_decay", "nan"], "weight_decay"), (train + ["--grad_clip", "nan"], "grad_clip"),
+        (train + ["--init_std", "inf"], "init_std"), (train + ["--norm_eps", "nan"], "norm_eps"),
+        (train + ["--rope_base", "inf"], "rope_base"), (train + ["--seed", "1e23"], "train.seed"),
+        (train + ["--seed", "abc"], "train.seed"), (train + ["--max_steps", "0"], "max_steps"),
+        (train + ["--max_steps", "1.5"], "max_steps"), (train + ["--batch_size", "-2"], "batch_size"),
+        (train + ["--grad_accum", "0"], "grad_accum"), (train + ["--val_fraction", "1"], "val_fraction"),
+        (train + ["--val_fraction", "0"], "val_fraction"), (train + ["--min_lr_ratio", "2"], "min_lr_ratio"),
+        (train + ["--beta1", "1"], "beta1"), (train + ["--beta2", "-0.1"], "beta2"),
+        (train + ["--warmup_steps", "-1"], "warmup_steps"), (train + ["--keep_last", "-1"], "keep_last"),
+        (train + ["--dtype", "fp8"], "dtype"), (train + ["--tokenizer", "word"], "tokenizer"),
+        (train + ["--tokenizer", "bpe"], "tokenizer_file"), (train + ["--objective", "mlm"], "objective"),
+        (train + ["--device", "tpu"], "device"), (train + ["--device", "cuda"], "CUDA"),
+        (train + ["--parallel", "zero"], "parallel"), (train + ["--resume", "yes-please"], "train.resume"),
+        (train + ["--resume", str(w / "nothing" / "step-3")], "train.resume"),
+        (train + ["--resume", f"{run}/step-2"], "another run folder"),
+        (train + ["--compile", "maybe"], "compile"), (train + ["--progress_bar", "2"], "progress_bar"),
+        # train: model values
+        (train + ["--n_head", "3"], "n_head"), (train + ["--n_layer", "0"], "n_layer"),
+        (train + ["--context_len", "0"], "context_len"), (train + ["--d_model", "-32"], "d_model"),
+        (train + ["--residual", "skip"], "residual"), (train + ["--span", "wide"], "span"),
+        (train + ["--span_window", "0"], "span_window"), (train + ["--span_max", "0"], "span_max"),
+        (train + ["--span_init", "0"], "span_init"), (train + ["--span_penalty", "-1"], "span_penalty"),
+        (train + ["--span_ramp", "0"], "span_ramp"), (train + ["--dyn_rank", "9"], "dyn_rank"),
+        (train + ["--dyn_p0", "0"], "dyn_p0"), (train + ["--dyn_gamma_init", "0"], "dyn_gamma_init"),
+        (train + ["--mlp", "relu2"], "mlp"), (train + ["--dropout", "nan"], "dropout"),
+        # train: data and files
+        (["train", *TINY, "--data", str(w / "missing.txt"), "--out", out], "does not exist"),
+        (["train", *TINY, "--data", str(w / "empty.txt"), "--out", out], "is empty"),
+        (["train", *TINY, "--data", "builtin:nope", "--out", out], "builtin:nope"),
+        (["train", *TINY, "--data", "task:nope", "--out", out], "unknown task"),
+        (["train", *TINY, "--data", "task:passkey?len=-5", "--out", out], "len"),
+        (["train", *TINY, "--data", "task:passkey?len=100000000", "--out", out], "len"),
+        (["train", *TINY, "--data", "task:passkey?dist=5000", "--out", out], "impossible"),
+        (["train", *TINY, "--data", "task:passkey?frac=2", "--out", out], "frac"),
+        (["train", *TINY, "--data", "task:passkey?digits=0", "--out", out], "digits"),
+        (["train", *TINY, "--data", "task:summary?visits=13", "--out", out], "visits"),
+        (["train", *TINY, "--data", "task:passkey?colour=red", "--out", out], "colour"),
+        (train + ["--config", str(w / "bad_utf8.yaml")], "bad_utf8.yaml"),
+        (train + ["--config", str(w / "list.yaml")], "list.yaml"),
+        (train + ["--config", str(w / "missing.yaml")], "missing.yaml"),
+        (train + ["--no_such_flag", "1"], "no_such_flag"),
+        (["train", *TINY, "--data", text, "--out", run, "--max_steps", "2", "--tokenizer", "char"],
+         "already holds this run"),
+        (["train", *TINY, "--data", text, "--out", run, "--max_steps", "3", "--tokenizer", "char", "--resume",
+          "auto"], "config differs"),
+        (["train", *TINY, "--data", text, "--out", text], "not a folder"),
+        # eval
+        (["eval", str(w / "missing")], "does not exist"), (["eval", text], "no complete checkpoint"),
+        (["eval", run, "--tokens", "0"], "tokens"), (["eval", run, "--batch_size", "-1"], "batch_size"),
+        (["eval", run, "--data", str(w / "missing.txt")], "does not exist"),
+        (["eval", run, "--data", str(w / "latin1.txt")], "latin1.txt"),
+        (["eval", str(w / "empty_dir")], "does not exist"),
+        # generate
+        (["generate", run, "--temperature", "nan"], "temperature"),
+        (["generate", run, "--temperature", "-1"], "temperature"),
+        (["generate", run, "--top_k", "0"], "top_k"), (["generate", run, "--top_p", "0"], "top_p"),
+        (["generate", run, "--top_p", "1.5"], "top_p"), (["generate", run, "--max_new_tokens", "-1"],
+                                                        "max_new_tokens"),
+        (["generate", run, "--max_len", "-3"], "max_len"), (["generate", run, "--prompt", "ZZZ€"], "vocabulary"),
+        (["generate", str(w / "missing")], "does not exist"),
+        # export-hf
+        (["export-hf", run, run, "--force"], "run folder"), (["export-hf", run, str(w), "--force"], "run folder"),
+        (["export-hf", run, f"{run}/hf"], "run folder"), (["export-hf", run, text], "not a folder"),
+        (["export-hf", str(w / "missing"), out], "does not exist"),
+        (["export-hf", run, out, "--tokenizer", str(w / "missing.json")], "missing.json"),
+        # finetune
+        (["finetune", "--task", "nope", "--out", out], "task"),
+        (["finetune", "--task", "keyword", "--max_steps", "0", "--out", out], "max_steps"),
+        (["finetune", "--task", "keyword", "--lr", "nan", "--out", out], "lr"),
+        (["finetune", "--task", "jsonl", "--out", out], "train_file"),
+        (["finetune", "--task", "jsonl", "--train_file", str(w / "bad.jsonl"), "--val_file",
+          str(w / "ok.jsonl"), "--out", out], "bad.jsonl"),
+        (["finetune", "--task", "jsonl", "--train_file", str(w / "strdist.jsonl"), "--val_file",
+          str(w / "ok.jsonl"), "--out", out], "distance"),
+        (["finetune", "--task", "keyword", "--init", str(w / "missing"), "--out", out], "does not exist"),
+        (["finetune", "--task", "keyword", "--out", run], "run"),
+        # data
+        (["data", "tokenizer", "--vocab", "100", text, "--out", str(w / "tok.json")], "vocab"),
+        (["data", "tokenizer", str(w / "missing.txt"), "--out", str(w / "tok.json")], "does not exist"),
+        (["data", "tokenizer", text, "--out", text], "exists"),
+        # compare and report
+        (["compare", str(w / "missing.yaml"), "--out", out], "missing.yaml"),
+        (["compare", str(w / "ok.yaml"), "--variants", "ghost", "--out", out], "ghost"),
+        (["compare", str(w / "unknown_key.yaml"), "--out", out], "bogus"),
+        (["report", str(w / "missing")], "does not exist"), (["report", run], "training run folder"),
+        (["report", run, "--cost_lengths", "a,b"], "cost_lengths"),
+        (["report", run, "--cost_lengths", "0"], "cost_lengths"),
+    ]
+    for name, needle in [("seeds_abc", "seeds"), ("seeds_float", "seeds"), ("seeds_zero", "seeds"),
+                         ("eval_tasks_str", "grid.eval.tasks"), ("eval_nper", "n_per_distance"),
+                         ("eval_batch", "batch_size"), ("eval_fractions", "fractions"), ("eval_multiples", "multiples"),
+                         ("cost_neg", "cost_lengths"), ("cost_huge", "cost_lengths"), ("eval_key", "taskz"),
+                         ("match", "match"), ("wall", "wall_clock_s"), ("variant_field", "n_layerz"),
+                         ("variant_name", "bad name"), ("variant_value", "residual"), ("match_reach", "ghost"),
+                         ("controls", "ghost"), ("questions_key", "answer"), ("task_len", "len"),
+                         ("task_huge", "len"), ("encoder_task", "nope")]:
+        cases.append((["compare", str(w / f"{name}.yaml"), "--out", out], needle))
+    return cases
+
+
+N_CASES = 130
+
+
+def test_the_catalogue_is_complete():
+    assert len(_cases(Path("ws"))) == N_CASES >= 100  # every case below is one parametrised test
+
+
+@pytest.mark.parametrize("i", range(N_CASES))
+def test_bad_input(ws, capsys, i):
+    argv, needle = _cases(ws)[i]
+    before = _snapshot(ws)
+    res = cli_in_process(capsys, *argv)
+    assert_user_error(res, needle)
+    assert _snapshot(ws) == before, argv  # nothing created, nothing changed
