@@ -37,6 +37,9 @@ def ws(tmp_path_factory) -> Path:
     (w / "strdist.jsonl").write_text("\n".join(json.dumps({"text": "x y", "label": 0, "distance": "far"})
                                                for _ in range(20)))
     (w / "ok.yaml").write_text(yaml.safe_dump(GRID))
+    # Checkpoints whose config.json asks for sizes the weights do not have (checksums rewritten to match).
+    for name, change in {"huge_vocab": {"vocab_size": 10**12}, "wide": {"d_model": 4096, "n_head": 2}}.items():
+        _crafted(w / "run" / "step-2", w / name / "step-2", change)
     for name, change in {
         "seeds_abc": {"seeds": "abc"}, "seeds_float": {"seeds": 1.5}, "seeds_zero": {"seeds": 0},
         "eval_tasks_str": {"eval": {"tasks": "passkey"}}, "eval_nper": {"eval": {"n_per_distance": "many"}},
@@ -56,6 +59,20 @@ def ws(tmp_path_factory) -> Path:
     }.items():
         (w / f"{name}.yaml").write_text(yaml.safe_dump({**GRID, **change}))
     return w
+
+
+def _crafted(src: Path, dst: Path, model_change: dict) -> None:
+    import shutil
+
+    from dynaformer.train.checkpoint import _sha256
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["model"].update(model_change)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["files"]["config.json"] = _sha256(dst / "config.json")
+    (dst / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _snapshot(root: Path) -> dict:
@@ -132,6 +149,10 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
                                                         "max_new_tokens"),
         (["generate", run, "--max_len", "-3"], "max_len"), (["generate", run, "--prompt", "ZZZ€"], "vocabulary"),
         (["generate", str(w / "missing")], "does not exist"),
+        (["eval", str(w / "huge_vocab")], "does not fit"), (["generate", str(w / "huge_vocab")], "does not fit"),
+        (["eval", str(w / "wide")], "does not fit"), (["export-hf", str(w / "huge_vocab"), out], "does not fit"),
+        (train + ["--threads", "100000"], "train.threads"),
+        (["finetune", "--task", "keyword", "--threads", "100000", "--out", out], "finetune.threads"),
         # export-hf
         (["export-hf", run, run, "--force"], "run folder"), (["export-hf", run, str(w), "--force"], "run folder"),
         (["export-hf", run, f"{run}/hf"], "run folder"), (["export-hf", run, text], "not a folder"),
@@ -172,7 +193,7 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
     return cases
 
 
-N_CASES = 130
+N_CASES = 136
 
 
 def test_the_catalogue_is_complete():
@@ -186,3 +207,13 @@ def test_bad_input(ws, capsys, i):
     res = cli_in_process(capsys, *argv)
     assert_user_error(res, needle)
     assert _snapshot(ws) == before, argv  # nothing created, nothing changed
+
+
+def test_a_huge_context_is_not_allocated_by_generate(ws, capsys):
+    """A checkpoint whose context_len is 10⁹ decodes a few tokens: the KV cache holds what the call needs
+    (prompt + new tokens), not the context (which would be ≈ 250 GB here and fail to allocate)."""
+    _crafted(ws / "run" / "step-2", ws / "long" / "step-2", {"context_len": 10**9})
+    res = cli_in_process(capsys, "generate", str(ws / "long"), "--prompt", "The", "--max_new_tokens", "5",
+                         "--seed", "0")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("The") and len(res.stdout) >= len("The") + 5

@@ -13,7 +13,8 @@ from ..data.tokenizers import ByteTokenizer, CharTokenizer
 from ..errors import CheckpointError, ConfigError, DynaformerError
 from ..model import ModelConfig, Transformer
 from ..model.generate import generate
-from ..train.checkpoint import latest_checkpoint, load_model_state, verify_checkpoint
+from ..resources import check_fits_in_memory
+from ..train.checkpoint import check_fits, latest_checkpoint, load_model_state, read_model_shapes, verify_checkpoint
 from .perplexity import evaluate_windows
 
 
@@ -39,6 +40,10 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, Byte
         tokenizer = tokenizer_from_dict(config["tokenizer"])
     except (KeyError, ConfigError) as e:
         raise CheckpointError(f"checkpoint '{ckpt}': config.json does not describe a dynaformer model ({e})") from None
+    with torch.device("meta"):  # shapes and size first: a config.json asking for 10¹² tokens allocates nothing
+        shell = Transformer(model_cfg)
+    check_fits(ckpt, shell, read_model_shapes(ckpt))
+    check_fits_in_memory(4 * sum(p.numel() for p in shell.parameters()), f"the model of '{ckpt}'")
     model = Transformer(model_cfg)
     load_model_state(ckpt, model)
     return model.to(device).eval(), tokenizer, ckpt

@@ -16,7 +16,6 @@ are `eval.cost_lengths` of the grid (default 1024, 2048, 4096) plus the training
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,23 +24,9 @@ import torch
 from ..bench.common import time_interleaved
 from ..errors import ConfigError
 from ..model import ModelConfig, Transformer
+from ..resources import available_memory
 
 DECODE_TOKENS = 8  # greedy steps per timed decoding call
-
-
-def available_memory() -> int | None:
-    """Bytes this machine can still give (MemAvailable), or None where that is unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def step_bytes(cfg: ModelConfig, T: int) -> int:

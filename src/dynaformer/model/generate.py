@@ -62,7 +62,8 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
                 logits, _ = model(window)
             elif cache is None or cache.length >= max_len:
                 # (Re)fill the cache from the window: the first step, or after the window slid.
-                cache = model.new_cache(seq.size(0), max_len)
+                # Sized to what this call can hold, not to max_len (a context of 10⁹ must not allocate it).
+                cache = model.new_cache(seq.size(0), min(max_len, prompt.size(1) + max_new_tokens))
                 logits, _ = model(window, cache=cache)
             else:
                 logits, _ = model(seq[:, -1:], cache=cache)

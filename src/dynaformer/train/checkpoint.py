@@ -162,17 +162,29 @@ def read_model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint '{ckpt}': cannot read model.safetensors ({e})") from None
 
 
-def check_fits(ckpt: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """The checkpoint's tensors are exactly the model's (names and shapes; a tied head may be absent)."""
+def check_fits(ckpt: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor | tuple[int, ...]]) -> None:
+    """The checkpoint's tensors (or their shapes) are exactly the model's: names and shapes; a tied head
+    may be absent. `model` may live on the meta device, so nothing is allocated before this passes."""
     want = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    have = {n: tuple(t if isinstance(t, tuple) else t.shape) for n, t in tensors.items()}
     tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
-    missing = [n for n in want if n not in tensors and not (tied and n == "head.weight")]
-    unexpected = [n for n in tensors if n not in want]
-    shapes = [f"{n} {tuple(t.shape)} vs {want[n]}" for n, t in tensors.items()
-              if n in want and tuple(t.shape) != want[n]]
+    missing = [n for n in want if n not in have and not (tied and n == "head.weight")]
+    unexpected = [n for n in have if n not in want]
+    shapes = [f"{n} {s} vs {want[n]}" for n, s in have.items() if n in want and s != want[n]]
     if missing or unexpected or shapes:
         raise CheckpointError(f"checkpoint '{ckpt}' does not fit this model (missing: {missing[:3]}, unexpected: "
                               f"{unexpected[:3]}, shapes: {shapes[:2]})")
+
+
+def read_model_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from model.safetensors' header, without reading the tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(ckpt / "model.safetensors", framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint '{ckpt}': cannot read model.safetensors ({e})") from None
 
 
 def load_model_state(ckpt: Path, model: torch.nn.Module) -> None:

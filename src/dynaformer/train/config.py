@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import ConfigError
+from ..resources import check_threads
 
 
 @dataclass
@@ -64,6 +65,7 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: must be in [0, 1), got {getattr(self, name)}")
         if not self.out:
             raise ConfigError("train.out: the run folder must be named")
+        check_threads(self.threads, "train.threads")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"train.seed: must be in [0, 2⁶³), got {self.seed}")
         if self.resume not in ("none", "auto", "restart") and not (Path(self.resume) / "manifest.json").is_file():

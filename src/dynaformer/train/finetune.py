@@ -22,6 +22,7 @@ from ..errors import CheckpointError, ConfigError, DynaformerError, Interrupted
 from ..eval.classification import classification_report
 from ..model import ModelConfig
 from ..model.classifier import SequenceClassifier
+from ..resources import check_threads
 from .checkpoint import (
     latest_checkpoint,
     load_trainer_state,
@@ -69,6 +70,7 @@ class FinetuneConfig:
                 raise ConfigError(f"finetune.{name}: must be > 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"finetune.lr: must be > 0, got {self.lr}")
+        check_threads(self.threads, "finetune.threads")
         if self.ckpt_interval < 0 or self.keep_last < 0:
             raise ConfigError("finetune.ckpt_interval / keep_last: must be >= 0")
         if self.resume not in ("auto", "none"):
