@@ -217,3 +217,65 @@ def test_a_huge_context_is_not_allocated_by_generate(ws, capsys):
                          "--seed", "0")
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("The") and len(res.stdout) >= len("The") + 5
+
+
+# --- fuzz: whatever a checkpoint's config.json or safetensors header says, loading it is quick and either
+# works or is one checkpoint error (a size the machine cannot hold is refused before it is allocated) -------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SIZES = st.one_of(st.integers(-3, 4), st.integers(1, 64), st.integers(10**6, 10**15),
+                   st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=4), st.none())
+
+
+@settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(change=st.dictionaries(st.sampled_from(["vocab_size", "d_model", "n_layer", "n_head", "context_len",
+                                               "span_max", "dyn_rank", "mlp", "span"]), _SIZES, max_size=3))
+def test_fuzz_checkpoint_config(ws, change):
+    import shutil
+
+    from dynaformer.errors import DynaformerError
+    from dynaformer.eval.run import load_model
+
+    target = ws / "fuzz"
+    shutil.rmtree(target, ignore_errors=True)
+    _crafted(ws / "run" / "step-2", target / "step-2", change)
+    try:
+        model, _, _ = load_model(target)
+    except DynaformerError:
+        return
+    assert model.num_params() < 10**7  # loaded: it is the small model the weights describe
+
+
+@settings(max_examples=40, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.lists(st.integers(0, 2**40), min_size=0, max_size=3), dtype=st.sampled_from(["F32", "F16", "I64",
+                                                                                             "X9"]))
+def test_fuzz_safetensors_header(ws, shape, dtype):
+    """A header that lies about a tensor's shape or type: refused without reading gigabytes."""
+    import shutil
+    import struct
+
+    from dynaformer.errors import DynaformerError
+    from dynaformer.eval.run import load_model
+    from dynaformer.train.checkpoint import _sha256
+
+    target = ws / "fuzzh" / "step-2"
+    shutil.rmtree(ws / "fuzzh", ignore_errors=True)
+    shutil.copytree(ws / "run" / "step-2", target)
+    path = target / "model.safetensors"
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    from hypothesis import assume
+
+    assume(shape != header[name]["shape"] or dtype != header[name]["dtype"])  # a lie, not the truth
+    header[name] = {**header[name], "shape": shape, "dtype": dtype}
+    new = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["files"]["model.safetensors"] = _sha256(path)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DynaformerError):
+        load_model(ws / "fuzzh")

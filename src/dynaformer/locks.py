@@ -79,7 +79,11 @@ def exclusive(folder: Path, what: str = "folder") -> Iterator[None]:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DynaformerError(f"cannot create {what} '{folder}' ({e.strerror})") from None
-    if not try_lock(folder):
+    try:
+        locked = try_lock(folder)
+    except OSError as e:
+        raise DynaformerError(f"cannot write to {what} '{folder}' ({e.strerror})") from None
+    if not locked:
         raise DynaformerError(f"{what} '{folder}' is in use by {holder(folder)}; wait for it to finish or stop it")
     try:
         yield

@@ -40,7 +40,11 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, Byte
         tokenizer = tokenizer_from_dict(config["tokenizer"])
     except (KeyError, ConfigError) as e:
         raise CheckpointError(f"checkpoint '{ckpt}': config.json does not describe a dynaformer model ({e})") from None
-    with torch.device("meta"):  # shapes and size first: a config.json asking for 10¹² tokens allocates nothing
+    # Size first, from the config alone (a config.json may ask for 10⁶ layers or 10¹² tokens): an upper
+    # bound of the parameters (attention 4·d², MLP ≤ 12·d² per layer, embeddings V·d, untied head V·d).
+    d, L, V = model_cfg.d_model, model_cfg.n_layer, model_cfg.vocab_size
+    check_fits_in_memory(4 * (16 * L * d * d + 2 * V * d), f"the model of '{ckpt}'")
+    with torch.device("meta"):  # then the shapes, on the meta device: nothing is allocated
         shell = Transformer(model_cfg)
     check_fits(ckpt, shell, read_model_shapes(ckpt))
     check_fits_in_memory(4 * sum(p.numel() for p in shell.parameters()), f"the model of '{ckpt}'")
