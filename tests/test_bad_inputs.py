@@ -149,8 +149,8 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
                                                         "max_new_tokens"),
         (["generate", run, "--max_len", "-3"], "max_len"), (["generate", run, "--prompt", "ZZZ€"], "vocabulary"),
         (["generate", str(w / "missing")], "does not exist"),
-        (["eval", str(w / "huge_vocab")], "does not fit"), (["generate", str(w / "huge_vocab")], "does not fit"),
-        (["eval", str(w / "wide")], "does not fit"), (["export-hf", str(w / "huge_vocab"), out], "does not fit"),
+        (["eval", str(w / "huge_vocab")], "GiB available"), (["generate", str(w / "huge_vocab")], "GiB available"),
+        (["eval", str(w / "wide")], "does not fit"), (["export-hf", str(w / "huge_vocab"), out], "GiB available"),
         (train + ["--threads", "100000"], "train.threads"),
         (["finetune", "--task", "keyword", "--threads", "100000", "--out", out], "finetune.threads"),
         # export-hf
