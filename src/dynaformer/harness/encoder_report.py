@@ -112,11 +112,12 @@ def encoder_blocks(encoder: dict[str, dict[str, list[dict]]], reference: str, co
                          _ms([r["val_loss"] for r in rs if r.get("val_loss") is not None])]
                         for v, rs in sorted(pretrain.items())]))
     title = "Encoder accuracy by distance (dotted: chance)"
+    caption = "Fine-tuned classifiers, mean over seeds: accuracy against the distance bucket of the evidence."
     if not plots:
         has = any(_by_distance(rs) for by in encoder.values() for rs in by.values())
-        blocks.append(("img", title, b"" if has else None, "not recorded by any run"))
+        blocks.append(("img", title, b"" if has else None, "not recorded by any run", caption))
     else:
         blocks.append(("img", title, plot_encoder(encoder, colors, plt),
                        "matplotlib is not installed (pip install dynaformer[plot])" if plt is None else
-                       "not recorded by any run"))
+                       "not recorded by any run", caption))
     return blocks

@@ -255,6 +255,9 @@ def plot_layers(col: Collected, colors, key: str, title: str, ylabel: str) -> by
     return _png(fig)
 
 
+_UNITS = {"spans": "mean span (tokens)", "layer_grad_norms": "gradient norm", "residual_coefs": "coefficient"}
+
+
 def plot_recorded(col: Collected, colors, family: str, title: str) -> bytes | None:
     """Series a mechanism logged to metrics.jsonl, over training: one panel per variant that has any
     (its first seed), and a layer × head heat map of the last values when the keys are 2-D."""
@@ -264,18 +267,26 @@ def plot_recorded(col: Collected, colors, family: str, title: str) -> bytes | No
     if not have:
         return None
     fig, axes = plt.subplots(1, len(have) + 1, figsize=(4.4 * (len(have) + 1), 3.4), squeeze=False)
+    import re
+
     for ax, (v, rec) in zip(axes[0], have, strict=False):
-        names = list(rec["series"])[:24]
-        for n in names:
-            ys = [np.nan if y is None else y for y in rec["series"][n]]
-            ax.plot(rec["steps"], ys, lw=1, label=n if len(names) <= 8 else None)
-        ax.set(title=f"{title}: {v}", xlabel="step")
-        if len(names) <= 8:
-            ax.legend(fontsize=6)
+        series = rec["series"]
+        if len(series) > 8:  # too many to tell apart: one line per layer (mean of its series), labelled
+            by_layer: dict[str, list] = defaultdict(list)
+            for n, ys in series.items():
+                if "max" in n and any("mean" in m for m in series):
+                    continue  # spans: the mean span, not the max
+                nums = re.findall(r"\d+", n)
+                by_layer[f"layer {nums[-2] if len(nums) >= 2 else nums[0] if nums else '?'}"].append(ys)
+            series = {k: [np.nanmean([np.nan if y[i] is None else y[i] for y in group]) for i in range(len(group[0]))]
+                      for k, group in by_layer.items()}
+        for n, ys in list(series.items())[:12]:
+            ax.plot(rec["steps"], [np.nan if y is None else y for y in ys], lw=1, label=n)
+        ax.set(title=f"{title}: {v}", xlabel="training step", ylabel=_UNITS.get(family, "value"))
+        ax.legend(fontsize=6)
     # heat map of the final values, indices parsed from the keys (…/LAYER/HEAD or …LAYER…HEAD)
     preferred = [h for h in have if h[0] in (col.questions.get("span"), col.questions.get("residual"))]
     v, rec = (preferred or have)[0]
-    import re
 
     grid: dict[tuple[int, int], float] = {}
     means = [n for n in rec["series"] if "mean" in n]
@@ -295,8 +306,8 @@ def plot_recorded(col: Collected, colors, family: str, title: str) -> bytes | No
         im = ax.imshow(m, aspect="auto", cmap="viridis")
         ax.set_xticks(range(H))
         ax.set_yticks(range(L))
-        fig.colorbar(im, ax=ax)
-        ax.set(title=f"final values: {v}", xlabel="head / index", ylabel="layer")
+        fig.colorbar(im, ax=ax, label=_UNITS.get(family, "value"))
+        ax.set(title=f"last logged value per layer × head: {v}", xlabel="head (or index)", ylabel="layer")
     return _png(fig)
 
 
@@ -510,27 +521,42 @@ def build(col: Collected, plots: bool = True, data: dict | None = None) -> list[
                              col.encoder_pretrain)
     have_plt = _plt() is not None
     figures = [
-        ("Loss curves", lambda: plot_loss(col, colors)),
-        ("Bits per byte by token position (1×, 2×, 4× the training context)", lambda: plot_position(col, colors)),
-        ("Long-range accuracy by distance (dotted: chance)", lambda: plot_longrange(col, colors)),
+        ("Loss curves", "Mean over seeds. Left: training loss per step (tasks and text weighted by their share); "
+         "right: held-out text loss at each evaluation.", lambda: plot_loss(col, colors)),
+        ("Bits per byte by token position (1×, 2×, 4× the training context)",
+         "Held-out text read in one pass; x: the end of each log₂ bucket of positions. Beyond 1× a dense model "
+         "sees positions it never trained on (its sliding-window numbers are in the table above).",
+         lambda: plot_position(col, colors)),
+        ("Long-range accuracy by distance (dotted: chance)",
+         "Exact match of the answer, mean ± sd over seeds, against the distance in tokens from the evidence.",
+         lambda: plot_longrange(col, colors)),
         ("Per-layer gradient norms at the end of training (harness-measured)",
+         "Norm of each block's parameter gradient on held-out windows (log scale): vanishing gradients show as "
+         "early layers far below late ones.",
          lambda: plot_layers(col, colors, "grad_norm_layers", "‖∂L/∂θ‖ per block", "gradient norm")),
         ("Per-layer gradient norms over training (recorded by the run)",
+         "The first seed of each variant; one line per layer.",
          lambda: plot_recorded(col, colors, "layer_grad_norms", "grad norms")),
         ("Attention ablation: loss increase when a layer's attention is zeroed",
+         "Mean ± sd over seeds; higher means the layer's attention matters more.",
          lambda: plot_layers(col, colors, "attn_ablation", "attention importance", "Δ loss (nats)")),
-        ("Spans per layer and head over training", lambda: plot_recorded(col, colors, "spans", "spans")),
-        ("Residual coefficients over training", lambda: plot_recorded(col, colors, "residual_coefs", "coefficients")),
-        ("Compute", lambda: plot_compute(col, colors)),
+        ("Spans per layer and head over training",
+         "Learned-span variants, first seed: the mean span (tokens) of each layer over training (mean over heads "
+         "when there are many), and the last logged mean span per layer × head.",
+         lambda: plot_recorded(col, colors, "spans", "spans")),
+        ("Residual coefficients over training", "Dynamic-residual variants, first seed: the learned coefficients.",
+         lambda: plot_recorded(col, colors, "residual_coefs", "coefficients")),
+        ("Compute", "Mean ± sd over seeds. ms/step and tokens/s are from each run's own log at the training "
+         "context; the long-length cost is in the Cost table.", lambda: plot_compute(col, colors)),
     ]
     blocks.append(("h", 2, "Plots"))
-    for title, fn in figures:
+    for title, caption, fn in figures:
         if not plots:
-            blocks.append(("img", title, b"" if _has_data(col, title) else None, "not recorded by any run"))
+            blocks.append(("img", title, b"" if _has_data(col, title) else None, "not recorded by any run", caption))
             continue
         blocks.append(("img", title, fn() if have_plt else None,
                        "matplotlib is not installed (pip install dynaformer[plot])" if not have_plt else
-                       "not recorded by any run"))
+                       "not recorded by any run", caption))
     blocks.append(("h", 2, "Skipped runs"))
     if col.skipped:
         blocks.append(("table", ["run", "why"], [[c, w] for c, w in col.skipped]))
@@ -587,7 +613,7 @@ def write_report(paths: list[str | Path], out_dir: str | Path, cost: bool = True
             trs = "".join("<tr>" + "".join(_td(c) for c in r) + "</tr>" for r in rows)
             body.append(f"<table><tr>{th}</tr>{trs}</table>")
         elif b[0] == "img":
-            title, png, why = b[1], b[2], b[3]
+            title, png, why, caption = b[1], b[2], b[3], b[4]
             md.append(f"### {title}\n")
             body.append(f"<h3>{html.escape(title)}</h3>")
             if png is None:
@@ -596,9 +622,9 @@ def write_report(paths: list[str | Path], out_dir: str | Path, cost: bool = True
             else:
                 name = f"plots/{_slug(title)}.png"
                 (out / name).write_bytes(png)
-                md.append(f"![{title}]({name})\n")
+                md.append(f"![{title}]({name})\n\n*{caption}*\n")
                 body.append(f'<img alt="{html.escape(title)}" src="data:image/png;base64,'
-                            f'{base64.b64encode(png).decode()}">')
+                            f'{base64.b64encode(png).decode()}"><p><em>{html.escape(caption)}</em></p>')
     (out / "report.md").write_text("\n".join(md))
     style = ("body{font-family:sans-serif;max-width:1400px;margin:auto;padding:1em}table{border-collapse:collapse;"
              "font-size:12px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}"
