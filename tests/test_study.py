@@ -258,3 +258,34 @@ def test_passkey_key_length_and_evaluation_with_training_parameters(digits):
     assert parse_task_spec(f"task:passkey?digits={digits}").params == {"passkey": {"digits": digits}}
     with pytest.raises(Exception, match="digits must be in 1..16"):
         make_task("passkey", digits=0)
+
+
+def test_report_html_renders_in_a_browser(study_dir, tmp_path):
+    """The HTML as a reader sees it: every embedded plot is a valid PNG, the Answers block comes first, and a
+    headless Chromium renders the first screen (skipped where no Chromium is installed)."""
+    import base64
+    import re
+    import shutil
+    import subprocess
+
+    rep = write_report([study_dir], tmp_path / "rep")
+    html = Path(rep["html"]).read_text()
+    assert html.index("Answers at a glance") < html.index("<h2>Verdicts</h2>")
+    assert 'class="supported"' in html or 'class="inconclusive"' in html or 'class="contradicted"' in html
+    pngs = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(pngs) >= 8
+    import io
+
+    import matplotlib.image
+
+    for b64 in pngs:
+        img = matplotlib.image.imread(io.BytesIO(base64.b64decode(b64)), format="png")
+        assert img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0.01  # decodes, and is not blank
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium) for the screenshot")
+    shot = tmp_path / "first-screen.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1400,1100", Path(rep["html"]).resolve().as_uri()], capture_output=True, timeout=120)
+    img = matplotlib.image.imread(shot)
+    assert img.shape[:2] == (1100, 1400) and img.std() > 0.05  # a rendered page, not an empty one

@@ -390,7 +390,8 @@ def answer_rows(data: dict) -> list[list[str]]:
         num = "—" if v["variant_mean"] is None else (f"{_fmt(v['variant_mean'])} vs {_fmt(v['reference_mean'])} "
                                                        f"({v['metric']}, p={_fmt(v['p'], 2)})")
         word = v["verdict"] + (" (floor)" if v["floor"] and v["verdict"] == "inconclusive" else "")
-        rows.append([v["question"], str(v["option"]) + (" ★" if v["seed_answer"] else ""), v["claim"], word, num])
+        rows.append([v["question"], str(v["option"]) + (" ★" if v["seed_answer"] else ""), v["claim"], f"**{word}**",
+                     num])
     return rows
 
 
