@@ -475,7 +475,8 @@ def build(col: Collected, plots: bool = True, data: dict | None = None) -> list[
                         f"{', '.join(controls.get('residual', [])) or '—'}), span question by "
                         f"'{col.questions.get('span')}' (controls: "
                         f"{', '.join(controls.get('span', [])) or '—'}), size-matched baseline "
-                        f"'{col.questions.get('size_matched')}'. Every number below is in report.json."))
+                        + (f"'{col.questions.get('size_matched')}'" if col.questions.get("size_matched") in col.results
+                           else "none in these runs") + ". Every number below is in report.json."))
     blocks.append(("h", 2, "Answers at a glance"))
     blocks.append(("p", "Each option's verdict and its decisive number (tested variant vs reference, first part of "
                         "the claim). ★ marks the option the seed file calls correct; it plays no part in judging."))
