@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import DynaformerError
+from ..files import sha256_file
 from .tokenizers import ByteTokenizer, CharTokenizer
 
 
@@ -40,7 +41,7 @@ def write_splits(text: str, tokenizer: ByteTokenizer | CharTokenizer, out_dir: P
     for name, arr in (("train", ids[: len(ids) - n_val]), ("val", ids[len(ids) - n_val:])):
         tmp = out_dir / f".{name}.bin.tmp"
         arr.tofile(tmp)
-        meta[f"{name}_sha256"] = _file_sha256(tmp)
+        meta[f"{name}_sha256"] = sha256_file(tmp)
         os.replace(tmp, out_dir / f"{name}.bin")
     tmp = out_dir / ".meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
@@ -61,21 +62,13 @@ def open_splits(data_dir: Path, verify: bool = True) -> TokenSplits:
         raise DynaformerError(f"data: token files in '{data_dir}' do not match their meta.json")
     for name, arr in (("train", train), ("val", val)) if verify else ():  # runs written before checksums skip this
         want = meta.get(f"{name}_sha256")
-        if want is not None and _file_sha256(data_dir / f"{name}.bin") != want:
+        if want is not None and sha256_file(data_dir / f"{name}.bin") != want:
             raise DynaformerError(f"data: '{data_dir / f'{name}.bin'}' does not match the checksum in meta.json "
                                   f"(changed or damaged); its run cannot continue on it")
         if "vocab_size" in meta and len(arr) and int(arr.max()) >= meta["vocab_size"]:
             raise DynaformerError(f"data: '{data_dir / f'{name}.bin'}' holds token ids ≥ the vocabulary size "
                                   f"{meta['vocab_size']} (damaged)")
     return TokenSplits(train, val, meta)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _windows(data: np.ndarray, starts: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,6 @@ code (trainer state is read with `torch.load(weights_only=True)`)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,18 +18,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from ..files import sha256_file as _sha256
 
 MANIFEST = "manifest.json"
 FORMAT = "dynaformer-checkpoint-v1"
 _STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _dedup(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
