@@ -369,5 +369,8 @@ def test_two_compares_on_one_wall_clock_grid_agree(tmp_path):
         cell = json.loads((out / "cells" / v / "seed0" / "cell.json").read_text())
         assert cell["train"]["max_steps"] == steps[v]
         assert (out / "cells" / v / "seed0" / "result.json").exists()
+    # status.json describes the folder, not whichever process finished last (each saw the other's cell busy).
+    status = json.loads((out / "status.json").read_text())
+    assert sorted(status["done"]) == ["big/seed0", "small/seed0"] and status["busy"] == [], status
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr

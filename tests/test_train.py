@@ -136,6 +136,20 @@ def test_existing_run_folder_is_protected(tmp_path, text_file):
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*")}
 
 
+def test_a_relative_and_an_absolute_data_path_name_one_run(tmp_path, text_file, monkeypatch):
+    """Resuming with the data given another way (relative vs absolute, through a symlink) is the same run."""
+    _train(tmp_path / "r", text_file)
+    monkeypatch.chdir(text_file.parent)
+    run = open_run(*_cfgs(tmp_path / "r", Path(text_file.name), resume="auto"))
+    assert run.resumed
+    (tmp_path / "link.txt").symlink_to(text_file)
+    assert open_run(*_cfgs(tmp_path / "r", tmp_path / "link.txt", resume="auto")).resumed
+    other = tmp_path / "other.txt"
+    other.write_text(text_file.read_text())
+    with pytest.raises(DynaformerError, match="cannot resume.*data"):  # another file is another run
+        open_run(*_cfgs(tmp_path / "r", other, resume="auto"))
+
+
 def test_grad_accum_matches_big_batch(tmp_path, text_file):
     """Two micro-batches of 4 take the same step as one batch of 8 drawn from the same windows."""
     model_cfg, train_cfg = _cfgs(tmp_path / "a", text_file, batch_size=4, grad_accum=2, grad_clip=0.0)

@@ -317,5 +317,25 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
         bar.close()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
-    write_json(out / "status.json", report)
+    _write_status(out, cells, report)
     return report
+
+
+def _write_status(out: Path, cells: list[Cell], report: dict) -> None:
+    """status.json describes the grid folder, not the last process to finish: several compare processes may
+    share a folder, so it is rebuilt from the cells' own files under the grid lock, keeping failures that
+    another process recorded for cells that are still not done."""
+    with _grid_lock(out):
+        try:
+            old = json.loads((out / "status.json").read_text())
+        except (OSError, ValueError):
+            old = {}
+        done = [c.key for c in cells if (cell_dir(out, c) / "result.json").exists()]
+        failures = {}
+        for f in [*(old.get("failed") or []), *report["failed"]]:
+            if isinstance(f, str) and f.split(": ", 1)[0] not in done:
+                failures[f.split(": ", 1)[0]] = f  # one line per cell: the latest failure
+        busy = [c.key for c in cells if c.key not in done and c.key not in failures
+                and (cell_dir(out, c) / ".lock").exists()]
+        write_json(out / "status.json", {"done": done, "failed": list(failures.values()), "busy": busy,
+                                         "skipped": report["skipped"]})

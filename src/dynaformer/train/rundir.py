@@ -45,10 +45,27 @@ def model_vocab_size(tokenizer, train_cfg: TrainConfig) -> int:
     return tokenizer.vocab_size + (1 if train_cfg.objective == "mlm" else 0)
 
 
+_PATH_FIELDS = ("data", "tokenizer_file")  # a relative and an absolute path to one file name the same run
+
+
+def _real_path(value: str) -> str:
+    """The resolved path of a file or folder argument; other sources (builtin:…, task:…) as written."""
+    return os.path.realpath(value) if value and os.path.exists(value) else value
+
+
 def identity(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict:
     """The fields that define a run's results (what must match to resume it)."""
     train = {k: v for k, v in to_dict(train_cfg).items() if k not in RESUMABLE_CHANGES}
+    for key in _PATH_FIELDS:
+        train[key] = _real_path(train[key])
     return {"model": to_dict(model_cfg), "train": train}
+
+
+def _same(key: str, a, b) -> bool:
+    if a == b:
+        return True
+    # Folders written before paths were resolved hold the literal argument.
+    return key in _PATH_FIELDS and isinstance(a, str) and isinstance(b, str) and _real_path(a) == _real_path(b)
 
 
 def _first_difference(old: dict, new: dict) -> str | None:
@@ -57,7 +74,7 @@ def _first_difference(old: dict, new: dict) -> str | None:
         if section == "train":
             a = {k: v for k, v in a.items() if k not in RESUMABLE_CHANGES}
         for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
+            if not _same(key, a.get(key), b.get(key)):
                 return f"{section}.{key}: {a.get(key)!r} in the folder, {b.get(key)!r} now"
     return None
 
