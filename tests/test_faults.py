@@ -307,3 +307,84 @@ def test_a_refused_trainer_state_falls_back_to_the_previous_checkpoint(tmp_path,
     from dynaformer.train.checkpoint import load_trainer_state
 
     assert load_trainer_state(ckpt)["step"] == 9  # rewritten as plain data when the run reached step 9 again
+
+
+def _train_args(data: Path, out: Path, steps: int) -> list[str]:
+    args = [*ARGS, "--data", str(data), "--out", str(out)]
+    args[args.index("--max_steps") + 1] = str(steps)
+    args[args.index("--ckpt_interval") + 1] = "4"
+    return ["train", *args]
+
+
+def test_disk_full_while_saving_says_so_and_keeps_the_last_good_checkpoint(tmp_path, text_file, monkeypatch,
+                                                                           capsys):
+    """ENOSPC from safetensors mid-checkpoint: one line saying the disk is full and which checkpoint is
+    intact, exit 2, no partial folder left; freeing space and resuming finishes the run."""
+    import errno
+
+    from dynaformer import cli
+    from dynaformer.train import checkpoint
+
+    real = checkpoint.save_file
+
+    def full_at_step_8(tensors, path, metadata=None):
+        if Path(path).parent.name.startswith(".tmp-step-8-"):
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_at_step_8)
+    out = tmp_path / "r"
+    assert cli.main(_train_args(text_file, out, 12)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disk is full" in err[0] and "step-4 is intact" in err[0], err
+    assert [c.name for c in list_checkpoints(out)] == ["step-4"] and not list(out.glob(".tmp-*"))
+    verify_checkpoint(out / "step-4")
+    monkeypatch.setattr(checkpoint, "save_file", real)  # space freed
+    assert cli.main([*_train_args(text_file, out, 12), "--resume", "auto"]) == 0
+    assert latest_checkpoint(out).name == "step-12"
+
+
+def test_a_really_full_disk_is_one_line_and_loses_nothing(tmp_path, text_file):
+    """The disk fills up while training runs (a small tmpfs; skipped where mounting is not allowed): one line
+    saying so, exit 2, every visible checkpoint verifies; once space is freed, resuming completes the run
+    with no step lost or repeated."""
+    import shutil
+
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = mnt / "r"
+        cmd = _cmd(text_file, out, "--max_steps", "60", "--ckpt_interval", "4", "--keep_last", "0")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        t0 = time.time()
+        while not (out / "step-4").exists() and proc.poll() is None and time.time() - t0 < 120:
+            time.sleep(0.01)
+        with open(mnt / "ballast", "wb", buffering=0) as f:  # fill the disk under the running trainer
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        err = proc.communicate(timeout=300)[1]
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "the disk is full" in lines[0], err
+        assert "intact" in lines[0] and "Traceback" not in err
+        good = list_checkpoints(out)
+        assert good and not list(out.glob(".tmp-*"))
+        for c in good:
+            verify_checkpoint(c)
+        again = subprocess.run([*cmd, "--resume", "auto"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert again.returncode == 2 and "the disk is full" in again.stderr, again.stderr  # still full
+        *info, last = again.stderr.strip().splitlines()  # "resumed from …", then the error
+        assert "disk is full" in last and all(ln.startswith("resumed from") for ln in info), again.stderr
+        assert list_checkpoints(out) == good and "Traceback" not in again.stderr
+        (mnt / "ballast").unlink()
+        done = subprocess.run([*cmd, "--resume", "auto"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        assert latest_checkpoint(out).name == "step-60" and [s for s, _ in _losses(out)] == list(range(1, 61))
+    finally:
+        shutil.rmtree(mnt / "r", ignore_errors=True)
+        subprocess.run(["umount", str(mnt)], capture_output=True)

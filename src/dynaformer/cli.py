@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .configtools import field_types, from_dict, read_yaml_mapping
-from .errors import DynaformerError, Interrupted
+from .errors import DynaformerError, Interrupted, is_disk_full
 from .model import ModelConfig
 from .train.config import TrainConfig, split_sections
 
@@ -406,6 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dynaformer {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        where = f" writing '{e.filename}'" if getattr(e, "filename", None) else ""
+        print(f"dynaformer {args.command}: error: the disk is full{where}; files written before are intact. "
+              f"Free space and run the command again (training continues with --resume auto)", file=sys.stderr)
+        return 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

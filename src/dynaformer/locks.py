@@ -9,7 +9,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import DynaformerError
+from .errors import DynaformerError, is_disk_full
 
 
 def _alive(pid: int) -> bool:
@@ -43,8 +43,12 @@ def try_lock(d: Path) -> bool:
                     return False
                 continue
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+        except OSError:
+            lock.unlink(missing_ok=True)  # an empty lock (disk full) would look held by nobody, for ever
+            raise
         return True
     return False
 
@@ -78,11 +82,11 @@ def exclusive(folder: Path, what: str = "folder") -> Iterator[None]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DynaformerError(f"cannot create {what} '{folder}' ({e.strerror})") from None
+        raise DynaformerError(f"cannot create {what} '{folder}' ({_reason(e)})") from None
     try:
         locked = try_lock(folder)
     except OSError as e:
-        raise DynaformerError(f"cannot write to {what} '{folder}' ({e.strerror})") from None
+        raise DynaformerError(f"cannot write to {what} '{folder}' ({_reason(e)})") from None
     if not locked:
         raise DynaformerError(f"{what} '{folder}' is in use by {holder(folder)}; wait for it to finish or stop it")
     try:
@@ -94,3 +98,7 @@ def exclusive(folder: Path, what: str = "folder") -> Iterator[None]:
                 d.rmdir()  # only if empty
             except OSError:
                 break
+
+
+def _reason(e: OSError) -> str:
+    return "the disk is full; nothing in it was changed" if is_disk_full(e) else str(e.strerror)

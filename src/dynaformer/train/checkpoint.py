@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DynaformerError, is_disk_full
 from ..files import sha256_file as _sha256
 
 MANIFEST = "manifest.json"
@@ -52,15 +52,24 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
             print(f"warning: rewriting {final}: {e}", file=sys.stderr)
     tmp = run_dir / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_dedup(model_state), tmp / "model.safetensors", metadata={"format": FORMAT})
-    (tmp / "config.json").write_text(json.dumps({**config, "step": step}, indent=2, ensure_ascii=False))
-    torch.save(trainer_state, tmp / "trainer.pt")
-    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-    (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=2))
-    for p in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
+    try:
+        tmp.mkdir(parents=True)
+        save_file(_dedup(model_state), tmp / "model.safetensors", metadata={"format": FORMAT})
+        (tmp / "config.json").write_text(json.dumps({**config, "step": step}, indent=2, ensure_ascii=False))
+        torch.save(trainer_state, tmp / "trainer.pt")
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=2))
+        for p in tmp.iterdir():  # make the bytes durable before the rename publishes them
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    except Exception as e:  # safetensors and torch.save report I/O failures as their own exception types
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial folder was never visible; free its space
+        if not is_disk_full(e):
+            raise
+        good = latest_checkpoint(run_dir, warn=False)
+        kept = f"the last good checkpoint {good.name} is intact" if good else "no earlier checkpoint exists"
+        raise DynaformerError(f"the disk is full: step-{step} could not be written to '{run_dir}' and was not "
+                              f"kept; {kept}. Free space and run again with --resume auto") from None
     if final.exists():  # the damaged one: out of the way (atomic), the new one in, then delete the old
         _remove(final, run_dir)
     os.replace(tmp, final)
