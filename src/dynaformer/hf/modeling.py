@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import __version__ as _TRANSFORMERS_VERSION
@@ -25,14 +26,18 @@ from ..model import Transformer
 from .configuration import DynaformerConfig
 
 _TRANSFORMERS_MAJOR = int(_TRANSFORMERS_VERSION.split(".")[0])
+# transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache` (the old
+# name still works, with a deprecation warning on every call): use whichever this version's outputs have.
+_CACHE_NAME = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 
 class DynaformerCache(Cache):
     """Our KV cache object behind the transformers `Cache` interface that `generate()` talks to.
 
-    Holds `inner` (the cache `Transformer.new_cache` returns) and `tokens` (B, L), the ids whose keys and
-    values `inner` stores. `inner` is (re)built lazily: on the first call, when it would overflow (capacity
-    doubles), and after `reorder_cache`/`crop`, by running the model over `tokens`.
+    Holds `inner` (the cache `Transformer.new_cache` returns), `tokens` (B, L), the ids whose keys and
+    values `inner` stores, and `mask` (B, L), their attention mask (None while nothing is padded). `inner` is
+    (re)built lazily: on the first call, when it would overflow (capacity doubles), and after
+    `reorder_cache`/`crop`, by running the model over `tokens`.
     """
 
     is_compileable = False
@@ -44,6 +49,7 @@ class DynaformerCache(Cache):
             super().__init__()
         self.inner: Any = None
         self.tokens: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
         self.capacity = 0
 
     # --- the transformers Cache interface used by generate() ---------------------------------------
@@ -62,48 +68,66 @@ class DynaformerCache(Cache):
     def __repr__(self) -> str:
         return f"DynaformerCache(length={self.get_seq_length()}, capacity={self.capacity})"
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: keep the rows `beam_idx`; the cache is rebuilt from their tokens on the next call."""
+    def _rows(self, fn) -> None:
+        """Apply a row operation to the tokens and mask; the cache is rebuilt from them on the next call."""
         if self.tokens is not None:
-            self.tokens = self.tokens.index_select(0, beam_idx.to(self.tokens.device))
+            self.tokens = fn(self.tokens)
+            self.mask = None if self.mask is None else fn(self.mask)
             self.inner = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep the rows `beam_idx`."""
+        self._rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def crop(self, max_length: int) -> None:
         """Keep the first `max_length` tokens (negative: drop that many from the end)."""
         if self.tokens is None:
             return
         keep = max_length if max_length >= 0 else self.tokens.shape[1] + max_length
-        if keep < self.tokens.shape[1]:
-            self.tokens = self.tokens[:, :keep] if keep > 0 else None
-            self.inner = None
+        if keep <= 0:
+            self.tokens = self.mask = self.inner = None
+        elif keep < self.tokens.shape[1]:
+            self._rows(lambda t: t[:, :keep])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.tokens is not None:
-            self.tokens = self.tokens.repeat_interleave(repeats, dim=0)
-            self.inner = None
+        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(indices)
 
     # --- our side -----------------------------------------------------------------------------------
-    def forward(self, model: Transformer, ids: torch.Tensor) -> torch.Tensor:
-        """Feed the new tokens `ids` (B, T); return their logits (B, T, V) and remember them."""
-        T = ids.shape[1]
-        if self.tokens is not None and self.tokens.shape[0] != ids.shape[0]:
-            raise ValueError(f"DynaformerCache holds a batch of {self.tokens.shape[0]}, got {ids.shape[0]} rows")
-        history = ids if self.tokens is None else torch.cat([self.tokens.to(ids.device), ids], dim=1)
-        L = history.shape[1]
-        if self.inner is None or L > self.capacity:
-            # (Re)build from every token so far: first call, overflow, or after a reorder/crop.
-            if L > self.capacity:
-                self.capacity = max(2 * L, model.cfg.context_len)
-            self.inner = model.new_cache(ids.shape[0], self.capacity)
-            logits, _ = model(history, cache=self.inner)
-            logits = logits[:, -T:]
+    def forward(self, model: Transformer, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                states: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Feed the new tokens `ids` (B, T); return their hidden states (B, T, C) and remember them.
+        attention_mask: (B, L + T) over the cached and new tokens, transformers' convention (None: unpadded)."""
+        B, T = ids.shape
+        L = self.get_seq_length()
+        if self.tokens is not None and self.tokens.shape[0] != B:
+            raise ValueError(f"DynaformerCache holds a batch of {self.tokens.shape[0]}, got {B} rows")
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, L + T):
+                raise ValueError(f"attention_mask must have shape (batch, cached + new tokens) = ({B}, {L + T}), "
+                                 f"got {tuple(attention_mask.shape)}")
+            mask = attention_mask.to(device=ids.device, dtype=torch.long)
+            if self.mask is None and bool(mask.all()):
+                mask = None  # still unpadded: keep the unmasked kernels
+        elif self.mask is not None:  # no mask given: the new tokens are real
+            mask = torch.cat([self.mask, self.mask.new_ones(B, T)], dim=1)
         else:
-            logits, _ = model(ids, cache=self.inner)
-        self.tokens = history
-        return logits
+            mask = None
+        history = ids if self.tokens is None else torch.cat([self.tokens.to(ids.device), ids], dim=1)
+        if self.inner is None or L + T > self.capacity:
+            # (Re)build from every token so far: first call, overflow, or after a reorder/crop.
+            if L + T > self.capacity:
+                self.capacity = max(2 * (L + T), model.cfg.context_len)
+            self.inner = model.new_cache(B, self.capacity)
+            h = model.hidden(history, cache=self.inner, attention_mask=mask, states=states)[:, -T:]
+            if states is not None:
+                states[:] = [s[:, -T:] for s in states]
+        else:
+            h = model.hidden(ids, cache=self.inner, attention_mask=mask, states=states)
+        self.tokens, self.mask = history, mask
+        return h
 
 
 class DynaformerPreTrainedModel(PreTrainedModel):
@@ -198,62 +222,79 @@ class DynaformerForCausalLM(DynaformerPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.model.head = value
 
-    @staticmethod
-    def _check_mask(attention_mask: torch.Tensor | None, cached: bool) -> None:
-        """Positions are absolute and there is no padding mask inside the model: a left-padded row would
-        shift every position. Right padding is harmless in a cache-free forward (attention is causal)."""
-        if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
-            return
-        is_prefix = bool((attention_mask.cummin(dim=1).values == attention_mask).all())
-        if cached or not is_prefix:
-            raise ValueError("dynaformer models take unpadded input (or right padding without a cache): "
-                             "generate one prompt at a time, or batch prompts of equal length")
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """transformers resizes the embedding (and tied head) and sets config.vocab_size; the nested
+        ModelConfig must follow, or save_pretrained writes a config that no longer matches the weights."""
+        out = super().resize_token_embeddings(*args, **kwargs)
+        n = self.model.embed.weight.shape[0]
+        self.config.vocab_size = n
+        self.config.dynaformer = {**self.config.dynaformer, "vocab_size": n}
+        self.model.cfg.vocab_size = n
+        return out
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 past_key_values: Cache | None = None, use_cache: bool | None = None,
                 labels: torch.LongTensor | None = None, logits_to_keep: int | torch.Tensor = 0,
                 return_dict: bool | None = None, inputs_embeds: torch.Tensor | None = None,
-                **kwargs: Any) -> CausalLMOutputWithPast | tuple:
-        """input_ids: (B, T). With a cache, only the tokens it does not hold yet. labels: (B, T), shifted
-        inside (HF convention); the loss is our Transformer's own (whatever a kind adds to it)."""
+                output_hidden_states: bool | None = None, output_attentions: bool | None = None,
+                cache: Cache | None = None, **kwargs: Any) -> CausalLMOutputWithPast | tuple:
+        """input_ids: (B, T). With a cache, only the tokens it does not hold yet. attention_mask: (B, cached +
+        T), 1 = real token, 0 = left or right padding: positions count from each row's first real token and
+        padded keys are masked, so a padded row gives what it gives alone (`position_ids` are ignored: they
+        follow from the mask). labels: (B, T), shifted inside (HF convention); padded positions are not
+        scored; the loss is our Transformer's own. The cache argument is `cache` on transformers ≥ 5.24 and
+        `past_key_values` before; both are accepted."""
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("dynaformer models take input_ids (inputs_embeds is not supported)")
+        if output_attentions:
+            raise ValueError("dynaformer models do not return attention weights (output_attentions=True): the span "
+                             "kernels never form the full attention matrix")
+        cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         use_cache = use_cache and not self.training and labels is None
-        self._check_mask(attention_mask, cached=use_cache)
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        states: list[torch.Tensor] | None = [] if output_hidden_states else None
         loss = None
         if use_cache:
-            if not isinstance(past_key_values, DynaformerCache):
-                if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            if not isinstance(cache, DynaformerCache):
+                if cache is not None and cache.get_seq_length() > 0:
                     raise ValueError("dynaformer models keep their own cache (DynaformerCache); got a filled "
-                                     f"{type(past_key_values).__name__}")
-                past_key_values = DynaformerCache()
-            logits = past_key_values.forward(self.model, input_ids)
+                                     f"{type(cache).__name__}")
+                cache = DynaformerCache()
+            h = cache.forward(self.model, input_ids, attention_mask, states)
         else:
-            targets = None
-            if labels is not None:
-                targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
-            logits, loss = self.model(input_ids, targets=targets)
-            past_key_values = None
+            h = self.model.hidden(input_ids, attention_mask=attention_mask, states=states)
+            cache = None
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            logits = logits[:, -logits_to_keep:]
+            h = h[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
-            logits = logits[:, logits_to_keep]
+            h = h[:, logits_to_keep]
+        logits = self.model.head(h)  # (B, T, V)
+        if labels is not None:
+            targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+            if attention_mask is not None:  # a padded position is never a target
+                targets = targets.masked_fill(attention_mask[:, -targets.shape[1]:] == 0, -100)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten().to(logits.device),
+                                   ignore_index=-100)
         return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=tuple(states) if states else None,
+                                     **{_CACHE_NAME: cache})
         return out if return_dict else out.to_tuple()
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, past_key_values: Cache | None = None,
                                       attention_mask: torch.Tensor | None = None, use_cache: bool | None = None,
-                                      **kwargs: Any) -> dict[str, Any]:
-        """Feed only the tokens the cache does not hold (same on transformers 4.x and 5.x)."""
-        cached = past_key_values.get_seq_length() if isinstance(past_key_values, DynaformerCache) else 0
+                                      cache: Cache | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Feed only the tokens the cache does not hold, with the attention mask over all of them."""
+        cache = cache if cache is not None else past_key_values
+        cached = cache.get_seq_length() if isinstance(cache, DynaformerCache) else 0
         use_cache = self.config.use_cache if use_cache is None else use_cache
         inputs = {"input_ids": input_ids[:, cached:] if use_cache else input_ids,
-                  "past_key_values": past_key_values if use_cache else None, "use_cache": use_cache,
+                  _CACHE_NAME: cache if use_cache else None, "use_cache": use_cache,
                   "attention_mask": attention_mask}
-        if "logits_to_keep" in kwargs:
-            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        for key in ("logits_to_keep", "output_hidden_states"):
+            if key in kwargs:
+                inputs[key] = kwargs[key]
         return inputs
 
     def _reorder_cache(self, past_key_values: Cache, beam_idx: torch.LongTensor) -> Cache:

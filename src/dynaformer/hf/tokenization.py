@@ -1,6 +1,7 @@
 """Our tokenizers as `transformers.PreTrainedTokenizerFast`, so `AutoTokenizer` loads an exported model's
 tokenizer and its ids are exactly ours (tested): byte-level as a 256-token byte-level BPE without merges,
-char-level as a character vocabulary, BPE as the trained `tokenizers` JSON itself."""
+char-level as a character vocabulary, BPE as the trained `tokenizers` JSON itself. Every one has a pad token
+(BPE: `<|endoftext|>`; byte and char: `<|pad|>`, one id past the vocabulary), so batches can be padded."""
 
 from __future__ import annotations
 
@@ -47,7 +48,16 @@ def to_hf_tokenizer(tok, model_max_length: int | None = None):
 
     kwargs = {}
     if isinstance(tok, BPETokenizer) and tok.eot_id is not None:
-        kwargs.update(eos_token=EOT, bos_token=EOT)
+        kwargs.update(eos_token=EOT, bos_token=EOT, pad_token=EOT)  # GPT-2's convention: pad with end-of-text
+    # Left padding: decoder-only generation appends after the prompt, so padding goes before it.
     hf = PreTrainedTokenizerFast(tokenizer_object=_as_tokenizers_object(tok), clean_up_tokenization_spaces=False,
-                                 model_max_length=model_max_length or int(1e30), **kwargs)
+                                 model_max_length=model_max_length or int(1e30), padding_side="left", **kwargs)
+    if hf.pad_token is None:
+        # Byte and char vocabularies have no spare id, and every id is a real character that a pad token (a special
+        # token) would drop from decoded text. So padding gets its own id, one past the model's vocabulary: the
+        # model never embeds it (padded positions are masked, their ids ignored; see Transformer.hidden).
+        hf.add_special_tokens({"pad_token": PAD})
     return hf
+
+
+PAD = "<|pad|>"

@@ -35,6 +35,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .attention import padding_bias
+
 NEG_INF = float("-inf")
 
 
@@ -57,22 +59,30 @@ def _distances(Tq: int, Tk: int, device) -> torch.Tensor:
 
 
 def reference_span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, z: torch.Tensor, ramp: float,
-                             hard: bool = False) -> torch.Tensor:
-    """Slow dense reference. q: (B, H, Tq, D); k, v: (B, H, Tk, D); z broadcastable to (B, H, Tq)."""
+                             hard: bool = False, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Slow dense reference. q: (B, H, Tq, D); k, v: (B, H, Tk, D); z broadcastable to (B, H, Tq);
+    key_mask (B, Tk) bool, True = a real key (padded batches)."""
     Tq, Tk = q.shape[-2], k.shape[-2]
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
     bias = span_log_mask(_distances(Tq, Tk, q.device), z.unsqueeze(-1), ramp, hard)
+    if key_mask is not None:
+        bias = bias + padding_bias(key_mask, Tq, Tk, bias.dtype)
     return torch.softmax(scores + bias, dim=-1) @ v
 
 
-def masked_sdpa_span_attention(q, k, v, z, ramp: float, hard: bool = False) -> torch.Tensor:
-    """SDPA with the span as a float mask: fine for short sequences and single decoding steps."""
+def masked_sdpa_span_attention(q, k, v, z, ramp: float, hard: bool = False,
+                               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA with the span as a float mask: fine for short sequences and single decoding steps, and the
+    path of padded batches (key_mask (B, Tk) bool, True = a real key)."""
     Tq, Tk = q.shape[-2], k.shape[-2]
-    bias = span_log_mask(_distances(Tq, Tk, q.device), z.unsqueeze(-1), ramp, hard).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    bias = span_log_mask(_distances(Tq, Tk, q.device), z.unsqueeze(-1), ramp, hard)
+    if key_mask is not None:
+        bias = bias + padding_bias(key_mask, Tq, Tk, bias.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
 
 
-def decode_span_attention(q, k, v, z, ramp: float, hard: bool = False) -> torch.Tensor:
+def decode_span_attention(q, k, v, z, ramp: float, hard: bool = False,
+                          key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Few queries (decoding), no autograd: the span log-mask in a handful of small ops, then one fused SDPA
     call. Distances count back from the newest key: d = (i + Tk − Tq) − j."""
     Tq, Tk = q.shape[-2], k.shape[-2]
@@ -86,6 +96,8 @@ def decode_span_attention(q, k, v, z, ramp: float, hard: bool = False) -> torch.
         bias = torch.sub((zz + ramp) / ramp, back.div_(ramp)).clamp_(0.0, 1.0).log_()
     if Tq > 1:
         bias = bias.masked_fill(back < 0, NEG_INF)  # the future
+    if key_mask is not None:
+        bias = bias + padding_bias(key_mask, Tq, Tk, bias.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
 
 
@@ -599,13 +611,24 @@ def _split_heads(q, k, v, z, ramp: float, hard: bool, cover: torch.Tensor, chunk
 
 
 def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, z: torch.Tensor, ramp: float,
-                   hard: bool = False, impl: str = "auto", chunk: int = 64) -> torch.Tensor:
+                   hard: bool = False, impl: str = "auto", chunk: int = 64,
+                   key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal span attention; q: (B, H, Tq, D), k, v: (B, H, Tk, D), z: (B|1, H, Tq|1) spans in tokens.
 
     impl: auto | band | masked | dense | flex | reference. auto: dense SDPA when the spans cover every key
     (the mask is identically 1), FlexAttention on CUDA, the masked SDPA for short or single-step queries,
-    else the CPU band kernel — for the heads that need it, dense SDPA for heads whose spans cover all keys."""
+    else the CPU band kernel — for the heads that need it, dense SDPA for heads whose spans cover all keys.
+
+    key_mask (B, Tk) bool, True = a real key: a padded batch. Padded keys are masked on top of the span;
+    such calls take the masked SDPA (or, decoding, the decode) path whatever `impl` says (the reference
+    stays the reference): O(Tq·Tk), but exact for any padding."""
     Tq, Tk = q.shape[-2], k.shape[-2]
+    if key_mask is not None:
+        if impl == "reference":
+            return reference_span_attention(q, k, v, z, ramp, hard, key_mask)
+        if Tq <= 16 and not (torch.is_grad_enabled() and (q.requires_grad or z.requires_grad)):
+            return decode_span_attention(q, k, v, z, ramp, hard, key_mask)
+        return masked_sdpa_span_attention(q, k, v, z, ramp, hard, key_mask)
     if impl == "auto" and Tq <= 16 and not (torch.is_grad_enabled() and (q.requires_grad or z.requires_grad)):
         return decode_span_attention(q, k, v, z, ramp, hard)
     if impl == "auto":

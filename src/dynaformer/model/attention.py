@@ -32,7 +32,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.rotary(qkv[:2], ctx.start).unbind(0)  # rotate q and k in one pass; each (B, H, T, D)
+        q, k = self.rotary(qkv[:2], ctx.start, ctx.pos).unbind(0)  # rotate q and k in one pass; each (B, H, T, D)
         v = qkv[2]
         if self.span is not None and not ctx.causal:  # encoder: the same ramp on both sides
             y = symmetric_span_attention(q, k, v, self.span(x, ctx), self.span.ramp, self.span.hard,
@@ -44,7 +44,7 @@ class Attention(nn.Module):
             k, v = ctx.cache.layers[self.layer_idx].append(k, v)  # (B, H, L, D), L = start + T
         p = self.dropout if self.training else 0.0
         if ctx.causal:
-            y = causal_attention(q, k, v, p)  # (B, H, T, D)
+            y = causal_attention(q, k, v, p, key_mask=ctx.key_mask)  # (B, H, T, D)
         else:
             y = bidirectional_attention(q, k, v, ctx.key_padding_mask, p)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -63,15 +63,21 @@ class Attention(nn.Module):
         if self.span_impl == "flex" and not q.is_cuda and torch.is_grad_enabled():
             raise DynaformerError("model.span_impl: FlexAttention has no backward on CPU; use auto or band")
         z = self.span(x, ctx)  # (1, H, 1) or (B, H, T) spans in tokens
-        impl, ramp, hard = self.span_impl, self.span.ramp, self.span.hard
+        impl, ramp, hard, km = self.span_impl, self.span.ramp, self.span.hard, ctx.key_mask
+
+        def keys(n: int) -> torch.Tensor | None:  # the padding mask of the last n keys (B, n)
+            return None if km is None else km[:, -n:]
+
         if ctx.cache is None:
-            return span_attention(q, k, v, z, ramp, hard, impl=impl)
+            return span_attention(q, k, v, z, ramp, hard, impl=impl, key_mask=km)
         groups = ctx.cache.layers[self.layer_idx].append(k, v)
         if isinstance(groups, tuple):  # an unbounded cache: every key so far
-            return span_attention(q, groups[0], groups[1], z, ramp, hard, impl=impl)
+            return span_attention(q, groups[0], groups[1], z, ramp, hard, impl=impl, key_mask=km)
         if len(groups) == 1:  # one bound for every head (dynamic spans): no per-group split
-            return span_attention(q, groups[0][1], groups[0][2], z, ramp, hard, impl=impl)
+            kg = groups[0][1]
+            return span_attention(q, kg, groups[0][2], z, ramp, hard, impl=impl, key_mask=keys(kg.shape[-2]))
         y = torch.empty_like(q)
         for heads, kg, vg in groups:  # (B, G, L_g, D) each, ending at the newest position
-            y[:, heads] = span_attention(q[:, heads], kg, vg, z[:, heads], ramp, hard, impl=impl)
+            y[:, heads] = span_attention(q[:, heads], kg, vg, z[:, heads], ramp, hard, impl=impl,
+                                         key_mask=keys(kg.shape[-2]))
         return y

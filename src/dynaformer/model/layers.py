@@ -44,10 +44,13 @@ class Rotary(nn.Module):
                 self._cos, self._sin = freqs.cos().float(), freqs.sin().float()
         return self._cos, self._sin
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x: (..., T, D) at positions start .. start+T-1."""
+    def forward(self, x: torch.Tensor, start: int, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., T, D) at positions start .. start+T-1, or (..., B, H, T, D) at per-row positions pos (B, T)
+        (padded batches; every pos < start + T)."""
         T = x.shape[-2]
         cos, sin = self._table(start + T, x.device)
+        if pos is not None:  # (B, 1, T, D/2): broadcast over heads
+            return _Rotate.apply(x, cos[pos].unsqueeze(-3).to(x.dtype), sin[pos].unsqueeze(-3).to(x.dtype))
         cos, sin = cos[start : start + T].to(x.dtype), sin[start : start + T].to(x.dtype)  # (T, D/2)
         return _Rotate.apply(x, cos, sin)
 

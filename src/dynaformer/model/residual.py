@@ -270,6 +270,11 @@ class DynamicResidual(nn.Module):
         frozen = self._frozen
         if frozen is None or frozen[0] != key or frozen[1] < end:
             frozen = self._freeze(key, ctx.progress, end, h.device, h.dtype)
+        if ctx.pos is not None:  # a padded batch: each row's own positions (all < end)
+            base = frozen[2][ctx.pos]  # (B, T, 1)
+            if len(frozen) == 4:
+                return base
+            return torch.matmul(torch.matmul(h, frozen[5]).tanh_(), frozen[4]).add_(base)
         if len(frozen) == 4:
             return frozen[2][start:end]  # (T, 1)
         if end - start == 1:  # decoding: mm, tanh, and one addmm that also adds base[p] (as addmm's beta)
@@ -285,8 +290,11 @@ class DynamicResidual(nn.Module):
         start, T = ctx.start, ctx.length
         end = start + T
         phi = None
-        if self.pos_coef is not None:
-            phi = self.phi(end, h.device)[start:end] if ctx.causal else self.encoder_phi(ctx, h.device)
+        if self.pos_coef is not None and not ctx.causal:
+            phi = self.encoder_phi(ctx, h.device)
+        elif self.pos_coef is not None:  # (T, 1), or (B, T, 1) at a padded batch's per-row positions
+            table = self.phi(end, h.device)
+            phi = table[start:end] if ctx.pos is None else table[ctx.pos]
         base, gamma = self.folded(ctx.progress, phi)
         if gamma is None:
             return base

@@ -17,7 +17,7 @@ from torch import nn
 from .attention import Attention
 from .cache import KVCache
 from .config import ModelConfig
-from .context import ForwardContext
+from .context import ForwardContext, padding_from_mask
 from .layers import MLP, RMSNorm, Rotary
 from .residual import make_residual
 from .span import span_cache_bound
@@ -84,24 +84,44 @@ class Transformer(nn.Module):
         return torch.stack(losses).sum() if losses else torch.zeros((), device=self.embed.weight.device)
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None,
-               key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """idx: (B, T) token ids → final normed hidden states (B, T, C)."""
+               key_padding_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+               states: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """idx: (B, T) token ids → final normed hidden states (B, T, C).
+
+        attention_mask (causal models): (B, cached + T), 1 = real token, 0 = left or right padding (see
+        context.padding_from_mask); a padded row then gives what it gives alone. `states`, when given, receives
+        the embeddings and each block's output (the last one normed), transformers' `hidden_states`."""
         B, T = idx.shape
         if cache is not None and not self.cfg.causal:
             raise ValueError("a bidirectional encoder (causal=False) has no KV cache")
         start = cache.length if cache is not None else 0
+        pos = key_mask = None
+        if attention_mask is not None:
+            if not self.cfg.causal:
+                raise ValueError("a bidirectional encoder takes key_padding_mask, not attention_mask")
+            pos, key_mask = padding_from_mask(attention_mask.to(idx.device), B, start, T)
+            if key_mask is not None:  # padded positions hold arbitrary ids (often out of range): never read
+                idx = idx.masked_fill(~key_mask[:, start:], 0)
         ctx = ForwardContext(start=start, length=T, progress=self.progress, cache=cache, causal=self.cfg.causal,
-                             key_padding_mask=key_padding_mask)
+                             key_padding_mask=key_padding_mask, pos=pos, key_mask=key_mask)
         x = self.embed(idx)  # (B, T, C)
+        if states is not None:
+            states.append(x)
         for block in self.blocks:
             x = block(x, ctx)
-        return self.norm(x)
+            if states is not None:
+                states.append(x)
+        x = self.norm(x)
+        if states is not None:
+            states[-1] = x
+        return x
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) token ids → logits (B, T, V) and, with targets (B, T), the mean cross-entropy
-        over targets ≠ -100. With a cache, idx holds only the new tokens and follows what it stores."""
-        logits = self.head(self.hidden(idx, cache))  # (B, T, V)
+        over targets ≠ -100. With a cache, idx holds only the new tokens and follows what it stores.
+        attention_mask: (B, cached + T) for padded batches (see `hidden`); mark padded targets -100."""
+        logits = self.head(self.hidden(idx, cache, attention_mask=attention_mask))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
