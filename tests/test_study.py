@@ -114,10 +114,51 @@ def test_report_json_schema_and_rendering(study_dir, tmp_path):
     assert md.count("**supported**") + md.count("**contradicted**") + md.count("**inconclusive**") >= 10
     assert 'class="inconclusive"' in Path(rep["html"]).read_text() or 'class="supported"' in Path(
         rep["html"]).read_text()
+    # What the study cannot tell at its size: the seed spread it cannot resolve, the tasks not learned.
+    lim = data["limits"]
+    assert lim["n_layer"] == 2 and lim["context_len"] == 128 and lim["params"] > 0 and lim["tokens"] > 0
+    n = lim["seeds"]
+    arms = [data["questions"][k] for k in ("reference", "residual", "span")]
+    assert n == min(data["variants"][v]["val_bpb"]["n"] for v in arms if v in data["variants"])
+    for t, x in lim["tasks"].items():
+        assert len(x["per_seed"]) == 2 and x["exact"] == pytest.approx(data["longrange"]["baseline"][t]["exact"][0])
+        assert (t in lim["not_learned"]) == (max(x["per_seed"]) < 0.6)
+    if n == 1:  # the tiny grid's residual arm has one seed
+        assert lim["mde_exact"] is None and "With one seed per arm" in md
+    assert md.index("What this study cannot tell at this size") < md.index("## Verdicts")
     # A second report reuses the cost measurement of the same cells and lengths.
     before = (tmp_path / "rep" / "cost.json").read_text()
     write_report([study_dir], tmp_path / "rep")
     assert (tmp_path / "rep" / "cost.json").read_text() == before
+
+
+def test_limits_name_the_noise_floor_and_the_tasks_not_learned():
+    """Three seeds per arm, the reference learning passkey in one seed only: the smallest separable accuracy
+    difference is t(0.975, 4)·sd·√(2/3), passkey is seed-split, selcopy not learned, storyqa learned."""
+    from types import SimpleNamespace
+
+    from dynaformer.harness.report import limits_text
+    from dynaformer.harness.results import limits_record
+    from dynaformer.harness.stats import t_quantile
+
+    def res(pk, sc, qa):
+        tasks = {"passkey": {"exact": [pk, 0.1]}, "selcopy": {"exact": [sc, 0.0]}, "storyqa": {"exact": [qa, 0.5]}}
+        return {"model": {"n_layer": 2, "d_model": 64, "context_len": 128}, "compute": {"params": 115_000},
+                "tokens": 6_144_000, "longrange": {"tasks": tasks}}
+
+    ref = [res(0.9, 0.1, 1.0), res(0.0, 0.2, 0.9), res(0.1, 0.0, 0.95)]
+    col = SimpleNamespace(questions={"reference": "baseline", "residual": "dyn_residual", "span": "dyn_span"},
+                          results={"baseline": ref, "dyn_residual": ref, "dyn_span": ref})
+    lim = limits_record(col, {"cpu": "AVX512"})
+    sds = [np.std(x, ddof=1) for x in ([0.9, 0.0, 0.1], [0.1, 0.2, 0.0], [1.0, 0.9, 0.95])]
+    spread = math.sqrt(np.mean(np.square(sds)))
+    assert lim["seeds"] == 3 and lim["accuracy_spread"] == pytest.approx(spread)
+    assert lim["mde_exact"] == pytest.approx(t_quantile(0.975, 4) * spread * math.sqrt(2 / 3))
+    assert t_quantile(0.975, 4) == pytest.approx(2.776, abs=1e-3)
+    assert lim["seed_split"] == ["passkey"] and lim["not_learned"] == ["selcopy"]
+    text = limits_text(lim)
+    assert "115k-parameter models (2 layers × 64 wide, context 128) trained on 6.1M tokens" in text
+    assert "passkey 0.9, 0, 0.1" in text and "selcopy" in text and "AVX512" in text
 
 
 def test_sliding_window_equals_one_pass_when_the_text_fits():

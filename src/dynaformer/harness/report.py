@@ -395,6 +395,33 @@ def answer_rows(data: dict) -> list[list[str]]:
     return rows
 
 
+def limits_text(lim: dict) -> str:
+    """One paragraph under the answers: what a study of this size cannot tell."""
+    size = (f"{lim['params'] / 1e3:,.0f}k-parameter" if lim.get("params") else "small") + \
+        f" models ({lim['n_layer']} layers × {lim['d_model']} wide, context {lim['context_len']})"
+    tokens = f" trained on {lim['tokens'] / 1e6:.1f}M tokens" if lim.get("tokens") else ""
+    parts = [f"**What this study cannot tell at this size.** It trains {size}{tokens}: effects that appear only "
+             f"with depth, width, longer contexts or longer training are not tested here."]
+    if lim.get("mde_exact") is not None:
+        parts.append(f"With {lim['seeds']} seeds per arm and the reference's seed spread in exact match "
+                     f"(sd {_fmt(lim['accuracy_spread'])}), accuracy differences smaller than about "
+                     f"{_fmt(lim['mde_exact'])} cannot be told from seed noise.")
+    elif lim.get("seeds") == 1:
+        parts.append("With one seed per arm, no difference can be told from seed noise.")
+    if lim.get("seed_split"):
+        parts.append(f"{', '.join(lim['seed_split'])}: learned by some seeds of the reference and not by others "
+                     f"(exact match at the shortest distance per seed: "
+                     + "; ".join(f"{t} {', '.join(_fmt(x) for x in lim['tasks'][t]['per_seed'])}"
+                                 for t in lim["seed_split"]) + "), so its spread swamps any mechanism's effect.")
+    if lim.get("not_learned"):
+        parts.append(f"Not learned by the reference (exact match < 0.6 at the shortest distance): "
+                     f"{', '.join(lim['not_learned'])}; verdicts resting on them say little.")
+    if lim.get("cpu"):
+        parts.append(f"Costs are timed on this machine's CPU ({lim['cpu']}); a GPU's balance of compute and "
+                     f"memory differs.")
+    return " ".join(parts)
+
+
 def control_rows(data: dict) -> list[list[str]]:
     return [[c["question"], f"{c['variant']} vs {c['control']}", c["metric_label"],
              _pm(c["variant_mean"], c["variant_sd"], c["n"]), _pm(c["control_mean"], c["control_sd"], c["control_n"]),
@@ -481,6 +508,8 @@ def build(col: Collected, plots: bool = True, data: dict | None = None) -> list[
     blocks.append(("p", "Each option's verdict and its decisive number (tested variant vs reference, first part of "
                         "the claim). ★ marks the option the seed file calls correct; it plays no part in judging."))
     blocks.append(("table", ["question", "option", "claim", "verdict", "decisive number"], answer_rows(data)))
+    if data.get("limits"):
+        blocks.append(("p", limits_text(data["limits"])))
     blocks.append(("h", 2, "Verdicts"))
     blocks.append(("p", "Each option of each seed question becomes a claim about measured metrics of the tested "
                         "variant versus the reference (mean ± sd over seeds; Welch t-test). supported: p < α and "

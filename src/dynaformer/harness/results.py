@@ -9,7 +9,9 @@ and HTML are renderings of it and other tools can read the results.
      "longrange": {variant: {task: {distance: [...], exact: [mean per distance], f1?, rouge_l?}}},
      "text":      {variant: [{multiple, context, one_pass_bpb, sliding_bpb}]}  (means over seeds),
      "cost":      {lengths, threads, cpu, repeats, variants: {name: {train_ms, train_ms_sd, decode_ms,
-                   decode_ms_sd, kv_bytes}}, crossover: {variant: {train: {...}, decode: {...}}}} | null}
+                   decode_ms_sd, kv_bytes}}, crossover: {variant: {train: {...}, decode: {...}}}} | null,
+     "limits":    {params, n_layer, d_model, context_len, tokens, seeds, mde_exact, tasks: {task: {exact, sd,
+                   per_seed}}, seed_split: [...], not_learned: [...], cpu}  (what the study cannot tell)}
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .cost import crossover, measure_cost
-from .stats import mean_sd
+from .stats import mean_sd, t_quantile
 from .verdicts import (
     CONTROL_TESTS,
     METRICS,
@@ -223,7 +225,44 @@ def text_records(col) -> dict:
 
 
 def report_data(col, cost: dict | None = None) -> dict:
+    summary = cost_summary(col, cost)
     return {"grids": col.grids, "questions": col.questions, "thresholds": THRESHOLDS,
             "verdicts": verdict_records(col), "controls": control_records(col), "variants": variant_records(col),
-            "longrange": longrange_records(col), "text": text_records(col), "cost": cost_summary(col, cost),
-            "skipped": [{"cell": c, "why": w} for c, w in col.skipped]}
+            "longrange": longrange_records(col), "text": text_records(col), "cost": summary,
+            "skipped": [{"cell": c, "why": w} for c, w in col.skipped], "limits": limits_record(col, summary)}
+
+
+LEARNED = 0.6  # exact match at the shortest distance from which a task counts as learned
+
+
+def limits_record(col, cost: dict | None = None) -> dict | None:
+    """What the study cannot tell at its size: how big and how long-trained its models are, the smallest
+    accuracy difference its seeds can separate from seed noise, and the tasks the reference did not learn
+    (or learned in some seeds only, whose all-or-nothing spread swamps any mechanism's effect)."""
+    from .verdicts import ALPHA
+
+    ref = col.questions.get("reference")
+    rs = col.results.get(ref) or []
+    if not rs:
+        return None
+    r0 = rs[0]
+    arms = [v for v in (ref, col.questions.get("residual"), col.questions.get("span")) if col.results.get(v)]
+    n = min(len(col.results[v]) for v in arms)
+    tasks, sds = {}, []
+    for t in sorted({t for r in rs for t in ((r.get("longrange") or {}).get("tasks") or {})}):
+        per_seed = [r["longrange"]["tasks"][t]["exact"][0] for r in rs
+                    if (r.get("longrange") or {}).get("tasks", {}).get(t)]
+        mean, sd = mean_sd(per_seed)
+        tasks[t] = {"exact": mean, "sd": sd, "per_seed": per_seed}
+        if len(per_seed) > 1:
+            sds.append(sd)
+    # A two-sided Welch test with n seeds per arm and this seed spread separates differences of about
+    # t(1 − α/2, 2n − 2) · sd · √(2/n); with one seed nothing is separable.
+    spread = float(np.sqrt(np.mean(np.square(sds)))) if sds else None
+    mde = (t_quantile(1 - ALPHA / 2, 2 * n - 2) * spread * math.sqrt(2 / n)) if spread is not None and n > 1 else None
+    return {"params": (r0.get("compute") or {}).get("params"), "n_layer": r0["model"].get("n_layer"),
+            "d_model": r0["model"].get("d_model"), "context_len": r0["model"].get("context_len"),
+            "tokens": r0.get("tokens"), "seeds": n, "accuracy_spread": spread, "mde_exact": mde, "tasks": tasks,
+            "seed_split": [t for t, x in tasks.items() if max(x["per_seed"]) >= LEARNED > min(x["per_seed"])],
+            "not_learned": [t for t, x in tasks.items() if max(x["per_seed"]) < LEARNED],
+            "cpu": (cost or {}).get("cpu")}
