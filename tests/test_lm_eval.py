@@ -130,3 +130,148 @@ def test_unknown_task(trained_run, capsys):
     rc = main(["eval", str(trained_run), "--lm-eval", "dynaformer_story_qa,dynaformer_no_such_task"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1 and "dynaformer_no_such_task" in err[0] and "dynaformer_story_qa" in err[0]
+
+
+# --- the whole chain, as people run it: train → export-hf → lm-eval's own CLI, offline ----------------
+
+_TASKS = {
+    "local_where": """
+output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+metric_list:
+  - metric: acc
+""",
+    "local_text": """
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+""",
+    "local_gen": """
+output_type: generate_until
+doc_to_text: "{{question}}"
+doc_to_target: "{{answer}}"
+generation_kwargs:
+  until: ["."]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""",
+}
+
+
+def _local_tasks(folder) -> None:
+    """Three lm-eval tasks over a JSON Lines file written here (no download): multiple choice, rolling
+    log-likelihood, and generation (which lm-eval's HF model left-pads in batches)."""
+    import random
+
+    rng = random.Random(0)
+    places = ["kitchen", "garden", "attic", "cellar"]
+    docs = []
+    for i in range(6):
+        who, where = ["Ada", "Lars", "Hugo", "Mina"][i % 4], rng.choice(places)
+        docs.append({"question": f"{who} went to the {where}. Where is {who}? In the",
+                     "choices": [f" {p}." for p in places], "answer": places.index(where),
+                     "text": generated_stories(60 + 40 * i, seed=i)})
+    data = folder / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    for name, body in _TASKS.items():
+        head = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+                f"test_split: test\n")
+        (folder / f"{name}.yaml").write_text(head + body)
+
+
+def _offline_env(tmp) -> dict:
+    return {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_CACHE": str(tmp / "hf-datasets"), "HF_MODULES_CACHE": str(tmp / "hf-modules"),
+            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def _results(out_dir) -> dict:
+    (path,) = [p for p in out_dir.rglob("results_*.json")]
+    res = json.loads(path.read_text())["results"]
+    return {t: {k.split(",")[0]: v for k, v in m.items() if isinstance(v, int | float) and "stderr" not in k}
+            for t, m in res.items()}
+
+
+def _samples(out_dir, task: str) -> dict:
+    (path,) = [p for p in out_dir.rglob(f"samples_{task}_*.jsonl")]
+    return {r["doc_id"]: r["filtered_resps"] for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_lm_eval_chain_offline(tmp_path):
+    """`lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True` (lm-eval's own command)
+    scores local tasks on an exported folder and agrees with our model run through `dynaformer lm-eval`
+    (within 1e-5) and through `dynaformer eval --lm-eval --include_path`."""
+    from dynaformer.cli import main
+
+    bin_dir = os.path.dirname(sys.executable)
+    lm_eval_cmd = os.path.join(bin_dir, "lm_eval")
+    if not os.path.exists(lm_eval_cmd):
+        pytest.skip("lm-eval's console script is not installed beside this Python")
+    pytest.importorskip("accelerate", reason="lm-eval's HF model needs accelerate (the [eval] extra installs it)")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(generated_stories(30_000, seed=1))
+    tok = tmp_path / "tok.json"
+    assert main(["data", "tokenizer", "--vocab", "300", str(corpus), "--out", str(tok)]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--n_layer", "1", "--n_head", "2", "--d_model", "32", "--context_len", "48",
+                 "--batch_size", "2", "--eval_tokens", "96", "--progress_bar", "false", "--max_steps", "3",
+                 "--residual", "dynamic", "--span", "dynamic", "--span_max", "24", "--span_init", "6",
+                 "--data", str(corpus), "--out", str(run), "--tokenizer", "bpe", "--tokenizer_file", str(tok)]) == 0
+    export = tmp_path / "export"
+    assert main(["export-hf", str(run), str(export)]) == 0
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    _local_tasks(tasks_dir)
+    env = _offline_env(tmp_path)
+    common = ["--tasks", "local_where,local_text,local_gen", "--include_path", str(tasks_dir), "--batch_size", "4",
+              "--log_samples"]
+    hf = subprocess.run([lm_eval_cmd, "--model", "hf", "--model_args", f"pretrained={export},trust_remote_code=True",
+                         *common, "--output_path", str(tmp_path / "out-hf")],
+                        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert hf.returncode == 0, hf.stderr[-3000:]
+    ours = subprocess.run([sys.executable, "-m", "dynaformer.cli", "lm-eval", "--model_args", f"pretrained={run}",
+                           *common, "--output_path", str(tmp_path / "out-ours")],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    assert "CUDA is not available" in ours.stderr  # lm-eval asks for cuda:0 by default: our model falls back
+    a, b = _results(tmp_path / "out-hf"), _results(tmp_path / "out-ours")
+    assert set(a) == set(b) == {"local_where", "local_text", "local_gen"}
+    for task in a:
+        for metric, value in a[task].items():
+            assert b[task][metric] == pytest.approx(value, rel=1e-5, abs=1e-5), (task, metric)
+    assert a["local_text"]["bits_per_byte"] > 0
+    # generation: lm-eval's HF model left-pads batches of 4; the texts equal ours, generated one at a time
+    gen_a, gen_b = _samples(tmp_path / "out-hf", "local_gen"), _samples(tmp_path / "out-ours", "local_gen")
+    assert gen_a == gen_b and len(gen_a) == 6 and any(gen_a.values())
+    # the same tasks through `dynaformer eval --lm-eval --include_path`
+    res = _cli_offline("eval", str(run), "--lm-eval", "local_where,local_text", "--include_path", str(tasks_dir),
+                       "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    mine = json.loads(res.stdout.strip().splitlines()[-1])["results"]
+    assert mine["local_text"]["bits_per_byte"] == pytest.approx(a["local_text"]["bits_per_byte"], rel=1e-5)
+    assert mine["local_where"]["acc"] == a["local_where"]["acc"]
+
+
+def test_include_path_must_be_a_folder(trained_run, tmp_path, capsys):
+    from dynaformer.cli import main
+
+    capsys.readouterr()
+    rc = main(["eval", str(trained_run), "--lm-eval", "x", "--include_path", str(tmp_path / "nope")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and "--include_path" in err[0]
+
+
+def test_device_falls_back_to_cpu(trained_run):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: nothing to fall back from")
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        lm = DynaformerLM(pretrained=str(trained_run), device="cuda:0", batch_size="auto")
+    assert lm.device.type == "cpu" and lm.batch_size == 16

@@ -104,7 +104,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .eval.lm_harness import run_lm_eval
 
         out = run_lm_eval(args.run, args.lm_eval, limit=args.limit, num_fewshot=args.num_fewshot,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, include_path=args.include_path)
         print(json.dumps(out) if args.json else "\n".join(
             f"{task}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             for task, metrics in out["results"].items()))
@@ -305,6 +305,8 @@ def make_parser() -> Parser:
                         "dynaformer_stories_ppl, or the tag dynaformer; needs the [eval] extra)")
     p.add_argument("--limit", type=float, default=None, help="lm-eval: documents per task (or a fraction)")
     p.add_argument("--num_fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+    p.add_argument("--include_path", metavar="DIR", default=None,
+                   help="lm-eval: a folder of your own task YAMLs (used with --lm-eval)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export-hf", help="export a run's newest checkpoint as a transformers model folder",
@@ -370,6 +372,11 @@ def make_parser() -> Parser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_report)
 
+    sub.add_parser("lm-eval", help="lm-evaluation-harness's own command line with the dynaformer model registered",
+                   description="Runs `lm_eval` with every flag passed through and --model dynaformer by default: "
+                               "dynaformer lm-eval --model_args run=RUN --tasks TASKS [--include_path DIR] ... "
+                               "(pretrained=RUN works too; needs the [eval] extra).")
+
     from .bench import BENCHMARKS
 
     p = sub.add_parser("bench", help="benchmarks, side by side (results: benchmarks/RESULTS.md)")
@@ -388,7 +395,23 @@ def _stop_on_sigterm(signum, frame) -> None:
     raise Interrupted(f"stopped by {signal.Signals(signum).name}")
 
 
+def cmd_lm_eval(argv: list[str]) -> int:
+    """lm-eval's command line with our model registered (flags are lm-eval's, so argparse here never sees them)."""
+    from .extras import require
+
+    try:
+        require("lm_eval", "eval")
+        from .eval.lm_harness import lm_eval_cli
+    except DynaformerError as e:
+        print(f"dynaformer lm-eval: error: {e}", file=sys.stderr)
+        return 2
+    return lm_eval_cli(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "lm-eval":
+        return cmd_lm_eval(argv[1:])
     parser = make_parser()
     args = parser.parse_args(argv)
     # SIGTERM before a command installs its own handling (the trainer saves a checkpoint on it) ends the

@@ -18,6 +18,7 @@ Our tokenizers have no BOS: an empty context is conditioned on `<|endoftext|>` (
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +39,43 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noq
 TASKS_DIR = Path(__file__).parent / "lm_tasks"
 
 
+def resolve_device(device: str | None) -> str:
+    """lm-eval's default device is CUDA; on a machine without it, fall back to the CPU with a warning (as
+    lm-eval's own HF model does) instead of failing."""
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn(f"lm-eval: device '{device}' requested but CUDA is not available; running on the CPU",
+                      stacklevel=2)
+        return "cpu"
+    return device
+
+
 @register_model("dynaformer")
 class DynaformerLM(TemplateLM):
+    """model_args (lm-eval's `--model_args`): `run=RUN` or `pretrained=RUN` (a run folder or one of its step-N
+    checkpoints), `batch_size`, `max_length`, `device` (CUDA falls back to the CPU when absent)."""
+
     def __init__(self, model: Transformer | None = None, tokenizer: Any = None, run: str | None = None,
-                 batch_size: int | str = 16, max_length: int | None = None, device: str = "cpu", **kwargs: Any) -> None:
+                 batch_size: int | str = 16, max_length: int | None = None, device: str | None = "cpu",
+                 pretrained: str | None = None, **kwargs: Any) -> None:
         super().__init__()
+        if run is not None and pretrained is not None and str(run) != str(pretrained):
+            raise DynaformerError("lm-eval: pass run=RUN or pretrained=RUN, not both")
+        run = run if run is not None else pretrained
         if model is None:
             if run is None:
-                raise DynaformerError("lm-eval: pass model=... and tokenizer=..., or run=RUN_DIR")
+                raise DynaformerError("lm-eval: pass model=... and tokenizer=..., or model_args run=RUN "
+                                      "(or pretrained=RUN)")
             from ..eval.run import load_model
 
-            model, tokenizer, _ = load_model(run, device=device)
+            model, tokenizer, _ = load_model(run, device=resolve_device(device))
+            if not model.cfg.causal:
+                raise DynaformerError(f"lm-eval: '{run}' holds a bidirectional encoder (model.causal=false)")
         self.model = model.eval()
         self.tok = tokenizer
-        self.batch_size = int(batch_size)
+        # lm-eval's CLI passes strings; "auto" (its batch-size search) means our default
+        self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length or model.cfg.context_len)
         self._device = next(model.parameters()).device
         eot = getattr(tokenizer, "eot_id", None)
@@ -164,9 +188,10 @@ class DynaformerLM(TemplateLM):
 
 
 def run_lm_eval(run: str, tasks: str, limit: float | None = None, num_fewshot: int | None = None,
-                batch_size: int = 16, device: str = "cpu", seed: int = 1234) -> dict:
-    """`dynaformer eval RUN --lm-eval TASKS`: evaluate a run's newest checkpoint on lm-eval tasks
-    (comma-separated names or tags; the bundled ones are offline). Returns {task: {metric: value}}."""
+                batch_size: int = 16, device: str = "cpu", seed: int = 1234, include_path: str | None = None) -> dict:
+    """`dynaformer eval RUN --lm-eval TASKS [--include_path DIR]`: evaluate a run's newest checkpoint on lm-eval
+    tasks (comma-separated names or tags; the bundled ones are offline; DIR holds the user's own task YAMLs).
+    Returns {task: {metric: value}}."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -175,16 +200,22 @@ def run_lm_eval(run: str, tasks: str, limit: float | None = None, num_fewshot: i
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise DynaformerError("eval: --lm-eval needs at least one task name")
-    # Our tasks alone index in well under a second; lm-eval's own thousands take tens of seconds, so they
-    # are indexed only when a name is not one of ours.
-    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
-    bundled = sorted(tm.all_tasks)
-    missing = [n for n in names if n not in bundled]
+    paths = [str(TASKS_DIR)]
+    if include_path is not None:
+        if not Path(include_path).is_dir():
+            raise DynaformerError(f"eval: --include_path '{include_path}' is not a folder (of lm-eval task YAMLs)")
+        paths.append(str(include_path))
+    # Our tasks (and the user's folder) alone index in about a second; lm-eval's own thousands take tens of
+    # seconds, so they are indexed only when a name is not found there.
+    tm = TaskManager(include_path=paths, include_defaults=False)
+    local = sorted(tm.all_tasks)
+    missing = [n for n in names if n not in local]
     if missing and not any(n.startswith("dynaformer") for n in missing):
-        tm = TaskManager(include_path=str(TASKS_DIR))
+        tm = TaskManager(include_path=paths)
         missing = [n for n in missing if n not in tm.all_tasks]
     if missing:
-        raise DynaformerError(f"eval: unknown lm-eval task '{missing[0]}' (bundled, offline: {', '.join(bundled)})")
+        where = "bundled, offline" if include_path is None else f"bundled and in '{include_path}'"
+        raise DynaformerError(f"eval: unknown lm-eval task '{missing[0]}' ({where}: {', '.join(local)})")
     model, tokenizer, ckpt = load_model(run, device=device)
     if not model.cfg.causal:
         raise DynaformerError(f"eval: '{ckpt}' holds a bidirectional encoder (model.causal=false); lm-eval "
@@ -202,3 +233,36 @@ def run_lm_eval(run: str, tasks: str, limit: float | None = None, num_fewshot: i
                       if isinstance(v, int | float) and "_stderr" not in k and k != "sample_len"}
                for task, metrics in res["results"].items()}
     return {"checkpoint": str(ckpt), "tasks": names, "limit": limit, "results": results}
+
+
+LM_EVAL_SUBCOMMANDS = ("run", "ls", "list", "validate")
+
+
+def lm_eval_cli(argv: list[str]) -> int:
+    """`dynaformer lm-eval ...`: lm-eval's own command line, run in this process with our model registered as
+    `dynaformer`. Every flag passes through; `--model dynaformer` is the default, model_args take `run=RUN` or
+    `pretrained=RUN`, and without `--include_path` the bundled tasks are on the task path."""
+    import sys
+
+    import lm_eval.__main__ as lm_main
+
+    args = list(argv)
+    if not args or args[0] in ("-h", "--help") or args[0] in LM_EVAL_SUBCOMMANDS[1:]:
+        pass  # help, `ls`, `validate`: exactly as lm-eval has them
+    else:
+        if args[0] == "run":
+            args = args[1:]
+        if not any(a == "--model" or a.startswith("--model=") for a in args):
+            args = ["--model", "dynaformer", *args]
+        if not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
+            args += ["--include_path", str(TASKS_DIR)]
+        args = ["run", *args]
+    saved = sys.argv
+    sys.argv = ["lm-eval", *args]
+    try:
+        lm_main.cli_evaluate()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    finally:
+        sys.argv = saved
+    return 0
