@@ -34,6 +34,34 @@ def test_scalars_match_jsonl(tmp_path, text_file, capsys):
     assert set(loss) == {2, 4}
 
 
+def test_per_layer_and_head_series_are_grouped_scalars(tmp_path, text_file):
+    pytest.importorskip("tensorboard", reason="needs the [tensorboard] extra: pip install 'dynaformer[tensorboard]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dynaformer.cli import main
+
+    run = tmp_path / "run"
+    rc = main(["train", "--n_layer", "2", "--n_head", "2", "--d_model", "32", "--context_len", "32",
+               "--batch_size", "2", "--eval_tokens", "64", "--progress_bar", "false", "--max_steps", "4",
+               "--log_interval", "2", "--eval_interval", "4", "--data", str(text_file), "--out", str(run),
+               "--residual", "dynamic", "--span", "dynamic", "--span_max", "16", "--span_init", "4",
+               "--tensorboard", "true"])
+    assert rc == 0
+    records = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "span_mean" in r]
+    assert records
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for layer in range(2):
+        for head in range(2):
+            got = {e.step: e.value for e in acc.Scalars(f"span_mean/L{layer}.H{head}")}
+            assert got == pytest.approx({r["step"]: r["span_mean"][layer][head] for r in records}, rel=1e-6)
+        got = {e.step: e.value for e in acc.Scalars(f"res_gain/L{layer}.mlp")}
+        assert got == pytest.approx({r["step"]: r["res_gain"][2 * layer + 1] for r in records}, rel=1e-6)
+        assert f"layer_grad_norm/L{layer}" in tags
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]  # one multi-line chart per series
+
+
 def test_missing_package_is_a_config_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))

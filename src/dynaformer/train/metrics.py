@@ -10,7 +10,9 @@ from pathlib import Path
 
 class MetricsLog:
     """metrics.jsonl always; with `tensorboard_dir`, every numeric field also as a TensorBoard scalar
-    (tag `train/loss`, `eval/val_loss`, ... by record kind, x-axis = step)."""
+    (tag `train/loss`, `eval/val_loss`, ... by record kind, x-axis = step), and every per-layer or per-head
+    series (spans, residual coefficients, layer gradient norms) as grouped scalars `span_mean/L0.H1`, ...,
+    one chart per series in the custom-scalars tab."""
 
     def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None) -> None:
         self.path = path
@@ -23,6 +25,7 @@ class MetricsLog:
             os.replace(tmp, path)
         self._f = open(path, "a", buffering=1)
         self._tb = None
+        self._series: set[str] = set()  # list-valued keys seen, for the custom-scalars layout
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -35,13 +38,46 @@ class MetricsLog:
         if self._tb is not None:
             group = "eval" if any(k.startswith("val_") for k in record) else "train"
             for k, v in clean.items():
-                if k != "step" and isinstance(v, int | float) and not isinstance(v, bool):
+                if k != "step" and _is_number(v):
                     self._tb.add_scalar(f"{group}/{k}", v, global_step=record["step"])
+                elif isinstance(v, list):
+                    self._write_series(k, v, record["step"])
+
+    def _write_series(self, key: str, values: list, step: int) -> None:
+        """A per-layer (or per-layer, per-head) list as one scalar per element, tagged `key/L0.H1`: TensorBoard
+        shows a section per series, and the custom-scalars layout draws each series in one chart."""
+        points = [(name, v) for name, v in _series_points(key, values) if _is_number(v)]
+        if not points:
+            return
+        for name, v in points:
+            self._tb.add_scalar(f"{key}/{name}", v, global_step=step)
+        if key not in self._series:
+            self._series.add(key)
+            layout = {k: ["Multiline", [rf"^{k}/"]] for k in sorted(self._series)}
+            self._tb.add_custom_scalars({"per layer / per head": layout})
 
     def close(self) -> None:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _series_points(key: str, values: list) -> list[tuple[str, object]]:
+    """Element names of a recorded series: residual coefficients are per sub-layer (attention, MLP of each
+    layer: `L0.attn`, `L0.mlp`), nested lists per layer and head (`L0.H1`), other lists per layer (`L0`)."""
+    out: list[tuple[str, object]] = []
+    for i, v in enumerate(values):
+        if isinstance(v, list):
+            out += [(f"L{i}.H{j}", u) for j, u in enumerate(v)]
+        elif key.startswith("res_"):
+            out.append((f"L{i // 2}.{'attn' if i % 2 == 0 else 'mlp'}", v))
+        else:
+            out.append((f"L{i}", v))
+    return out
 
 
 def _parse(line: str) -> dict | None:
