@@ -144,8 +144,8 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     out = export_hf(args.run, args.out, tokenizer_file=args.tokenizer, force=args.force)
     print(json.dumps(out) if args.json else
           f"exported {out['checkpoint']} → {out['out']} ({out['params']:,} parameters, {out['tokenizer']} tokenizer "
-          f"with {out['vocab_size']} tokens); load with `import dynaformer.hf` then "
-          f"AutoModelForCausalLM.from_pretrained('{out['out']}')")
+          f"with {out['vocab_size']} tokens); load with AutoModelForCausalLM.from_pretrained('{out['out']}', "
+          f"trust_remote_code=True), or after `import dynaformer.hf` without it")
     return 0
 
 
@@ -310,9 +310,9 @@ def make_parser() -> Parser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export-hf", help="export a run's newest checkpoint as a transformers model folder",
-                       description="Write OUT with config.json, model.safetensors and tokenizer files that "
-                                   "AutoModelForCausalLM / AutoTokenizer load after `import dynaformer.hf` "
-                                   "(needs the [hf] extra).")
+                       description="Write OUT with config.json, model.safetensors, tokenizer files and the model "
+                                   "code, so that AutoModelForCausalLM loads it with trust_remote_code=True on a "
+                                   "machine without dynaformer (needs the [hf] extra).")
     p.add_argument("run", help="run folder or one of its step-N folders")
     p.add_argument("out", help="output folder (must be empty or absent)")
     p.add_argument("--tokenizer", metavar="FILE", help="tokenizer to ship instead of the run's own (a tokenizers "

@@ -5,9 +5,15 @@ so every mechanism and `ModelConfig` field behaves exactly as in dynaformer (tes
 greedy generations with our own sampler for every residual and span kind).
 
 The KV cache is our own (`Transformer.new_cache`: a dense buffer, or whatever bounded cache a span kind
-builds), wrapped in `DynaformerCache`, a thin `transformers.Cache`. It remembers the tokens it holds,
-so operations that our cache does not implement (growing past its capacity, beam reordering, cropping
-for assisted decoding) are done by re-reading those tokens: always exact, never a silent mismatch.
+builds), wrapped in `DynaformerCache`, a thin `transformers.Cache`. It remembers the tokens it holds (and their
+attention mask), so operations that our cache does not implement (growing past its capacity, beam reordering,
+cropping for assisted decoding) are done by re-reading those tokens: always exact, never a silent mismatch.
+
+Padded batches: `attention_mask` (left or right padding) gives each row its own positions and masks padded keys
+inside the Transformer (model/context.py), so a padded row computes what it computes alone.
+
+This module is also shipped inside exported folders (hf/bundle.py rewrites its imports), so it may import only
+the standard library, torch, transformers and the dynaformer modules the bundle carries.
 """
 
 from __future__ import annotations
