@@ -1,5 +1,6 @@
-"""Two-rank gloo training on CPU under torchrun: DDP equals one process with the same global batch,
-and an FSDP2 checkpoint resumes in one process with identical losses (a different world size)."""
+"""Two-rank gloo training on CPU under torchrun: DDP equals one process with the same global batch; an
+FSDP2 run writes sharded DCP checkpoints that resume on one and on two ranks with the same losses, load
+into one process for eval, and are skipped with a warning when a shard is missing, corrupt or misshapen."""
 
 from __future__ import annotations
 
@@ -52,12 +53,90 @@ def test_two_ranks_match_one_process(single, tmp_path, mode):
     assert sorted(a) == sorted(b) == list(range(1, 21))
     assert max(abs(a[s] - b[s]) for s in a) < 1e-5
     if mode == "fsdp":
-        # The sharded run's checkpoint resumes in one process (world size 1, same global batch).
-        import shutil
+        _check_dcp_resume(data, a, tmp_path / mode)
 
-        shutil.rmtree(tmp_path / mode / "step-20")
-        res = run_cli("train", *ARGS, "--data", str(data), "--batch_size", "8", "--parallel", mode,
-                      "--out", str(tmp_path / mode), "--resume", "auto")
-        assert res.returncode == 0, res.stderr
-        c = _losses(tmp_path / mode)
-        assert max(abs(a[s] - c[s]) for s in range(11, 21)) < 1e-5
+
+def _check_dcp_resume(data: Path, want: dict[int, float], run: Path) -> None:
+    import shutil
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from dynaformer.eval.run import load_model
+    from dynaformer.train.checkpoint import checkpoint_layout, read_model_tensors
+
+    ckpt = run / "step-10"
+    assert checkpoint_layout(ckpt) == "dcp" and (ckpt / "dcp" / ".metadata").is_file()
+    assert not (ckpt / "model.safetensors").exists() and len(list((ckpt / "dcp").glob("*.distcp"))) == 2
+    # One process reads the shards through DCP: the same tensors as DCP's own converter gives.
+    dcp_to_torch_save(ckpt / "dcp", run / "full.pt")
+    ref = torch.load(run / "full.pt", weights_only=True)["model"]
+    mine = read_model_tensors(ckpt)
+    assert mine.keys() <= ref.keys() and all(torch.equal(mine[k], ref[k]) for k in mine)
+    model, _, _ = load_model(ckpt)
+    assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], ref["blocks.0.attn.qkv.weight"])
+    # Resume from step-10 on one rank (same global batch) and on two: the uninterrupted run's losses.
+    for ranks, where in ((1, run.parent / "resume1"), (2, run.parent / "resume2")):
+        shutil.copytree(run, where)
+        shutil.rmtree(where / "step-20")
+        args = [*ARGS, "--data", str(data), "--parallel", "fsdp", "--out", str(where), "--resume", "auto"]
+        res = (run_cli("train", *args, "--batch_size", "8") if ranks == 1
+               else _torchrun("train", *args, "--batch_size", "4"))
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "resumed from" in res.stderr and "step-10" in res.stderr
+        got = _losses(where)
+        assert max(abs(want[s] - got[s]) for s in range(11, 21)) < 1e-5, ranks
+    assert checkpoint_layout(run.parent / "resume1" / "step-20") == "safetensors"  # one process: its own layout
+    assert checkpoint_layout(run.parent / "resume2" / "step-20") == "dcp"
+    _check_damaged_shards(data, run)
+
+
+def _rehash(ckpt: Path) -> None:
+    """A manifest that matches the files again (a shard rewritten consistently, yet wrong)."""
+    import json
+
+    from dynaformer.files import sha256_file
+
+    m = json.loads((ckpt / "manifest.json").read_text())
+    m["files"] = {n: sha256_file(ckpt / n) for n in m["files"] if (ckpt / n).exists()}
+    (ckpt / "manifest.json").write_text(json.dumps(m))
+
+
+def _check_damaged_shards(data: Path, run: Path) -> None:
+    import shutil
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from dynaformer.train.checkpoint import latest_checkpoint
+
+    def damaged(name: str, harm) -> Path:
+        where = run.parent / f"damaged-{name}"
+        shutil.copytree(run, where)
+        harm(where / "step-20")
+        return where
+
+    def flip(ckpt: Path) -> None:
+        shard = ckpt / "dcp" / "__1_0.distcp"
+        raw = bytearray(shard.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        shard.write_bytes(bytes(raw))
+
+    def misshape(ckpt: Path) -> None:  # a shard whose tensor has the wrong shape, checksums made to match
+        state = torch.load(run / "full.pt", weights_only=True)
+        state["model"]["blocks.0.attn.qkv.weight"] = state["model"]["blocks.0.attn.qkv.weight"][:-1]
+        shutil.rmtree(ckpt / "dcp")
+        dcp.save(state, checkpoint_id=ckpt / "dcp", no_dist=True)
+        _rehash(ckpt)
+
+    cases = {"missing": lambda c: (c / "dcp" / "__0_0.distcp").unlink(), "corrupt": flip, "misshapen": misshape}
+    for name, harm in cases.items():
+        where = damaged(name, harm)
+        if name != "misshapen":  # checksums catch it before anything is read (the trainer resumes the same way)
+            assert latest_checkpoint(where, warn=False) == where / "step-10"
+            continue
+        res = run_cli("train", *ARGS, "--data", str(data), "--batch_size", "8", "--out", str(where),
+                      "--resume", "auto")
+        assert res.returncode == 0, (name, res.stderr[-2000:])
+        assert "warning: skipping" in res.stderr and "step-20" in res.stderr, (name, res.stderr[-2000:])
+        assert f"resumed from {where / 'step-10'}" in res.stderr, (name, res.stderr[-2000:])

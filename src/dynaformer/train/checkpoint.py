@@ -1,15 +1,25 @@
 """Checkpoints: `run_dir/step-N/` with model.safetensors, config.json, trainer.pt and a manifest of
 SHA-256 checksums written last. A checkpoint is written in a temporary folder and renamed into place,
 so a crash never leaves a half-written `step-N`; loading verifies every checksum and refuses pickled
-code (trainer state is read with `torch.load(weights_only=True)`)."""
+code (trainer state is read with `torch.load(weights_only=True)`).
+
+Under torchrun the model and optimizer tensors go to `step-N/dcp/` instead, a torch.distributed.checkpoint
+(DCP) folder that every rank writes its own shards of, in parallel; the same manifest (its shards' checksums
+included) is written last by rank 0, and DCP reshards on load, so such a checkpoint resumes on any world size
+and loads into one process (eval, export-hf) through DCP itself."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +32,7 @@ from ..files import sha256_file as _sha256
 
 MANIFEST = "manifest.json"
 FORMAT = "dynaformer-checkpoint-v1"
+DCP_DIR = "dcp"  # the DCP folder inside step-N (layout "dcp" in the manifest)
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -70,6 +81,11 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
         kept = f"the last good checkpoint {good.name} is intact" if good else "no earlier checkpoint exists"
         raise DynaformerError(f"the disk is full: step-{step} could not be written to '{run_dir}' and was not "
                               f"kept; {kept}. Free space and run again with --resume auto") from None
+    _publish(run_dir, tmp, final, step, keep_last)
+    return final
+
+
+def _publish(run_dir: Path, tmp: Path, final: Path, step: int, keep_last: int) -> None:
     if final.exists():  # the damaged one: out of the way (atomic), the new one in, then delete the old
         _remove(final, run_dir)
     os.replace(tmp, final)
@@ -79,7 +95,6 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
         older = [c for c in list_checkpoints(run_dir) if checkpoint_step(c) < step]
         for old in older[: max(0, len(older) - (keep_last - 1))]:
             _remove(old, run_dir)
-    return final
 
 
 def _remove(ckpt: Path, run_dir: Path) -> None:
@@ -111,7 +126,8 @@ def verify_checkpoint(ckpt: Path) -> dict:
             f"checkpoint '{ckpt}' is incomplete or not a dynaformer checkpoint (no valid manifest)") from None
     if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"checkpoint '{ckpt}' is not a dynaformer checkpoint")
-    for name in ("model.safetensors", "config.json", "trainer.pt"):
+    weights = f"{DCP_DIR}/.metadata" if manifest.get("layout") == "dcp" else "model.safetensors"
+    for name in (weights, "config.json", "trainer.pt"):
         if name not in manifest["files"]:
             raise CheckpointError(f"checkpoint '{ckpt}' lacks {name} in its manifest")
     for name, digest in manifest["files"].items():
@@ -157,6 +173,11 @@ def remove_stale_temporaries(run_dir: Path) -> None:
 
 
 def read_model_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Full model tensors on CPU, from either layout (a DCP checkpoint is read through DCP)."""
+    if checkpoint_layout(ckpt) == "dcp":
+        tensors = {n: torch.empty(shape, dtype=dtype) for n, (shape, dtype) in _dcp_model_entries(ckpt).items()}
+        load_dcp(ckpt, {"model": tensors})
+        return tensors
     try:
         return load_file(ckpt / "model.safetensors")
     except (SafetensorError, OSError) as e:
@@ -181,6 +202,8 @@ def read_model_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from model.safetensors' header, without reading the tensors."""
     from safetensors import safe_open
 
+    if checkpoint_layout(ckpt) == "dcp":
+        return {n: shape for n, (shape, _) in _dcp_model_entries(ckpt).items()}
     try:
         with safe_open(ckpt / "model.safetensors", framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -189,6 +212,11 @@ def read_model_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
 
 
 def load_model_state(ckpt: Path, model: torch.nn.Module) -> None:
+    """Weights of either layout into a whole (unsharded) model; eval, generate and export-hf use this."""
+    if checkpoint_layout(ckpt) == "dcp":  # straight into the model's own tensors: no second copy
+        check_fits(ckpt, model, read_model_shapes(ckpt))
+        load_dcp(ckpt, {"model": _dedup_keys(model.state_dict(), ckpt)})
+        return
     tensors = read_model_tensors(ckpt)
     check_fits(ckpt, model, tensors)
     model.load_state_dict(tensors, strict=False)  # strict=False only for the tied head, checked above
@@ -200,3 +228,172 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     except Exception as e:  # weights_only refuses anything that is not plain data
         raise CheckpointError(
             f"checkpoint '{ckpt}': trainer.pt is not a plain-data trainer state ({type(e).__name__})") from None
+
+
+# --- DCP (torch.distributed.checkpoint) layout ---------------------------------------------------------
+
+def checkpoint_layout(ckpt: Path) -> str:
+    """"dcp" or "safetensors", from the manifest (verify_checkpoint checks it is sound)."""
+    try:
+        return json.loads((ckpt / MANIFEST).read_text()).get("layout", "safetensors")
+    except (OSError, ValueError, AttributeError):
+        return "safetensors"
+
+
+def _dedup_keys(state: dict[str, torch.Tensor], ckpt: Path) -> dict[str, torch.Tensor]:
+    """Only the names the checkpoint holds: a tied head shares the embedding's tensor, so loading the
+    embedding fills both."""
+    have = _dcp_model_entries(ckpt)
+    return {n: t for n, t in state.items() if n in have}
+
+
+# DCP's metadata file is a pickle; only DCP's own dataclasses and enums and these plain torch/stdlib names may
+# come out of it (never code), so a forged checkpoint cannot run anything when read.
+_SAFE_GLOBALS = {("builtins", "set"), ("builtins", "frozenset"), ("collections", "OrderedDict"), ("torch", "Size"),
+                 ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                "torch.distributed.checkpoint.planner")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module in _DCP_MODULES:
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                return obj
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+def _read_dcp_metadata(ckpt: Path):
+    try:
+        data = (ckpt / DCP_DIR / ".metadata").read_bytes()
+        return _MetadataUnpickler(io.BytesIO(data)).load()
+    except Exception as e:  # missing, truncated or refused: a damaged checkpoint like any other
+        raise CheckpointError(f"checkpoint '{ckpt}': {DCP_DIR}/.metadata is unreadable or not plain data "
+                              f"({type(e).__name__}: {e})") from None
+
+
+def _dcp_model_entries(ckpt: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Model tensor names → (full shape, dtype), from the DCP metadata (no shard is read)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = _read_dcp_metadata(ckpt)
+    out = {}
+    for key, m in meta.state_dict_metadata.items():
+        if key.startswith("model.") and isinstance(m, TensorStorageMetadata):
+            out[key.removeprefix("model.")] = (tuple(m.size), m.properties.dtype)
+    return out
+
+
+def _reader(ckpt: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            meta = _read_dcp_metadata(ckpt)  # DCP's own reader would unpickle anything
+            from torch.distributed.checkpoint.metadata import BytesStorageMetadata, StorageMeta
+
+            if any(isinstance(m, BytesStorageMetadata) for m in meta.state_dict_metadata.values()):
+                # DCP unpickles byte entries with weights_only=False; ours never writes any.
+                raise CheckpointError(f"checkpoint '{ckpt}': {DCP_DIR} holds pickled objects, not only tensors")
+            if getattr(meta, "storage_meta", None) is None:
+                meta.storage_meta = StorageMeta()
+            meta.storage_meta.load_id = self.load_id
+            return meta
+
+    return SafeReader(ckpt / DCP_DIR)
+
+
+def load_dcp(ckpt: Path, state: dict[str, Any]) -> None:
+    """Read `state`'s tensors (plain or DTensor shards, any world size) from ckpt/dcp in place. Collective
+    when a process group is up; a shard that does not fit is a CheckpointError on every rank."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+            dcp.load(state, storage_reader=_reader(ckpt), no_dist=no_dist)
+    except (CheckpointException, RuntimeError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint '{ckpt}': its DCP shards do not load ({first})") from None
+
+
+def save_dcp_checkpoint(run_dir: Path, step: int, tensors: dict[str, Any], config: dict[str, Any],
+                        trainer_state: dict[str, Any], keep_last: int = 0) -> Path:
+    """Every rank calls this with its own shards of `tensors`; each writes them in parallel (DCP), then rank 0
+    writes config.json, trainer.pt and the manifest (every file's checksum, hashed by all ranks in turn) and
+    renames the folder into place. Same rules as save_checkpoint: a verifying step-N is kept, a damaged one
+    replaced, a full disk leaves the last good checkpoint intact."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    final = run_dir / f"step-{step}"
+    plan: list[Any] = [None]
+    if rank == 0:  # one decision and one temporary folder for all ranks
+        keep = False
+        if final.exists():
+            try:
+                verify_checkpoint(final)
+                load_trainer_state(final)
+                keep = True
+            except CheckpointError as e:
+                print(f"warning: rewriting {final}: {e}", file=sys.stderr)
+        tmp = run_dir / f".tmp-step-{step}-{os.getpid()}"
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / DCP_DIR).mkdir(parents=True)
+        plan = [(keep, str(tmp))]
+    dist.broadcast_object_list(plan, src=0)
+    keep, tmp = plan[0][0], Path(plan[0][1])
+    if keep:
+        return final
+    mine: dict[str, str] = {}
+    error: BaseException | None = None
+    try:
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp / DCP_DIR, sync_files=True))
+        shards = sorted(p.name for p in (tmp / DCP_DIR).iterdir())
+        mine = {f"{DCP_DIR}/{n}": _sha256(tmp / DCP_DIR / n) for i, n in enumerate(shards) if i % world == rank}
+    except Exception as e:  # DCP raises on every rank when any rank's write fails
+        error = e
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, (mine, None if error is None else (is_disk_full(error), repr(error)[:300])))
+    failed = [f for _, f in gathered if f is not None]
+    if rank == 0 and not failed:
+        try:
+            (tmp / "config.json").write_text(json.dumps({**config, "step": step}, indent=2, ensure_ascii=False))
+            torch.save(trainer_state, tmp / "trainer.pt")
+            files = {k: v for m, _ in gathered for k, v in m.items()}
+            files.update({n: _sha256(tmp / n) for n in ("config.json", "trainer.pt")})
+            (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "layout": "dcp", "step": step,
+                                                    "world": world, "files": dict(sorted(files.items()))}, indent=2))
+            for n in ("config.json", "trainer.pt", MANIFEST, f"{DCP_DIR}/.metadata"):
+                with open(tmp / n, "rb") as f:
+                    os.fsync(f.fileno())
+        except Exception as e:
+            failed.append((is_disk_full(e), repr(e)[:300]))
+    outcome: list[Any] = [failed]
+    dist.broadcast_object_list(outcome, src=0)
+    failed = outcome[0]
+    if failed:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # never visible; free its space
+        if error is not None and not any(full for full, _ in failed):
+            raise error
+        if not any(full for full, _ in failed):
+            raise CheckpointError(f"step-{step} could not be written to '{run_dir}': {failed[0][1]}")
+        good = latest_checkpoint(run_dir, warn=False)
+        kept = f"the last good checkpoint {good.name} is intact" if good else "no earlier checkpoint exists"
+        raise DynaformerError(f"the disk is full: step-{step} could not be written to '{run_dir}' and was not "
+                              f"kept; {kept}. Free space and run again with --resume auto")
+    if rank == 0:
+        _publish(run_dir, tmp, final, step, keep_last)
+    dist.barrier()
+    return final

@@ -42,6 +42,9 @@ class TrainConfig:
     # checkpoints set aside), or a step-N folder
     resume: str = "none"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2)
+    # auto: under torchrun every rank writes its own shards (torch.distributed.checkpoint), one process writes
+    # safetensors; full: always gather the whole state to rank 0 and write safetensors
+    ckpt_format: Literal["auto", "full"] = "auto"
     max_bad_steps: int = 3  # non-finite loss/grad steps in a row before reloading the last checkpoint
     progress_bar: bool = True
     tensorboard: bool = False  # also write metrics as TensorBoard scalars to <out>/tensorboard (extra [tensorboard])
@@ -100,7 +103,7 @@ class TrainConfig:
 # changes when a run moves to another world size (keep batch_size × world × grad_accum to continue exactly).
 RESUMABLE_CHANGES = frozenset({"out", "resume", "progress_bar", "log_interval", "eval_interval", "ckpt_interval",
                                "keep_last", "threads", "compile", "device", "parallel", "max_bad_steps",
-                               "batch_size", "grad_accum", "tensorboard"})
+                               "ckpt_format", "batch_size", "grad_accum", "tensorboard"})
 
 
 def check_compatible(model_causal: bool, objective: str) -> None:

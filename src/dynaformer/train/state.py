@@ -3,6 +3,7 @@ by parameter name. The same checkpoint loads into a single process, DDP or FSDP2
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,9 +12,13 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    get_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
+    set_state_dict,
 )
+
+from ..errors import CheckpointError
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -66,3 +71,24 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd:
         "state": {name_to_index[n]: s for n, s in sd["state"].items()},
         "param_groups": [{**g, "params": [name_to_index[n] for n in g["params"]]} for g in sd["param_groups"]],
     })
+
+
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], list[dict]]:
+    """This rank's view of model and optimizer state for DCP (DTensor shards under FSDP2, replicas under DDP),
+    keyed by parameter name; the optimizer's param_groups (plain numbers) are returned apart, so the DCP
+    folder holds tensors only and nothing in it is ever unpickled."""
+    msd, osd = get_state_dict(model, optimizer)
+    return {"model": msd, "optim": {"state": osd["state"]}}, osd["param_groups"]
+
+
+def load_sharded_state(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       param_groups: list[dict] | None) -> None:
+    from .checkpoint import _dedup_keys, load_dcp
+
+    if not isinstance(param_groups, list):
+        raise CheckpointError(f"checkpoint '{ckpt}': trainer.pt lacks the optimizer's param_groups")
+    (msd, osd) = get_state_dict(model, optimizer)  # this world size's layout; filled in place by DCP
+    state = {"model": _dedup_keys(msd, ckpt), "optim": {"state": osd["state"]}}
+    load_dcp(ckpt, state)
+    set_state_dict(model, optimizer, model_state_dict={**msd, **state["model"]},
+                   optim_state_dict={"state": state["optim"]["state"], "param_groups": param_groups})

@@ -25,12 +25,15 @@ from ..model.residual import residual_stats
 from ..model.span_stats import plot_span_heatmap, span_stats
 from .checkpoint import (
     check_fits,
+    checkpoint_layout,
     latest_checkpoint,
     list_checkpoints,
     load_trainer_state,
+    read_model_shapes,
     read_model_tensors,
     remove_stale_temporaries,
     save_checkpoint,
+    save_dcp_checkpoint,
     set_aside_checkpoints,
     verify_checkpoint,
 )
@@ -38,7 +41,14 @@ from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, wrap_mode
 from .metrics import MetricsLog, format_eval_line, format_train_line, read_metrics
 from .optim import lr_at, make_optimizer, no_decay_names
 from .rundir import Run
-from .state import load_model_state_dict, load_optimizer_state, model_state, optimizer_state
+from .state import (
+    load_model_state_dict,
+    load_optimizer_state,
+    load_sharded_state,
+    model_state,
+    optimizer_state,
+    sharded_state,
+)
 
 
 def resolve_device(name: str, field: str = "train.device") -> torch.device:
@@ -126,28 +136,43 @@ class Trainer:
     def _config_record(self) -> dict:
         return {"model": to_dict(self.mcfg), "train": to_dict(self.cfg), "tokenizer": self.run_info.tokenizer.to_dict()}
 
+    def _trainer_state(self) -> dict:
+        state = {"step": self.step, "elapsed_s": self.elapsed(), "lr_scale": self.lr_scale,
+                 "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "last_val": self.last_val or {}, "world": self.dist.world}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
     def save(self) -> Path:
-        """Every rank takes part (FSDP gathers shards); rank 0 writes."""
+        """Every rank takes part. Under torchrun each rank writes its own shards (DCP); otherwise, or with
+        ckpt_format=full, the full state is gathered (FSDP) and rank 0 writes safetensors."""
+        if self.dist.enabled and self.cfg.ckpt_format == "auto":
+            tensors, param_groups = sharded_state(self.model, self.optimizer)
+            return save_dcp_checkpoint(self.run_info.dir, self.step, tensors, self._config_record(),
+                                       {**self._trainer_state(), "param_groups": param_groups},
+                                       keep_last=self.cfg.keep_last)
         weights = model_state(self.model, self.sharded)
         optim = optimizer_state(self.model, self.optimizer, self.sharded)
         path = self.run_info.dir / f"step-{self.step}"
         if self.dist.is_main:
-            state = {"step": self.step, "elapsed_s": self.elapsed(), "optimizer": optim, "lr_scale": self.lr_scale,
-                     "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
-                     "last_val": self.last_val or {}, "world": self.dist.world}
-            if torch.cuda.is_available():
-                state["cuda_rng"] = torch.cuda.get_rng_state_all()
+            state = {**self._trainer_state(), "optimizer": optim}
             path = save_checkpoint(self.run_info.dir, self.step, weights, self._config_record(), state,
                                    keep_last=self.cfg.keep_last)
         barrier(self.dist)
         return path
 
     def _load(self, ckpt: Path) -> None:
-        tensors = read_model_tensors(ckpt)
-        check_fits(ckpt, self.model, tensors)
-        load_model_state_dict(self.model, tensors, self.sharded)
-        state = load_trainer_state(ckpt)
-        load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.sharded)
+        if checkpoint_layout(ckpt) == "dcp":  # resharded by DCP to this world size (1 included)
+            check_fits(ckpt, self.model, read_model_shapes(ckpt))
+            state = load_trainer_state(ckpt)
+            load_sharded_state(ckpt, self.model, self.optimizer, state.get("param_groups"))
+        else:
+            tensors = read_model_tensors(ckpt)
+            check_fits(ckpt, self.model, tensors)
+            load_model_state_dict(self.model, tensors, self.sharded)
+            state = load_trainer_state(ckpt)
+            load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.sharded)
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
