@@ -1,4 +1,4 @@
-"""Diagnostics of the residual stream, per layer (DESIGN.md §5):
+"""Diagnostics of the residual stream, per layer (docs/design.md §7):
 
 - gradient norms per layer (of each block's attention and MLP weights) and the first/last ratio,
   which tests the vanishing-gradient claims;

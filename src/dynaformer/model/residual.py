@@ -10,7 +10,7 @@ Kinds (`ModelConfig.residual`), with F the branch and N an RMSNorm:
     rezero      x ← x + α·F(x),            α = 0 at init          Bachlechner et al. 2020
     layerscale  x ← x + diag(λ)·F(N(x)),   λ = ε (CaiT depth rule) Touvron et al. 2021 (CaiT)
     deepnorm    x ← N(α·x + F(x)),         α = (2L)^¼, branch init gain β = (8L)^-¼   Wang et al. 2022
-    dynamic     x ← x + c·s(τ)·m(p, x)·F(N(x))                    this project (DESIGN.md §2)
+    dynamic     x ← x + c·s(τ)·m(p, x)·F(N(x))                    this project (docs/design.md §3)
 
 Modules that learn coefficients report them through `coefficients()` (floats, for metrics.jsonl);
 `residual_stats(model)` gathers them over all sub-layers. `additive` tells diagnostics whether the
@@ -154,7 +154,7 @@ class LayerScaleResidual(nn.Module):
 
 
 class DynamicResidual(nn.Module):
-    """Dynamic residual weighting (DESIGN.md §2), pre-norm with a per-token weight on the branch:
+    """Dynamic residual weighting (docs/design.md §3), pre-norm with a per-token weight on the branch:
 
         x ← x + c · s(τ) · m(p, x) · F(N(x))
         c·s(τ) = 1 + g + a·τ + b·τ²                    learned gain g (dyn_gain), schedule a, b (dyn_step),
