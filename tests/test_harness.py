@@ -374,3 +374,99 @@ def test_two_compares_on_one_wall_clock_grid_agree(tmp_path):
     assert sorted(status["done"]) == ["big/seed0", "small/seed0"] and status["busy"] == [], status
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
+
+
+# --- devices and several hosts ------------------------------------------------------------------
+
+def test_workers_are_pinned_to_gpus(tmp_path, monkeypatch):
+    """Worker slot i gets GPU i mod (GPUs), or its nproc_per_cell GPUs; the device count is mocked."""
+    import types
+
+    from dynaformer.harness import compare as C
+
+    monkeypatch.setattr(C, "visible_gpus", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert C.parse_devices(None) == [0, 1, 2, 3] and C.parse_devices("3,1") == [3, 1]
+    assert [C.slot_env(i, [0, 1, 2, 3])["CUDA_VISIBLE_DEVICES"] for i in range(6)] == ["0", "1", "2", "3", "0", "1"]
+    assert [C.slot_env(i, [3, 1])["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["3", "1", "3"]
+    assert [C.slot_env(i, [0, 1, 2, 3], 2)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["0,1", "2,3", "0,1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # indices are the parent's visible GPUs
+    assert C.slot_env(1, [0, 2]) == {"CUDA_VISIBLE_DEVICES": "6"}
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert C.slot_env(0, []) == {}  # no GPUs: nothing pinned
+    for bad, why in (("4", "GPU 4 does not exist"), ("0,x", "'x' is not a GPU index"), ("1,1", "named twice")):
+        with pytest.raises(DynaformerError, match=why):
+            C.parse_devices(bad)
+    with pytest.raises(DynaformerError, match="needs that many GPUs"):
+        C.parse_devices("0,1", nproc_per_cell=3)
+
+    # run_grid hands each cell process its slot's GPUs (and a torchrun command for nproc_per_cell > 1).
+    launched = []
+
+    def fake_popen(cmd, env, **kw):
+        launched.append((cmd, env.get("CUDA_VISIBLE_DEVICES")))
+        return types.SimpleNamespace(pid=999999, returncode=0, poll=lambda: None if len(launched) < 2 else 0)
+
+    monkeypatch.setattr(C.subprocess, "Popen", fake_popen)
+    monkeypatch.setattr(C.time, "sleep", lambda s: None)
+    raw = {**GRID, "seeds": 1, "variants": {"a": {}, "b": {}}}
+    C.run_grid(grid_from_dict(raw), tmp_path / "o", workers=2, progress=False, devices="1,3", nproc_per_cell=2)
+    assert [env for _, env in launched] == ["1,3", "1,3"]  # both slots wrap round the two GPUs
+    launched.clear()
+    C.run_grid(grid_from_dict(raw), tmp_path / "o2", workers=2, progress=False, devices="2,3")
+    assert sorted(env for _, env in launched) == ["2", "3"] and "torch.distributed.run" not in launched[0][0]
+
+
+def test_compare_bad_devices_is_one_line(tmp_path, monkeypatch):
+    import yaml
+
+    from dynaformer.harness import compare as C
+
+    monkeypatch.setattr(C, "visible_gpus", lambda: 2)
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(GRID))
+    res = run_cli("compare", str(path), "--out", str(tmp_path / "o"), "--devices", "2")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "GPU 2 does not exist" in res.stderr, res.stderr
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+@pytest.mark.parametrize("match", ["tokens", "wall_clock"])
+def test_two_hosts_share_one_grid(tmp_path, match):
+    """Two compare processes that are two hosts to the lock files (DYNAFORMER_HOST) on one grid folder, as
+    on two nodes of a shared filesystem: every cell runs exactly once, by one of them, none is taken over
+    (another host's lock never looks stale), and the grid ends complete."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = {**GRID, "seeds": 1, "variants": {"a": {}, "c": {"d_model": 48}},
+           "train": {**GRID["train"], "max_steps": 6, "ckpt_interval": 3, "eval_interval": 6, "log_interval": 1}}
+    if match == "wall_clock":
+        raw.update(match="wall_clock", wall_clock_s=0.2)
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "dynaformer.cli", "compare", str(path), "--out", str(out), "--workers", "1"]
+    procs = {h: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, "DYNAFORMER_HOST": h, "OMP_NUM_THREADS": "1"})
+             for h in ("node-a", "node-b")}
+    logs = {h: p.communicate(timeout=600) for h, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), logs
+    started = {h: [ln.split(" start ")[1].split(" |")[0] for ln in err.splitlines() if " start " in ln]
+               for h, (_, err) in logs.items()}
+    keys = ["a/seed0", "c/seed0"]
+    assert sorted(started["node-a"] + started["node-b"]) == keys, started  # each cell once, in all
+    steps = json.loads((out / "grid.json").read_text())["steps"]
+    for h, mine in started.items():
+        for key in mine:
+            cell = out / "cells" / key
+            result = json.loads((cell / "result.json").read_text())
+            assert result["host"] == h
+            trained = [r["step"] for r in map(json.loads, (cell / "run" / "metrics.jsonl").read_text().splitlines())
+                       if "loss" in r]
+            want = steps[key.split("/")[0]] if match == "wall_clock" else 6
+            assert trained == list(range(1, want + 1))  # one uninterrupted run, never two trainers
+    status = json.loads((out / "status.json").read_text())
+    assert sorted(status["done"]) == keys and not status["failed"] and not status["busy"], status

@@ -207,7 +207,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid, variants=args.variants.split(",") if args.variants else None, seeds=args.seeds)
     out = args.out or f"runs/compare-{grid.name}"
     status = run_grid(grid, Path(out), workers=args.workers, skip_invalid=args.skip_invalid,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, devices=args.devices, nproc_per_cell=args.nproc_per_cell)
     print(json.dumps(status) if args.json else
           f"compare {grid.name}: {len(status['done'])} cells done, {len(status['failed'])} failed, "
           f"{len(status['busy'])} busy elsewhere, {len(status['skipped'])} skipped | {out}")
@@ -355,6 +355,10 @@ def make_parser() -> Parser:
     p.add_argument("--seeds", type=int, help="number of seeds (default: the grid's, else 3)")
     p.add_argument("--workers", type=int, default=1, help="cells trained at once, each its own process "
                                                           "(0: in this process)")
+    p.add_argument("--devices", help="GPU indices for the workers, e.g. 0,1,2,3 (default: every visible GPU); "
+                                     "worker i runs on GPU i mod their number")
+    p.add_argument("--nproc_per_cell", type=int, default=1,
+                   help="ranks per cell: each cell is a torchrun job on this many GPUs (CPU: gloo processes)")
     p.add_argument("--skip_invalid", action="store_true",
                    help="skip (and report) variants whose config this build does not accept, instead of failing")
     p.add_argument("--report", action="store_true", help="write OUT/report when the grid is done")

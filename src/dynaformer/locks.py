@@ -1,5 +1,8 @@
 """Folder locks: one writer per run folder or grid cell. `FOLDER/.lock` holds the holder's host:pid; it is
-created with O_EXCL (atomic), and a lock whose process is gone (same host) is stale and taken over."""
+created with O_EXCL (atomic), and a lock whose process is gone (same host) is stale and taken over. On a
+shared filesystem, processes on other hosts see the lock as held (its pid means nothing there), which is
+how `compare` on several nodes shares one grid. The host name is DYNAFORMER_HOST when set (nodes or
+containers that report the same host name must set distinct ones), else the machine's."""
 
 from __future__ import annotations
 
@@ -10,6 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import DynaformerError, is_disk_full
+
+
+def hostname() -> str:
+    return os.environ.get("DYNAFORMER_HOST") or socket.gethostname()
 
 
 def _alive(pid: int) -> bool:
@@ -25,7 +32,7 @@ def _alive(pid: int) -> bool:
 def try_lock(d: Path) -> bool:
     """Take d/.lock atomically; a lock left by a dead process on this host is taken over."""
     lock = d / ".lock"
-    me = f"{socket.gethostname()}:{os.getpid()}"
+    me = f"{hostname()}:{os.getpid()}"
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -34,7 +41,7 @@ def try_lock(d: Path) -> bool:
                 host, pid = lock.read_text().strip().rsplit(":", 1)
             except (OSError, ValueError):
                 host, pid = "", "0"
-            if host == socket.gethostname() and not _alive(int(pid or 0)):
+            if host == hostname() and not _alive(int(pid or 0)):
                 stale = d / f".lock.stale-{os.getpid()}"
                 try:
                     os.replace(lock, stale)  # only one taker wins the rename

@@ -27,7 +27,7 @@ from ..eval.compute import compute_summary, peak_memory_bytes
 from ..eval.longrange import evaluate_longrange
 from ..eval.perplexity import evaluate_windows
 from ..eval.text import evaluate_text
-from ..locks import exclusive
+from ..locks import exclusive, hostname
 from ..model import ModelConfig
 from ..train.config import TrainConfig
 from ..train.metrics import read_metrics
@@ -35,7 +35,7 @@ from .diagnostics import attention_ablation, layer_grad_norms, recorded_diagnost
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{hostname()}-{os.getpid()}")  # pids repeat across hosts
     tmp.write_text(json.dumps(obj, indent=1, allow_nan=False, default=_clean))
     os.replace(tmp, path)
 
@@ -57,9 +57,6 @@ def _finite(x):
 
 
 def run_cell(cell_dir: Path, progress_bar: bool = False) -> dict:
-    from ..train.rundir import open_run
-    from ..train.trainer import Trainer
-
     spec = json.loads((cell_dir / "cell.json").read_text())
     if spec.get("kind") == "encoder":
         return run_encoder_cell(cell_dir, spec, progress_bar)
@@ -74,9 +71,9 @@ def run_cell(cell_dir: Path, progress_bar: bool = False) -> dict:
                                                            int(model["context_len"]))
     mcfg = from_dict(ModelConfig, model, "model")
     tcfg = from_dict(TrainConfig, train, "train")
-    with exclusive(run_dir, "run folder"):
-        trainer = Trainer(open_run(mcfg, tcfg))
-        summary = trainer.fit()
+    trainer, summary = _train(mcfg, tcfg, run_dir)
+    if trainer is None:  # a rank other than 0 of a torchrun cell: rank 0 evaluates and writes the result
+        return {}
     if spec.get("kind") == "encoder_pretrain":  # masked-LM pretraining: its product is the run folder
         result = {"kind": "encoder_pretrain", "variant": spec["variant"], "seed": spec["seed"], "status": "ok",
                   "summary": summary, "val_loss": summary.get("val_loss"), "steps": trainer.step,
@@ -85,11 +82,41 @@ def run_cell(cell_dir: Path, progress_bar: bool = False) -> dict:
         return result
     result = evaluate_trained(trainer, spec["eval"])
     result.update({"variant": spec["variant"], "seed": spec["seed"], "status": "ok", "summary": summary,
-                   "model": model, "train": spec["train"]})
+                   "host": hostname(), "model": model, "train": spec["train"]})
     if matched is not None:
         result["matched_window"] = {"window": matched, "from": spec["match_reach"]["variant"]}
     write_json(cell_dir / "result.json", _finite(result))
     return result
+
+
+def _train(mcfg: ModelConfig, tcfg: TrainConfig, run_dir: Path):
+    """Train the cell's run, in this process or as one rank of a torchrun job (`compare --nproc_per_cell`).
+    Returns (trainer, summary) on rank 0, whose trainer then holds the whole model; (None, {}) elsewhere."""
+    import contextlib
+
+    from ..train import distributed
+    from ..train.rundir import open_run
+    from ..train.state import model_state
+    from ..train.trainer import Trainer, resolve_device
+
+    dist = distributed.init_distributed(resolve_device(tcfg.device))
+    try:
+        with exclusive(run_dir, "run folder") if dist.is_main else contextlib.nullcontext():
+            run = open_run(mcfg, tcfg) if dist.is_main else None
+            distributed.barrier(dist)
+            trainer = Trainer(run or open_run(mcfg, tcfg, attach=True), dist)
+            summary = trainer.fit()
+            if trainer.sharded:  # the evaluation runs on rank 0 alone: gather the FSDP shards there
+                from ..model import Transformer
+
+                full = model_state(trainer.model, True)
+                if dist.is_main:
+                    whole = Transformer(mcfg)
+                    whole.load_state_dict(full, strict=False)
+                    trainer.model = whole.to(trainer.device)
+    finally:
+        distributed.shutdown(dist)
+    return (trainer, summary) if dist.is_main else (None, {})
 
 
 def matched_window_of(source: Path, context_len: int) -> int:

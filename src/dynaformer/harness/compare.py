@@ -10,14 +10,19 @@ creating its .lock with O_EXCL; a lock whose process is gone (same host) is stal
 several `compare` processes (or --workers) can share one grid. Matched tokens: every cell trains the
 same steps × batch × context. Matched wall-clock: each variant's steps are set so that its measured
 step time × steps ≈ wall_clock_s (calibrated once, recorded in grid.json, reused on resume).
+
+Devices: worker slot i runs its cells on GPU i mod (visible GPUs), or on the GPUs of `--devices`, through
+CUDA_VISIBLE_DEVICES; with `--nproc_per_cell K` a cell is a torchrun job on K GPUs of its own. Several nodes
+share a grid on a shared filesystem by running the same command: cells are claimed through their lock files
+(host:pid; another host's lock is never taken over).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import DynaformerError
-from ..locks import holder, try_lock, unlock
+from ..locks import holder, hostname, try_lock, unlock
 from .cell import run_cell, write_json
 from .grid import Cell, Grid
 
@@ -211,10 +216,67 @@ def _last_step(d: Path) -> int:
         return 0
 
 
+# --- devices -------------------------------------------------------------------------------------
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def parse_devices(spec: str | None, nproc_per_cell: int = 1) -> list[int]:
+    """The GPU indices cells may use: `--devices 0,2,3`, checked against the visible GPUs, or all visible
+    ones (none on a CPU machine: nothing is pinned)."""
+    count = visible_gpus()
+    if spec is None:
+        ids = list(range(count))
+    else:
+        ids = []
+        for part in spec.split(","):
+            if not part.strip().isdigit():
+                raise DynaformerError(f"--devices: '{part.strip()}' is not a GPU index (expected e.g. 0,1,2,3)")
+            i = int(part)
+            if i >= count:
+                raise DynaformerError(f"--devices: GPU {i} does not exist (this machine has {count} visible GPU"
+                                      f"{'' if count == 1 else 's'})")
+            if i in ids:
+                raise DynaformerError(f"--devices: GPU {i} is named twice")
+            ids.append(i)
+    if ids and nproc_per_cell > len(ids):
+        raise DynaformerError(f"--nproc_per_cell {nproc_per_cell} needs that many GPUs, but only {len(ids)} "
+                              f"are available to cells")
+    return ids
+
+
+def slot_env(slot: int, devices: list[int], nproc_per_cell: int = 1) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for worker slot `slot`: its nproc_per_cell GPUs, slot by slot round the devices;
+    indices are translated through this process's own CUDA_VISIBLE_DEVICES, if any. Empty without GPUs."""
+    if not devices:
+        return {}
+    mine = [devices[(slot * nproc_per_cell + j) % len(devices)] for j in range(nproc_per_cell)]
+    parent = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return {"CUDA_VISIBLE_DEVICES": ",".join(parent[i] if i < len(parent) else str(i) for i in mine)}
+
+
+def cell_command(d: Path, nproc_per_cell: int, kind: str) -> list[str]:
+    """A cell process: `python -m dynaformer.harness.cell D`, or a torchrun job of nproc_per_cell ranks
+    (fine-tuning cells run as one process)."""
+    if nproc_per_cell > 1 and kind != "encoder":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                str(nproc_per_cell), "-m", "dynaformer.harness.cell", str(d)]
+    return [sys.executable, "-m", "dynaformer.harness.cell", str(d)]
+
+
 def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False, progress: bool = True,
-             max_cells: int | None = None) -> dict:
+             max_cells: int | None = None, devices: str | None = None, nproc_per_cell: int = 1) -> dict:
     """Run every pending cell. workers=0 runs cells in this process (tests); N ≥ 1 runs up to N cell
-    processes at once. Returns {"done", "failed", "busy", "skipped"} cell keys."""
+    processes at once, worker slot i pinned to its GPUs (slot_env). Returns {"done", "failed", "busy",
+    "skipped"} cell keys."""
+    if nproc_per_cell < 1:
+        raise DynaformerError(f"--nproc_per_cell: must be ≥ 1, got {nproc_per_cell}")
+    if nproc_per_cell > 1 and workers == 0:
+        raise DynaformerError("--nproc_per_cell needs cell processes (--workers ≥ 1)")
+    gpus = parse_devices(devices, nproc_per_cell)
     cells = prepare(grid, out, skip_invalid)
     total = sum(c.steps for c in cells)
     done_steps = {c.key: (c.steps if (cell_dir(out, c) / "result.json").exists() else 0) for c in cells}
@@ -235,6 +297,7 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
     report = {"done": [c.key for c in cells if c not in pending and (cell_dir(out, c) / "result.json").exists()],
               "failed": [], "busy": [], "skipped": [c.key for c in grid.cells(True) if c.error]}
     running: dict[str, tuple[subprocess.Popen, Cell, Path]] = {}
+    slots: dict[str, int] = {}  # cell key → its worker slot (and so its GPUs)
 
     def _term(signum, frame):
         raise KeyboardInterrupt
@@ -272,11 +335,13 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
                     done_steps[c.key] = c.steps
                     say("end", c.key)
                     continue
+                slot = min(set(range(max(1, workers))) - set(slots.values()))
                 log = open(d / "cell.log", "a")
-                proc = subprocess.Popen([sys.executable, "-m", "dynaformer.harness.cell", str(d)], stdout=log,
-                                        stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(cell_command(d, nproc_per_cell, c.kind), stdout=log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **slot_env(slot, gpus, nproc_per_cell)})
                 log.close()
-                (d / ".lock").write_text(f"{socket.gethostname()}:{proc.pid}")  # the lock lives as long as the cell
+                slots[c.key] = slot
+                (d / ".lock").write_text(f"{hostname()}:{proc.pid}")  # the lock lives as long as the cell
                 running[c.key] = (proc, c, d)
                 bar.set_postfix_str(", ".join(running))
             for key, (proc, c, d) in list(running.items()):
@@ -287,6 +352,7 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
                     continue
                 unlock(d)
                 del running[key]
+                slots.pop(key, None)
                 bar.set_postfix_str(", ".join(running))
                 say("done" if proc.returncode == 0 else f"exit {proc.returncode}:", key)
                 if proc.returncode == 0 and (d / "result.json").exists():
