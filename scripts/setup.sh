@@ -14,7 +14,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.dynaformer-installed"
 want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-$EXTRAS"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+# DYNAFORMER_NO_INSTALL=1 uses the environment as it is (tests that run the scripts from a temporary clone must
+# never repoint the shared environment's editable install at that clone).
+if [ "${DYNAFORMER_NO_INSTALL:-0}" = 1 ]; then
+  "$VENV/bin/python" -c "import dynaformer" || { echo "setup: DYNAFORMER_NO_INSTALL=1 but $VENV has no dynaformer" >&2; exit 1; }
+elif [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # torch first: the pinned CPU wheel satisfies `torch>=2.5`, so no multi-GB CUDA build is pulled in.
   if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     echo "setup: installing torch (CPU)" >&2

@@ -275,3 +275,15 @@ def test_device_falls_back_to_cpu(trained_run):
     with pytest.warns(UserWarning, match="CUDA is not available"):
         lm = DynaformerLM(pretrained=str(trained_run), device="cuda:0", batch_size="auto")
     assert lm.device.type == "cpu" and lm.batch_size == 16
+
+
+def test_lm_eval_command_with_a_missing_run_is_one_line(tmp_path, capsys):
+    """`dynaformer lm-eval` runs lm-eval's CLI in-process; our model's own errors still end as one line, exit 2."""
+    from dynaformer.cli import main
+
+    capsys.readouterr()
+    rc = main(["lm-eval", "--model_args", f"run={tmp_path / 'missing'}", "--device", "cpu", "--tasks",
+               "dynaformer_story_qa"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == f"dynaformer lm-eval: error: '{tmp_path / 'missing'}' does not exist"

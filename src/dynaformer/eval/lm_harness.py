@@ -263,6 +263,9 @@ def lm_eval_cli(argv: list[str]) -> int:
         lm_main.cli_evaluate()
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except DynaformerError as e:  # our model's own checks (a run folder that is missing, not causal, ...)
+        print(f"dynaformer lm-eval: error: {e}", file=sys.stderr)
+        return 2
     finally:
         sys.argv = saved
     return 0
