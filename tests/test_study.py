@@ -157,7 +157,7 @@ def test_limits_name_the_noise_floor_and_the_tasks_not_learned():
     assert t_quantile(0.975, 4) == pytest.approx(2.776, abs=1e-3)
     assert lim["seed_split"] == ["passkey"] and lim["not_learned"] == ["selcopy"]
     text = limits_text(lim)
-    assert "115k-parameter models (2 layers × 64 wide, context 128) trained on 6.1M tokens" in text
+    assert "models have 115k parameters (2 layers × 64 wide, context 128) and train on 6.1M tokens" in text
     assert "passkey 0.9, 0, 0.1" in text and "selcopy" in text and "AVX512" in text
 
 

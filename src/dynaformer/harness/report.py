@@ -397,11 +397,11 @@ def answer_rows(data: dict) -> list[list[str]]:
 
 def limits_text(lim: dict) -> str:
     """One paragraph under the answers: what a study of this size cannot tell."""
-    size = (f"{lim['params'] / 1e3:,.0f}k-parameter" if lim.get("params") else "small") + \
-        f" models ({lim['n_layer']} layers × {lim['d_model']} wide, context {lim['context_len']})"
-    tokens = f" trained on {lim['tokens'] / 1e6:.1f}M tokens" if lim.get("tokens") else ""
-    parts = [f"**What this study cannot tell at this size.** It trains {size}{tokens}: effects that appear only "
-             f"with depth, width, longer contexts or longer training are not tested here."]
+    size = (f"{lim['params'] / 1e3:,.0f}k parameters" if lim.get("params") else "few parameters") + \
+        f" ({lim['n_layer']} layers × {lim['d_model']} wide, context {lim['context_len']})"
+    tokens = f" and train on {lim['tokens'] / 1e6:.1f}M tokens" if lim.get("tokens") else ""
+    parts = [f"**What this study cannot tell at this size.** Its models have {size}{tokens}: effects that appear "
+             f"only with depth, width, longer contexts or longer training are not tested here."]
     if lim.get("mde_exact") is not None:
         parts.append(f"With {lim['seeds']} seeds per arm and the reference's seed spread in exact match "
                      f"(sd {_fmt(lim['accuracy_spread'])}), accuracy differences smaller than about "
