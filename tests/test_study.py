@@ -126,6 +126,7 @@ def test_report_json_schema_and_rendering(study_dir, tmp_path):
     if n == 1:  # the tiny grid's residual arm has one seed
         assert lim["mde_exact"] is None and "With one seed per arm" in md
     assert md.index("What this study cannot tell at this size") < md.index("## Verdicts")
+    assert "<strong>What this study cannot tell at this size.</strong>" in Path(rep["html"]).read_text()
     # A second report reuses the cost measurement of the same cells and lengths.
     before = (tmp_path / "rep" / "cost.json").read_text()
     write_report([study_dir], tmp_path / "rep")

@@ -14,6 +14,7 @@ import html
 import io
 import json
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -387,12 +388,17 @@ def answer_rows(data: dict) -> list[list[str]]:
     """One line per option: the verdict in a word and its decisive number (first part of the claim)."""
     rows = []
     for v in data["verdicts"]:
-        num = "—" if v["variant_mean"] is None else (f"{_fmt(v['variant_mean'])} vs {_fmt(v['reference_mean'])} "
+        num = "—" if v["variant_mean"] is None else (f"{_fmt(v['variant_mean'], 3)} vs {_fmt(v['reference_mean'], 3)} "
                                                        f"({v['metric']}, p={_fmt(v['p'], 2)})")
         word = v["verdict"] + (" (floor)" if v["floor"] and v["verdict"] == "inconclusive" else "")
         rows.append([v["question"], str(v["option"]) + (" ★" if v["seed_answer"] else ""), v["claim"], f"**{word}**",
                      num])
     return rows
+
+
+def _bold(escaped: str) -> str:
+    """Markdown **bold** in already-escaped HTML text → <strong>."""
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped)
 
 
 def limits_text(lim: dict) -> str:
@@ -404,8 +410,8 @@ def limits_text(lim: dict) -> str:
              f"only with depth, width, longer contexts or longer training are not tested here."]
     if lim.get("mde_exact") is not None:
         parts.append(f"With {lim['seeds']} seeds per arm and the reference's seed spread in exact match "
-                     f"(sd {_fmt(lim['accuracy_spread'])}), accuracy differences smaller than about "
-                     f"{_fmt(lim['mde_exact'])} cannot be told from seed noise.")
+                     f"(sd {_fmt(lim['accuracy_spread'], 2)}), accuracy differences smaller than about "
+                     f"{_fmt(lim['mde_exact'], 2)} cannot be told from seed noise.")
     elif lim.get("seeds") == 1:
         parts.append("With one seed per arm, no difference can be told from seed noise.")
     if lim.get("seed_split"):
@@ -634,7 +640,7 @@ def write_report(paths: list[str | Path], out_dir: str | Path, cost: bool = True
             body.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
         elif b[0] == "p":
             md.append(b[1] + "\n")
-            body.append(f"<p>{html.escape(b[1])}</p>")
+            body.append(f"<p>{_bold(html.escape(b[1]))}</p>")
         elif b[0] == "table":
             head, rows = b[1], b[2]
             md.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
