@@ -86,6 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       + (f" | {dist.world} ranks ({train_cfg.parallel})" if dist.enabled else ""))
             summary = trainer.fit()
     finally:
+        trainer = None  # released before the process group goes (distributed.shutdown)
         distributed.shutdown(dist)
     if dist.is_main:
         print(json.dumps(summary) if args.json else

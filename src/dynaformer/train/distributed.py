@@ -96,4 +96,10 @@ def barrier(info: DistInfo) -> None:
 
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
+        # Free what still holds the group (DCP and DDP state) while every rank is here: tearing gloo down
+        # with such objects alive, after the other rank has gone, hung the process at exit now and then.
+        import gc
+
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
