@@ -8,7 +8,8 @@ export DYNAFORMER_EXTRAS="${DYNAFORMER_EXTRAS:-plot}"  # the main job needs no t
 source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 RUN="${1:-runs/quickstart}"
-dynaformer train --config configs/tiny-cpu.yaml --out "$RUN" --resume auto
+# QUICKSTART_STEPS=N trains N steps instead of the preset's (the test suite runs this script end to end in seconds).
+dynaformer train --config configs/tiny-cpu.yaml --out "$RUN" --resume auto ${QUICKSTART_STEPS:+--max_steps "$QUICKSTART_STEPS"}
 dynaformer eval "$RUN" --json > "$RUN/eval.json"
 echo "evaluation: $(cat "$RUN/eval.json")"
 # "The " is in both corpora (a char tokenizer knows only the characters of its training text).

@@ -216,7 +216,7 @@ def test_readme_commands_without_shared_data(tmp_path):
     assert len(data["verdicts"]) == 10 and data["cost"]["lengths"] == [128, 256]
     meta = json.loads((clone / "runs/e/cells/baseline/seed0/run/data/meta.json").read_text())
     assert "text: builtin:stories" in meta["source"]  # not tiny-shakespeare: ../shared was hidden
-    res = subprocess.run(["bash", "scripts/quickstart.sh", "runs/q"], cwd=clone, env=env, capture_output=True,
-                         text=True, timeout=600)
+    res = subprocess.run(["bash", "scripts/quickstart.sh", "runs/q"], cwd=clone, env={**env, "QUICKSTART_STEPS": "60"},
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (clone / "runs/q/sample.txt").read_text().startswith("The ")
