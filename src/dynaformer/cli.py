@@ -62,22 +62,14 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
 # --- verbs -------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import contextlib
-
-    from .locks import exclusive
     from .train import distributed
-    from .train.rundir import open_run
+    from .train.rundir import locked_run
     from .train.trainer import Trainer, resolve_device
 
     model_cfg, train_cfg = build_configs(args)
     dist = distributed.init_distributed(resolve_device(train_cfg.device))
     try:
-        # Rank 0 holds the run folder's lock (one writer per folder), creates or checks the folder; the
-        # other ranks then attach to it.
-        with exclusive(Path(train_cfg.out), "run folder") if dist.is_main else contextlib.nullcontext():
-            run = open_run(model_cfg, train_cfg) if dist.is_main else None
-            distributed.barrier(dist)
-            run = run or open_run(model_cfg, train_cfg, attach=True)
+        with locked_run(model_cfg, train_cfg, dist) as run:
             trainer = Trainer(run, dist)
             if dist.is_main:
                 meta = run.splits.meta

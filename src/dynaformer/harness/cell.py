@@ -27,7 +27,7 @@ from ..eval.compute import compute_summary, peak_memory_bytes
 from ..eval.longrange import evaluate_longrange
 from ..eval.perplexity import evaluate_windows
 from ..eval.text import evaluate_text
-from ..locks import exclusive, hostname
+from ..locks import hostname
 from ..model import ModelConfig
 from ..train.config import TrainConfig
 from ..train.metrics import read_metrics
@@ -71,7 +71,7 @@ def run_cell(cell_dir: Path, progress_bar: bool = False) -> dict:
                                                            int(model["context_len"]))
     mcfg = from_dict(ModelConfig, model, "model")
     tcfg = from_dict(TrainConfig, train, "train")
-    trainer, summary = _train(mcfg, tcfg, run_dir)
+    trainer, summary = _train(mcfg, tcfg)
     if trainer is None:  # a rank other than 0 of a torchrun cell: rank 0 evaluates and writes the result
         return {}
     if spec.get("kind") == "encoder_pretrain":  # masked-LM pretraining: its product is the run folder
@@ -89,22 +89,18 @@ def run_cell(cell_dir: Path, progress_bar: bool = False) -> dict:
     return result
 
 
-def _train(mcfg: ModelConfig, tcfg: TrainConfig, run_dir: Path):
+def _train(mcfg: ModelConfig, tcfg: TrainConfig):
     """Train the cell's run, in this process or as one rank of a torchrun job (`compare --nproc_per_cell`).
     Returns (trainer, summary) on rank 0, whose trainer then holds the whole model; (None, {}) elsewhere."""
-    import contextlib
-
     from ..train import distributed
-    from ..train.rundir import open_run
+    from ..train.rundir import locked_run
     from ..train.state import model_state
     from ..train.trainer import Trainer, resolve_device
 
     dist = distributed.init_distributed(resolve_device(tcfg.device))
     try:
-        with exclusive(run_dir, "run folder") if dist.is_main else contextlib.nullcontext():
-            run = open_run(mcfg, tcfg) if dist.is_main else None
-            distributed.barrier(dist)
-            trainer = Trainer(run or open_run(mcfg, tcfg, attach=True), dist)
+        with locked_run(mcfg, tcfg, dist) as run:
+            trainer = Trainer(run, dist)
             summary = trainer.fit()
             if trainer.sharded:  # the evaluation runs on rank 0 alone: gather the FSDP shards there
                 from ..model import Transformer

@@ -12,11 +12,13 @@ Nothing in an existing run folder is overwritten unless the user asks to resume 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import platform
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,3 +176,16 @@ def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig, attach: bool = Fals
     tmp.write_text(json.dumps(info, indent=2, ensure_ascii=False))
     os.replace(tmp, run_dir / "run.json")
     return Run(run_dir, model_cfg, train_cfg, tokenizer, splits, resumed=False)
+
+
+@contextlib.contextmanager
+def locked_run(model_cfg: ModelConfig, train_cfg: TrainConfig, dist) -> Iterator[Run]:
+    """The run folder for one training process or every rank of a torchrun job: rank 0 holds the folder's lock
+    (one writer per folder) for the block and creates or checks the folder; the other ranks attach once it exists."""
+    from ..locks import exclusive
+    from .distributed import barrier
+
+    with exclusive(Path(train_cfg.out), "run folder") if dist.is_main else contextlib.nullcontext():
+        run = open_run(model_cfg, train_cfg) if dist.is_main else None
+        barrier(dist)
+        yield run or open_run(model_cfg, train_cfg, attach=True)
