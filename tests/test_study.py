@@ -15,12 +15,12 @@ from dynaformer.data.tasks import TaskSampler, parse_task_spec
 from dynaformer.errors import ConfigError
 from dynaformer.eval.longrange import TaskProbe, score
 from dynaformer.eval.text import evaluate_text, position_losses, sliding_position_losses
-from dynaformer.harness.compare import run_grid
-from dynaformer.harness.cost import crossover, measure_cost
-from dynaformer.harness.grid import grid_from_dict
-from dynaformer.harness.report import write_report
 from dynaformer.model import ModelConfig, Transformer
 from dynaformer.model.span_stats import matched_window
+from dynaformer.study.compare import run_grid
+from dynaformer.study.cost import crossover, measure_cost
+from dynaformer.study.grid import grid_from_dict
+from dynaformer.study.report import write_report
 
 from .conftest import assert_user_error, cli_in_process, tiny_config
 
@@ -138,9 +138,9 @@ def test_limits_name_the_noise_floor_and_the_tasks_not_learned():
     difference is t(0.975, 4)·sd·√(2/3), passkey is seed-split, selcopy not learned, storyqa learned."""
     from types import SimpleNamespace
 
-    from dynaformer.harness.report import limits_text
-    from dynaformer.harness.results import limits_record
-    from dynaformer.harness.stats import t_quantile
+    from dynaformer.study.report import limits_text
+    from dynaformer.study.results import limits_record
+    from dynaformer.study.stats import t_quantile
 
     def res(pk, sc, qa):
         tasks = {"passkey": {"exact": [pk, 0.1]}, "selcopy": {"exact": [sc, 0.0]}, "storyqa": {"exact": [qa, 0.5]}}

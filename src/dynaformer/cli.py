@@ -94,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .extras import require
 
         require("lm_eval", "eval")
-        from .eval.lm_harness import run_lm_eval
+        from .eval.lm_eval_model import run_lm_eval
 
         out = run_lm_eval(args.run, args.lm_eval, limit=args.limit, num_fewshot=args.num_fewshot,
                           batch_size=args.batch_size, include_path=args.include_path)
@@ -194,8 +194,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .harness.compare import run_grid
-    from .harness.grid import load_grid
+    from .study.compare import run_grid
+    from .study.grid import load_grid
 
     grid = load_grid(args.grid, variants=args.variants.split(",") if args.variants else None, seeds=args.seeds)
     out = args.out or f"runs/compare-{grid.name}"
@@ -207,7 +207,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for f in status["failed"]:
         print(f"  failed: {f}", file=sys.stderr)
     if args.report:
-        from .harness.report import write_report
+        from .study.report import write_report
 
         rep = write_report([out], Path(out) / "report")
         print(f"report: {rep['markdown']} and {rep['html']}")
@@ -215,7 +215,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .harness.report import write_report
+    from .study.report import write_report
 
     out = args.out or (str(Path(args.paths[0]) / "report"))
     lengths = None
@@ -398,7 +398,7 @@ def cmd_lm_eval(argv: list[str]) -> int:
 
     try:
         require("lm_eval", "eval")
-        from .eval.lm_harness import lm_eval_cli
+        from .eval.lm_eval_model import lm_eval_cli
     except DynaformerError as e:
         print(f"dynaformer lm-eval: error: {e}", file=sys.stderr)
         return 2

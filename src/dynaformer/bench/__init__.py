@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import attention, generate, harness, residual, train
+from . import attention, generate, residual, tasks, train
 
 BENCHMARKS: dict[str, ModuleType] = {"train": train, "generate": generate, "attention": attention,
-                                     "residual": residual, "harness": harness}
+                                     "residual": residual, "tasks": tasks}

@@ -15,12 +15,12 @@ import torch
 from dynaformer.errors import ConfigError, DynaformerError
 from dynaformer.eval.compute import flops_per_token, kv_cache_bytes
 from dynaformer.eval.text import position_buckets
-from dynaformer.harness import verdicts as V
-from dynaformer.harness.compare import run_grid, try_lock, unlock
-from dynaformer.harness.grid import grid_from_dict
-from dynaformer.harness.report import build, collect, write_report
-from dynaformer.harness.stats import t_sf2, welch
 from dynaformer.model import ModelConfig, Transformer
+from dynaformer.study import verdicts as V
+from dynaformer.study.compare import run_grid, try_lock, unlock
+from dynaformer.study.grid import grid_from_dict
+from dynaformer.study.report import build, collect, write_report
+from dynaformer.study.stats import t_sf2, welch
 
 
 def run_cli(*argv: str):
@@ -252,7 +252,7 @@ def test_flops_honour_the_span_hook():
 
 
 def test_matched_wall_clock_sets_steps_per_variant(tmp_path):
-    from dynaformer.harness.compare import prepare
+    from dynaformer.study.compare import prepare
 
     raw = {**GRID, "match": "wall_clock", "wall_clock_s": 2.0,
            "variants": {"small": {}, "big": {"d_model": 128, "n_head": 2, "n_layer": 4}}, "seeds": 1}
@@ -382,7 +382,7 @@ def test_workers_are_pinned_to_gpus(tmp_path, monkeypatch):
     """Worker slot i gets GPU i mod (GPUs), or its nproc_per_cell GPUs; the device count is mocked."""
     import types
 
-    from dynaformer.harness import compare as C
+    from dynaformer.study import compare as C
 
     monkeypatch.setattr(C, "visible_gpus", lambda: 4)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -420,7 +420,7 @@ def test_workers_are_pinned_to_gpus(tmp_path, monkeypatch):
 def test_compare_bad_devices_is_one_line(tmp_path, monkeypatch):
     import yaml
 
-    from dynaformer.harness import compare as C
+    from dynaformer.study import compare as C
 
     monkeypatch.setattr(C, "visible_gpus", lambda: 2)
     path = tmp_path / "g.yaml"

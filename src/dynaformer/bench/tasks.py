@@ -1,4 +1,4 @@
-"""`dynaformer bench harness`: generation speed of each long-range task (tokens/s) and the time to
+"""`dynaformer bench tasks`: generation speed of each long-range task (tokens/s) and the time to
 evaluate a model on the suite (default: a ≈1M-parameter model, 1,000 examples of length 1,024)."""
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ variant V's cell of the same seed and sets `span_window` to the window whose key
 those V's trained model attends on held-out windows (model/span_stats.py).
 
 `eval.cost_lengths` are the sequence lengths at which `report` times every trained model's training
-step (forward + backward) and its decoding, interleaved (harness/cost.py); a length whose training
+step (forward + backward) and its decoding, interleaved (study/cost.py); a length whose training
 step would not fit in this machine's memory is refused before anything trains.
 
 A variant whose overrides do not validate against the installed ModelConfig/TrainConfig (e.g. a

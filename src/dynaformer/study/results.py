@@ -45,7 +45,7 @@ def _num(x):
 
 def attach_cost(col, lengths: list[int], repeats: int, cache_path: Path | None = None) -> dict | None:
     """Time every finished language-model cell's trained model at the cost lengths (plus its training
-    context), interleaved (harness/cost.py), and put each cell's series under result["cost"]. A cached
+    context), interleaved (study/cost.py), and put each cell's series under result["cost"]. A cached
     measurement of the same cells and lengths (cache_path) is reused."""
     import json
 

@@ -78,7 +78,7 @@ def _summary_score(r: dict):
 
 
 def _at_longest(r: dict, key: str):
-    """A cost measurement (harness/cost.py) at the longest measured length."""
+    """A cost measurement (study/cost.py) at the longest measured length."""
     vals = _get(r, "cost", key)
     return vals[-1] if vals else None
 

@@ -259,12 +259,12 @@ def slot_env(slot: int, devices: list[int], nproc_per_cell: int = 1) -> dict[str
 
 
 def cell_command(d: Path, nproc_per_cell: int, kind: str) -> list[str]:
-    """A cell process: `python -m dynaformer.harness.cell D`, or a torchrun job of nproc_per_cell ranks
+    """A cell process: `python -m dynaformer.study.cell D`, or a torchrun job of nproc_per_cell ranks
     (fine-tuning cells run as one process)."""
     if nproc_per_cell > 1 and kind != "encoder":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                str(nproc_per_cell), "-m", "dynaformer.harness.cell", str(d)]
-    return [sys.executable, "-m", "dynaformer.harness.cell", str(d)]
+                str(nproc_per_cell), "-m", "dynaformer.study.cell", str(d)]
+    return [sys.executable, "-m", "dynaformer.study.cell", str(d)]
 
 
 def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False, progress: bool = True,

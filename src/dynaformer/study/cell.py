@@ -1,6 +1,6 @@
 """One grid cell: train (resuming if a checkpoint is there), evaluate, write result.json atomically.
 
-Runs in its own process (`python -m dynaformer.harness.cell CELL_DIR`) so that peak memory is the
+Runs in its own process (`python -m dynaformer.study.cell CELL_DIR`) so that peak memory is the
 cell's own and a crash stays in its cell; `run_cell` is also callable in-process (tests).
 
     CELL_DIR/cell.json    what to run (model, train, eval plan), written by `compare`
@@ -202,7 +202,7 @@ def _span_reach(model: torch.nn.Module, windows: torch.Tensor) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m dynaformer.harness.cell CELL_DIR", file=sys.stderr)
+        print("usage: python -m dynaformer.study.cell CELL_DIR", file=sys.stderr)
         return 2
     try:
         run_cell(Path(argv[0]))

@@ -1,1 +1,0 @@
-"""The experiment harness: grids of variants × seeds (compare), evaluation, the report."""

@@ -1,0 +1,1 @@
+"""The study: grids of variants × seeds (compare), evaluation, the report."""
