@@ -29,12 +29,14 @@ Implementations (`span_attention` picks one):
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import DynaformerError
 from .attention import padding_bias
 
 NEG_INF = float("-inf")
@@ -608,6 +610,20 @@ def _split_heads(q, k, v, z, ramp: float, hard: bool, cover: torch.Tensor, chunk
     y_dense = causal_attention(q[:, dense_h], k[:, dense_h], v[:, dense_h])
     y_band = band_span_attention(q[:, band_h], k[:, band_h], v[:, band_h], z[:, band_h], ramp, hard, chunk=chunk)
     return q.new_empty(q.shape).index_copy(1, dense_h, y_dense).index_copy(1, band_h, y_band)
+
+
+def check_span_impl(impl: str, q: torch.Tensor) -> None:
+    """Refuse a span kernel that cannot run on q's device (and, for FlexAttention on CPU, with autograd)."""
+    if q.is_cuda and impl in ("auto", "flex"):
+        try:
+            importlib.import_module("torch.nn.attention.flex_attention")
+        except ImportError as e:  # pragma: no cover
+            raise DynaformerError("model.span: this torch has no FlexAttention for the CUDA span path; "
+                                  "set model.span_impl=masked") from e
+    if impl == "band" and q.is_cuda:
+        raise DynaformerError("model.span_impl: 'band' is the CPU kernel; use auto or flex on CUDA")
+    if impl == "flex" and not q.is_cuda and torch.is_grad_enabled():
+        raise DynaformerError("model.span_impl: FlexAttention has no backward on CPU; use auto or band")
 
 
 def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, z: torch.Tensor, ramp: float,

@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch import nn
 
-from ..errors import DynaformerError
-from ..kernels import bidirectional_attention, causal_attention, span_attention
-from ..kernels.span_symmetric import symmetric_span_attention
+from ..kernels import (
+    bidirectional_attention,
+    causal_attention,
+    check_span_impl,
+    span_attention,
+    symmetric_span_attention,
+)
 from .config import ModelConfig
 from .context import ForwardContext
 from .layers import Rotary
@@ -52,16 +54,7 @@ class Attention(nn.Module):
     def _span_attention(self, x, q, k, v, ctx: ForwardContext) -> torch.Tensor:
         """Span attention (no attention-probability dropout). With a span-bounded cache, each group of heads
         gets its own key window: only the keys those heads can still reach."""
-        if q.is_cuda and self.span_impl in ("auto", "flex"):
-            try:
-                importlib.import_module("torch.nn.attention.flex_attention")
-            except ImportError as e:  # pragma: no cover
-                raise DynaformerError("model.span: this torch has no FlexAttention for the CUDA span path; "
-                                      "set model.span_impl=masked") from e
-        if self.span_impl == "band" and q.is_cuda:
-            raise DynaformerError("model.span_impl: 'band' is the CPU kernel; use auto or flex on CUDA")
-        if self.span_impl == "flex" and not q.is_cuda and torch.is_grad_enabled():
-            raise DynaformerError("model.span_impl: FlexAttention has no backward on CPU; use auto or band")
+        check_span_impl(self.span_impl, q)
         z = self.span(x, ctx)  # (1, H, 1) or (B, H, T) spans in tokens
         impl, ramp, hard, km = self.span_impl, self.span.ramp, self.span.hard, ctx.key_mask
 
