@@ -190,7 +190,8 @@ def check_fits(ckpt: Path, model: torch.nn.Module, tensors: dict[str, torch.Tens
     want = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     have = {n: tuple(t if isinstance(t, tuple) else t.shape) for n, t in tensors.items()}
     tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
-    missing = [n for n in want if n not in have and not (tied and n == "head.weight")]
+    # A classifier's tied head is `backbone.head.weight`: its backbone's.
+    missing = [n for n in want if n not in have and not (tied and n in ("head.weight", "backbone.head.weight"))]
     unexpected = [n for n in have if n not in want]
     shapes = [f"{n} {s} vs {want[n]}" for n, s in have.items() if n in want and s != want[n]]
     if missing or unexpected or shapes:
