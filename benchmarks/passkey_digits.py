@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dynaformer.data.tasks import make_task
-from dynaformer.eval.run import load_model
+from dynaformer.runs import load_model
 
 
 def main() -> None:

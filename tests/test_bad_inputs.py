@@ -236,7 +236,7 @@ def test_fuzz_checkpoint_config(ws, change):
     import shutil
 
     from dynaformer.errors import DynaformerError
-    from dynaformer.eval.run import load_model
+    from dynaformer.runs import load_model
 
     target = ws / "fuzz"
     shutil.rmtree(target, ignore_errors=True)
@@ -257,7 +257,7 @@ def test_fuzz_safetensors_header(ws, shape, dtype):
     import struct
 
     from dynaformer.errors import DynaformerError
-    from dynaformer.eval.run import load_model
+    from dynaformer.runs import load_model
     from dynaformer.train.checkpoint import _sha256
 
     target = ws / "fuzzh" / "step-2"

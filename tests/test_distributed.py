@@ -62,7 +62,7 @@ def _check_dcp_resume(data: Path, want: dict[int, float], run: Path) -> None:
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from dynaformer.eval.run import load_model
+    from dynaformer.runs import load_model
     from dynaformer.train.checkpoint import checkpoint_layout, read_model_tensors
 
     ckpt = run / "step-10"

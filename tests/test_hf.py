@@ -237,7 +237,7 @@ TINY = ["--n_layer", "1", "--n_head", "2", "--d_model", "32", "--context_len", "
 def test_export_hf_end_to_end(tmp_path, text_file, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dynaformer.eval.run import load_model
+    from dynaformer.runs import load_model
 
     run = tmp_path / "run"
     res = _cli(capsys, "train", *TINY, "--data", str(text_file), "--out", str(run), "--tokenizer", "char")
@@ -360,8 +360,8 @@ def test_export_loads_without_dynaformer(tmp_path, text_file, capsys):
     """The exported folder carries its model code: a fresh environment with transformers, torch and safetensors
     but no dynaformer loads it with trust_remote_code=True and gets our logits bit for bit, for every residual ×
     span kind; its tokenizer pads and the text-generation pipeline batches."""
-    from dynaformer.eval.run import load_model
     from dynaformer.hf.export import save_self_contained
+    from dynaformer.runs import load_model
 
     run = tmp_path / "run"
     res = _cli(capsys, "train", *TINY, "--data", str(text_file), "--out", str(run), "--tokenizer", "char",

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from dynaformer.errors import CheckpointError, DynaformerError, Interrupted
-from dynaformer.eval.run import load_model
 from dynaformer.model import ModelConfig
+from dynaformer.runs import load_model
 from dynaformer.train.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, verify_checkpoint
 from dynaformer.train.config import TrainConfig
 from dynaformer.train.metrics import read_metrics

@@ -15,10 +15,11 @@ import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .configtools import field_types, from_dict, read_yaml_mapping
+from .configtools import field_types, from_dict
 from .errors import DynaformerError, Interrupted, is_disk_full
 from .model import ModelConfig
-from .train.config import TrainConfig, split_sections
+from .presets import load_yaml_config
+from .train.config import TrainConfig
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig}
 
@@ -43,11 +44,6 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, section: str) -> None
         group.add_argument(f"--{name}", f"--{section}.{name}", dest=f"{section}.{name}", default=argparse.SUPPRESS,
                            metavar="V", nargs="?" if tp is bool else None, const="true" if tp is bool else None,
                            help=_help_for(cls, name, tp))
-
-
-def load_yaml_config(path: str) -> dict[str, dict]:
-    """A config file: `model:` and `train:` sections, or flat keys that name fields of either."""
-    return split_sections(read_yaml_mapping(path, "--config"), f"--config '{path}'")
 
 
 def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
@@ -88,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.run import evaluate_run
+    from .runs import evaluate_run
 
     if args.lm_eval:
         from .extras import require
@@ -104,7 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     result = evaluate_run(args.run, data=args.data, max_tokens=args.tokens, batch_size=args.batch_size)
     if args.diagnostics:
-        from .eval.diagnostics import diagnose_run
+        from .runs import diagnose_run
 
         result["diagnostics"] = diagnose_run(args.run, max_tokens=min(args.tokens, 16_384))
     print(json.dumps(result) if args.json else
@@ -119,7 +115,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .eval.run import generate_from_run
+    from .runs import generate_from_run
 
     text = generate_from_run(args.run, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,

@@ -6,6 +6,7 @@ Every config in the project (model, training, generation) is a dataclass; this m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import math
@@ -36,14 +37,11 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
-            try:
+            with contextlib.suppress(ConfigError):  # the next member type may take it
                 return coerce(value, a, name)
-            except ConfigError as e:
-                errors.append(str(e))
         raise ConfigError(f"{name}: expected {_describe(tp)}, got {value!r}")
     if origin is Literal:
         choices = get_args(tp)

@@ -81,9 +81,6 @@ class CharTokenizer:
         return {"kind": self.kind, "chars": self.chars}
 
 
-TOKENIZER_KINDS = ("byte", "char", "bpe")
-
-
 def tokenizer_from_dict(d: dict) -> ByteTokenizer | CharTokenizer:
     kind = d.get("kind")
     if kind == "byte":

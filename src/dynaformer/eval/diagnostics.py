@@ -1,22 +1,26 @@
-"""Diagnostics of the residual stream, per layer (docs/design.md §7):
+"""Per-layer diagnostics of a model on token windows (docs/design.md §7), and their plots:
 
-- gradient norms per layer (of each block's attention and MLP weights) and the first/last ratio,
-  which tests the vanishing-gradient claims;
+- gradient norms per block: of the attention and MLP weights' current gradients (`layer_grad_norms`, which
+  the trainer logs at each log step; `grad_norms` after one backward on windows, with the first/last ratio
+  that tests the vanishing-gradient claims), or of all of a block's parameters after one backward on windows
+  (`block_grad_norms`, the study's measure);
 - branch-to-stream norm ratio per sub-layer: how much each update moves the stream;
-- attention ablation per layer: the validation-loss increase when one layer's attention output is zeroed
-  (the role of attention per layer);
+- attention ablation per layer: the loss increase when one layer's attention output is zeroed (the role of
+  attention per layer);
 - the learned residual coefficients, and for `dynamic` the distribution of the per-token weight;
 - plots: per-layer numbers, and gradient norms and coefficients over training (from metrics.jsonl,
   where the trainer logs `layer_grad_norm` and `res_*` at each log step).
 
-Everything takes a model and token windows (N, T+1), so it works on any checkpoint;
-`diagnose_run` does it for a run folder and writes diagnostics.json and plots into it.
+Everything takes a model and token windows (N, T+1), so it works on any checkpoint; runs.diagnose_run does
+it for a run folder and writes diagnostics.json and plots into it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -55,22 +59,40 @@ def _split(windows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, t
     return w[:, :-1], w[:, 1:]
 
 
-def grad_norms(model: nn.Module, windows: torch.Tensor) -> dict:
-    """One forward/backward on `windows` (N, T+1): per-layer gradient norms and first/last ratio.
-    Leaves the model's .grad as it found them (none)."""
-    device = next(model.parameters()).device
-    x, y = _split(windows, device)
+@contextlib.contextmanager
+def _backward(model: nn.Module, windows: torch.Tensor) -> Iterator[torch.Tensor]:
+    """One forward/backward of the mean loss on `windows` (N, T+1) in eval mode (no dropout: the gradient of
+    the function evaluated), from no gradients; yields the loss while the .grad are there, then clears them."""
+    x, y = _split(windows, next(model.parameters()).device)
     was_training = model.training
-    model.eval()  # no dropout: the gradient of the function evaluated
+    model.eval()
     model.zero_grad(set_to_none=True)
-    with torch.enable_grad():
-        _, loss = model(x, y)
-        loss.backward()
-    norms = layer_grad_norms(model)
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
+    try:
+        with torch.enable_grad():
+            _, loss = model(x, y)
+            loss.backward()
+        yield loss
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+
+def grad_norms(model: nn.Module, windows: torch.Tensor) -> dict:
+    """One forward/backward on `windows` (N, T+1): per-layer gradient norms (`layer_grad_norms`) and the
+    first/last ratio. Leaves the model's .grad as it found them (none)."""
+    with _backward(model, windows) as loss:
+        norms = layer_grad_norms(model)
     return {"layer_grad_norm": norms, "grad_ratio_first_last": norms[0] / norms[-1] if norms[-1] > 0 else math.inf,
             "loss": float(loss.detach())}
+
+
+def block_grad_norms(model: nn.Module, windows: torch.Tensor) -> list[float]:
+    """‖∂L/∂θ_l‖ per block l for the mean loss over `windows` (N, T+1), over all of the block's parameters
+    (residual gates and norms included), summed in float64: vanishing gradients show as small norms in the
+    first layers. The study's per-layer gradient norms (result.json `grad_norm_layers`)."""
+    with _backward(model, windows):
+        return [sum(float(p.grad.double().pow(2).sum()) for p in blk.parameters() if p.grad is not None) ** 0.5
+                for blk in _blocks(model)]
 
 
 @torch.no_grad()
@@ -112,7 +134,10 @@ def branch_stream_ratios(model: nn.Module, windows: torch.Tensor) -> list[float]
 
 
 @torch.no_grad()
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 16) -> float:
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = 16) -> float:
+    """Mean token loss: the model's own over one batch (batch_size None), or summed over batches."""
+    if batch_size is None:
+        return float(model(x, y)[1])
     total = 0.0
     for j in range(0, len(x), batch_size):
         logits, _ = model(x[j : j + batch_size])
@@ -121,20 +146,20 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 
 
 
 @torch.no_grad()
-def attention_ablation(model: nn.Module, windows: torch.Tensor) -> dict:
-    """Validation loss with each layer's attention output zeroed (one layer at a time), and the increase
-    over the intact model. A layer whose attention matters shows a large increase."""
-    device = next(model.parameters()).device
-    x, y = _split(windows, device)
+def attention_ablation(model: nn.Module, windows: torch.Tensor, batch_size: int | None = 16) -> dict:
+    """Loss with each layer's attention output zeroed (one layer at a time), and the increase over the intact
+    model: {"base_loss", "attn_ablation_increase": per layer}. A layer whose attention matters shows a large
+    increase. batch_size None scores all windows in one batch with the model's own loss (the study's way)."""
+    x, y = _split(windows, next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    base = _loss(model, x, y)
+    base = _loss(model, x, y, batch_size)
     increase = []
     try:
         for block in _blocks(model):
             h = block.attn.register_forward_hook(lambda mod, args, out: torch.zeros_like(out))
             try:
-                increase.append(_loss(model, x, y) - base)
+                increase.append(_loss(model, x, y, batch_size) - base)
             finally:
                 h.remove()
     finally:
@@ -268,23 +293,3 @@ def plot_training(metrics_path: Path, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def diagnose_run(path: str | Path, max_tokens: int = 16_384, device: str = "cpu") -> dict:
-    """Diagnostics of a run's newest checkpoint (or a step-N folder) on its validation split; writes
-    diagnostics.json, diagnostics.png and training_diagnostics.png into the run folder."""
-    from ..data import eval_windows, open_splits
-    from ..errors import DynaformerError
-    from .run import load_model
-
-    if max_tokens <= 0:
-        raise DynaformerError("eval: --tokens must be > 0")
-    model, _, ckpt = load_model(path, device)
-    run_dir = ckpt.parent
-    windows = eval_windows(open_splits(run_dir / "data").val, model.cfg.context_len, max_tokens)
-    diag = {"checkpoint": str(ckpt), **diagnose(model, windows)}
-    (run_dir / "diagnostics.json").write_text(json.dumps(diag, indent=1))
-    plots = [plot_diagnostics(diag, run_dir / "diagnostics.png"),
-             plot_training(run_dir / "metrics.jsonl", run_dir / "training_diagnostics.png")]
-    diag["plots"] = [str(p) for p in plots if p is not None]
-    return diag

@@ -67,7 +67,7 @@ class DynaformerLM(TemplateLM):
             if run is None:
                 raise DynaformerError("lm-eval: pass model=... and tokenizer=..., or model_args run=RUN "
                                       "(or pretrained=RUN)")
-            from ..eval.run import load_model
+            from ..runs import load_model
 
             model, tokenizer, _ = load_model(run, device=resolve_device(device))
             if not model.cfg.causal:
@@ -195,7 +195,7 @@ def run_lm_eval(run: str, tasks: str, limit: float | None = None, num_fewshot: i
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from ..eval.run import load_model
+    from ..runs import load_model
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:

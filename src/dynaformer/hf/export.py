@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..data.tokenizers import load_tokenizer
 from ..errors import DynaformerError
-from ..eval.run import load_model
+from ..runs import load_model
 from .bundle import AUTO_MAP, write_bundle
 from .modeling import DynaformerForCausalLM
 from .tokenization import to_hf_tokenizer

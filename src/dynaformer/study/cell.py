@@ -24,6 +24,7 @@ from ..configtools import from_dict
 from ..data import eval_windows
 from ..errors import DynaformerError, Interrupted
 from ..eval.compute import compute_summary, peak_memory_bytes
+from ..eval.diagnostics import attention_ablation, block_grad_norms
 from ..eval.longrange import evaluate_longrange
 from ..eval.perplexity import evaluate_windows
 from ..eval.text import evaluate_text
@@ -31,7 +32,7 @@ from ..locks import hostname
 from ..model import ModelConfig
 from ..train.config import TrainConfig
 from ..train.metrics import read_metrics
-from .diagnostics import attention_ablation, layer_grad_norms, recorded_diagnostics
+from .recorded import recorded_diagnostics
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -54,6 +55,19 @@ def _finite(x):
     if isinstance(x, list):
         return [_finite(v) for v in x]
     return x
+
+
+def last_step(cell_dir: Path) -> int:
+    """The last step the cell's run logged (0 before its first log line): read from the end of metrics.jsonl,
+    which a running trainer appends to, so it is cheap to poll."""
+    try:
+        with open(cell_dir / "run" / "metrics.jsonl", "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 4096))
+            lines = [ln for ln in f.read().decode(errors="ignore").splitlines() if ln.startswith("{")]
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (OSError, ValueError, KeyError, IndexError):
+        return 0
 
 
 def run_cell(cell_dir: Path, progress_bar: bool = False) -> dict:
@@ -175,8 +189,10 @@ def evaluate_trained(trainer, ev: dict) -> dict:
     diag_w = val_w[: ev["diag_windows"]]
     reach = _span_reach(model, diag_w[:, :-1])
     metrics = read_metrics(run.dir / "metrics.jsonl")
-    diagnostics = {"grad_norm_layers": layer_grad_norms(model, diag_w),
-                   "attn_ablation": attention_ablation(model, diag_w), **recorded_diagnostics(metrics)}
+    ablation = attention_ablation(model, diag_w, batch_size=None)
+    diagnostics = {"grad_norm_layers": block_grad_norms(model, diag_w),
+                   "attn_ablation": {"base_loss": ablation["base_loss"], "delta": ablation["attn_ablation_increase"]},
+                   **recorded_diagnostics(metrics)}
     compute = compute_summary(model, metrics, C, windows=diag_w[:, :-1])
     compute["peak_memory"], compute["peak_memory_kind"] = peak_memory_bytes(trainer.device)
     curve = [[r["step"], r["loss"]] for r in metrics if "loss" in r]

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..errors import DynaformerError
 from ..locks import holder, hostname, try_lock, unlock
-from .cell import run_cell, write_json
+from .cell import last_step, run_cell, write_json
 from .grid import Cell, Grid
 
 
@@ -67,9 +67,9 @@ def calibrate_steps(grid: Grid, cells: list[Cell], repeats: int = 5) -> dict[str
     variants are measured interleaved in this process (drifts in machine speed hit all alike)."""
     import torch
 
-    from ..bench.common import time_interleaved
     from ..configtools import from_dict
     from ..model import ModelConfig, Transformer
+    from ..timing import time_interleaved
 
     fns = {}
     first = {}
@@ -205,17 +205,6 @@ def prepare(grid: Grid, out: Path, skip_invalid: bool) -> list[Cell]:
     return [c for c in cells if not c.error]
 
 
-def _last_step(d: Path) -> int:
-    try:
-        with open(d / "run" / "metrics.jsonl", "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 4096))
-            lines = [ln for ln in f.read().decode(errors="ignore").splitlines() if ln.startswith("{")]
-        return int(json.loads(lines[-1])["step"]) if lines else 0
-    except (OSError, ValueError, KeyError, IndexError):
-        return 0
-
-
 # --- devices -------------------------------------------------------------------------------------
 
 def visible_gpus() -> int:
@@ -345,7 +334,7 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
                 running[c.key] = (proc, c, d)
                 bar.set_postfix_str(", ".join(running))
             for key, (proc, c, d) in list(running.items()):
-                s = c.steps if proc.poll() is not None else _last_step(d)
+                s = c.steps if proc.poll() is not None else last_step(d)
                 bar.update(max(0, s - done_steps[key]))
                 done_steps[key] = max(done_steps[key], s)
                 if proc.poll() is None:

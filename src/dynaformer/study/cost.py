@@ -21,10 +21,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..bench.common import time_interleaved
 from ..errors import ConfigError
 from ..model import ModelConfig, Transformer
 from ..resources import available_memory
+from ..timing import time_interleaved
 
 DECODE_TOKENS = 8  # greedy steps per timed decoding call
 

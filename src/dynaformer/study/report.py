@@ -54,14 +54,14 @@ def _read_result(d: Path) -> tuple[dict | None, str | None]:
     if not p.exists():
         run = d / "run"
         if (run / "metrics.jsonl").exists():
-            from .compare import _last_step
+            from .cell import last_step
 
             try:
                 spec = json.loads((d / "cell.json").read_text())
                 total = (spec.get("train") or spec["finetune"])["max_steps"]
             except (OSError, ValueError, KeyError):
                 total = "?"
-            step = _last_step(d)
+            step = last_step(d)
             if step == total:
                 return None, "no result.json: training finished but its evaluation did not (see cell.log)"
             return None, f"no result.json: training not finished (step {step}/{total})"

@@ -50,7 +50,7 @@ def attach_cost(col, lengths: list[int], repeats: int, cache_path: Path | None =
     import json
 
     from ..data import open_splits
-    from ..eval.run import load_model
+    from ..runs import load_model
 
     cells = [(v, r, d) for v in col.results for r, d in zip(col.results[v], col.dirs[v], strict=True)]
     if not cells:

@@ -1,11 +1,7 @@
-"""Mechanism-agnostic diagnostics measured by the harness, and the ones mechanisms record themselves.
+"""The diagnostics mechanisms record themselves into metrics.jsonl during training, grouped by family for
+the report (the ones the study measures on the trained model are in eval/diagnostics.py).
 
-Measured here on a trained model (any residual or span kind): per-layer gradient norms of the
-validation loss (vanishing gradients: the first/last ratio) and per-layer attention ablation (the
-validation-loss increase when one layer's attention output is zeroed: the role of attention per layer).
-
-Recorded by the mechanisms into metrics.jsonl and picked up by family (keys are matched loosely so the
-mechanism modules keep their own names):
+Keys are matched loosely so the mechanism modules keep their own names:
 - per-layer gradient norms over training: keys like `grad_norm/layer3`, `grad_norm_l3`, or a list under
   `layer_grad_norms` / `grad_norms`;
 - spans: keys containing `span` (`span/layer2/head1`, `span_mean/l2`, or lists per layer [per head]);
@@ -16,8 +12,6 @@ mechanism modules keep their own names):
 from __future__ import annotations
 
 import re
-
-import torch
 
 FAMILIES = {
     "layer_grad_norms": re.compile(r"^(layer_grad_norms?|grad_norms|grad_norm[/_.:-].+)$"),
@@ -63,46 +57,3 @@ def recorded_diagnostics(metrics: list[dict]) -> dict:
         names = sorted({n for d in by_step.values() for n in d})
         out[fname] = {"steps": steps, "series": {n: [by_step[s].get(n) for s in steps] for n in names}}
     return {"recorded": out}
-
-
-def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return list(getattr(model, "blocks", []))
-
-
-def layer_grad_norms(model: torch.nn.Module, windows: torch.Tensor) -> list[float]:
-    """‖∂L/∂θ_l‖ per block l for the mean loss over `windows` (N, T+1): vanishing gradients show as
-    small norms in the first layers."""
-    device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    model.zero_grad(set_to_none=True)
-    x, y = windows[:, :-1].to(device), windows[:, 1:].to(device)
-    with torch.enable_grad():
-        _, loss = model(x, y)
-        loss.backward()
-    norms = []
-    for blk in _blocks(model):
-        sq = sum(float(p.grad.double().pow(2).sum()) for p in blk.parameters() if p.grad is not None)
-        norms.append(sq**0.5)
-    model.zero_grad(set_to_none=True)
-    model.train(was)
-    return norms
-
-
-@torch.no_grad()
-def attention_ablation(model: torch.nn.Module, windows: torch.Tensor) -> dict:
-    """Validation-loss increase when each layer's attention output is replaced by zeros."""
-    device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    x, y = windows[:, :-1].to(device), windows[:, 1:].to(device)
-    base = float(model(x, y)[1])
-    deltas = []
-    for blk in _blocks(model):
-        handle = blk.attn.register_forward_hook(lambda m, a, out: torch.zeros_like(out))
-        try:
-            deltas.append(float(model(x, y)[1]) - base)
-        finally:
-            handle.remove()
-    model.train(was)
-    return {"base_loss": base, "delta": deltas}

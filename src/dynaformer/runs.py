@@ -1,21 +1,28 @@
-"""Load a trained run (run folder or step-N folder) and evaluate or sample from it."""
+"""A trained run put to use: load the model and tokenizer of a run folder's newest verified checkpoint (or of a
+step-N folder), and evaluate it on text, sample from it or diagnose it.
+
+This sits above both `train/` (it reads checkpoints with train/checkpoint.py) and `eval/` (it measures with
+it), so that the trainer can evaluate with eval/ while nothing in eval/ imports train/.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..configtools import from_dict
-from ..data import eval_windows, open_splits, read_text, tokenizer_from_dict
-from ..data.tokenizers import ByteTokenizer, CharTokenizer
-from ..errors import CheckpointError, ConfigError, DynaformerError
-from ..model import ModelConfig, Transformer
-from ..model.generate import generate
-from ..resources import check_fits_in_memory
-from ..train.checkpoint import check_fits, latest_checkpoint, load_model_state, read_model_shapes, verify_checkpoint
-from .perplexity import evaluate_windows
+from .configtools import from_dict
+from .data import eval_windows, open_splits, read_text, tokenizer_from_dict
+from .data.tokenizers import ByteTokenizer, CharTokenizer
+from .errors import CheckpointError, ConfigError, DynaformerError
+from .eval.diagnostics import diagnose, plot_diagnostics, plot_training
+from .eval.perplexity import evaluate_windows
+from .model import ModelConfig, Transformer
+from .model.generate import generate
+from .resources import check_fits_in_memory
+from .train.checkpoint import check_fits, latest_checkpoint, load_model_state, read_model_shapes, verify_checkpoint
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -79,3 +86,19 @@ def generate_from_run(path: str | Path, prompt: str, max_new_tokens: int, temper
     out = generate(model, torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    seed=seed, use_cache=use_cache, max_len=max_len)
     return tokenizer.decode(out[0].tolist())
+
+
+def diagnose_run(path: str | Path, max_tokens: int = 16_384, device: str = "cpu") -> dict:
+    """Diagnostics of a run's newest checkpoint (or a step-N folder) on its validation split; writes
+    diagnostics.json, diagnostics.png and training_diagnostics.png into the run folder."""
+    if max_tokens <= 0:
+        raise DynaformerError("eval: --tokens must be > 0")
+    model, _, ckpt = load_model(path, device)
+    run_dir = ckpt.parent
+    windows = eval_windows(open_splits(run_dir / "data").val, model.cfg.context_len, max_tokens)
+    diag = {"checkpoint": str(ckpt), **diagnose(model, windows)}
+    (run_dir / "diagnostics.json").write_text(json.dumps(diag, indent=1))
+    plots = [plot_diagnostics(diag, run_dir / "diagnostics.png"),
+             plot_training(run_dir / "metrics.jsonl", run_dir / "training_diagnostics.png")]
+    diag["plots"] = [str(p) for p in plots if p is not None]
+    return diag
