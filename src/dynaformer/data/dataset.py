@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import DynaformerError
-from ..files import sha256_file
+from ..files import sha256_file, write_json_atomic
 from .tokenizers import ByteTokenizer, CharTokenizer
 
 
@@ -43,9 +43,7 @@ def write_splits(text: str, tokenizer: ByteTokenizer | CharTokenizer, out_dir: P
         arr.tofile(tmp)
         meta[f"{name}_sha256"] = sha256_file(tmp)
         os.replace(tmp, out_dir / f"{name}.bin")
-    tmp = out_dir / ".meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out_dir / "meta.json")
+    write_json_atomic(out_dir / "meta.json", meta)
     return open_splits(out_dir, verify=False)  # just written and hashed
 
 

@@ -1,38 +1,34 @@
 """Fine-tuning a classifier (`dynaformer finetune`): from a pretrained run (its backbone and
-tokenizer) or from scratch, on a generated or JSONL classification task."""
+tokenizer) or from scratch, on a generated or JSONL classification task.
+
+The training loop is the trainer's (`train/trainer.py`): this module brings a `Workload` (the classifier, its
+batches of examples and its evaluation) and maps `FinetuneConfig` onto the loop's `TrainConfig`, so the
+schedule (`optim.lr_at`), checkpoints, resume and the clean stop on SIGINT/SIGTERM are the same as
+pretraining's (docs/design.md §6)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
-import os
-import signal
-import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from torch import nn
 
-from ..configtools import from_dict, to_dict
+from ..configtools import to_dict
 from ..data import ByteTokenizer
 from ..data.nlu import ClassificationData, Example, generate_task, load_jsonl_task
-from ..errors import CheckpointError, ConfigError, DynaformerError, Interrupted
+from ..errors import ConfigError, DynaformerError
 from ..eval.classification import classification_report
+from ..files import write_json_atomic
 from ..model import ModelConfig
 from ..model.classifier import SequenceClassifier
 from ..resources import check_threads
-from .checkpoint import (
-    latest_checkpoint,
-    load_trainer_state,
-    read_model_tensors,
-    remove_stale_temporaries,
-    save_checkpoint,
-)
-from .metrics import MetricsLog
-from .optim import make_optimizer
-from .state import load_optimizer_state, optimizer_state
+from .checkpoint import read_model_tensors
+from .config import TrainConfig
+from .rundir import Run
 
 
 @dataclass
@@ -50,6 +46,7 @@ class FinetuneConfig:
     max_steps: int = 500
     batch_size: int = 32
     lr: float = 1e-3
+    min_lr_ratio: float = 0.0  # cosine decays to lr · min_lr_ratio (optim.lr_at)
     warmup_steps: int = 50
     weight_decay: float = 0.01
     eval_interval: int = 100
@@ -70,6 +67,10 @@ class FinetuneConfig:
                 raise ConfigError(f"finetune.{name}: must be > 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"finetune.lr: must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"finetune.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"finetune.warmup_steps: must be ≥ 0, got {self.warmup_steps}")
         check_threads(self.threads, "finetune.threads")
         if self.ckpt_interval < 0 or self.keep_last < 0:
             raise ConfigError("finetune.ckpt_interval / keep_last: must be >= 0")
@@ -115,10 +116,11 @@ def evaluate(model: SequenceClassifier, ids, mask, y, distances, n_classes: int,
 _RESUMABLE = ("resume", "progress_bar", "threads", "device", "out", "eval_interval", "ckpt_interval", "keep_last")
 
 
-def _existing_run(out: Path, cfg: FinetuneConfig, info: dict) -> Path | None:
-    """The checkpoint to continue from, None for a fresh start; errors for a folder that is not this run."""
+def _existing_run(out: Path, cfg: FinetuneConfig, info: dict) -> bool:
+    """True when `out` holds this run (to continue from its newest good checkpoint), False for a fresh start;
+    errors for a folder that is not this run."""
     if not out.exists() or not any(out.iterdir()):
-        return None
+        return False
     if cfg.resume == "none":
         raise DynaformerError(f"run folder '{out}' already exists; choose another --out (or --resume auto)")
     try:
@@ -135,14 +137,112 @@ def _existing_run(out: Path, cfg: FinetuneConfig, info: dict) -> Path | None:
             if a.get(key) != b.get(key):
                 raise DynaformerError(f"run folder '{out}' holds a different run ({section}.{key}: {a.get(key)!r} "
                                       f"in the folder, {b.get(key)!r} now); choose another --out")
-    return latest_checkpoint(out)
+    return True
+
+
+class ExampleSampler:
+    """Batches of examples drawn with replacement by a seeded generator (its state is the sampler's state in
+    each checkpoint), cut to the longest real example of the batch."""
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 seed: int) -> None:
+        self.ids, self.mask, self.labels, self.batch_size = ids, mask, labels, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(self.ids), (self.batch_size,), generator=self.gen).to(self.ids.device)
+        mask = self.mask[idx]
+        T = int(mask.sum(1).max())
+        return self.ids[idx, :T], mask[:, :T], self.labels[idx]  # (B, T), (B, T), (B,)
+
+    def state_dict(self) -> dict:
+        return {"rng": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["rng"])
+
+
+class ClassifierWorkload:
+    """The trainer's workload for fine-tuning: the classifier, batches of examples, accuracy and macro-F1 on
+    the validation examples at each evaluation (`trainer.Workload`)."""
+
+    train_lines = False  # one metrics line per evaluation, with the loss of its step
+
+    def __init__(self, model: SequenceClassifier, data: ClassificationData, tokenizer, cfg: FinetuneConfig,
+                 info: dict, device: torch.device) -> None:
+        self.model, self.info, self.n_classes = model, info, len(data.labels)
+        ids, mask, y, _ = encode(data.train, tokenizer, data.labels, cfg.max_len)
+        self.sampler = ExampleSampler(ids.to(device), mask.to(device), y.to(device), cfg.batch_size, cfg.seed)
+        va = encode(data.val, tokenizer, data.labels, cfg.max_len)
+        self.val = (*(t.to(device) for t in va[:3]), va[3])
+        self.tokens_per_step = cfg.batch_size * cfg.max_len  # an upper bound (batches are cut to their longest)
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        return self.sampler.next()
+
+    def loss(self, forward: nn.Module, amp: Callable[[], contextlib.AbstractContextManager], ids: torch.Tensor,
+             mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with amp():
+            return forward(ids, mask, labels)[1]
+
+    def aux_loss(self) -> float:
+        return 0.0
+
+    def before_step(self, step: int, max_steps: int) -> None:
+        pass  # the backbone's progress τ stays as pretraining left it
+
+    def before_clip(self) -> None:
+        pass
+
+    def log_fields(self) -> dict:
+        return {}
+
+    def evaluate(self, forward: nn.Module, autocast: torch.dtype | None) -> dict:
+        return evaluate(self.model, *self.val, self.n_classes)
+
+    def eval_record(self, result: dict) -> dict:
+        return {"val_accuracy": result["accuracy"], "val_macro_f1": result["macro_f1"]}
+
+    def eval_line(self, r: dict) -> str:
+        return (f"step {r['step']:>5} | loss {r['loss']:.4f} | val_acc {r['val_accuracy']:.3f} | "
+                f"val_macro_f1 {r['val_macro_f1']:.3f}")
+
+    def config_record(self) -> dict:
+        return self.info
+
+    def finish(self, metrics_path: Path) -> None:
+        pass
+
+
+def loop_config(cfg: FinetuneConfig) -> TrainConfig:
+    """The trainer's config for a fine-tuning run: the same schedule fields; fp32 and AdamW, as before."""
+    return TrainConfig(
+        out=cfg.out, max_steps=cfg.max_steps, batch_size=cfg.batch_size, lr=cfg.lr, min_lr_ratio=cfg.min_lr_ratio,
+        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2,
+        grad_clip=cfg.grad_clip, eval_interval=cfg.eval_interval, log_interval=cfg.eval_interval,
+        ckpt_interval=cfg.ckpt_interval or cfg.eval_interval, keep_last=cfg.keep_last, seed=cfg.seed,
+        device=cfg.device, threads=cfg.threads, progress_bar=cfg.progress_bar, resume="auto", dtype="fp32")
+
+
+def _backbone(cfg: FinetuneConfig, model_cfg: ModelConfig) -> tuple[ModelConfig, object, dict | None]:
+    """(model config, tokenizer, backbone tensors): those of the run `cfg.init`, or new ones (no tensors)."""
+    from ..eval.run import load_model
+
+    init_tensors, tokenizer = None, ByteTokenizer()
+    if cfg.init:
+        backbone, tokenizer, ckpt = load_model(cfg.init)
+        model_cfg = backbone.cfg
+        init_tensors = read_model_tensors(ckpt)
+    else:
+        model_cfg.vocab_size = tokenizer.vocab_size
+        model_cfg.validate()
+    return model_cfg, tokenizer, init_tensors
 
 
 def finetune(cfg: FinetuneConfig, model_cfg: ModelConfig) -> dict:
     """Train a classifier; step-N checkpoints (weights, optimizer, sampler and RNG state) make an interrupted
     run continue bit-exactly with the same command (`--resume auto`, the default)."""
-    from ..eval.run import load_model
-    from .trainer import resolve_device
+    from .trainer import Trainer, resolve_device
 
     out = Path(cfg.out)
     device = resolve_device(cfg.device, "finetune.device")
@@ -150,110 +250,20 @@ def finetune(cfg: FinetuneConfig, model_cfg: ModelConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     data = load_task(cfg)
     torch.manual_seed(cfg.seed)
-    init_tensors = None
-    if cfg.init:
-        backbone, tokenizer, ckpt = load_model(cfg.init)
-        model_cfg = backbone.cfg
-        init_tensors = read_model_tensors(ckpt)
-    else:
-        tokenizer = ByteTokenizer()
-        model_cfg.vocab_size = tokenizer.vocab_size
-        model_cfg.validate()
+    model_cfg, tokenizer, init_tensors = _backbone(cfg, model_cfg)
     info = {"kind": "finetune", "finetune": to_dict(cfg), "model": to_dict(model_cfg), "labels": data.labels,
             "tokenizer": tokenizer.to_dict(), "n_train": len(data.train), "n_val": len(data.val)}
-    resume_from = _existing_run(out, cfg, info)
+    resume = _existing_run(out, cfg, info)
     model = SequenceClassifier(model_cfg, len(data.labels))
     if init_tensors is not None:
         model.backbone.load_state_dict(init_tensors, strict=False)
-    model.to(device)
-    tr = tuple(t.to(device) for t in encode(data.train, tokenizer, data.labels, cfg.max_len)[:3])
-    va = encode(data.val, tokenizer, data.labels, cfg.max_len)
-    va = (*(t.to(device) for t in va[:3]), va[3])
-    opt = make_optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    step, elapsed_before, result = 0, 0.0, {}
+    workload = ClassifierWorkload(model.to(device), data, tokenizer, cfg, info, device)
     out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    if resume_from is not None:
-        missing, unexpected = model.load_state_dict(read_model_tensors(resume_from), strict=False)
-        missing = [n for n in missing if not (n == "backbone.head.weight" and model_cfg.tie_embeddings)]
-        if missing or unexpected:
-            raise CheckpointError(f"checkpoint '{resume_from}' does not fit this classifier "
-                                  f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
-        state = load_trainer_state(resume_from)
-        load_optimizer_state(model, opt, state["optimizer"], sharded=False)
-        gen.set_state(state["sampler_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        step, elapsed_before, result = int(state["step"]), float(state["elapsed_s"]), state.get("result") or {}
-        print(f"resumed from {resume_from} (step {step})", file=sys.stderr)
-    tmp = out / ".run.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, out / "run.json")
-    if resume_from is None:  # a fresh start (maybe in a folder whose run died before its first checkpoint)
-        (out / "metrics.jsonl").write_text("")
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step if resume_from is not None else None)
-    t0 = time.perf_counter()
-    ckpt_every = cfg.ckpt_interval or cfg.eval_interval
-
-    def save() -> Path:
-        state = {"step": step, "elapsed_s": elapsed_before + time.perf_counter() - t0, "result": result,
-                 "optimizer": optimizer_state(model, opt, sharded=False), "sampler_rng": gen.get_state(),
-                 "torch_rng": torch.get_rng_state()}
-        return save_checkpoint(out, step, model.state_dict(), {**info, "step": step}, state, keep_last=cfg.keep_last)
-
-    stop: list[int] = []
-
-    def on_signal(signum, frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", leave=False,
-               disable=not (cfg.progress_bar and sys.stderr.isatty()))
-    try:
-        while step < cfg.max_steps and not stop:
-            step += 1
-            lr = cfg.lr * min(1.0, step / max(1, cfg.warmup_steps))
-            lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / cfg.max_steps)))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            idx = torch.randint(0, len(tr[0]), (cfg.batch_size,), generator=gen).to(device)
-            mask = tr[1][idx]
-            T = int(mask.sum(1).max())
-            _, loss = model(tr[0][idx, :T], mask[:, :T], tr[2][idx])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            bar.update(1)
-            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                result = evaluate(model, *va, len(data.labels))
-                rec = {"step": step, "elapsed_s": round(elapsed_before + time.perf_counter() - t0, 3),
-                       "loss": loss.item(), "val_accuracy": result["accuracy"], "val_macro_f1": result["macro_f1"]}
-                log.write(rec)
-                bar.write(f"step {step:>5}/{cfg.max_steps} | loss {loss.item():.4f} | "
-                          f"val_acc {result['accuracy']:.3f} | val_macro_f1 {result['macro_f1']:.3f}")
-            if step % ckpt_every == 0 or step == cfg.max_steps:
-                save()
-        if step < cfg.max_steps:
-            ckpt = save()
-            raise Interrupted(f"stopped by {signal.Signals(stop[0]).name} at step {step}; checkpoint saved to "
-                              f"{ckpt}; continue with the same command")
-    finally:
-        bar.close()
-        log.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    if not result:  # resumed from the final checkpoint of a finished run
-        result = evaluate(model, *va, len(data.labels))
-    tmp = out / ".eval.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / "eval.json")
-    chance = 1.0 / len(data.labels)
-    params = sum(p.numel() for p in model.parameters())
-    return {"run_dir": str(out), "chance": chance, "step": step, "params": params, **result}
-
-
-def finetune_config(values: dict) -> FinetuneConfig:
-    return from_dict(FinetuneConfig, values, "finetune")
+    write_json_atomic(out / "run.json", info)
+    run = Run(out, model_cfg, loop_config(cfg), tokenizer, splits=None, resumed=resume)
+    trainer = Trainer(run, workload=workload)
+    summary = trainer.fit()
+    result = trainer.last_val or workload.evaluate(model, None)
+    write_json_atomic(out / "eval.json", result)
+    return {"run_dir": str(out), "chance": 1.0 / len(data.labels), "step": summary["step"],
+            "params": summary["params"], **result}

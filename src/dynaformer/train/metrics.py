@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from ..files import write_text_atomic
 
 
 class MetricsLog:
@@ -20,9 +21,7 @@ class MetricsLog:
             # Drop lines from after the checkpoint we resume from: they will be recomputed.
             # A line cut short by a hard kill is dropped too.
             kept = [ln for ln in path.read_text().splitlines() if (r := _parse(ln)) and r.get("step", 0) <= resume_step]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(ln + "\n" for ln in kept))
         self._f = open(path, "a", buffering=1)
         self._tb = None
         self._series: set[str] = set()  # list-valued keys seen, for the custom-scalars layout

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from ..configtools import from_dict, to_dict
+from ..configtools import to_dict
 from ..data import ByteTokenizer, CharTokenizer, load_tokenizer, open_splits, read_text, save_tokenizer, write_splits
 from ..data.dataset import TokenSplits
-from ..errors import ConfigError, DynaformerError
+from ..errors import DynaformerError
+from ..files import write_json_atomic
 from ..model import ModelConfig
 from .config import RESUMABLE_CHANGES, TrainConfig, check_compatible
 
@@ -38,7 +39,7 @@ class Run:
     model_cfg: ModelConfig
     train_cfg: TrainConfig
     tokenizer: ByteTokenizer | CharTokenizer
-    splits: TokenSplits
+    splits: TokenSplits | None  # None for a fine-tuning run (its examples are not token files)
     resumed: bool
 
 
@@ -101,16 +102,14 @@ def load_run_json(run_dir: Path) -> dict:
         raise DynaformerError(f"'{run_dir}' is not a dynaformer run folder (no readable run.json)") from None
 
 
-def configs_from_run_json(info: dict) -> tuple[ModelConfig, TrainConfig]:
-    try:
-        return from_dict(ModelConfig, info["model"], "model"), from_dict(TrainConfig, info["train"], "train")
-    except (KeyError, ConfigError) as e:
-        raise DynaformerError(f"run.json is not from this version of dynaformer ({e})") from None
-
-
 # What a run folder holds before run.json is written: a crash then leaves only these, and the
 # next attempt may start the folder again.
-_SETUP_FILES = {"data", "tokenizer.json", ".run.json.tmp", ".lock"}  # .lock: the trainer's (locks.py)
+_SETUP_FILES = {"data", "tokenizer.json", ".lock"}  # .lock: the trainer's (locks.py)
+
+
+def _setup_only(entries: set[str]) -> bool:
+    """Only what a setup leaves before run.json exists (run.json's temporary included: files.py)."""
+    return all(e in _SETUP_FILES or e.startswith(".run.json.tmp") for e in entries)
 
 
 def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig, attach: bool = False) -> Run:
@@ -127,30 +126,38 @@ def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig, attach: bool = Fals
         raise DynaformerError(f"run folder '{run_dir}' exists and is not a folder")
     entries = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
     # An interrupted setup (no run.json, only setup files) holds nothing of value: start it again.
-    exists = bool(entries) and not (entries <= _SETUP_FILES and not (run_dir / "run.json").is_file())
-    if exists:
-        if not (run_dir / "run.json").is_file():
-            raise DynaformerError(f"'{run_dir}' exists and is not a dynaformer run folder; choose another --out")
-        info = load_run_json(run_dir)
-        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-        model_cfg.vocab_size = model_vocab_size(tokenizer, train_cfg)
-        diff = _first_difference(info.get("identity", {}), identity(model_cfg, train_cfg))
-        if train_cfg.resume == "none":
-            if diff:
-                raise DynaformerError(f"run folder '{run_dir}' holds a run with a different config ({diff}); "
-                                      f"choose another --out")
-            raise DynaformerError(f"run folder '{run_dir}' already holds this run; pass --resume auto to continue "
-                                  f"it, or choose another --out")
+    if entries and not (_setup_only(entries) and not (run_dir / "run.json").is_file()):
+        return _reopen_run(run_dir, model_cfg, train_cfg)
+    return _create_run(run_dir, model_cfg, train_cfg)
+
+
+def _reopen_run(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> Run:
+    """An existing folder: resumed when it holds this very run and resuming was asked for; an error otherwise."""
+    if not (run_dir / "run.json").is_file():
+        raise DynaformerError(f"'{run_dir}' exists and is not a dynaformer run folder; choose another --out")
+    info = load_run_json(run_dir)
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    model_cfg.vocab_size = model_vocab_size(tokenizer, train_cfg)
+    diff = _first_difference(info.get("identity", {}), identity(model_cfg, train_cfg))
+    if train_cfg.resume == "none":
         if diff:
-            raise DynaformerError(f"cannot resume '{run_dir}': the config differs ({diff})")
-        if train_cfg.tokenizer == "bpe":
-            from ..data.bpe import load_bpe_file
+            raise DynaformerError(f"run folder '{run_dir}' holds a run with a different config ({diff}); "
+                                  f"choose another --out")
+        raise DynaformerError(f"run folder '{run_dir}' already holds this run; pass --resume auto to continue "
+                              f"it, or choose another --out")
+    if diff:
+        raise DynaformerError(f"cannot resume '{run_dir}': the config differs ({diff})")
+    if train_cfg.tokenizer == "bpe":
+        from ..data.bpe import load_bpe_file
 
-            if load_bpe_file(train_cfg.tokenizer_file).to_dict() != tokenizer.to_dict():
-                raise DynaformerError(f"cannot resume '{run_dir}': tokenizer file '{train_cfg.tokenizer_file}' "
-                                      f"does not match the run's tokenizer (its tokenizer.json)")
-        return Run(run_dir, model_cfg, train_cfg, tokenizer, open_splits(run_dir / "data"), resumed=True)
+        if load_bpe_file(train_cfg.tokenizer_file).to_dict() != tokenizer.to_dict():
+            raise DynaformerError(f"cannot resume '{run_dir}': tokenizer file '{train_cfg.tokenizer_file}' "
+                                  f"does not match the run's tokenizer (its tokenizer.json)")
+    return Run(run_dir, model_cfg, train_cfg, tokenizer, open_splits(run_dir / "data"), resumed=True)
 
+
+def _create_run(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> Run:
+    """A new folder: tokenizer, token files, then run.json last (its presence marks a finished setup)."""
     text, source = read_text(train_cfg.data, model_cfg.context_len)
     if train_cfg.tokenizer == "bpe":
         from ..data.bpe import load_bpe_file
@@ -172,9 +179,7 @@ def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig, attach: bool = Fals
     info = {"identity": identity(model_cfg, train_cfg), "model": to_dict(model_cfg), "train": to_dict(train_cfg),
             "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "data": splits.meta,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "env": environment()}
-    tmp = run_dir / ".run.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2, ensure_ascii=False))
-    os.replace(tmp, run_dir / "run.json")
+    write_json_atomic(run_dir / "run.json", info, ensure_ascii=False)
     return Run(run_dir, model_cfg, train_cfg, tokenizer, splits, resumed=False)
 
 

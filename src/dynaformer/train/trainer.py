@@ -1,17 +1,24 @@
-"""The training loop: AdamW, warm-up + cosine, clipping, accumulation, autocast, periodic evaluation
-on a fixed budget, step-N checkpoints, bit-exact resume, clean stop on SIGINT/SIGTERM, non-finite
-step skipping, and DDP/FSDP2 under torchrun (applied from outside the model)."""
+"""The training loop, composed from parts (as torchtitan composes its trainer): the loop owns the optimizer
+and its schedule (`optim.lr_at`), clipping, accumulation, autocast, periodic evaluation, step-N checkpoints,
+bit-exact resume, a clean stop on SIGINT/SIGTERM, non-finite step skipping and DDP/FSDP2 under torchrun
+(applied from outside the model); a `Workload` brings the model, its batches and its evaluation.
+
+Two workloads exist: `LMWorkload` (pretraining on a run folder's tokens: next-token or masked-LM) and the
+classifier of `train/finetune.py`. Both therefore share one schedule, one checkpoint format and one resume
+path (docs/design.md §6)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from ..configtools import to_dict
@@ -49,6 +56,9 @@ from .state import (
     optimizer_state,
     sharded_state,
 )
+from .stop import StopOnSignal
+
+Amp = Callable[[], contextlib.AbstractContextManager]  # the loop's autocast context (a no-op in fp32)
 
 
 def resolve_device(name: str, field: str = "train.device") -> torch.device:
@@ -63,8 +73,120 @@ def resolve_device(name: str, field: str = "train.device") -> torch.device:
     return dev
 
 
+class Workload(Protocol):
+    """What the loop trains. `sampler` is the stateful batch source (`state_dict` / `load_state_dict`, saved in
+    every checkpoint); `model` the module whose parameters are optimised (before any wrapping)."""
+
+    model: nn.Module
+    sampler: Any
+    tokens_per_step: int  # per rank and micro-batch, for the tok/s column
+    # False: no training lines; each evaluation's line carries the loss of its step instead (the classifier's
+    # metrics.jsonl: one {step, elapsed_s, loss, val_...} per evaluation)
+    train_lines: bool
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]: ...
+    def loss(self, forward: nn.Module, amp: Amp, *batch: torch.Tensor) -> torch.Tensor: ...
+    def aux_loss(self) -> torch.Tensor | float: ...
+    def before_step(self, step: int, max_steps: int) -> None: ...
+    def before_clip(self) -> None: ...  # at log steps, with this step's unclipped gradients
+    def log_fields(self) -> dict: ...
+    def evaluate(self, forward: nn.Module, autocast: torch.dtype | None) -> dict: ...
+    def eval_record(self, result: dict) -> dict: ...  # the fields of an evaluation's metrics line
+    def eval_line(self, record: dict) -> str: ...
+    def config_record(self) -> dict: ...  # config.json of each checkpoint
+    def finish(self, metrics_path: Path) -> None: ...
+
+
+class LMWorkload:
+    """Pretraining on a run folder's tokens: next-token (or masked-LM) windows from the stateful sampler;
+    validation loss and bits per byte on fixed windows; task runs also score held-out answers."""
+
+    def __init__(self, run: Run, dist: DistInfo, device: torch.device) -> None:
+        cfg, mcfg = run.train_cfg, run.model_cfg
+        self.run, self.cfg, self.dist, self.device = run, cfg, dist, device
+        self.model = Transformer(mcfg).to(device)
+        self.sampler = BatchSampler(run.splits.train, cfg.batch_size, mcfg.context_len, cfg.seed,
+                                    rank=dist.rank, world=dist.world)
+        self.task_probe = None  # task runs: held-out answers, scored at every evaluation
+        if cfg.data.startswith("task:"):  # task rows (answer-only targets), optionally mixed with text
+            from ..data.tasks import TaskSampler, parse_task_spec
+            from ..eval.longrange import TaskProbe
+
+            spec = parse_task_spec(cfg.data)
+            self.sampler = TaskSampler(spec, cfg.batch_size, mcfg.context_len, cfg.seed,
+                                       rank=dist.rank, text_sampler=self.sampler if spec.text else None)
+            self.task_probe = TaskProbe(spec, self.sampler.length)
+        self.tokens_per_step = cfg.batch_size * mcfg.context_len
+        self.train_lines = True
+        self.val_windows = eval_windows(run.splits.val, mcfg.context_len, cfg.eval_tokens)
+        self.token_bytes = torch.from_numpy(run.tokenizer.token_bytes())
+        self.mask_id = run.tokenizer.vocab_size  # masked-LM only: the extra id after the tokenizer's
+        self.layer_grad_norm: list[float] | None = None  # per block, at log steps (eval/diagnostics.py)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of one micro-batch: shifted windows, or masked windows for masked-LM."""
+        cursor = self.sampler.cursor
+        x, y = self.sampler.next()
+        if self.cfg.objective == "mlm":
+            x, y = mask_tokens(x, self.mask_id, self.mask_id, step_generator(self.cfg.seed, cursor, self.dist.rank))
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def loss(self, forward: nn.Module, amp: Amp, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        weights = self.sampler.loss_weights(y)  # mixed task/text batches: each source averaged on its own
+        with amp():
+            if weights is None:
+                _, loss = forward(x, y)
+                return loss
+            logits, _ = forward(x)
+        ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
+                                               reduction="none")
+        return (ce * weights.flatten()).sum()
+
+    def aux_loss(self) -> torch.Tensor:
+        return self.model.aux_loss()  # the span penalty, if any
+
+    def before_step(self, step: int, max_steps: int) -> None:
+        self.model.progress.fill_(step / max_steps)  # τ of the dynamic residual (docs/design.md §3)
+
+    def before_clip(self) -> None:
+        self.layer_grad_norm = layer_grad_norms(self.model)
+
+    def log_fields(self) -> dict:
+        return {"progress": float(self.model.progress), "layer_grad_norm": self.layer_grad_norm,
+                **residual_stats(self.model), **span_stats(self.model)}
+
+    def evaluate(self, forward: nn.Module, autocast: torch.dtype | None) -> dict:
+        # Every rank evaluates the same windows (FSDP needs all ranks in each forward).
+        bs = 4 * self.cfg.batch_size
+        if self.cfg.objective == "mlm":
+            val = evaluate_mlm(forward, self.val_windows, bs, self.mask_id, self.mask_id, self.token_bytes,
+                               seed=self.cfg.seed)
+        else:
+            val = evaluate_windows(forward, self.val_windows, bs, self.token_bytes, autocast)
+        out = {"val_loss": val["loss"], "val_bpb": val["bpb"]}
+        if self.task_probe is not None:  # the loss over all tokens says little about the answers
+            out.update(self.task_probe.evaluate(forward, bs))
+        return out
+
+    def eval_record(self, result: dict) -> dict:
+        return result
+
+    def eval_line(self, record: dict) -> str:
+        return format_eval_line(record)
+
+    def config_record(self) -> dict:
+        return {"model": to_dict(self.run.model_cfg), "train": to_dict(self.cfg),
+                "tokenizer": self.run.tokenizer.to_dict()}
+
+    def finish(self, metrics_path: Path) -> None:
+        plot_span_heatmap(read_metrics(metrics_path), self.run.dir / "spans.png")
+
+
 class Trainer:
-    def __init__(self, run: Run, dist: DistInfo | None = None) -> None:
+    """The loop over `run` (its folder and `TrainConfig`) for a workload: by default `LMWorkload` on the
+    run's tokens; `finetune` passes its classifier."""
+
+    def __init__(self, run: Run, dist: DistInfo | None = None, workload: Workload | None = None) -> None:
         self.run_info = run
         self.cfg, self.mcfg = run.train_cfg, run.model_cfg
         self.dist = dist or DistInfo()
@@ -72,29 +194,16 @@ class Trainer:
             torch.set_num_threads(self.cfg.threads)
         self.device = self.dist.device if self.dist.enabled else resolve_device(self.cfg.device)
         torch.manual_seed(self.cfg.seed)
-        self.model = Transformer(self.mcfg).to(self.device)
+        self.workload = workload or LMWorkload(run, self.dist, self.device)
+        self.model = self.workload.model
         self.sharded = self.dist.enabled and self.cfg.parallel == "fsdp"
         no_decay = no_decay_names(self.model)  # before sharding: FSDP2 drops the parameters' tags
         self.wrapped = wrap_model(self.model, self.cfg.parallel, self.dist, self.device)
         self.optimizer = make_optimizer(self.model, self.cfg, no_decay)  # after sharding: FSDP2 swaps in DTensors
-        self.sampler = BatchSampler(run.splits.train, self.cfg.batch_size, self.mcfg.context_len, self.cfg.seed,
-                                    rank=self.dist.rank, world=self.dist.world)
-        self.task_probe = None  # task runs: held-out answers, scored at every evaluation
-        if self.cfg.data.startswith("task:"):  # task rows (answer-only targets), optionally mixed with text
-            from ..data.tasks import TaskSampler, parse_task_spec
-            from ..eval.longrange import TaskProbe
-
-            spec = parse_task_spec(self.cfg.data)
-            self.sampler = TaskSampler(spec, self.cfg.batch_size, self.mcfg.context_len, self.cfg.seed,
-                                       rank=self.dist.rank, text_sampler=self.sampler if spec.text else None)
-            self.task_probe = TaskProbe(spec, self.sampler.length)
-        self.val_windows = eval_windows(run.splits.val, self.mcfg.context_len, self.cfg.eval_tokens)
-        self.token_bytes = torch.from_numpy(run.tokenizer.token_bytes())
-        self.mask_id = run.tokenizer.vocab_size  # masked-LM only: the extra id after the tokenizer's
         self.autocast = torch.bfloat16 if self.cfg.dtype == "bf16" else None
         self.step, self.elapsed_before, self.lr_scale, self.bad_steps = 0, 0.0, 1.0, 0
         self.last_val: dict | None = None
-        self.layer_grad_norm: list[float] | None = None  # per block, at log steps (eval/diagnostics.py)
+        self.stop = StopOnSignal()
         if self.dist.is_main:
             remove_stale_temporaries(run.dir)
         if run.resumed:
@@ -103,7 +212,18 @@ class Trainer:
                                   tensorboard_dir=run.dir / "tensorboard" if self.cfg.tensorboard else None) \
             if self.dist.is_main else None
         self.forward = torch.compile(self.wrapped) if self.cfg.compile else self.wrapped
-        self._stop_signal: int | None = None
+
+    @property
+    def sampler(self) -> Any:
+        return self.workload.sampler
+
+    @property
+    def _stop_signal(self) -> int | None:  # tests stand in for a signal by setting it
+        return self.stop.signum
+
+    @_stop_signal.setter
+    def _stop_signal(self, signum: int | None) -> None:
+        self.stop.signum = signum
 
     # --- checkpoints -------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -133,9 +253,6 @@ class Trainer:
                                   f"nothing was changed; pass --resume restart to train this run again from "
                                   f"step 0 (its checkpoints are kept as set-aside-step-N)")
 
-    def _config_record(self) -> dict:
-        return {"model": to_dict(self.mcfg), "train": to_dict(self.cfg), "tokenizer": self.run_info.tokenizer.to_dict()}
-
     def _trainer_state(self) -> dict:
         state = {"step": self.step, "elapsed_s": self.elapsed(), "lr_scale": self.lr_scale,
                  "sampler": self.sampler.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -147,9 +264,10 @@ class Trainer:
     def save(self) -> Path:
         """Every rank takes part. Under torchrun each rank writes its own shards (DCP); otherwise, or with
         ckpt_format=full, the full state is gathered (FSDP) and rank 0 writes safetensors."""
+        config = self.workload.config_record()
         if self.dist.enabled and self.cfg.ckpt_format == "auto":
             tensors, param_groups = sharded_state(self.model, self.optimizer)
-            return save_dcp_checkpoint(self.run_info.dir, self.step, tensors, self._config_record(),
+            return save_dcp_checkpoint(self.run_info.dir, self.step, tensors, config,
                                        {**self._trainer_state(), "param_groups": param_groups},
                                        keep_last=self.cfg.keep_last)
         weights = model_state(self.model, self.sharded)
@@ -157,8 +275,7 @@ class Trainer:
         path = self.run_info.dir / f"step-{self.step}"
         if self.dist.is_main:
             state = {**self._trainer_state(), "optimizer": optim}
-            path = save_checkpoint(self.run_info.dir, self.step, weights, self._config_record(), state,
-                                   keep_last=self.cfg.keep_last)
+            path = save_checkpoint(self.run_info.dir, self.step, weights, config, state, keep_last=self.cfg.keep_last)
         barrier(self.dist)
         return path
 
@@ -187,32 +304,19 @@ class Trainer:
     def elapsed(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self._t0)
 
+    def amp(self) -> contextlib.AbstractContextManager:
+        dtype = self.autocast or torch.bfloat16  # any dtype when disabled
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast is not None)
+
     def evaluate(self) -> dict:
         # Every rank evaluates the same windows (FSDP needs all ranks in each forward).
-        model = self.forward if not self.dist.enabled else self.wrapped
-        if self.cfg.objective == "mlm":
-            return evaluate_mlm(model, self.val_windows, 4 * self.cfg.batch_size, self.mask_id, self.mask_id,
-                                self.token_bytes, seed=self.cfg.seed)
-        return evaluate_windows(model, self.val_windows, 4 * self.cfg.batch_size, self.token_bytes, self.autocast)
+        return self.workload.evaluate(self.forward if not self.dist.enabled else self.wrapped, self.autocast)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets) of one micro-batch: shifted windows, or masked windows for masked-LM."""
-        cursor = self.sampler.cursor
-        x, y = self.sampler.next()
-        if self.cfg.objective == "mlm":
-            x, y = mask_tokens(x, self.mask_id, self.mask_id, step_generator(self.cfg.seed, cursor, self.dist.rank))
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        return self.workload.next_batch()
 
-    def compute_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        weights = self.sampler.loss_weights(y)  # mixed task/text batches: each source averaged on its own
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
-            if weights is None:
-                _, loss = self.forward(x, y)
-                return loss
-            logits, _ = self.forward(x)
-        ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
-                                               reduction="none")
-        return (ce * weights.flatten()).sum()
+    def compute_loss(self, *batch: torch.Tensor) -> torch.Tensor:
+        return self.workload.loss(self.forward, self.amp, *batch)
 
     def train_step(self) -> tuple[float, float, bool]:
         """One optimizer step over grad_accum micro-batches → (loss, grad norm, applied?)."""
@@ -220,18 +324,18 @@ class Trainer:
         lr = lr_at(self.step, cfg) * self.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.progress.fill_(self.step / cfg.max_steps)
+        self.workload.before_step(self.step, cfg.max_steps)
         total = torch.zeros((), device=self.device)
         for i in range(cfg.grad_accum):
-            x, y = self.next_batch()
+            batch = self.next_batch()
             # DDP: all-reduce gradients only on the last micro-batch.
             skip_sync = self.dist.enabled and not self.sharded and i < cfg.grad_accum - 1
             with self.wrapped.no_sync() if skip_sync else contextlib.nullcontext():
-                loss = self.compute_loss(x, y)
-                ((loss + self.model.aux_loss()) / cfg.grad_accum).backward()  # aux: the span penalty, if any
+                loss = self.compute_loss(*batch)
+                ((loss + self.workload.aux_loss()) / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
         if (self.step + 1) % cfg.log_interval == 0 or self.step + 1 == cfg.max_steps:
-            self.layer_grad_norm = layer_grad_norms(self.model)  # before clipping; logged with this step
+            self.workload.before_clip()  # logged with this step
         if cfg.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
         else:
@@ -244,11 +348,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return float(total), float(gnorm), finite
-
-    def _on_signal(self, signum, frame) -> None:
-        if self._stop_signal is not None:
-            raise KeyboardInterrupt
-        self._stop_signal = signum
 
     def _log(self, record: dict, line: str, bar: tqdm) -> None:
         if self.metrics is not None:
@@ -274,61 +373,58 @@ class Trainer:
                   f"warning: {self.cfg.max_bad_steps} bad steps in a row: reloaded {ckpt}, lr × {scale}", bar)
 
     # --- the loop ----------------------------------------------------------------------------
+    def _after_step(self, loss: float, gnorm: float, window_dt: float, bar: tqdm) -> bool:
+        """Log, evaluate and checkpoint as the intervals ask; True when any of them ran (its time is not
+        a training step's)."""
+        cfg = self.cfg
+        last = self.step == cfg.max_steps
+        do_log = self.step % cfg.log_interval == 0 or last
+        do_eval = bool(cfg.eval_interval and self.step % cfg.eval_interval == 0) or last
+        do_save = bool(cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or last
+        if do_log and self.workload.train_lines:
+            tokens_per_step = self.workload.tokens_per_step * cfg.grad_accum * self.dist.world
+            rec = {"step": self.step, "elapsed_s": round(self.elapsed(), 4), "loss": loss,
+                   "lr": lr_at(self.step - 1, cfg) * self.lr_scale, "grad_norm": gnorm,
+                   "tok_s": tokens_per_step / window_dt, "ms_step": 1000 * window_dt, **self.workload.log_fields()}
+            self._log(rec, format_train_line(rec, cfg.max_steps), bar)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tok_s'] / 1000:.1f}k")
+        if do_eval:
+            self.last_val = self.evaluate()
+            rec = {"step": self.step, "elapsed_s": round(self.elapsed(), 4),
+                   **({} if self.workload.train_lines else {"loss": loss}), **self.workload.eval_record(self.last_val)}
+            self._log(rec, self.workload.eval_line(rec), bar)
+        if do_save:
+            self.save()
+        return do_log or do_eval or do_save
+
     def fit(self) -> dict:
         cfg = self.cfg
         self._t0 = time.perf_counter()
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.mcfg.context_len * self.dist.world
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True, leave=False,
                    disable=not (cfg.progress_bar and sys.stderr.isatty() and self.dist.is_main))
         window_t, window_steps = time.perf_counter(), 0
         try:
-            while self.step < cfg.max_steps and not any_rank(self._stop_signal is not None, self.dist):
-                loss, gnorm, ok = self.train_step()
-                window_steps += 1
-                bar.update(1)
-                if ok:
-                    self.bad_steps = 0
-                else:
-                    self._handle_bad_step(loss, gnorm, bar)
-                last = self.step == cfg.max_steps
-                do_log = self.step % cfg.log_interval == 0 or last
-                do_eval = bool(cfg.eval_interval and self.step % cfg.eval_interval == 0) or last
-                do_save = bool(cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or last
-                if do_log:
-                    dt = (time.perf_counter() - window_t) / window_steps
-                    rec = {"step": self.step, "elapsed_s": round(self.elapsed(), 4), "loss": loss,
-                           "lr": lr_at(self.step - 1, cfg) * self.lr_scale, "grad_norm": gnorm,
-                           "tok_s": tokens_per_step / dt, "ms_step": 1000 * dt, "progress": float(self.model.progress),
-                           "layer_grad_norm": self.layer_grad_norm, **residual_stats(self.model),
-                           **span_stats(self.model)}
-                    self._log(rec, format_train_line(rec, cfg.max_steps), bar)
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tok_s'] / 1000:.1f}k")
-                if do_eval:
-                    val = self.evaluate()
-                    self.last_val = {"val_loss": val["loss"], "val_bpb": val["bpb"]}
-                    if self.task_probe is not None:  # the loss over all tokens says little about the answers
-                        self.last_val.update(self.task_probe.evaluate(self.wrapped if self.dist.enabled
-                                                                      else self.forward, 4 * self.cfg.batch_size))
-                    rec = {"step": self.step, "elapsed_s": round(self.elapsed(), 4), **self.last_val}
-                    self._log(rec, format_eval_line(rec), bar)
-                if do_save:
-                    self.save()
-                if do_log or do_eval or do_save:
-                    window_t, window_steps = time.perf_counter(), 0  # time training steps only
-            if self.step < cfg.max_steps:  # stopped by a signal (on this rank or another)
-                ckpt = self.save()
-                name = signal.Signals(self._stop_signal).name if self._stop_signal else "a signal on another rank"
-                raise Interrupted(f"stopped by {name} at step {self.step}; checkpoint saved to {ckpt}; "
-                                  f"continue with --resume auto")
+            with self.stop:
+                while self.step < cfg.max_steps and not any_rank(self.stop.requested, self.dist):
+                    loss, gnorm, ok = self.train_step()
+                    window_steps += 1
+                    bar.update(1)
+                    if ok:
+                        self.bad_steps = 0
+                    else:
+                        self._handle_bad_step(loss, gnorm, bar)
+                    if self._after_step(loss, gnorm, (time.perf_counter() - window_t) / window_steps, bar):
+                        window_t, window_steps = time.perf_counter(), 0  # time training steps only
+                if self.step < cfg.max_steps:  # stopped by a signal (on this rank or another)
+                    ckpt = self.save()
+                    raise Interrupted(f"stopped by {self.stop.describe()} at step {self.step}; checkpoint saved to "
+                                      f"{ckpt}; continue with --resume auto")
         finally:
             bar.close()
             if self.metrics is not None:
                 self.metrics.close()
-                plot_span_heatmap(read_metrics(self.metrics.path), self.run_info.dir / "spans.png")
-            for s, h in handlers.items():
-                signal.signal(s, h)
+                self.workload.finish(self.metrics.path)
         val_loss = (self.last_val or {}).get("val_loss")
         return {"run_dir": str(self.run_info.dir), "step": self.step, "elapsed_s": round(self.elapsed(), 3),
-                **(self.last_val or {}), "params": self.model.num_params(),
+                **(self.last_val or {}), "params": sum(p.numel() for p in self.model.parameters()),
                 "diverged": val_loss is not None and not math.isfinite(val_loss)}
