@@ -226,7 +226,7 @@ def loop_config(cfg: FinetuneConfig) -> TrainConfig:
 
 def _backbone(cfg: FinetuneConfig, model_cfg: ModelConfig) -> tuple[ModelConfig, object, dict | None]:
     """(model config, tokenizer, backbone tensors): those of the run `cfg.init`, or new ones (no tensors)."""
-    from ..eval.run import load_model
+    from ..runs import load_model  # function-local: runs.py sits above train/ (docs/design.md §1)
 
     init_tensors, tokenizer = None, ByteTokenizer()
     if cfg.init:
