@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from ..eval.diagnostics import attention_ablation, block_grad_norms
 from ..eval.longrange import evaluate_longrange
 from ..eval.perplexity import evaluate_windows
 from ..eval.text import evaluate_text
+from ..files import write_json_atomic
 from ..locks import hostname
 from ..model import ModelConfig
 from ..train.config import TrainConfig
@@ -36,9 +36,7 @@ from .recorded import recorded_diagnostics
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{hostname()}-{os.getpid()}")  # pids repeat across hosts
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False, default=_clean))
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=1, allow_nan=False, default=_clean)
 
 
 def _clean(o):
