@@ -9,13 +9,8 @@ import torch
 
 from dynaformer.configtools import from_dict
 from dynaformer.errors import ConfigError
-from dynaformer.kernels.span import (
-    band_flops,
-    band_span_attention,
-    masked_sdpa_span_attention,
-    reference_span_attention,
-    span_attention,
-)
+from dynaformer.kernels import band_flops, band_native, band_span_attention, reference_span_attention, span_attention
+from dynaformer.kernels.span import masked_sdpa_span_attention
 from dynaformer.model import ModelConfig, Transformer
 from dynaformer.model.generate import generate
 from dynaformer.model.span import paid_span
@@ -44,7 +39,8 @@ CASES = [  # kind, B, H, Tq, Tk, span range, ramp
 
 
 @pytest.mark.parametrize("kind,B,H,Tq,Tk,zr,ramp", CASES)
-@pytest.mark.parametrize("impl", ["band_box", "band_gather", "band_recompute", "masked"])
+@pytest.mark.parametrize("impl", ["band_box", "band_gather", "band_recompute", "native", "native_recompute",
+                                  "masked"])
 def test_fast_paths_match_reference(kind, B, H, Tq, Tk, zr, ramp, impl):
     hard = kind == "fixed"
     q, k, v = (torch.randn(B, H, T, 16, requires_grad=True) for T in (Tq, Tk, Tk))
@@ -57,10 +53,16 @@ def test_fast_paths_match_reference(kind, B, H, Tq, Tk, zr, ramp, impl):
     ref = run(lambda: reference_span_attention(q, k, v, z, ramp, hard))
     if impl == "masked":
         got = run(lambda: masked_sdpa_span_attention(q, k, v, z, ramp, hard))
+    elif impl.startswith("native"):  # the compiled kernel (csrc/band_span.cpp)
+        if not band_native.available():
+            pytest.skip(f"compiled band kernel: {band_native.unavailable_reason()}")
+        keep = impl == "native"
+        got = run(lambda: band_span_attention(q, k, v, z, ramp, hard, chunk=16, keep_scores=keep, native=True))
     else:  # chunk 16: lengths are not multiples of it; box_waste 0/1 forces the gather / box batching
         waste = 0.0 if impl == "band_gather" else 1.0
         keep = impl != "band_recompute"  # recompute: the backward rebuilds P from the kept log-sum-exp
-        got = run(lambda: band_span_attention(q, k, v, z, ramp, hard, chunk=16, box_waste=waste, keep_scores=keep))
+        got = run(lambda: band_span_attention(q, k, v, z, ramp, hard, chunk=16, box_waste=waste, keep_scores=keep,
+                                              native=False))
     names = ["out", "dq", "dk", "dv", "dz"]
     for name, a, b in zip(names[: len(got)], got, ref, strict=True):
         assert _rel(a, b) <= 1e-5, (name, _rel(a, b))
@@ -149,7 +151,7 @@ def test_bounded_cache_equals_recomputation_after_dropping_keys(span):
             assert (torch.cat(parts, 1) - full).abs().max().item() <= 1e-5, chunks
     dense_bytes = 2 * model.cfg.n_layer * 2 * model.cfg.n_head * 60 * model.cfg.head_dim * 4
     assert cache.length == 60
-    held = sum(g["buf"].shape[-2] for layer in cache.layers for g in layer.groups)
+    held = sum(g.buf.shape[-2] for layer in cache.layers for g in layer.groups)
     assert held < model.cfg.n_layer * model.cfg.n_head * 60  # keys were dropped
     assert cache.nbytes() < dense_bytes
 
@@ -220,7 +222,7 @@ def test_flex_block_mask_matches_reference_forward(kind, monkeypatch):
     """The GPU path's kv-tile block mask and score_mod, run by eager FlexAttention on CPU (forward only:
     CPU has no FlexAttention backward; the compiled GPU kernel itself is unverified here)."""
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
-    import dynaformer.kernels.span as ks
+    import dynaformer.kernels.flex as ks
 
     monkeypatch.setattr(ks, "_FLEX_COMPILED", flex.flex_attention)
     q, k, v = (torch.randn(2, 2, T, 16) for T in (300, 428, 428))  # Tk > Tq, lengths not multiples of 128
@@ -229,9 +231,12 @@ def test_flex_block_mask_matches_reference_forward(kind, monkeypatch):
     assert _rel(got, reference_span_attention(q, k, v, z, 16.0, kind == "fixed")) <= 1e-5
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("keep", [True, False])
-def test_band_survives_an_invisible_key_that_outscores_every_visible_one(hard, keep):
+def test_band_survives_an_invisible_key_that_outscores_every_visible_one(hard, keep, native):
+    if native and not band_native.available():
+        pytest.skip(f"compiled band kernel: {band_native.unavailable_reason()}")
     # The band kernel's softmax takes the row max over all window columns; a key outside the span whose
     # score beats every visible one by far more than exp's range must not zero the visible row (NaN), nor
     # overflow when the backward recomputes P from the log-sum-exp.
@@ -244,7 +249,8 @@ def test_band_survives_an_invisible_key_that_outscores_every_visible_one(hard, k
     z = torch.full((1, H, 1), 20.0, requires_grad=not hard)
     go = torch.randn(B, H, T, D)
     ref = output_and_grads(lambda: reference_span_attention(q, k, v, z, 4.0, hard), [q, k, v, z], go)
-    got = output_and_grads(lambda: band_span_attention(q, k, v, z, 4.0, hard, chunk=16, keep_scores=keep),
+    got = output_and_grads(lambda: band_span_attention(q, k, v, z, 4.0, hard, chunk=16, keep_scores=keep,
+                                                               native=native),
                            [q, k, v, z], go)
     assert _rel(got[0], ref[0]) <= 1e-5
     for a, b in zip(got, ref, strict=True):  # gradients through |k| = 2000 keys: fp32 rounding ~1e-4 on both

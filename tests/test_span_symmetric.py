@@ -89,8 +89,8 @@ def test_far_reaching_tokens_widen_only_their_own_chunks():
     z[0, 1, 150] = z[1, 0, 20] = z[1, 0, 21] = 90.0
     z.requires_grad_(True)
     pieces = []
-    plan = S._plan
-    S._plan = lambda *a, **kw: pieces.extend(plan(*a, **kw)) or pieces
+    plan = S._encoder_pieces
+    S._encoder_pieces = lambda *a, **kw: pieces.extend(plan(*a, **kw)) or pieces
     try:
         go = torch.randn(B, H, T, 16)
         pad = torch.ones(B, T, dtype=torch.bool)
@@ -100,7 +100,7 @@ def test_far_reaching_tokens_widen_only_their_own_chunks():
         got = output_and_grads(lambda: band_symmetric_span_attention(q, k, v, z, 4.0, key_padding_mask=pad,
                                                                      chunk=16), [q, k, v, z], go)
     finally:
-        S._plan = plan
+        S._encoder_pieces = plan
     for a, b in zip(got, ref, strict=True):
         assert _rel(a, b) <= 1e-5
     long_e = [p.E for p in pieces if p.kind == "gather" and p.E >= 90]

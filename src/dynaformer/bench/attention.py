@@ -12,8 +12,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from ..kernels.span import band_flops, band_span_attention, span_attention
-from ..kernels.span_symmetric import symmetric_span_attention
+from ..kernels import band_flops, band_span_attention, span_attention, symmetric_span_attention
 from ..model import ModelConfig, Transformer
 from ..model.span_stats import span_stats
 from .common import time_interleaved

@@ -23,17 +23,18 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .span import (
-    _KEEP_BYTES,
-    _SCORE_BYTES,
+from ._tiles import (
+    KEEP_BYTES,
     NEG_INF,
-    _Expand,
-    _piece_size,
-    _round_up,
-    _span_grad,
+    SCORE_BYTES,
+    Expand,
     compute_dtype,
-    span_log_mask,
+    piece_size,
+    ramp_weights,
+    round_up,
+    span_grad,
 )
+from .span import span_log_mask
 
 
 def _padding_bias(T: int, key_padding_mask: torch.Tensor | None, dtype, device) -> torch.Tensor | None:
@@ -64,7 +65,7 @@ def symmetric_reach(z: torch.Tensor, ramp: float, hard: bool) -> torch.Tensor:
 
 
 class _SymmetricBand(torch.autograd.Function):
-    """Keeps P for the backward, or — above _KEEP_BYTES of tiles per call, or keep_scores=False — only each
+    """Keeps P for the backward, or — above KEEP_BYTES of tiles per call, or keep_scores=False — only each
     row's log-sum-exp, and the backward recomputes P (as the causal kernel does)."""
 
     @staticmethod
@@ -82,7 +83,7 @@ class _SymmetricBand(torch.autograd.Function):
         i = torch.arange(C, device=q.device, dtype=cdt)
         edge = torch.minimum(i, C - 1 - i)  # distance to the nearer chunk edge
         E_rc = (symmetric_reach(zc, ramp, hard) - 1 - edge).amax(-1).clamp(0, T)
-        E_rc = _round_up(E_rc.long(), 32).clamp_max(int(_round_up(torch.tensor(T), 32)))  # (BH, nC)
+        E_rc = round_up(E_rc.long(), 32).clamp_max(int(round_up(torch.tensor(T), 32)))  # (BH, nC)
         Emax = int(E_rc.max())
         L = Emax + nC * C + Emax  # padded key length: the windows of the first and last chunks fit
         scale = 1.0 / math.sqrt(D)
@@ -94,9 +95,9 @@ class _SymmetricBand(torch.autograd.Function):
         kb = torch.zeros(B, L, dtype=cdt, device=q.device).masked_fill_(~valid, NEG_INF)
         kb = kb[:, None].expand(B, H, L).contiguous().view(BH, L)
         out = torch.empty(BH, nC, C, D, dtype=cdt, device=q.device)
-        pieces = _plan(E_rc, C)
+        pieces = _encoder_pieces(E_rc, C)
         if keep_scores is None:
-            keep_scores = sum(_piece_size(p) * C * (2 * p.E + C) for p in pieces) * 4 <= _KEEP_BYTES
+            keep_scores = sum(piece_size(p) * C * (2 * p.E + C) for p in pieces) * 4 <= KEEP_BYTES
         saved = []
         for piece in pieces:
             E = piece.E
@@ -109,7 +110,7 @@ class _SymmetricBand(torch.autograd.Function):
             if lse is None:
                 S = _scores(Q, K, kbw, E, C)
                 lse = _softmax_(S, m, visible_max=True)
-            _put(piece, out, torch.bmm(S, V))
+            _store(piece, out, torch.bmm(S, V))
             saved.append((piece, S, None) if keep_scores else (piece, None, lse))
         ctx.saved = saved
         ctx.save_for_backward(qc, kp, vp, zc, out, kb)
@@ -142,11 +143,11 @@ class _SymmetricBand(torch.autograd.Function):
             dS = torch.bmm(dO, V.transpose(1, 2)).sub_(dl).mul_(P)
             if want_z:
                 dist = (i[:, None] + E - torch.arange(W, device=dout.device, dtype=cdt)[None, :]).abs()
-                g = sum(_span_grad(dS[..., cols], m) for cols, m in _ramp_parts(zs, dist, ramp, False, E, C))
-                _put(piece, dz, g.div_(ramp))
-            _put(piece, dq, torch.bmm(dS, K))
-            _fold(piece, dk, torch.bmm(dS.transpose(1, 2), Q), Emax, C, L)
-            _fold(piece, dv, torch.bmm(P.transpose(1, 2), dO), Emax, C, L)
+                g = sum(span_grad(dS[..., cols], m) for cols, m in _ramp_parts(zs, dist, ramp, False, E, C))
+                _store(piece, dz, g.div_(ramp))
+            _store(piece, dq, torch.bmm(dS, K))
+            _fold_windows(piece, dk, torch.bmm(dS.transpose(1, 2), Q), Emax, C, L)
+            _fold_windows(piece, dv, torch.bmm(P.transpose(1, 2), dO), Emax, C, L)
         ctx.saved = None
         dq = dq.mul_(scale).view(B, H, nC * C, D)[:, :, :T]
         dk = dk[:, Emax:Emax + T].reshape(B, H, T, D)
@@ -163,7 +164,7 @@ def _scores(Q: torch.Tensor, K: torch.Tensor, kbw: torch.Tensor, E: int, C: int)
     return S
 
 
-class _Piece(NamedTuple):
+class _EncoderPiece(NamedTuple):
     """A batch of chunk problems with the same reach E: "box" = rows r0..r1-1 × chunks a..b-1 (windows are
     strided views), "gather" = (rows, chunks) index tensors (windows are gathered)."""
     kind: str
@@ -171,35 +172,35 @@ class _Piece(NamedTuple):
     where: tuple
 
 
-def _plan(E_rc: torch.Tensor, C: int, waste: float = 0.15) -> list[_Piece]:
+def _encoder_pieces(E_rc: torch.Tensor, C: int, waste: float = 0.15) -> list[_EncoderPiece]:
     """Rows whose chunks need about the same reach run as boxes at the row's largest E (≤ `waste` of their
     work spent on unneeded keys); the chunks of other rows are gathered by E, so a few far-reaching tokens
-    widen only their own chunks' windows. Each piece stays under _SCORE_BYTES of scores."""
+    widen only their own chunks' windows. Each piece stays under SCORE_BYTES of scores."""
     BH, nC = E_rc.shape
     E_row = E_rc.amax(1)
     spent = ((E_row[:, None] - E_rc) * 2).sum(1).float() / ((2 * E_row + C) * nC).float()
     box_rows = (spent <= waste).tolist()
-    pieces: list[_Piece] = []
+    pieces: list[_EncoderPiece] = []
     by_e: dict[int, list[int]] = {}
     for r, ok in enumerate(box_rows):
         if ok:
             by_e.setdefault(int(E_row[r]), []).append(r)
     for E, rows in sorted(by_e.items()):
         per_chunk = C * (2 * E + C) * 4
-        for r0, r1, a, b in _tiles(rows, nC, per_chunk):
-            pieces.append(_Piece("box", E, (r0, r1, a, b)))
+        for r0, r1, a, b in _box_runs(rows, nC, per_chunk):
+            pieces.append(_EncoderPiece("box", E, (r0, r1, a, b)))
     rest = ~torch.tensor(box_rows, dtype=torch.bool, device=E_rc.device)[:, None].expand(BH, nC)
     for E in torch.unique(E_rc[rest]).tolist():
         idx = ((E_rc == E) & rest).nonzero()
-        step = max(1, _SCORE_BYTES // (C * (2 * E + C) * 4))
+        step = max(1, SCORE_BYTES // (C * (2 * E + C) * 4))
         for s in range(0, idx.shape[0], step):
-            pieces.append(_Piece("gather", int(E), (idx[s:s + step, 0], idx[s:s + step, 1])))
+            pieces.append(_EncoderPiece("gather", int(E), (idx[s:s + step, 0], idx[s:s + step, 1])))
     return pieces
 
 
-def _tiles(rows: list[int], nC: int, chunk_bytes: int):
+def _box_runs(rows: list[int], nC: int, chunk_bytes: int):
     """(r0, r1, a, b): runs of consecutive rows, all chunks, or one row and a run of chunks, each with at most
-    _SCORE_BYTES of scores."""
+    SCORE_BYTES of scores."""
     runs, start = [], rows[0]
     for prev, r in zip(rows, rows[1:] + [None], strict=True):
         if r != prev + 1:
@@ -207,18 +208,18 @@ def _tiles(rows: list[int], nC: int, chunk_bytes: int):
             start = r
     per_row = nC * chunk_bytes
     for r0, r1 in runs:
-        if per_row >= _SCORE_BYTES:
-            step = max(1, _SCORE_BYTES // chunk_bytes)
+        if per_row >= SCORE_BYTES:
+            step = max(1, SCORE_BYTES // chunk_bytes)
             for r in range(r0, r1):
                 for a in range(0, nC, step):
                     yield r, r + 1, a, min(nC, a + step)
         else:
-            step = max(1, _SCORE_BYTES // per_row)
+            step = max(1, SCORE_BYTES // per_row)
             for r in range(r0, r1, step):
                 yield r, min(r1, r + step), 0, nC
 
 
-def _window_rows(piece: _Piece, Emax: int, C: int, stride: int) -> torch.Tensor:
+def _window_rows(piece: _EncoderPiece, Emax: int, C: int, stride: int) -> torch.Tensor:
     """Gather pieces: (n, W) flat key rows of each problem's window in a (BH, stride) key layout."""
     rr, cc = piece.where
     W = 2 * piece.E + C
@@ -226,7 +227,7 @@ def _window_rows(piece: _Piece, Emax: int, C: int, stride: int) -> torch.Tensor:
     return start[:, None] + torch.arange(W, device=rr.device)
 
 
-def _operands(piece: _Piece, qc, kp, vp, zc, kb, Emax: int, L: int):
+def _operands(piece: _EncoderPiece, qc, kp, vp, zc, kb, Emax: int, L: int):
     """Q (n, C, D), K and V windows (n, W, D), spans (n, C), key bias (n, W) (None without kb). The window
     of chunk c starts at padded key position (Emax − E) + cC."""
     C, D = qc.shape[-2:]
@@ -249,7 +250,7 @@ def _operands(piece: _Piece, qc, kp, vp, zc, kb, Emax: int, L: int):
     return qc[r0:r1, a:b].reshape(-1, C, D), win(kp), win(vp), zc[r0:r1, a:b].reshape(-1, C), kbw
 
 
-def _take(piece: _Piece, x: torch.Tensor) -> torch.Tensor:
+def _take(piece: _EncoderPiece, x: torch.Tensor) -> torch.Tensor:
     """Per-chunk rows of x (BH, nC, C, ...) for the piece's problems → (n, C, ...)."""
     if piece.kind == "gather":
         return x[piece.where]
@@ -257,7 +258,7 @@ def _take(piece: _Piece, x: torch.Tensor) -> torch.Tensor:
     return x[r0:r1, a:b].reshape(-1, *x.shape[2:])
 
 
-def _put(piece: _Piece, dst: torch.Tensor, val: torch.Tensor) -> None:
+def _store(piece: _EncoderPiece, dst: torch.Tensor, val: torch.Tensor) -> None:
     if piece.kind == "gather":
         dst[piece.where] = val
         return
@@ -265,7 +266,7 @@ def _put(piece: _Piece, dst: torch.Tensor, val: torch.Tensor) -> None:
     dst[r0:r1, a:b] = val.view(r1 - r0, b - a, *val.shape[1:])
 
 
-def _fold(piece: _Piece, dst: torch.Tensor, g: torch.Tensor, Emax: int, C: int, L: int) -> None:
+def _fold_windows(piece: _EncoderPiece, dst: torch.Tensor, g: torch.Tensor, Emax: int, C: int, L: int) -> None:
     """Add window gradients g (n, W, D) back onto the keys dst (BH, L + C, D)."""
     W, D = g.shape[1:]
     if piece.kind == "gather":
@@ -280,11 +281,6 @@ def _fold(piece: _Piece, dst: torch.Tensor, g: torch.Tensor, Emax: int, C: int, 
         dst[r0:r1, p0:p0 + nc * C].view(nr, nc, C, D)[:, :, :w].add_(g[:, :, u:u + w])
 
 
-def _ramp(zs: torch.Tensor, dist: torch.Tensor, ramp: float, hard: bool) -> torch.Tensor:
-    r = 1.0 if hard else ramp
-    return torch.sub(((zs + r) / r).unsqueeze(-1), dist / r).clamp_(0.0, 1.0)
-
-
 def _ramp_parts(zs: torch.Tensor, dist: torch.Tensor, ramp: float, hard: bool, E: int, C: int) -> list:
     """m where it can be < 1: [(column slice, m (n, C, w))]. Window column j of a chunk holds keys at
     distance |i + E − j| from query i; a column farther than the piece's shortest span from some query of
@@ -295,11 +291,11 @@ def _ramp_parts(zs: torch.Tensor, dist: torch.Tensor, ramp: float, hard: bool, E
     left = max(0, min(W, math.ceil(E + C - 1 - zmin)))  # columns j < left: max_i d_ij > zmin
     right = max(0, min(W, math.floor(E + zmin) + 1))  # columns j ≥ right: likewise
     if left >= right:
-        return [(slice(0, W), _ramp(zs, dist, ramp, hard))]
+        return [(slice(0, W), ramp_weights(zs, dist, ramp, hard))]
     parts = []
     for cols in (slice(0, left), slice(right, W)):
         if cols.stop > cols.start:
-            parts.append((cols, _ramp(zs, dist[:, cols], ramp, hard)))
+            parts.append((cols, ramp_weights(zs, dist[:, cols], ramp, hard)))
     return parts
 
 
@@ -329,7 +325,7 @@ def band_symmetric_span_attention(q, k, v, z, ramp: float, hard: bool = False,
     B, H, T, _ = q.shape
     if z.dim() != 3:
         raise ValueError(f"z must be 3-d (B|1, H|1, T|1), got {tuple(z.shape)}")
-    zf = _Expand.apply(z.to(compute_dtype(q.dtype)), (B, H, T))
+    zf = Expand.apply(z.to(compute_dtype(q.dtype)), (B, H, T))
     return _SymmetricBand.apply(q, k, v, zf, key_padding_mask, float(ramp), hard, chunk, keep_scores)
 
 

@@ -1,0 +1,81 @@
+"""The compiled CPU band kernel (csrc/band_span.cpp), built on first use with torch's C++ extension loader.
+
+It is optional: `available()` is False where no C++ compiler is found (or the build fails; the reason is
+kept in `unavailable_reason()`), and callers fall back to the Python band kernel (kernels/band.py), which
+computes the same function. The build is cached per source, CPU and torch version under torch's extension
+folder (TORCH_EXTENSIONS_DIR), so it runs once per machine (≈ 1 min). DYNAFORMER_NATIVE=0 disables it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "band_span.cpp"
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_reason: str | None = None
+
+
+def _build_name() -> str:
+    """One build per source text, CPU kind and torch version: -march=native code must not meet another CPU."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(f"{platform.machine()} {_cpu_model()} {torch.__version__}".encode())
+    return f"dynaformer_band_{h.hexdigest()[:12]}"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def load() -> ModuleType | None:
+    """The compiled module, building it on first call; None (once warned) where it cannot be built."""
+    global _module, _reason
+    if _module is not None or _reason is not None:
+        return _module
+    with _lock:
+        if _module is not None or _reason is not None:
+            return _module
+        if os.environ.get("DYNAFORMER_NATIVE", "1") == "0":
+            _reason = "disabled by DYNAFORMER_NATIVE=0"
+            return None
+        if not SOURCE.exists():  # an exported model folder ships the Python kernels only
+            _reason = "its source is not shipped here"
+            return None
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            _reason = "no C++ compiler on PATH"
+            return None
+        try:
+            from torch.utils.cpp_extension import load as load_extension
+
+            flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+            _module = load_extension(_build_name(), [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                     verbose=False)
+        except Exception as e:  # noqa: BLE001 - any build failure means: use the Python kernel
+            _reason = f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+            warnings.warn(f"dynaformer: the compiled band kernel is unavailable ({_reason}); "
+                          "using the Python band kernel", stacklevel=2)
+        return _module
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def unavailable_reason() -> str | None:
+    load()
+    return _reason
