@@ -1,5 +1,6 @@
-"""Multi-head causal self-attention: fused QKV, rotary positions, SDPA, optional KV cache, optional span
-(model/span.py: fixed window, learned per head, or predicted per token; kernels/span.py computes it)."""
+"""Multi-head self-attention, causal (decoder) or bidirectional (encoder): fused QKV, rotary positions, SDPA,
+optional KV cache, optional span (model/span.py: fixed window, learned per head, or predicted per token;
+kernels/span.py and kernels/span_symmetric.py compute it)."""
 
 from __future__ import annotations
 
@@ -28,49 +29,51 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
         self.rotary = rotary  # shared across layers; holds no parameters
-        self.span = make_span(cfg)  # None: dense causal attention
+        self.span = make_span(cfg)  # None: dense attention
         self.span_impl = cfg.span_impl
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x: (B, T, C) the normed input → (B, T, C)."""
         B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         q, k = self.rotary(qkv[:2], ctx.start, ctx.pos).unbind(0)  # rotate q and k in one pass; each (B, H, T, D)
         v = qkv[2]
-        if self.span is not None and not ctx.causal:  # encoder: the same ramp on both sides
-            y = symmetric_span_attention(q, k, v, self.span(x, ctx), self.span.ramp, self.span.hard,
-                                         ctx.key_padding_mask, impl=self.span_impl)
-            return self.proj(y.transpose(1, 2).reshape(B, T, C))
-        if self.span is not None:
-            return self.proj(self._span_attention(x, q, k, v, ctx).transpose(1, 2).reshape(B, T, C))
-        if ctx.cache is not None:
-            k, v = ctx.cache.layers[self.layer_idx].append(k, v)  # (B, H, L, D), L = start + T
-        p = self.dropout if self.training else 0.0
-        if ctx.causal:
-            y = causal_attention(q, k, v, p, key_mask=ctx.key_mask)  # (B, H, T, D)
+        if self.span is None:
+            y = self._dense_attention(q, k, v, ctx)
         else:
-            y = bidirectional_attention(q, k, v, ctx.key_padding_mask, p)
+            y = self._span_attention(x, q, k, v, ctx)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def _dense_attention(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        if not ctx.causal:
+            return bidirectional_attention(q, k, v, ctx.key_padding_mask, p)
+        if ctx.cache is not None:  # a dense cache answers one group: every head, every key so far (B, H, L, D)
+            (_, k, v), = ctx.cache.layers[self.layer_idx].append(k, v)
+        return causal_attention(q, k, v, p, key_mask=ctx.key_mask)  # (B, H, T, D)
 
     def _span_attention(self, x, q, k, v, ctx: ForwardContext) -> torch.Tensor:
         """Span attention (no attention-probability dropout). With a span-bounded cache, each group of heads
         gets its own key window: only the keys those heads can still reach."""
-        check_span_impl(self.span_impl, q)
         z = self.span(x, ctx)  # (1, H, 1) or (B, H, T) spans in tokens
+        ctx.outputs.spans[self.layer_idx] = z.detach()
         impl, ramp, hard, km = self.span_impl, self.span.ramp, self.span.hard, ctx.key_mask
-
-        def keys(n: int) -> torch.Tensor | None:  # the padding mask of the last n keys (B, n)
-            return None if km is None else km[:, -n:]
-
+        if not ctx.causal:  # encoder: the same ramp on both sides
+            return symmetric_span_attention(q, k, v, z, ramp, hard, ctx.key_padding_mask, impl=impl)
+        check_span_impl(impl, q)
         if ctx.cache is None:
             return span_attention(q, k, v, z, ramp, hard, impl=impl, key_mask=km)
         groups = ctx.cache.layers[self.layer_idx].append(k, v)
-        if isinstance(groups, tuple):  # an unbounded cache: every key so far
-            return span_attention(q, groups[0], groups[1], z, ramp, hard, impl=impl, key_mask=km)
-        if len(groups) == 1:  # one bound for every head (dynamic spans): no per-group split
-            kg = groups[0][1]
-            return span_attention(q, kg, groups[0][2], z, ramp, hard, impl=impl, key_mask=keys(kg.shape[-2]))
+        if len(groups) == 1:  # one bound for every head: no per-group split
+            kg, vg = groups[0].k, groups[0].v
+            return span_attention(q, kg, vg, z, ramp, hard, impl=impl, key_mask=_last_keys(km, kg.shape[-2]))
         y = torch.empty_like(q)
         for heads, kg, vg in groups:  # (B, G, L_g, D) each, ending at the newest position
             y[:, heads] = span_attention(q[:, heads], kg, vg, z[:, heads], ramp, hard, impl=impl,
-                                         key_mask=keys(kg.shape[-2]))
+                                         key_mask=_last_keys(km, kg.shape[-2]))
         return y
+
+
+def _last_keys(key_mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """The padding mask (B, n) of the last n keys, or None for an unpadded batch."""
+    return None if key_mask is None else key_mask[:, -n:]

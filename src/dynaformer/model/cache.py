@@ -1,19 +1,34 @@
 """Key/value cache for incremental decoding: one preallocated buffer per layer, or, for span attention,
-a span-bounded buffer per group of heads that keeps only the keys those heads can still reach."""
+a span-bounded buffer per group of heads that keeps only the keys those heads can still reach.
+
+Both kinds answer `append` the same way: a list of `KeyGroup`s, each a set of heads with the keys and values
+they can see, ending at the newest position. A dense cache has one group holding every head."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+ALL_HEADS = slice(None)
+
+
+class KeyGroup(NamedTuple):
+    heads: slice | torch.Tensor  # which heads (an index into the head dimension)
+    k: torch.Tensor  # (B, G, L, D): the keys these heads can see, the newest last
+    v: torch.Tensor  # (B, G, L, D)
 
 
 class LayerCache:
+    """Every key so far in one buffer (B, H, max_len, D), allocated up front: appending is a copy into it."""
+
     def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype, device) -> None:
         self.k = torch.empty(batch, n_head, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         self.length = 0
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H, T, D); return every cached key and value so far (B, H, L, D)."""
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> list[KeyGroup]:
+        """Store k, v (B, H, T, D); return one group: every head, every key and value so far (B, H, L, D)."""
         T = k.shape[-2]
         end = self.length + T
         if end > self.k.shape[-2]:
@@ -21,7 +36,7 @@ class LayerCache:
         self.k[:, :, self.length : end] = k
         self.v[:, :, self.length : end] = v
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return [KeyGroup(ALL_HEADS, self.k[:, :, :end], self.v[:, :, :end])]
 
     def nbytes(self) -> int:
         """Bytes held by the keys and values actually stored."""
@@ -29,53 +44,65 @@ class LayerCache:
         return 2 * per_pos * self.length
 
 
+class _BoundedGroup:
+    """Heads sharing one key bound: a buffer (2, B, G, keep + slack, D) filled up to `fill`."""
+
+    __slots__ = ("heads", "keep", "buf", "fill")
+
+    def __init__(self, heads: slice | torch.Tensor, keep: int, buf: torch.Tensor) -> None:
+        self.heads, self.keep, self.buf, self.fill = heads, keep, buf, 0
+
+    def append(self, kn: torch.Tensor, vn: torch.Tensor) -> KeyGroup:
+        """Store kn, vn (B, G, T, D); return the keys and values this call needs (at least the last `keep`)."""
+        buf, fill, keep, T = self.buf, self.fill, self.keep, kn.shape[-2]
+        if fill + T <= buf.shape[-2]:  # room left: write in place
+            buf[0, :, :, fill : fill + T] = kn
+            buf[1, :, :, fill : fill + T] = vn
+            self.fill = fill + T
+            return KeyGroup(self.heads, buf[0, :, :, : fill + T], buf[1, :, :, : fill + T])
+        # Full: the keys this call needs, then keep only the last `keep` of them at the front.
+        old = min(fill, keep)
+        ka = torch.cat([buf[0, :, :, fill - old : fill], kn], dim=2)
+        va = torch.cat([buf[1, :, :, fill - old : fill], vn], dim=2)
+        n = min(keep, ka.shape[-2])
+        buf[0, :, :, :n] = ka[:, :, -n:]
+        buf[1, :, :, :n] = va[:, :, -n:]
+        self.fill = n
+        return KeyGroup(self.heads, ka, va)
+
+
 class BoundedLayerCache:
     """Span-bounded cache: head h keeps only its last keep[h] keys (its reach: max span + ramp + slack), so the
     bytes fall with the spans. Heads with the same bound share a trimmed buffer of keep + keep/4 slots: new
     keys are written in place and the buffer is compacted (last keep keys moved to the front) when full.
 
-    `append` returns [(heads, k, v)] per group, k and v (B, G, L, D) ending at the newest position; keys
-    older than the reach are gone, which the span mask would have zeroed anyway."""
+    `append` returns one `KeyGroup` per bound; keys older than the reach are gone, which the span mask would
+    have zeroed anyway."""
 
     def __init__(self, batch: int, keep: list[int], head_dim: int, dtype, device) -> None:
         by_keep: dict[int, list[int]] = {}
         for h, n in enumerate(keep):
             by_keep.setdefault(n, []).append(h)
-        self.groups = []
+        self.groups: list[_BoundedGroup] = []
         for n, heads in sorted(by_keep.items()):
             contiguous = heads == list(range(heads[0], heads[-1] + 1))
             index = slice(heads[0], heads[-1] + 1) if contiguous else torch.tensor(heads, device=device)
+            if len(by_keep) == 1:
+                index = ALL_HEADS  # one bound for every head: no per-group split
             slack = max(4, n // 4)  # compaction (a copy of `keep` keys) every `slack` tokens
             buf = torch.empty(2, batch, len(heads), n + slack, head_dim, dtype=dtype, device=device)
-            self.groups.append({"heads": index, "keep": n, "buf": buf, "fill": 0})
+            self.groups.append(_BoundedGroup(index, n, buf))
         self.length = 0  # positions seen (not stored)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> list[tuple]:
-        T = k.shape[-2]
-        out = []
-        for g in self.groups:
-            buf, fill, keep = g["buf"], g["fill"], g["keep"]
-            kn, vn = k[:, g["heads"]], v[:, g["heads"]]
-            if fill + T <= buf.shape[-2]:
-                buf[0, :, :, fill : fill + T] = kn
-                buf[1, :, :, fill : fill + T] = vn
-                g["fill"] = fill + T
-                ka, va = buf[0, :, :, : fill + T], buf[1, :, :, : fill + T]
-            else:  # the keys this call needs, then keep only the last `keep` of them
-                old = min(fill, keep)
-                ka = torch.cat([buf[0, :, :, fill - old : fill], kn], dim=2)
-                va = torch.cat([buf[1, :, :, fill - old : fill], vn], dim=2)
-                n = min(keep, ka.shape[-2])
-                buf[0, :, :, :n] = ka[:, :, -n:]
-                buf[1, :, :, :n] = va[:, :, -n:]
-                g["fill"] = n
-            out.append((g["heads"], ka, va))
-        self.length += T
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> list[KeyGroup]:
+        """Store k, v (B, H, T, D); return per group of heads the keys and values (B, G, L, D) they can see."""
+        out = [g.append(k[:, g.heads], v[:, g.heads]) for g in self.groups]
+        self.length += k.shape[-2]
         return out
 
     def nbytes(self) -> int:
         """Bytes allocated for keys and values (the full buffers, slack included)."""
-        return sum(g["buf"].numel() * g["buf"].element_size() for g in self.groups)
+        return sum(g.buf.numel() * g.buf.element_size() for g in self.groups)
 
 
 class KVCache:

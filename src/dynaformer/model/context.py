@@ -1,12 +1,22 @@
-"""What a forward pass knows besides the hidden states: positions, training progress, the cache, padding."""
+"""What a forward pass knows besides the hidden states (positions, training progress, the cache, padding), and
+what it reports besides them (`ForwardOutputs`: auxiliary losses, spans), collected as it runs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .cache import KVCache
+
+
+@dataclass
+class ForwardOutputs:
+    """Side outputs of one forward pass. Modules add to it through `ForwardContext.outputs`; the Transformer keeps
+    the last forward's (`Transformer.aux_loss`, `Transformer.last_spans`), so nothing is stored on submodules."""
+
+    aux_losses: list[torch.Tensor] = field(default_factory=list)  # to add to the training loss (span penalty)
+    spans: dict[int, torch.Tensor] = field(default_factory=dict)  # layer → spans z (1|B, H, 1|T), detached
 
 
 @dataclass
@@ -20,10 +30,7 @@ class ForwardContext:
     # Padded causal batches (`attention_mask`); both None for unpadded input, which keeps the fast kernels.
     pos: torch.Tensor | None = None  # (B, T) long: each token's position counted from its row's first real token
     key_mask: torch.Tensor | None = None  # (B, start + T) bool over every key so far, True = a real token
-
-    def positions(self, device: torch.device) -> torch.Tensor:
-        """(T,) absolute positions of the tokens of this call: each token's own prefix length."""
-        return torch.arange(self.start, self.start + self.length, device=device)
+    outputs: ForwardOutputs = field(default_factory=ForwardOutputs)
 
 
 def padding_from_mask(attention_mask: torch.Tensor, batch: int, start: int,

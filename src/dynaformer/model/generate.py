@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import DynaformerError
+from .cache import KVCache
 from .transformer import Transformer
 
 
@@ -30,6 +31,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)
+
+
+def _last_logits(model: Transformer, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    """(B, V) logits of the last position only: the head runs on one token, not on the whole window."""
+    return model.head(model.hidden(ids, cache)[:, -1])
 
 
 @torch.no_grad()
@@ -53,24 +59,28 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
     gen = None
     if seed is not None:
         gen = torch.Generator(device=device).manual_seed(seed)
-    seq = prompt.to(device)
-    cache = None
+    B, T0 = prompt.shape
+    # Every token this call can produce, in one buffer written in place: no per-token concatenation.
+    seq = torch.empty(B, T0 + max_new_tokens, dtype=prompt.dtype, device=device)
+    seq[:, :T0] = prompt
+    n, cache = T0, None
     try:
         for _ in range(max_new_tokens):
-            window = seq[:, -max_len:]
+            window = seq[:, max(0, n - max_len) : n]
             if not use_cache:
-                logits, _ = model(window)
+                logits = _last_logits(model, window)
             elif cache is None or cache.length >= max_len:
                 # (Re)fill the cache from the window: the first step, or after the window slid.
                 # Sized to what this call can hold, not to max_len (a context of 10⁹ must not allocate it).
-                cache = model.new_cache(seq.size(0), min(max_len, prompt.size(1) + max_new_tokens))
-                logits, _ = model(window, cache=cache)
+                cache = model.new_cache(B, min(max_len, T0 + max_new_tokens))
+                logits = _last_logits(model, window, cache)
             else:
-                logits, _ = model(seq[:, -1:], cache=cache)
-            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, gen)
-            seq = torch.cat([seq, nxt], dim=1)
+                logits = _last_logits(model, seq[:, n - 1 : n], cache)
+            nxt = sample_next(logits, temperature, top_k, top_p, gen)  # (B, 1)
+            seq[:, n : n + 1] = nxt
+            n += 1
             if eos_id is not None and bool((nxt == eos_id).all()):
                 break
     finally:
         model.train(was_training)
-    return seq
+    return seq[:, :n]

@@ -24,17 +24,20 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """Rotary position embedding (Su et al. 2021, RoFormer), applied to q and k by absolute position.
 
-    The cos/sin table grows on demand, so positions beyond the training context work (extrapolation).
+    The cos/sin table covers every position up front: `reserve(n)` (the KV cache calls it with its capacity) builds
+    it to n, so decoding only slices it; a call beyond the table grows it, so positions past the training context
+    work (extrapolation).
     """
 
     def __init__(self, head_dim: int, base: float) -> None:
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
-        self._cos: torch.Tensor | None = None
+        self._cos: torch.Tensor | None = None  # (N, D/2) for positions 0 .. N-1
         self._sin: torch.Tensor | None = None
 
-    def _table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def reserve(self, length: int, device: torch.device) -> None:
+        """Make the table cover positions 0 .. length-1 on `device`."""
         if self._cos is None or self._cos.shape[0] < length or self._cos.device != device:
             n = max(length, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
             # Built as normal tensors even under inference_mode, so a later training step can use them.
@@ -42,17 +45,23 @@ class Rotary(nn.Module):
                 t = torch.arange(n, device=device, dtype=torch.float64)
                 freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float64).clone())
                 self._cos, self._sin = freqs.cos().float(), freqs.sin().float()
-        return self._cos, self._sin
 
     def forward(self, x: torch.Tensor, start: int, pos: torch.Tensor | None = None) -> torch.Tensor:
         """x: (..., T, D) at positions start .. start+T-1, or (..., B, H, T, D) at per-row positions pos (B, T)
         (padded batches; every pos < start + T)."""
         T = x.shape[-2]
-        cos, sin = self._table(start + T, x.device)
+        self.reserve(start + T, x.device)
         if pos is not None:  # (B, 1, T, D/2): broadcast over heads
-            return _Rotate.apply(x, cos[pos].unsqueeze(-3).to(x.dtype), sin[pos].unsqueeze(-3).to(x.dtype))
-        cos, sin = cos[start : start + T].to(x.dtype), sin[start : start + T].to(x.dtype)  # (T, D/2)
-        return _Rotate.apply(x, cos, sin)
+            cos, sin = self._cos[pos].unsqueeze(-3), self._sin[pos].unsqueeze(-3)
+        else:
+            cos, sin = self._cos[start : start + T], self._sin[start : start + T]  # (T, D/2)
+        if cos.dtype != x.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _Rotate.apply(x, cos, sin)
+        out = torch.empty_like(x)  # no autograd: the four ops alone (decoding pays per op, not per element)
+        _rotate_into(out, x, cos, sin, 1.0)
+        return out
 
 
 def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> None:

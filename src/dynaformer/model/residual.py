@@ -12,7 +12,8 @@ Kinds (`ModelConfig.residual`), with F the branch and N an RMSNorm:
     deepnorm    x ← N(α·x + F(x)),         α = (2L)^¼, branch init gain β = (8L)^-¼   Wang et al. 2022
     dynamic     x ← x + c·s(τ)·m(p, x)·F(N(x))                    this project (docs/design.md §3)
 
-Modules that learn coefficients report them through `coefficients()` (floats, for metrics.jsonl);
+Every kind reports its learned coefficients through `coefficients(progress)` (floats, for metrics.jsonl; {} for
+kinds that learn none; progress τ is used by the kinds whose coefficients depend on it);
 `residual_stats(model)` gathers them over all sub-layers. `additive` tells diagnostics whether the
 new stream is `x + update` (so update = output − input) or a normalised sum; `skip_scale` is the
 weight on the skip path.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +62,7 @@ class PreNormResidual(nn.Module):
     def forward(self, x: torch.Tensor, branch: Branch, ctx: ForwardContext) -> torch.Tensor:
         return x + branch(self.norm(x))
 
-    def coefficients(self) -> dict[str, float]:
+    def coefficients(self, progress: torch.Tensor | None = None) -> dict[str, float]:
         return {}
 
 
@@ -77,7 +79,7 @@ class PostNormResidual(nn.Module):
     def forward(self, x: torch.Tensor, branch: Branch, ctx: ForwardContext) -> torch.Tensor:
         return self.norm(x + branch(x))
 
-    def coefficients(self) -> dict[str, float]:
+    def coefficients(self, progress: torch.Tensor | None = None) -> dict[str, float]:
         return {}
 
 
@@ -112,8 +114,8 @@ class DeepNormResidual(PostNormResidual):
 
 
 class ReZeroResidual(nn.Module):
-    """x ← x + α·F(x), α = 0 (Bachlechner et al. 2021, "ReZero is All You Need"): no norm, each
-    sub-layer starts as the identity and learns how much to add."""
+    """x ← x + α·F(x), α = 0 (Bachlechner et al. 2020, "ReZero is All You Need", arXiv 2003.04887): no norm,
+    each sub-layer starts as the identity and learns how much to add."""
 
     additive, skip_scale = True, 1.0
 
@@ -124,7 +126,7 @@ class ReZeroResidual(nn.Module):
     def forward(self, x: torch.Tensor, branch: Branch, ctx: ForwardContext) -> torch.Tensor:
         return torch.addcmul(x, branch(x), self.alpha)
 
-    def coefficients(self) -> dict[str, float]:
+    def coefficients(self, progress: torch.Tensor | None = None) -> dict[str, float]:
         return {"alpha": float(_host(self.alpha))}
 
 
@@ -148,9 +150,22 @@ class LayerScaleResidual(nn.Module):
     def forward(self, x: torch.Tensor, branch: Branch, ctx: ForwardContext) -> torch.Tensor:
         return torch.addcmul(x, branch(self.norm(x)), self.scale)
 
-    def coefficients(self) -> dict[str, float]:
+    def coefficients(self, progress: torch.Tensor | None = None) -> dict[str, float]:
         scale = _host(self.scale)
         return {"scale_mean": float(scale.mean()), "scale_absmax": float(scale.abs().max())}
+
+
+class _Frozen(NamedTuple):
+    """DynamicResidual's inference tables (no autograd), valid while `key` (the in-place versions of τ and of
+    each gate) is unchanged; the weight of a token at position p is `base[p] + tanh(N(x) wᵀ) γ'`."""
+
+    key: list[int]
+    size: int  # positions covered: 0 .. size-1
+    base: torch.Tensor  # (size, 1) c·s(τ)·(1 + β·φ(p)), in h's dtype
+    base_list: list[float]  # the same as Python floats (addmm's beta when decoding one token)
+    gamma_t: torch.Tensor | None  # (k, 1) γ' = c·s(τ)·γ; None without the content term
+    w_t: torch.Tensor | None  # (C, k) wᵀ
+    one: torch.Tensor | None  # (1, 1) a one, addmm's bias
 
 
 class DynamicResidual(nn.Module):
@@ -201,7 +216,7 @@ class DynamicResidual(nn.Module):
         self.enabled = bool(self._gates)
         self.log_p0 = math.log(cfg.position_p0)
         self._phi: torch.Tensor | None = None  # (N, 1) φ(p), grown on demand (like Rotary's table)
-        self._frozen: tuple | None = None  # inference cache, see _freeze
+        self._frozen: _Frozen | None = None  # inference tables, see _freeze
 
     def phi(self, end: int, device: torch.device) -> torch.Tensor:
         """(≥ end, 1) table of φ(p) = log((p+1)/P0), p = 0, 1, ..."""
@@ -245,17 +260,19 @@ class DynamicResidual(nn.Module):
         self._frozen = self._phi = self._powers_t = None
         return super()._apply(fn, *args, **kwargs)
 
-    def _freeze(self, key: list, progress: torch.Tensor, end: int, device: torch.device, dtype: torch.dtype) -> tuple:
-        """(key, N, base (N, 1), base as a list[, γ' (k, 1), wᵀ (C, k), a (1, 1) one]) in h's dtype."""
+    def _freeze(self, key: list, progress: torch.Tensor, end: int, device: torch.device, dtype: torch.dtype
+                ) -> _Frozen:
+        """Build the inference tables (see `_Frozen`) in h's dtype, covering at least positions 0 .. end-1."""
         phi = self.phi(end, device)
         base, gamma = self.folded(progress, phi)
         base = (torch.ones_like(phi) * (1 if base is None else base)).detach()  # always an (N, 1) table
-        frozen = (key, phi.shape[0], base.to(dtype), base[:, 0].tolist())
-        if gamma is not None:  # γ' as (k, 1), wᵀ as (C, k), a (1, 1) one for addmm's bias
-            frozen += (gamma.detach().t().contiguous().to(dtype), self.content_proj.detach().t().contiguous().to(dtype),
-                       torch.ones(1, 1, device=device, dtype=dtype))
-        self._frozen = frozen
-        return frozen
+        gamma_t = w_t = one = None
+        if gamma is not None:
+            gamma_t = gamma.detach().t().contiguous().to(dtype)
+            w_t = self.content_proj.detach().t().contiguous().to(dtype)
+            one = torch.ones(1, 1, device=device, dtype=dtype)
+        self._frozen = _Frozen(key, phi.shape[0], base.to(dtype), base[:, 0].tolist(), gamma_t, w_t, one)
+        return self._frozen
 
     def inference_multiplier(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """multiplier() without autograd, in the fewest ops (decoding is dominated by per-op overhead).
@@ -267,22 +284,22 @@ class DynamicResidual(nn.Module):
         key = [ctx.progress._version]
         for p in self._gates:
             key.append(p._version)
-        frozen = self._frozen
-        if frozen is None or frozen[0] != key or frozen[1] < end:
-            frozen = self._freeze(key, ctx.progress, end, h.device, h.dtype)
+        f = self._frozen
+        if f is None or f.key != key or f.size < end:
+            f = self._freeze(key, ctx.progress, end, h.device, h.dtype)
         if ctx.pos is not None:  # a padded batch: each row's own positions (all < end)
-            base = frozen[2][ctx.pos]  # (B, T, 1)
-            if len(frozen) == 4:
+            base = f.base[ctx.pos]  # (B, T, 1)
+            if f.w_t is None:
                 return base
-            return torch.matmul(torch.matmul(h, frozen[5]).tanh_(), frozen[4]).add_(base)
-        if len(frozen) == 4:
-            return frozen[2][start:end]  # (T, 1)
+            return torch.matmul(torch.matmul(h, f.w_t).tanh_(), f.gamma_t).add_(base)
+        if f.w_t is None:
+            return f.base[start:end]  # (T, 1)
         if end - start == 1:  # decoding: mm, tanh, and one addmm that also adds base[p] (as addmm's beta)
             B = h.shape[0]
-            z = torch.mm(h.view(B, -1), frozen[5]).tanh_()  # (B, k)
-            return torch.addmm(frozen[6], z, frozen[4], beta=frozen[3][start]).view(B, 1, 1)
-        z = torch.matmul(h, frozen[5]).tanh_()  # (B, T, k)
-        return torch.matmul(z, frozen[4]).add_(frozen[2][start:end])  # (B, T, 1)
+            z = torch.mm(h.view(B, -1), f.w_t).tanh_()  # (B, k)
+            return torch.addmm(f.one, z, f.gamma_t, beta=f.base_list[start]).view(B, 1, 1)
+        z = torch.matmul(h, f.w_t).tanh_()  # (B, T, k)
+        return torch.matmul(z, f.gamma_t).add_(f.base[start:end])  # (B, T, 1)
 
     def multiplier(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         """The weight on the branch for each token, broadcastable to h (B, T, C): (B, T, 1), (T, 1), () or
@@ -354,7 +371,6 @@ def residual_stats(model: nn.Module) -> dict[str, list[float]]:
     progress = getattr(model, "progress", None)
     out: dict[str, list[float]] = {}
     for mod in residual_modules(model):
-        coefs = mod.coefficients(progress) if isinstance(mod, DynamicResidual) else mod.coefficients()
-        for k, v in coefs.items():
+        for k, v in mod.coefficients(progress).items():
             out.setdefault(f"res_{k}", []).append(v)
     return out

@@ -23,25 +23,27 @@ from .context import ForwardContext
 
 
 class FixedSpan(nn.Module):
+    """A hard sliding window of `span_window` keys (the query itself included): z = w − 1, no ramp, no loss."""
+
     hard = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.window, self.ramp = cfg.n_head, cfg.span_window, 1.0
-        self.aux_loss: torch.Tensor | None = None
-        self.last_z: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        z = x.new_full((1, self.n_head, 1), float(self.window - 1), dtype=torch.float32)
-        self.last_z = z
-        return z
+        """x: (B, T, C) → spans z (1, H, 1) in tokens."""
+        return x.new_full((1, self.n_head, 1), float(self.window - 1), dtype=torch.float32)
 
-    def reach(self) -> list[int]:
-        """Per head: how many keys back (counting the query itself) any future query can see."""
+    def reach(self, progress: float) -> list[int]:
+        """Per head: how many keys back (counting the query itself) any future query can see; the window does
+        not depend on training progress."""
         return [self.window] * self.n_head
 
 
 class LearnedSpan(nn.Module):
+    """A learned soft span: one per head (z_h = S·σ(a_h)) or predicted per token (dynamic), with its L1 penalty."""
+
     hard = False
 
     def __init__(self, cfg: ModelConfig, dynamic: bool) -> None:
@@ -56,8 +58,6 @@ class LearnedSpan(nn.Module):
         if dynamic:
             self.v = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_model))  # zero: spans start at span_init
             self.v.keep_init = True  # Transformer.reset_parameters leaves it at zero
-        self.aux_loss: torch.Tensor | None = None
-        self.last_z: torch.Tensor | None = None
 
     def max_span(self, progress: torch.Tensor | float) -> torch.Tensor | float:
         if self.s_start == self.s_max:
@@ -65,17 +65,16 @@ class LearnedSpan(nn.Module):
         return self.s_start + (self.s_max - self.s_start) * progress
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """x: (B, T, C) the attention input → spans z in tokens, (1, H, 1) per head or (B, H, T) dynamic."""
-        self.aux_loss = None
+        """x: (B, T, C) the attention input → spans z in tokens, (1, H, 1) per head or (B, H, T) dynamic.
+        Training adds the span penalty to ctx.outputs.aux_losses."""
         S = self.max_span(ctx.progress.float())
         if self.v is None:
             z = (S * torch.sigmoid(self.a.float())).view(1, -1, 1)
         else:
             logits = F.linear(x.float(), self.v.float()).transpose(1, 2) + self.a.float()[:, None]  # (B, H, T)
             z = S * torch.sigmoid(logits)
-        self.last_z = z.detach()
         if self.training and self.penalty > 0:
-            self.aux_loss = self.penalty * paid_span(z, self.ramp, self.tile).mean()
+            ctx.outputs.aux_losses.append(self.penalty * paid_span(z, self.ramp, self.tile).mean())
         return z
 
     def reach(self, progress: float) -> list[int]:
@@ -109,5 +108,4 @@ def span_cache_bound(span: nn.Module | None, progress: float, slack: int = 1) ->
     """Per-head number of keys a span-bounded KV cache keeps (reach + slack), None for dense attention."""
     if span is None:
         return None
-    reach = span.reach() if isinstance(span, FixedSpan) else span.reach(progress)
-    return [r + slack for r in reach]
+    return [r + slack for r in span.reach(progress)]

@@ -9,24 +9,33 @@ import torch
 from torch import nn
 
 from ..kernels.span import band_flops
-from .span import FixedSpan
+
+
+def _last_spans(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
+    """[(span module, its spans z (1|B, H, 1|T) in the model's last forward)] per layer; [] for a model without
+    spans or before its first forward."""
+    spans = [b.attn.span for b in getattr(model, "blocks", [])]
+    if not spans or spans[0] is None or getattr(model, "last_outputs", None) is None:
+        return []
+    z = model.last_outputs.spans
+    return [(span, z[i]) for i, span in enumerate(spans) if i in z]
 
 
 @torch.no_grad()
 def span_stats(model: nn.Module, seq_len: int | None = None) -> dict:
     """From the spans of the last forward: {"span_mean": [[per head] per layer], "span_max": ...,
     "attn_pairs_frac": computed / dense pairs}; {} for a model without spans."""
-    spans = [b.attn.span for b in getattr(model, "blocks", [])]
-    if not spans or spans[0] is None or spans[0].last_z is None:
+    spans = _last_spans(model)
+    if not spans:
         return {}
     means, maxes, computed, dense = [], [], 0, 0
-    for span in spans:
-        z = span.last_z.float()  # (1|B, H, 1|T)
+    for span, z in spans:
+        z = z.float()  # (1|B, H, 1|T)
         means.append([round(float(x), 2) for x in z.mean(dim=(0, 2))])
         maxes.append([round(float(x), 2) for x in z.amax(dim=(0, 2))])
         T = seq_len or z.shape[-1]
         if T > 1:
-            c, d = band_flops(z.expand(z.shape[0], z.shape[1], T), T, T, span.ramp, isinstance(span, FixedSpan))
+            c, d = band_flops(z.expand(z.shape[0], z.shape[1], T), T, T, span.ramp, span.hard)
             computed, dense = computed + c, dense + d
     out = {"span_mean": means, "span_max": maxes}
     if dense:
@@ -39,12 +48,12 @@ def span_reach(model: nn.Module, seq_len: int) -> dict:
     """From the spans of the last forward over sequences of seq_len = T tokens: the mean reach z + R over layers,
     heads and tokens, and the keys a query actually weights, mean over layers, heads and positions t of
     min(t + 1, z + R) — the attention work a fixed window must match; {} for a model without spans."""
-    spans = [b.attn.span for b in getattr(model, "blocks", [])]
-    if not spans or spans[0] is None or spans[0].last_z is None:
+    spans = _last_spans(model)
+    if not spans:
         return {}
     reach, keys = [], []
-    for span in spans:
-        r = span.last_z.float() + span.ramp  # (1|B, H, 1|T)
+    for span, z in spans:
+        r = z.float() + span.ramp  # (1|B, H, 1|T)
         reach.append(float(r.mean()))
         pos = torch.arange(1, seq_len + 1, dtype=r.dtype)
         keys.append(float(torch.minimum(r, pos).mean()))

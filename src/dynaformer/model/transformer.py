@@ -17,7 +17,7 @@ from torch import nn
 from .attention import Attention
 from .cache import KVCache
 from .config import ModelConfig
-from .context import ForwardContext, padding_from_mask
+from .context import ForwardContext, ForwardOutputs, padding_from_mask
 from .layers import MLP, RMSNorm, Rotary
 from .residual import make_residual
 from .span import span_cache_bound
@@ -30,12 +30,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.attn_res = make_residual(cfg, 2 * layer_idx)
         self.mlp_res = make_residual(cfg, 2 * layer_idx + 1)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None  # None: no call per sub-layer
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if self.drop is None or not self.training:
+            x = self.attn_res(x, lambda h: self.attn(h, ctx), ctx)
+            return self.mlp_res(x, self.mlp, ctx)
         x = self.attn_res(x, lambda h: self.drop(self.attn(h, ctx)), ctx)
-        x = self.mlp_res(x, lambda h: self.drop(self.mlp(h)), ctx)
-        return x
+        return self.mlp_res(x, lambda h: self.drop(self.mlp(h)), ctx)
 
 
 class Transformer(nn.Module):
@@ -52,6 +54,7 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         # Training progress τ = step / total_steps; the trainer sets it, inference keeps the last value.
         self.register_buffer("progress", torch.zeros(()))
+        self.last_outputs: ForwardOutputs | None = None  # side outputs of the last forward (aux losses, spans)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -72,15 +75,17 @@ class Transformer(nn.Module):
         return n if embeddings else n - self.embed.weight.numel()
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache for `batch` rows of up to `max_len` positions, its buffers and the rotary table for every
+        one of those positions allocated now, so decoding allocates none of them per token."""
         p = self.embed.weight
+        self.rotary.reserve(max_len, p.device)
         keep = [span_cache_bound(b.attn.span, float(self.progress)) for b in self.blocks]
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_head, max_len, self.cfg.head_dim,
                        dtype=dtype or p.dtype, device=p.device, keep=keep)
 
     def aux_loss(self) -> torch.Tensor:
         """Auxiliary losses recorded by the last training forward (the span penalty), to add to the loss."""
-        losses = [m.aux_loss for m in self.modules() if m is not self and getattr(m, "aux_loss", None) is not None
-                  and isinstance(m.aux_loss, torch.Tensor)]
+        losses = self.last_outputs.aux_losses if self.last_outputs is not None else []
         return torch.stack(losses).sum() if losses else torch.zeros((), device=self.embed.weight.device)
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None,
@@ -114,6 +119,7 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if states is not None:
             states[-1] = x
+        self.last_outputs = ctx.outputs
         return x
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
