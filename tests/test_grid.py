@@ -19,6 +19,7 @@ from dynaformer.model import ModelConfig, Transformer
 from dynaformer.study import verdicts as V
 from dynaformer.study.compare import run_grid, try_lock, unlock
 from dynaformer.study.grid import grid_from_dict
+from dynaformer.study.render import Image
 from dynaformer.study.report import build, collect, write_report
 from dynaformer.study.stats import t_sf2, welch
 
@@ -146,7 +147,7 @@ def test_report_has_every_plot_and_full_verdict_table(grid_dir, tmp_path):
     # Without recorded diagnostics, those plots say so. The trainer logs per-layer gradient norms and
     # the span variant its spans; this grid has no dynamic-residual variant, so no coefficients.
     blocks = build(collect([grid_dir]), plots=False)
-    missing = [b[1] for b in blocks if b[0] == "img" and b[2] is None]
+    missing = [b.title for b in blocks if isinstance(b, Image) and b.png is None]
     assert missing == ["Residual coefficients over training"]
     spans = json.loads((grid_dir / "cells" / "dyn_span" / "seed0" / "result.json").read_text())
     assert spans["diagnostics"]["recorded"]["spans"]["series"]  # span_mean/span_max from metrics.jsonl

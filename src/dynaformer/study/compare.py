@@ -267,113 +267,160 @@ def run_grid(grid: Grid, out: Path, workers: int = 1, skip_invalid: bool = False
         raise DynaformerError("--nproc_per_cell needs cell processes (--workers ≥ 1)")
     gpus = parse_devices(devices, nproc_per_cell)
     cells = prepare(grid, out, skip_invalid)
-    total = sum(c.steps for c in cells)
-    done_steps = {c.key: (c.steps if (cell_dir(out, c) / "result.json").exists() else 0) for c in cells}
-    # A live bar on a terminal; in a file (CI, nohup, > log) one plain line per cell started or ended.
-    tty = progress and sys.stderr.isatty()
-    bar = tqdm(total=total, initial=sum(done_steps.values()), unit="step", desc=f"grid {grid.name}",
-               disable=not tty, dynamic_ncols=True)
-    t0 = time.perf_counter()
-
-    def say(event: str, key: str) -> None:
-        if progress and not tty:
-            frac = sum(done_steps.values()) / max(1, total)
-            print(f"compare {grid.name}: {event} {key} | {frac:.0%} of steps | {time.perf_counter() - t0:.0f}s",
-                  file=sys.stderr, flush=True)
     pending = [c for c in cells if not (cell_dir(out, c) / "result.json").exists()]
     if max_cells is not None:
         pending = pending[:max_cells]
     report = {"done": [c.key for c in cells if c not in pending and (cell_dir(out, c) / "result.json").exists()],
               "failed": [], "busy": [], "skipped": [c.key for c in grid.cells(True) if c.error]}
-    running: dict[str, tuple[subprocess.Popen, Cell, Path]] = {}
-    slots: dict[str, int] = {}  # cell key → its worker slot (and so its GPUs)
+    runner = _Runner(out, cells, workers, gpus, nproc_per_cell, report, _Progress(grid.name, out, cells, progress))
 
     def _term(signum, frame):
         raise KeyboardInterrupt
 
     old_term = signal.signal(signal.SIGTERM, _term) if threading.current_thread() is threading.main_thread() else None
     try:
-        while pending or running:
-            waited = 0  # cells put back because what they need is not done yet
-            while pending and len(running) < max(1, workers) and waited < len(pending):
-                c = pending.pop(0)
-                d = cell_dir(out, c)
-                if (d / "result.json").exists():
-                    report["done"].append(c.key)
-                    continue
-                need = depends_on(out, c, cells)
-                if need is not None and not (need / "result.json").exists():
-                    pending.append(c)
-                    waited += 1
-                    continue
-                waited = 0
-                if not try_lock(d):
-                    report["busy"].append(c.key)  # another compare process is on it
-                    continue
-                bar.set_postfix_str(c.key)
-                say("start", c.key)
-                if workers == 0:
-                    try:
-                        run_cell(d)
-                        report["done"].append(c.key)
-                    except DynaformerError as e:
-                        report["failed"].append(f"{c.key}: {e}")
-                    finally:
-                        unlock(d)
-                    bar.update(c.steps - done_steps[c.key])
-                    done_steps[c.key] = c.steps
-                    say("end", c.key)
-                    continue
-                slot = min(set(range(max(1, workers))) - set(slots.values()))
-                log = open(d / "cell.log", "a")
-                proc = subprocess.Popen(cell_command(d, nproc_per_cell, c.kind), stdout=log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **slot_env(slot, gpus, nproc_per_cell)})
-                log.close()
-                slots[c.key] = slot
-                (d / ".lock").write_text(f"{hostname()}:{proc.pid}")  # the lock lives as long as the cell
-                running[c.key] = (proc, c, d)
-                bar.set_postfix_str(", ".join(running))
-            for key, (proc, c, d) in list(running.items()):
-                s = c.steps if proc.poll() is not None else last_step(d)
-                bar.update(max(0, s - done_steps[key]))
-                done_steps[key] = max(done_steps[key], s)
-                if proc.poll() is None:
-                    continue
-                unlock(d)
-                del running[key]
-                slots.pop(key, None)
-                bar.set_postfix_str(", ".join(running))
-                say("done" if proc.returncode == 0 else f"exit {proc.returncode}:", key)
-                if proc.returncode == 0 and (d / "result.json").exists():
-                    report["done"].append(key)
-                elif proc.returncode == 130:
-                    raise KeyboardInterrupt
-                else:
-                    tail = (d / "cell.log").read_text(errors="ignore").strip().splitlines()[-1:] or ["?"]
-                    report["failed"].append(f"{key}: exit {proc.returncode}: {tail[0]}")
-            if running:
+        runner.run(pending)
+    except KeyboardInterrupt:
+        runner.stop()
+        raise
+    finally:
+        runner.progress.close()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    _write_status(out, cells, report)
+    return report
+
+
+class _Progress:
+    """Steps done over the grid: a live bar on a terminal; in a file (CI, nohup, > log) one plain line per
+    cell started or ended."""
+
+    def __init__(self, name: str, out: Path, cells: list[Cell], enabled: bool) -> None:
+        self.name, self.enabled = name, enabled
+        self.total = sum(c.steps for c in cells)
+        self.done = {c.key: (c.steps if (cell_dir(out, c) / "result.json").exists() else 0) for c in cells}
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=self.total, initial=sum(self.done.values()), unit="step", desc=f"grid {name}",
+                        disable=not self.tty, dynamic_ncols=True)
+        self.t0 = time.perf_counter()
+
+    def advance(self, key: str, step: int) -> None:
+        self.bar.update(max(0, step - self.done[key]))
+        self.done[key] = max(self.done[key], step)
+
+    def show(self, running) -> None:
+        self.bar.set_postfix_str(", ".join(running))
+
+    def say(self, event: str, key: str) -> None:
+        if self.enabled and not self.tty:
+            frac = sum(self.done.values()) / max(1, self.total)
+            print(f"compare {self.name}: {event} {key} | {frac:.0%} of steps | {time.perf_counter() - self.t0:.0f}s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Runner:
+    """Starts pending cells whose inputs are done (up to `workers` at once, or in this process with workers=0),
+    polls the running cell processes, and records each cell's outcome in `report`."""
+
+    def __init__(self, out: Path, cells: list[Cell], workers: int, gpus: list[int], nproc_per_cell: int,
+                 report: dict, progress: _Progress) -> None:
+        self.out, self.cells, self.workers, self.gpus = out, cells, workers, gpus
+        self.nproc_per_cell, self.report, self.progress = nproc_per_cell, report, progress
+        self.running: dict[str, tuple[subprocess.Popen, Cell, Path]] = {}
+        self.slots: dict[str, int] = {}  # cell key → its worker slot (and so its GPUs)
+
+    def run(self, pending: list[Cell]) -> None:
+        while pending or self.running:
+            waited = self._start_ready(pending)
+            self._poll()
+            if self.running:
                 time.sleep(0.5)
             elif pending and waited >= len(pending):  # nothing runs and nothing can start: their inputs failed
                 for c in pending:
                     what = "pretraining cell" if c.kind == "encoder" else f"match_reach cell ({c.match_reach})"
-                    report["failed"].append(f"{c.key}: its {what} did not finish")
+                    self.report["failed"].append(f"{c.key}: its {what} did not finish")
                 pending.clear()
-    except KeyboardInterrupt:
-        for proc, _, _d in running.values():
-            proc.terminate()  # the trainer saves a checkpoint on SIGTERM
-        for proc, _, d in running.values():
+
+    def _start_ready(self, pending: list[Cell]) -> int:
+        """Start pending cells while slots are free; returns how many were put back because what they need is
+        not done yet."""
+        waited = 0
+        while pending and len(self.running) < max(1, self.workers) and waited < len(pending):
+            c = pending.pop(0)
+            d = cell_dir(self.out, c)
+            if (d / "result.json").exists():
+                self.report["done"].append(c.key)
+                continue
+            need = depends_on(self.out, c, self.cells)
+            if need is not None and not (need / "result.json").exists():
+                pending.append(c)
+                waited += 1
+                continue
+            waited = 0
+            if not try_lock(d):
+                self.report["busy"].append(c.key)  # another compare process is on it
+                continue
+            self.progress.show([c.key])
+            self.progress.say("start", c.key)
+            if self.workers == 0:
+                self._run_here(c, d)
+            else:
+                self._spawn(c, d)
+        return waited
+
+    def _run_here(self, c: Cell, d: Path) -> None:
+        try:
+            run_cell(d)
+            self.report["done"].append(c.key)
+        except DynaformerError as e:
+            self.report["failed"].append(f"{c.key}: {e}")
+        finally:
+            unlock(d)
+        self.progress.advance(c.key, c.steps)
+        self.progress.say("end", c.key)
+
+    def _spawn(self, c: Cell, d: Path) -> None:
+        slot = min(set(range(max(1, self.workers))) - set(self.slots.values()))
+        log = open(d / "cell.log", "a")
+        proc = subprocess.Popen(cell_command(d, self.nproc_per_cell, c.kind), stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **slot_env(slot, self.gpus, self.nproc_per_cell)})
+        log.close()
+        self.slots[c.key] = slot
+        (d / ".lock").write_text(f"{hostname()}:{proc.pid}")  # the lock lives as long as the cell
+        self.running[c.key] = (proc, c, d)
+        self.progress.show(self.running)
+
+    def _poll(self) -> None:
+        for key, (proc, c, d) in list(self.running.items()):
+            self.progress.advance(key, c.steps if proc.poll() is not None else last_step(d))
+            if proc.poll() is None:
+                continue
+            unlock(d)
+            del self.running[key]
+            self.slots.pop(key, None)
+            self.progress.show(self.running)
+            self.progress.say("done" if proc.returncode == 0 else f"exit {proc.returncode}:", key)
+            if proc.returncode == 0 and (d / "result.json").exists():
+                self.report["done"].append(key)
+            elif proc.returncode == 130:
+                raise KeyboardInterrupt
+            else:
+                tail = (d / "cell.log").read_text(errors="ignore").strip().splitlines()[-1:] or ["?"]
+                self.report["failed"].append(f"{key}: exit {proc.returncode}: {tail[0]}")
+
+    def stop(self) -> None:
+        """Ctrl-C or SIGTERM: stop the cell processes (the trainer saves a checkpoint on SIGTERM)."""
+        for proc, _, _d in self.running.values():
+            proc.terminate()
+        for proc, _, d in self.running.values():
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
             unlock(d)
-        raise
-    finally:
-        bar.close()
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-    _write_status(out, cells, report)
-    return report
 
 
 def _write_status(out: Path, cells: list[Cell], report: dict) -> None:

@@ -8,6 +8,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from .figures import png
+from .render import Block, Heading, Image, Paragraph, Table
 from .stats import mean_sd
 from .verdicts import D_ACC, Test, judge_test
 
@@ -63,8 +65,6 @@ def encoder_rows(encoder: dict[str, dict[str, list[dict]]], reference: str) -> l
 
 
 def plot_encoder(encoder: dict[str, dict[str, list[dict]]], colors: dict[str, str], plt) -> bytes | None:
-    from .report import _png
-
     tasks = [t for t in sorted(encoder) if any(_by_distance(rs) for rs in encoder[t].values())]
     if not tasks or plt is None:
         return None
@@ -83,18 +83,18 @@ def plot_encoder(encoder: dict[str, dict[str, list[dict]]], colors: dict[str, st
             ax.axhline(chance, ls=":", color="grey", lw=1)
         ax.set(title=f"{t}: accuracy by distance", xlabel="distance bucket", ylim=(-0.03, 1.03))
     axes[0][0].legend(fontsize=7)
-    return _png(fig)
+    return png(fig)
 
 
 def encoder_blocks(encoder: dict[str, dict[str, list[dict]]], reference: str, colors: dict[str, str], plt,
-                   plots: bool = True, pretrain: dict[str, list[dict]] | None = None) -> list[tuple]:
+                   plots: bool = True, pretrain: dict[str, list[dict]] | None = None) -> list[Block]:
     if not encoder and not pretrain:
         return []
     pretrained = any(r.get("pretrained") for by in encoder.values() for rs in by.values() for r in rs)
     start = ("from its masked-LM pretrained encoder (same variant and seed; table below)" if pretrained
              else "from scratch")
-    blocks: list[tuple] = [("h", 2, "Understanding tasks: encoders fine-tuned on classification")]
-    blocks.append(("p", "Seed 000 asks about a model for natural language understanding. Each variant's model "
+    blocks: list[Block] = [Heading(2, "Understanding tasks: encoders fine-tuned on classification")]
+    blocks.append(Paragraph("Seed 000 asks about a model for natural language understanding. Each variant's model "
                         "overrides are applied to a bidirectional encoder (causal = false: symmetric spans, the "
                         f"dynamic residual's position signal is the sequence length), fine-tuned {start} with a "
                         "classification head on generated tasks. Accuracy and macro-F1 on the held-out split, mean ± "
@@ -102,22 +102,22 @@ def encoder_blocks(encoder: dict[str, dict[str, list[dict]]], reference: str, co
                         f"before the end). Verdict: supported when the variant's accuracy exceeds the reference's by "
                         f"≥ {D_ACC:.0%} with p < 0.05 (Welch), contradicted when the 95% interval rules out a gain "
                         f"of that size, else inconclusive."))
-    blocks.append(("table", ["task", "variant", "seeds", "params", "accuracy", "macro-F1", "chance",
-                             "accuracy by distance", "vs reference", "verdict"], encoder_rows(encoder, reference)))
+    blocks.append(Table(["task", "variant", "seeds", "params", "accuracy", "macro-F1", "chance",
+                         "accuracy by distance", "vs reference", "verdict"], encoder_rows(encoder, reference)))
     if pretrain:
-        blocks.append(("p", "Masked-LM pretraining of the encoders (15% of positions; validation loss on the "
+        blocks.append(Paragraph("Masked-LM pretraining of the encoders (15% of positions; validation loss on the "
                             "masked positions, nats):"))
-        blocks.append(("table", ["variant", "seeds", "steps", "masked-LM val loss"],
-                       [[v, str(len(rs)), str(rs[0].get("steps")),
-                         _ms([r["val_loss"] for r in rs if r.get("val_loss") is not None])]
-                        for v, rs in sorted(pretrain.items())]))
+        blocks.append(Table(["variant", "seeds", "steps", "masked-LM val loss"],
+                            [[v, str(len(rs)), str(rs[0].get("steps")),
+                              _ms([r["val_loss"] for r in rs if r.get("val_loss") is not None])]
+                             for v, rs in sorted(pretrain.items())]))
     title = "Encoder accuracy by distance (dotted: chance)"
     caption = "Fine-tuned classifiers, mean over seeds: accuracy against the distance bucket of the evidence."
     if not plots:
         has = any(_by_distance(rs) for by in encoder.values() for rs in by.values())
-        blocks.append(("img", title, b"" if has else None, "not recorded by any run", caption))
+        blocks.append(Image(title, b"" if has else None, "not recorded by any run", caption))
     else:
-        blocks.append(("img", title, plot_encoder(encoder, colors, plt),
-                       "matplotlib is not installed (pip install dynaformer[plot])" if plt is None else
-                       "not recorded by any run", caption))
+        blocks.append(Image(title, plot_encoder(encoder, colors, plt),
+                            "matplotlib is not installed (pip install dynaformer[plot])" if plt is None else
+                            "not recorded by any run", caption))
     return blocks

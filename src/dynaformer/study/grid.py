@@ -238,6 +238,8 @@ def load_grid(path: str | Path, variants: list[str] | None = None, seeds: int | 
 
 def grid_from_dict(raw: dict, name: str = "grid", variants: list[str] | None = None,
                    seeds: int | list[int] | None = None) -> Grid:
+    """A Grid from a grid mapping (a parsed YAML), every part checked now with the key named; `variants` and
+    `seeds` restrict or replace the grid's own (the variants a kept one matches the reach of stay)."""
     raw = copy.deepcopy(raw)
     known = {"name", "model", "train", "variants", "seeds", "match", "wall_clock_s", "eval", "questions", "encoder"}
     unknown = sorted(set(raw) - known)
@@ -245,52 +247,13 @@ def grid_from_dict(raw: dict, name: str = "grid", variants: list[str] | None = N
         raise ConfigError(f"grid: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
     base = split_sections({k: raw.get(k, {}) or {} for k in ("model", "train")}, "grid base")
     vs = raw.get("variants") or {"baseline": {}}
-    all_names = set(vs) if isinstance(vs, dict) else set()
-    if not isinstance(vs, dict):
-        raise ConfigError("grid.variants: expected a mapping name → overrides")
-    parsed, harness = {}, {}
-    for vname, ov in vs.items():
-        if not _NAME_RE.match(str(vname)):
-            raise ConfigError(f"grid.variants: bad variant name '{vname}' (letters, digits, _ . - only)")
-        ov = dict(ov or {})
-        harness[str(vname)] = {k: ov.pop(k) for k in HARNESS_KEYS if k in ov}
-        parsed[str(vname)] = split_sections(ov, f"variant '{vname}'")
-    for vname, h in harness.items():
-        n = h.get("seeds")
-        if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
-            raise ConfigError(f"variant '{vname}': seeds must be a positive integer (the first N of the grid's seeds), "
-                              f"got {n!r}")
-        src = h.get("match_reach")
-        if src is None:
-            continue
-        if src not in all_names or src == vname:
-            raise ConfigError(f"variant '{vname}': match_reach names '{src}', which is not another variant of this "
-                              f"grid")
-        if resolve(base, parsed[vname], vname)[0].span != "fixed":
-            raise ConfigError(f"variant '{vname}': match_reach sets a fixed window; add span: fixed")
-        if resolve(base, parsed[src], src)[0].span in ("none", "fixed"):
-            raise ConfigError(f"variant '{vname}': match_reach needs a learned-span variant, '{src}' has none")
+    parsed, harness = _parse_variants(vs)
+    all_names = set(vs)
+    _check_harness_keys(base, parsed, harness, all_names)
     if variants:
-        missing = [v for v in variants if v not in parsed]
-        if missing:
-            raise ConfigError(f"unknown variant '{missing[0]}' (grid has: {', '.join(parsed)})")
-        needed = [h["match_reach"] for v, h in harness.items() if v in variants and "match_reach" in h]
-        parsed = {v: parsed[v] for v in variants + [n for n in needed if n not in variants]}
-    s = raw.get("seeds", 3) if seeds is None else seeds
-    if isinstance(s, int) and not isinstance(s, bool) and s >= 1:
-        seed_list = list(range(s))
-    elif isinstance(s, list) and s and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in s):
-        seed_list = [int(x) for x in s]
-    else:
-        raise ConfigError(f"grid.seeds: expected a number of seeds (≥ 1) or a list of seeds (integers ≥ 0), got {s!r}")
-    if not seed_list:
-        raise ConfigError("grid.seeds: need at least one seed")
-    match = raw.get("match", "tokens")
-    if match not in ("tokens", "wall_clock"):
-        raise ConfigError(f"grid.match: expected tokens or wall_clock, got {match!r}")
-    wall = raw.get("wall_clock_s")
-    if match == "wall_clock" and not (isinstance(wall, int | float) and wall > 0):
-        raise ConfigError("grid.wall_clock_s: match: wall_clock needs a positive number of seconds per cell")
+        parsed = _select(parsed, harness, variants)
+    seed_list = _parse_seeds(raw.get("seeds", 3) if seeds is None else seeds)
+    match, wall = _parse_match(raw)
     ev = dict(EVAL_DEFAULTS)
     for k, v in (raw.get("eval") or {}).items():
         if k not in EVAL_DEFAULTS:
@@ -316,6 +279,71 @@ def grid_from_dict(raw: dict, name: str = "grid", variants: list[str] | None = N
             pass  # reported by cells() (or skipped with skip_invalid)
     check_lengths(ev["cost_lengths"], cfgs)
     return grid
+
+
+def _parse_variants(vs) -> tuple[dict[str, dict[str, dict]], dict[str, dict]]:
+    """name → config overrides in sections, and name → the harness's own keys (HARNESS_KEYS) taken out of them."""
+    if not isinstance(vs, dict):
+        raise ConfigError("grid.variants: expected a mapping name → overrides")
+    parsed, harness = {}, {}
+    for vname, ov in vs.items():
+        if not _NAME_RE.match(str(vname)):
+            raise ConfigError(f"grid.variants: bad variant name '{vname}' (letters, digits, _ . - only)")
+        ov = dict(ov or {})
+        harness[str(vname)] = {k: ov.pop(k) for k in HARNESS_KEYS if k in ov}
+        parsed[str(vname)] = split_sections(ov, f"variant '{vname}'")
+    return parsed, harness
+
+
+def _check_harness_keys(base: dict[str, dict], parsed: dict[str, dict], harness: dict[str, dict],
+                        names: set) -> None:
+    """`seeds: N` is a positive count; `match_reach: V` sits on a fixed window and names a learned-span variant."""
+    for vname, h in harness.items():
+        n = h.get("seeds")
+        if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+            raise ConfigError(f"variant '{vname}': seeds must be a positive integer (the first N of the grid's seeds), "
+                              f"got {n!r}")
+        src = h.get("match_reach")
+        if src is None:
+            continue
+        if src not in names or src == vname:
+            raise ConfigError(f"variant '{vname}': match_reach names '{src}', which is not another variant of this "
+                              f"grid")
+        if resolve(base, parsed[vname], vname)[0].span != "fixed":
+            raise ConfigError(f"variant '{vname}': match_reach sets a fixed window; add span: fixed")
+        if resolve(base, parsed[src], src)[0].span in ("none", "fixed"):
+            raise ConfigError(f"variant '{vname}': match_reach needs a learned-span variant, '{src}' has none")
+
+
+def _select(parsed: dict[str, dict], harness: dict[str, dict], variants: list[str]) -> dict[str, dict]:
+    """The variants asked for (`compare --variants`), and those whose reach a kept fixed window matches."""
+    missing = [v for v in variants if v not in parsed]
+    if missing:
+        raise ConfigError(f"unknown variant '{missing[0]}' (grid has: {', '.join(parsed)})")
+    needed = [h["match_reach"] for v, h in harness.items() if v in variants and "match_reach" in h]
+    return {v: parsed[v] for v in variants + [n for n in needed if n not in variants]}
+
+
+def _parse_seeds(s) -> list[int]:
+    if isinstance(s, int) and not isinstance(s, bool) and s >= 1:
+        seed_list = list(range(s))
+    elif isinstance(s, list) and s and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in s):
+        seed_list = [int(x) for x in s]
+    else:
+        raise ConfigError(f"grid.seeds: expected a number of seeds (≥ 1) or a list of seeds (integers ≥ 0), got {s!r}")
+    if not seed_list:
+        raise ConfigError("grid.seeds: need at least one seed")
+    return seed_list
+
+
+def _parse_match(raw: dict) -> tuple[str, float | None]:
+    match = raw.get("match", "tokens")
+    if match not in ("tokens", "wall_clock"):
+        raise ConfigError(f"grid.match: expected tokens or wall_clock, got {match!r}")
+    wall = raw.get("wall_clock_s")
+    if match == "wall_clock" and not (isinstance(wall, int | float) and wall > 0):
+        raise ConfigError("grid.wall_clock_s: match: wall_clock needs a positive number of seconds per cell")
+    return match, wall
 
 
 def _positive_ints(ev: dict, key: str) -> list[int]:
