@@ -27,6 +27,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
+    # adamw, or muon: Muon for the blocks' hidden matrices, AdamW for the rest (train/optim.py)
+    optimizer: Literal["adamw", "muon"] = "adamw"
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 250  # 0: evaluate only at the end
     eval_tokens: int = 32768  # fixed validation budget per evaluation

@@ -36,6 +36,12 @@ def load_model_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], sharded
         model.load_state_dict(sd, strict=False)
 
 
+def _optimizers(optimizer: Any) -> Any:
+    """What torch.distributed.checkpoint takes: the optimizers of an `optim.OptimizerChain` (Muon + AdamW)
+    as a list, a single optimizer as is."""
+    return getattr(optimizer, "optimizers", optimizer)
+
+
 def _names_by_param(model: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in model.named_parameters()}
 
@@ -43,7 +49,7 @@ def _names_by_param(model: nn.Module) -> dict[int, str]:
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> dict[str, Any]:
     """{"state": {name: {...}}, "param_groups": [{..., "params": [name, ...]}]}."""
     if sharded:
-        return get_optimizer_state_dict(model, optimizer, options=_FULL)
+        return get_optimizer_state_dict(model, _optimizers(optimizer), options=_FULL)
     sd = optimizer.state_dict()
     names = _names_by_param(model)
     index_to_name = {}
@@ -58,7 +64,7 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded:
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any], sharded: bool) -> None:
     if sharded:
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=sd,
+        set_optimizer_state_dict(model, _optimizers(optimizer), optim_state_dict=sd,
                                  options=StateDictOptions(full_state_dict=True))
         return
     names = _names_by_param(model)
@@ -77,7 +83,7 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[d
     """This rank's view of model and optimizer state for DCP (DTensor shards under FSDP2, replicas under DDP),
     keyed by parameter name; the optimizer's param_groups (plain numbers) are returned apart, so the DCP
     folder holds tensors only and nothing in it is ever unpickled."""
-    msd, osd = get_state_dict(model, optimizer)
+    msd, osd = get_state_dict(model, _optimizers(optimizer))
     return {"model": msd, "optim": {"state": osd["state"]}}, osd["param_groups"]
 
 
@@ -87,8 +93,8 @@ def load_sharded_state(ckpt: Path, model: nn.Module, optimizer: torch.optim.Opti
 
     if not isinstance(param_groups, list):
         raise CheckpointError(f"checkpoint '{ckpt}': trainer.pt lacks the optimizer's param_groups")
-    (msd, osd) = get_state_dict(model, optimizer)  # this world size's layout; filled in place by DCP
+    (msd, osd) = get_state_dict(model, _optimizers(optimizer))  # this world size's layout; filled in place by DCP
     state = {"model": _dedup_keys(msd, ckpt), "optim": {"state": osd["state"]}}
     load_dcp(ckpt, state)
-    set_state_dict(model, optimizer, model_state_dict={**msd, **state["model"]},
+    set_state_dict(model, _optimizers(optimizer), model_state_dict={**msd, **state["model"]},
                    optim_state_dict={"state": state["optim"]["state"], "param_groups": param_groups})

@@ -46,7 +46,7 @@ from .checkpoint import (
 )
 from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, wrap_model
 from .metrics import MetricsLog, format_eval_line, format_train_line, read_metrics
-from .optim import lr_at, make_optimizer, no_decay_names
+from .optim import hidden_matrix_names, lr_at, make_optimizer, no_decay_names
 from .rundir import Run
 from .state import (
     load_model_state_dict,
@@ -197,9 +197,10 @@ class Trainer:
         self.workload = workload or LMWorkload(run, self.dist, self.device)
         self.model = self.workload.model
         self.sharded = self.dist.enabled and self.cfg.parallel == "fsdp"
-        no_decay = no_decay_names(self.model)  # before sharding: FSDP2 drops the parameters' tags
+        # Names before sharding: FSDP2 drops the parameters' tags; the optimizer after: it swaps in DTensors.
+        no_decay, matrices = no_decay_names(self.model), hidden_matrix_names(self.model)
         self.wrapped = wrap_model(self.model, self.cfg.parallel, self.dist, self.device)
-        self.optimizer = make_optimizer(self.model, self.cfg, no_decay)  # after sharding: FSDP2 swaps in DTensors
+        self.optimizer = make_optimizer(self.model, self.cfg, no_decay, matrices)
         self.autocast = torch.bfloat16 if self.cfg.dtype == "bf16" else None
         self.step, self.elapsed_before, self.lr_scale, self.bad_steps = 0, 0.0, 1.0, 0
         self.last_val: dict | None = None
