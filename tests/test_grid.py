@@ -471,3 +471,24 @@ def test_two_hosts_share_one_grid(tmp_path, match):
             assert trained == list(range(1, want + 1))  # one uninterrupted run, never two trainers
     status = json.loads((out / "status.json").read_text())
     assert sorted(status["done"]) == keys and not status["failed"] and not status["busy"], status
+
+
+def test_one_document_renders_three_ways(tmp_path):
+    """report.json, Markdown and HTML come from one Document: the same table cells in both texts, a bold verdict
+    colours its HTML cell, a '|' in a cell is escaped for Markdown, and a figure without data says why."""
+    from dynaformer.study.render import Document, Heading, Paragraph, Table, write_document
+    from dynaformer.study.report import VerdictRow
+
+    row = VerdictRow("span", "3", "a | b", "qa_acc", "0.5 ± 0.1 (n=2)", "0.4 ± 0.1 (n=2)", "0.03", "ev",
+                     "**supported**", "—", "—")
+    doc = Document({"verdicts": [{"question": "span"}]},
+                   [Heading(1, "t"), Paragraph("**bold** text"), Table(list(VerdictRow.HEAD), [row.cells()]),
+                    Image("Spans", None, "not recorded by any run", "caption")])
+    paths = write_document(doc, tmp_path)
+    md, html = Path(paths["markdown"]).read_text(), Path(paths["html"]).read_text()
+    assert json.loads(Path(paths["json"]).read_text()) == doc.data
+    assert "| span | 3 | a \\| b | qa_acc |" in md and "**supported**" in md
+    assert '<td class="supported">supported</td>' in html and "<td>a | b</td>" in html
+    assert "<strong>bold</strong> text" in html
+    assert "*not recorded by any run*" in md and "<em>not recorded by any run</em>" in html
+    assert dict(zip(VerdictRow.HEAD, row.cells(), strict=True))["verdict"] == "**supported**"

@@ -16,6 +16,9 @@ from .grid import QUESTION_DEFAULTS
 
 @dataclass
 class Collected:
+    """The results of the language-model cells by variant (seed order), the encoder cells by task and variant,
+    the skipped cells with their reason, and the grids' questions and evaluation settings."""
+
     results: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))  # variant → results
     dirs: dict[str, list[Path]] = field(default_factory=lambda: defaultdict(list))
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (cell, reason)
