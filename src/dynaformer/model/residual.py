@@ -126,6 +126,7 @@ class ReZeroResidual(nn.Module):
     def forward(self, x: torch.Tensor, branch: Branch, ctx: ForwardContext) -> torch.Tensor:
         return torch.addcmul(x, branch(x), self.alpha)
 
+    @torch.no_grad()
     def coefficients(self, progress: torch.Tensor | None = None) -> dict[str, float]:
         return {"alpha": float(_host(self.alpha))}
 
@@ -150,6 +151,7 @@ class LayerScaleResidual(nn.Module):
     def forward(self, x: torch.Tensor, branch: Branch, ctx: ForwardContext) -> torch.Tensor:
         return torch.addcmul(x, branch(self.norm(x)), self.scale)
 
+    @torch.no_grad()
     def coefficients(self, progress: torch.Tensor | None = None) -> dict[str, float]:
         scale = _host(self.scale)
         return {"scale_mean": float(scale.mean()), "scale_absmax": float(scale.abs().max())}
