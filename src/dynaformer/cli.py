@@ -70,7 +70,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             if dist.is_main:
                 meta = run.splits.meta
                 print(f"run folder: {run.dir} | {trainer.model.num_params():,} parameters | data: "
-                      f"{meta['source']} ({meta['n_train']:,} train / {meta['n_val']:,} val tokens)"
+                      f"{meta['source']} ({meta['n_train']:,} train / {meta['n_val']:,} val tokens) | "
+                      f"{trainer.precision.dtype} ({trainer.precision.reason})"
                       + (f" | {dist.world} ranks ({train_cfg.parallel})" if dist.enabled else ""))
             summary = trainer.fit()
     finally:

@@ -36,7 +36,9 @@ class TrainConfig:
     ckpt_interval: int = 0  # 0: checkpoint only at the end (and on interrupt)
     keep_last: int = 3  # checkpoints to keep; 0 keeps all
     seed: int = 1337
-    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast; see benchmarks/RESULTS.md for when it pays
+    # auto: bf16 autocast where it pays (CUDA with bf16; a CPU with native bf16 matmul, confirmed by a cached
+    # probe), fp32 otherwise; fp32; bf16 (train/device.py)
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default

@@ -242,7 +242,8 @@ def _backbone(cfg: FinetuneConfig, model_cfg: ModelConfig) -> tuple[ModelConfig,
 def finetune(cfg: FinetuneConfig, model_cfg: ModelConfig) -> dict:
     """Train a classifier; step-N checkpoints (weights, optimizer, sampler and RNG state) make an interrupted
     run continue bit-exactly with the same command (`--resume auto`, the default)."""
-    from .trainer import Trainer, resolve_device
+    from .device import resolve_device
+    from .trainer import Trainer
 
     out = Path(cfg.out)
     device = resolve_device(cfg.device, "finetune.device")

@@ -31,6 +31,7 @@ from ..errors import DynaformerError
 from ..files import write_json_atomic
 from ..model import ModelConfig
 from .config import RESUMABLE_CHANGES, TrainConfig, check_compatible
+from .device import Precision, resolve_device, resolve_precision
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Run:
     tokenizer: ByteTokenizer | CharTokenizer
     splits: TokenSplits | None  # None for a fine-tuning run (its examples are not token files)
     resumed: bool
+    precision: Precision | None = None  # train.dtype resolved on this machine (None: the trainer resolves it)
 
 
 def model_vocab_size(tokenizer, train_cfg: TrainConfig) -> int:
@@ -56,12 +58,18 @@ def _real_path(value: str) -> str:
     return os.path.realpath(value) if value and os.path.exists(value) else value
 
 
-def identity(model_cfg: ModelConfig, train_cfg: TrainConfig) -> dict:
-    """The fields that define a run's results (what must match to resume it)."""
+def identity(model_cfg: ModelConfig, train_cfg: TrainConfig, precision: Precision) -> dict:
+    """The fields that define a run's results (what must match to resume it). dtype is the resolved one: `auto`
+    that picks fp32 here names the same run as `fp32`, and a machine where it picks bf16 does not."""
     train = {k: v for k, v in to_dict(train_cfg).items() if k not in RESUMABLE_CHANGES}
+    train["dtype"] = precision.dtype
     for key in _PATH_FIELDS:
         train[key] = _real_path(train[key])
     return {"model": to_dict(model_cfg), "train": train}
+
+
+def _precision(train_cfg: TrainConfig) -> Precision:
+    return resolve_precision(train_cfg.dtype, resolve_device(train_cfg.device))
 
 
 def _same(key: str, a, b) -> bool:
@@ -124,7 +132,7 @@ def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig, attach: bool = Fals
         tokenizer = load_tokenizer(run_dir / "tokenizer.json")
         model_cfg.vocab_size = model_vocab_size(tokenizer, train_cfg)
         return Run(run_dir, model_cfg, train_cfg, tokenizer, open_splits(run_dir / "data"),
-                   resumed=train_cfg.resume != "none")
+                   resumed=train_cfg.resume != "none", precision=_precision(train_cfg))
     if run_dir.exists() and not run_dir.is_dir():
         raise DynaformerError(f"run folder '{run_dir}' exists and is not a folder")
     entries = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
@@ -141,7 +149,8 @@ def _reopen_run(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -
     info = load_run_json(run_dir)
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     model_cfg.vocab_size = model_vocab_size(tokenizer, train_cfg)
-    diff = _first_difference(info.get("identity", {}), identity(model_cfg, train_cfg))
+    precision = _precision(train_cfg)
+    diff = _first_difference(info.get("identity", {}), identity(model_cfg, train_cfg, precision))
     if train_cfg.resume == "none":
         if diff:
             raise DynaformerError(f"run folder '{run_dir}' holds a run with a different config ({diff}); "
@@ -156,11 +165,13 @@ def _reopen_run(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -
         if load_bpe_file(train_cfg.tokenizer_file).to_dict() != tokenizer.to_dict():
             raise DynaformerError(f"cannot resume '{run_dir}': tokenizer file '{train_cfg.tokenizer_file}' "
                                   f"does not match the run's tokenizer (its tokenizer.json)")
-    return Run(run_dir, model_cfg, train_cfg, tokenizer, open_splits(run_dir / "data"), resumed=True)
+    return Run(run_dir, model_cfg, train_cfg, tokenizer, open_splits(run_dir / "data"), resumed=True,
+               precision=precision)
 
 
 def _create_run(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> Run:
     """A new folder: tokenizer, token files, then run.json last (its presence marks a finished setup)."""
+    precision = _precision(train_cfg)  # before anything is written: bf16 where it cannot run is an error
     text, source = read_text(train_cfg.data, model_cfg.context_len)
     if train_cfg.tokenizer == "bpe":
         from ..data.bpe import load_bpe_file
@@ -179,11 +190,12 @@ def _create_run(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -
     run_dir.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tokenizer, run_dir / "tokenizer.json")
     splits = write_splits(text, tokenizer, run_dir / "data", train_cfg.val_fraction, source)
-    info = {"identity": identity(model_cfg, train_cfg), "model": to_dict(model_cfg), "train": to_dict(train_cfg),
+    info = {"identity": identity(model_cfg, train_cfg, precision), "model": to_dict(model_cfg),
+            "train": to_dict(train_cfg), "precision": precision.to_dict(),
             "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "data": splits.meta,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "env": environment()}
     write_json_atomic(run_dir / "run.json", info, ensure_ascii=False)
-    return Run(run_dir, model_cfg, train_cfg, tokenizer, splits, resumed=False)
+    return Run(run_dir, model_cfg, train_cfg, tokenizer, splits, resumed=False, precision=precision)
 
 
 @contextlib.contextmanager

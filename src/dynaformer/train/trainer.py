@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..configtools import to_dict
 from ..data import BatchSampler, eval_windows
 from ..data.masking import mask_tokens, step_generator
-from ..errors import CheckpointError, DynaformerError, Interrupted
+from ..errors import CheckpointError, Interrupted
 from ..eval.diagnostics import layer_grad_norms
 from ..eval.perplexity import evaluate_mlm, evaluate_windows
 from ..model import Transformer
@@ -44,6 +44,7 @@ from .checkpoint import (
     set_aside_checkpoints,
     verify_checkpoint,
 )
+from .device import Precision, resolve_device, resolve_precision
 from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, wrap_model
 from .metrics import MetricsLog, format_eval_line, format_train_line, read_metrics
 from .optim import hidden_matrix_names, lr_at, make_optimizer, no_decay_names
@@ -59,18 +60,6 @@ from .state import (
 from .stop import StopOnSignal
 
 Amp = Callable[[], contextlib.AbstractContextManager]  # the loop's autocast context (a no-op in fp32)
-
-
-def resolve_device(name: str, field: str = "train.device") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise DynaformerError(f"{field}: unknown device '{name}'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DynaformerError(f"{field}: '{name}' was requested but CUDA is not available")
-    return dev
 
 
 class Workload(Protocol):
@@ -201,7 +190,8 @@ class Trainer:
         no_decay, matrices = no_decay_names(self.model), hidden_matrix_names(self.model)
         self.wrapped = wrap_model(self.model, self.cfg.parallel, self.dist, self.device)
         self.optimizer = make_optimizer(self.model, self.cfg, no_decay, matrices)
-        self.autocast = torch.bfloat16 if self.cfg.dtype == "bf16" else None
+        self.precision: Precision = run.precision or resolve_precision(self.cfg.dtype, self.device)
+        self.autocast = self.precision.autocast
         self.step, self.elapsed_before, self.lr_scale, self.bad_steps = 0, 0.0, 1.0, 0
         self.last_val: dict | None = None
         self.stop = StopOnSignal()
