@@ -26,7 +26,8 @@ def module_name(path: Path, src: Path = SRC) -> str:
 
 def module_level_imports(path: Path, modules: set[str], src: Path = SRC) -> set[str]:
     """The dynaformer modules `path` imports when it is imported: statements outside functions and classes'
-    methods, and outside `if TYPE_CHECKING:`. `from X import a` names X, and X.a too where that is a module."""
+    methods, and outside `if TYPE_CHECKING:`. `from X import a` names X.a where that is a module (X's __init__
+    need not have finished: `from . import sub` inside a package is no cycle), and X itself for anything else."""
     name = module_name(path, src)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
@@ -42,8 +43,10 @@ def module_level_imports(path: Path, modules: set[str], src: Path = SRC) -> set[
                     target = ".".join(base + ([node.module] if node.module else []))
                 else:
                     target = node.module or ""
-                out.add(target)
-                out.update(f"{target}.{a.name}" for a in node.names)
+                subs = {f"{target}.{a.name}" for a in node.names} & modules
+                out.update(subs)
+                if len(subs) < len(node.names):  # an attribute of X: X's __init__ must have run
+                    out.add(target)
             elif isinstance(node, ast.If):
                 if "TYPE_CHECKING" not in ast.unparse(node.test):
                     visit(node.body)
@@ -111,12 +114,14 @@ def test_walker_sees_cycles_and_ignores_function_imports(tmp_path):
     assert cycles({"a": {"b"}, "b": set()}) == []
     src = tmp_path / "dynaformer" / "x.py"
     src.parent.mkdir()
-    src.write_text("from .y import f\nimport dynaformer.z\nfrom typing import TYPE_CHECKING\n"
+    src.write_text("from .y import f\nimport dynaformer.z\nfrom . import s\nfrom typing import TYPE_CHECKING\n"
                    "if TYPE_CHECKING:\n    from . import w\n"
                    "def g():\n    from . import v\n"
                    "class C:\n    from .u import k\n    def m(self):\n        from . import t\n")
-    mods = {"dynaformer.y", "dynaformer.z", "dynaformer.w", "dynaformer.v", "dynaformer.u", "dynaformer.t"}
-    assert module_level_imports(src, mods, tmp_path) == {"dynaformer.y", "dynaformer.z", "dynaformer.u"}
+    mods = {"dynaformer", "dynaformer.y", "dynaformer.z", "dynaformer.w", "dynaformer.v", "dynaformer.u",
+            "dynaformer.t", "dynaformer.s"}
+    assert module_level_imports(src, mods, tmp_path) == {"dynaformer.y", "dynaformer.z", "dynaformer.s",
+                                                         "dynaformer.u"}
 
 
 def test_no_module_is_in_an_import_cycle():
