@@ -36,3 +36,9 @@ elif [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
+# The compiled band kernel builds once per machine (≈ 1 min); without a compiler the Python kernel runs.
+"$VENV/bin/python" -c "
+from dynaformer.kernels import band_native
+if not band_native.available():
+    print(f'setup: compiled band kernel unavailable ({band_native.unavailable_reason()}); using the Python one')
+" >&2
