@@ -140,3 +140,30 @@ def _check_damaged_shards(data: Path, run: Path) -> None:
         assert res.returncode == 0, (name, res.stderr[-2000:])
         assert "warning: skipping" in res.stderr and "step-20" in res.stderr, (name, res.stderr[-2000:])
         assert f"resumed from {where / 'step-10'}" in res.stderr, (name, res.stderr[-2000:])
+
+
+def test_fsdp_with_muon_matches_one_process_and_resumes(single, tmp_path):
+    """Muon under FSDP2: each sharded matrix is gathered, orthogonalised whole and re-sliced (train/optim.py), so
+    two ranks take one process's steps; its momentum goes through the DCP checkpoint and resumes on 1 or 2 ranks."""
+    import shutil
+
+    data, _ = single
+    args = [*ARGS, "--data", str(data), "--optimizer", "muon"]
+    res = run_cli("train", *args, "--batch_size", "8", "--out", str(tmp_path / "one"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = _torchrun("train", *args, "--batch_size", "4", "--parallel", "fsdp", "--out", str(tmp_path / "fsdp"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    want = _losses(tmp_path / "one")
+    got = _losses(tmp_path / "fsdp")
+    assert sorted(want) == sorted(got) == list(range(1, 21))
+    assert max(abs(want[s] - got[s]) for s in want) < 1e-5
+    for ranks in (1, 2):
+        where = tmp_path / f"resume{ranks}"
+        shutil.copytree(tmp_path / "fsdp", where)
+        shutil.rmtree(where / "step-20")
+        again = [*args, "--parallel", "fsdp", "--out", str(where), "--resume", "auto"]
+        res = (run_cli("train", *again, "--batch_size", "8") if ranks == 1
+               else _torchrun("train", *again, "--batch_size", "4"))
+        assert res.returncode == 0 and "step-10" in res.stderr, res.stderr[-3000:]
+        resumed = _losses(where)
+        assert max(abs(want[s] - resumed[s]) for s in range(11, 21)) < 1e-5, ranks
