@@ -73,8 +73,12 @@ def _cfgs(out: Path, data: Path, **train) -> tuple[ModelConfig, TrainConfig]:
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_every_optimizer_resumes_bit_exactly(optimizer, tmp_path, text_file, monkeypatch):
-    Trainer(open_run(*_cfgs(tmp_path / "a", text_file, optimizer=optimizer))).fit()
-    trainer = Trainer(open_run(*_cfgs(tmp_path / "b", text_file, optimizer=optimizer)))
+    extra = {"optimizer": optimizer, "muon_lr_ratio": 2.0}
+    straight = Trainer(open_run(*_cfgs(tmp_path / "a", text_file, **extra)))
+    straight.fit()
+    lrs = [g["lr"] for g in straight.optimizer.param_groups]  # the last step's: AdamW's groups, then Muon's
+    assert lrs == ([lrs[0]] * 2 + [2 * lrs[0]] if optimizer == "muon" else [lrs[0]] * 2) and lrs[0] > 0
+    trainer = Trainer(open_run(*_cfgs(tmp_path / "b", text_file, **extra)))
     step = trainer.train_step
 
     def stop_at_half():
@@ -86,7 +90,7 @@ def test_every_optimizer_resumes_bit_exactly(optimizer, tmp_path, text_file, mon
     monkeypatch.setattr(trainer, "train_step", stop_at_half)
     with pytest.raises(Interrupted, match="step 4"):
         trainer.fit()
-    Trainer(open_run(*_cfgs(tmp_path / "b", text_file, optimizer=optimizer, resume="auto"))).fit()
+    Trainer(open_run(*_cfgs(tmp_path / "b", text_file, **extra, resume="auto"))).fit()
     la, lb = ([(r["step"], r["loss"]) for r in read_metrics(tmp_path / r / "metrics.jsonl") if "loss" in r]
               for r in ("a", "b"))
     assert la == lb and len(la) == 8

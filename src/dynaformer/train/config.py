@@ -29,6 +29,7 @@ class TrainConfig:
     beta2: float = 0.99
     # adamw, or muon: Muon for the blocks' hidden matrices, AdamW for the rest (train/optim.py)
     optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr_ratio: float = 1.0  # optimizer muon: Muon's lr is lr × this (at AdamW's update RMS); AdamW's stays lr
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 250  # 0: evaluate only at the end
     eval_tokens: int = 32768  # fixed validation budget per evaluation
@@ -63,6 +64,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}: must be ≥ 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if not self.muon_lr_ratio > 0:
+            raise ConfigError(f"train.muon_lr_ratio: must be > 0, got {self.muon_lr_ratio}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.val_fraction < 1:

@@ -5,7 +5,7 @@
   hidden matrices — the weights of the Linear layers inside the blocks — and AdamW for everything else: embeddings,
   the output head, norms, mechanism gates and other non-matrix parameters (as the nanoGPT speedrun splits them).
   Muon's update is scaled to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`), so one `lr` and one schedule
-  drive both.
+  drive both; `muon_lr_ratio` scales Muon's (a param group's `lr_ratio`, applied by the trainer).
 
 Either way `make_optimizer` returns one object with `param_groups`, `step`, `zero_grad`, `state_dict` and
 `load_state_dict`, so the trainer, its checkpoints and its resume treat them alike.
@@ -196,7 +196,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, no_decay: set[str] | None
     if not muon_names:
         return adamw
     hidden = [p for n, p in named if n in muon_names]
-    muon = Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+    ratio = cfg.muon_lr_ratio
+    muon = Muon([{"params": hidden, "lr_ratio": ratio}], lr=cfg.lr * ratio, weight_decay=cfg.weight_decay,
+                adjust_lr_fn="match_rms_adamw")
     return OptimizerChain([adamw, muon])
 
 

@@ -314,7 +314,7 @@ class Trainer:
         cfg = self.cfg
         lr = lr_at(self.step, cfg) * self.lr_scale
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # Muon's group may run at a multiple (train/optim.py)
         self.workload.before_step(self.step, cfg.max_steps)
         total = torch.zeros((), device=self.device)
         for i in range(cfg.grad_accum):
