@@ -102,6 +102,7 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
         (train + ["--tokenizer", "bpe"], "tokenizer_file"), (train + ["--objective", "mlm"], "objective"),
         (train + ["--device", "tpu"], "device"), (train + ["--device", "cuda"], "CUDA"),
         (train + ["--parallel", "zero"], "parallel"), (train + ["--resume", "yes-please"], "train.resume"),
+        (train + ["--optimizer", "lion"], "muon"), (train + ["--muon_lr_ratio", "0"], "muon_lr_ratio"),
         (train + ["--resume", str(w / "nothing" / "step-3")], "train.resume"),
         (train + ["--resume", f"{run}/step-2"], "another run folder"),
         (train + ["--compile", "maybe"], "compile"), (train + ["--progress_bar", "2"], "progress_bar"),
@@ -162,6 +163,7 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
         (["finetune", "--task", "nope", "--out", out], "task"),
         (["finetune", "--task", "keyword", "--max_steps", "0", "--out", out], "max_steps"),
         (["finetune", "--task", "keyword", "--lr", "nan", "--out", out], "lr"),
+        (["finetune", "--task", "keyword", "--min_lr_ratio", "1.5", "--out", out], "min_lr_ratio"),
         (["finetune", "--task", "jsonl", "--out", out], "train_file"),
         (["finetune", "--task", "jsonl", "--train_file", str(w / "bad.jsonl"), "--val_file",
           str(w / "ok.jsonl"), "--out", out], "bad.jsonl"),
@@ -193,7 +195,7 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
     return cases
 
 
-N_CASES = 136
+N_CASES = 139
 
 
 def test_the_catalogue_is_complete():
