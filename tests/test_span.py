@@ -282,3 +282,50 @@ def test_heads_that_cover_everything_run_dense_and_still_match(kind, monkeypatch
     assert calls == [3]  # the band kernel saw only the three short heads
     for a, b in zip(outs[1], outs[0], strict=True):
         assert _rel(a, b) <= 1e-5
+
+
+def test_plan_picks_each_kernel_where_it_applies():
+    from dynaformer.kernels import plan
+
+    short = torch.full((1, 4, 1), 20.0)
+    assert plan("auto", short, 8, 500).kernel == "decode"  # a few queries without autograd
+    assert plan("auto", short, 8, 500, grad=True).kernel == "masked"  # fewer queries than a chunk
+    assert plan("auto", short, 300, 300, grad=True).kernel == "band"
+    assert plan("auto", short, 300, 300, padded=True).kernel == "masked"  # padded batches: exact masked SDPA
+    assert plan("reference", short, 300, 300, padded=True).kernel == "reference"
+    assert plan("auto", torch.full((1, 4, 1), 400.0), 300, 300).kernel == "dense"  # spans cover every key
+    mixed = torch.tensor([400.0, 20.0, 20.0, 20.0]).view(1, 4, 1)
+    p = plan("auto", mixed, 300, 300, grad=True)
+    assert p.kernel == "split" and p.cover.tolist() == [True, False, False, False]
+    # FlexAttention is unverified: auto never picks it, on CUDA the masked SDPA runs
+    assert plan("auto", short, 300, 300, cuda=True, grad=True).kernel == "masked"
+    assert plan("flex", short, 300, 300, cuda=True).kernel == "flex"
+
+
+def test_band_flops_counts_the_kernel_that_runs(monkeypatch):
+    z = 100 + 50 * torch.rand(2, 4, 512)
+    native_pairs, dense = band_flops(z, 512, 512, 16.0, False)
+    monkeypatch.setenv("DYNAFORMER_NATIVE", "0")
+    monkeypatch.setattr(band_native, "_module", None)
+    monkeypatch.setattr(band_native, "_reason", None)
+    python_pairs, _ = band_flops(z, 512, 512, 16.0, False)  # the Python kernel batches rows at their max E
+    assert native_pairs <= python_pairs < dense
+    assert band_native.unavailable_reason() == "disabled by DYNAFORMER_NATIVE=0"
+    q, k, v = (torch.randn(2, 4, 512, 16) for _ in range(3))
+    out = band_span_attention(q, k, v, z, 16.0)  # falls back to the Python kernel
+    assert _rel(out, reference_span_attention(q, k, v, z, 16.0)) <= 1e-5
+    with pytest.raises(RuntimeError, match="DYNAFORMER_NATIVE=0"):
+        band_span_attention(q, k, v, z, 16.0, native=True)
+
+
+def test_bench_attention_contention_reports_idle_and_loaded():
+    import argparse
+
+    from dynaformer.bench import attention
+
+    p = argparse.ArgumentParser()
+    attention.add_arguments(p)
+    args = p.parse_args(["--seq", "256", "--span", "32", "--repeats", "1", "--contention"])
+    record = next(attention.run(args))
+    assert record["loaded_dense_ms"] > 0 and record["loaded_span_ms"] > 0
+    assert record["loaded_over_idle"] == pytest.approx(record["loaded_speedup"] / record["speedup"], rel=0.02)
