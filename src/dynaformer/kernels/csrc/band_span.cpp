@@ -68,6 +68,18 @@ inline float ramp_weight(const Geometry& g, int64_t E, int64_t i, float z, int64
   return float((double(g.ramp) + double(z) - double(i + E - j)) / double(g.ramp));
 }
 
+// The first window column any query of the chunk sees: the GEMMs skip the columns before it (E is rounded
+// up to 32 keys, and the ramp's far end moves with each query).
+int64_t first_visible(const Geometry& g, int64_t E, const float* z) {
+  int64_t j0 = E;
+  for (int64_t i = 0; i < g.C; ++i) {
+    int64_t a, b;
+    zones(g, E, i, z[i], &a, &b);
+    j0 = std::min(j0, a);
+  }
+  return j0;
+}
+
 // P (C × W) = m · softmax over the visible columns, from scores S in place; returns nothing, writes lse[i].
 void softmax_tile(const Geometry& g, int64_t E, float* S, int64_t W, const float* z, float* lse) {
   for (int64_t i = 0; i < g.C; ++i) {
@@ -186,9 +198,12 @@ std::vector<torch::Tensor> band_forward(torch::Tensor q, torch::Tensor k, torch:
       const float* K = kp + (r * g.Tkp + g.o + q0 - e) * g.D;
       const float* V = vp + (r * g.Tkp + g.o + q0 - e) * g.D;
       float* S = keep ? pp + offset[r * g.nC + c] : scratch.data();
-      gemm_rm(false, true, g.C, W, g.D, 1.f, Q, g.D, K, g.D, 0.f, S, W);  // S = Q·Kᵀ (C, W)
-      softmax_tile(g, e, S, W, zp + r * g.nC * g.C + q0, lp + r * g.nC * g.C + q0);
-      gemm_rm(false, false, g.C, g.D, W, 1.f, S, W, V, g.D, 0.f, op + (r * g.nC * g.C + q0) * g.D, g.D);  // O = P·V
+      const float* zr = zp + r * g.nC * g.C + q0;
+      const int64_t j0 = first_visible(g, e, zr), w = W - j0;
+      gemm_rm(false, true, g.C, w, g.D, 1.f, Q, g.D, K + j0 * g.D, g.D, 0.f, S + j0, W);  // S = Q·Kᵀ (C, W)
+      softmax_tile(g, e, S, W, zr, lp + r * g.nC * g.C + q0);
+      gemm_rm(false, false, g.C, g.D, w, 1.f, S + j0, W, V + j0 * g.D, g.D, 0.f, op + (r * g.nC * g.C + q0) * g.D,
+              g.D);  // O = P·V
     }
   });
   return {out, lse, P};
@@ -235,16 +250,17 @@ std::vector<torch::Tensor> band_backward(torch::Tensor q, torch::Tensor k, torch
       const float* K = kp + (r * g.Tkp + w0) * g.D;
       const float* V = vp + (r * g.Tkp + w0) * g.D;
       const float* zr = zp + qrow;
+      const int64_t j0 = first_visible(g, e, zr), w = W - j0;
       float* Pt;
       if (keep) {
         Pt = const_cast<float*>(pp) + offset[r * g.nC + c];
       } else {
         Pt = Pbuf.data();
-        gemm_rm(false, true, g.C, W, g.D, 1.f, Q, g.D, K, g.D, 0.f, Pt, W);
+        gemm_rm(false, true, g.C, w, g.D, 1.f, Q, g.D, K + j0 * g.D, g.D, 0.f, Pt + j0, W);
         recompute_p(g, e, Pt, W, zr, lp + qrow);
       }
       float* dSt = dS.data();
-      gemm_rm(false, true, g.C, W, g.D, 1.f, dO, g.D, V, g.D, 0.f, dSt, W);  // dO·Vᵀ
+      gemm_rm(false, true, g.C, w, g.D, 1.f, dO, g.D, V + j0 * g.D, g.D, 0.f, dSt + j0, W);  // dO·Vᵀ
       for (int64_t i = 0; i < g.C; ++i) {  // dS = P ⊙ (dO·Vᵀ − δ) on the visible columns
         float* s = dSt + i * W;
         const float* p = Pt + i * W;
@@ -260,11 +276,12 @@ std::vector<torch::Tensor> band_backward(torch::Tensor q, torch::Tensor k, torch
           dzp[qrow + i] = acc;
         }
       }
-      gemm_rm(false, false, g.C, g.D, W, 1.f, dSt, W, K, g.D, 0.f, dqp + qrow * g.D, g.D);  // dQ = dS·K
-      float* dKw = dK.data() + (w0 - lo) * g.D;
-      float* dVw = dV.data() + (w0 - lo) * g.D;
-      gemm_rm(true, false, W, g.D, g.C, 1.f, dSt, W, Q, g.D, 1.f, dKw, g.D);  // dK += dSᵀ·Q
-      gemm_rm(true, false, W, g.D, g.C, 1.f, Pt, W, dO, g.D, 1.f, dVw, g.D);  // dV += Pᵀ·dO
+      // dQ = dS·K
+      gemm_rm(false, false, g.C, g.D, w, 1.f, dSt + j0, W, K + j0 * g.D, g.D, 0.f, dqp + qrow * g.D, g.D);
+      float* dKw = dK.data() + (w0 + j0 - lo) * g.D;
+      float* dVw = dV.data() + (w0 + j0 - lo) * g.D;
+      gemm_rm(true, false, w, g.D, g.C, 1.f, dSt + j0, W, Q, g.D, 1.f, dKw, g.D);  // dK += dSᵀ·Q
+      gemm_rm(true, false, w, g.D, g.C, 1.f, Pt + j0, W, dO, g.D, 1.f, dVw, g.D);  // dV += Pᵀ·dO
     }
     std::lock_guard<std::mutex> guard(row_lock[r]);
     float* dkr = dkp + (r * g.Tkp + lo) * g.D;
