@@ -7,12 +7,16 @@ touch), `computed_pairs` those the band kernel computes, `dense_pairs` the causa
 from __future__ import annotations
 
 import argparse
+import contextlib
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from ..kernels import band_flops, band_span_attention, span_attention, symmetric_span_attention
+from ..kernels import band_flops, band_native, band_span_attention, span_attention, symmetric_span_attention
 from ..model import ModelConfig, Transformer
 from ..model.span_stats import span_stats
 from .common import time_interleaved
@@ -40,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no_backward", action="store_true", help="time the forward pass only")
     p.add_argument("--encoder", action="store_true",
                    help="bidirectional: symmetric spans (the ramp on both sides) versus dense bidirectional SDPA")
+    p.add_argument("--contention", action="store_true",
+                   help="measure twice: on the machine as it is, then with one busy competing process (a pure "
+                        "Python spin loop, one core); report both speedups and loaded/idle")
     p.add_argument("--model", action="store_true",
                    help="time a whole training step instead (4 layers, 256 wide, 8 heads, seq T, batch 1, AdamW): "
                         "dense versus dynamic spans ≤ --span (span_max = span − ramp)")
@@ -53,6 +60,38 @@ def span_model_config(seq: int, span: int, ramp: int = 32, kind: str = "dynamic"
     s_max = span - ramp
     return ModelConfig(**base), ModelConfig(**base, span=kind, span_max=s_max, span_ramp=ramp,
                                             span_init=0.875 * s_max, span_window=span)
+
+
+@contextlib.contextmanager
+def busy_process() -> Iterator[None]:
+    """One competing process spinning on a core for the duration (what a shared machine does to a job)."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let it reach the scheduler's steady state
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def measure(fns: dict, repeats: int, contention: bool, warmup: int = 2) -> tuple[dict, dict | None]:
+    """Interleaved median times of fns; with `contention`, again under one busy competing process."""
+    idle = time_interleaved(fns, repeats, warmup=warmup)
+    if not contention:
+        return idle, None
+    with busy_process():
+        return idle, time_interleaved(fns, repeats, warmup=1)
+
+
+def contention_fields(idle: dict, loaded: dict | None, fast: str = "span", base: str = "dense") -> dict:
+    """Speedup of `fast` over `base` idle and under load, each variant's slowdown, and loaded/idle speedup."""
+    if loaded is None:
+        return {}
+    s_idle, s_loaded = idle[base] / idle[fast], loaded[base] / loaded[fast]
+    return {f"loaded_{base}_ms": round(1000 * loaded[base], 1), f"loaded_{fast}_ms": round(1000 * loaded[fast], 1),
+            f"{base}_slowdown": round(loaded[base] / idle[base], 2),
+            f"{fast}_slowdown": round(loaded[fast] / idle[fast], 2),
+            "loaded_speedup": round(s_loaded, 3), "loaded_over_idle": round(s_loaded / s_idle, 3)}
 
 
 def run_model(args: argparse.Namespace) -> Iterator[dict]:
@@ -72,14 +111,14 @@ def run_model(args: argparse.Namespace) -> Iterator[dict]:
             opt.zero_grad(set_to_none=True)
 
         fns[name] = step
-    times = time_interleaved(fns, args.repeats, warmup=1)
+    times, loaded = measure(fns, args.repeats, args.contention, warmup=1)
     stats = span_stats(models["span"])
     yield {"bench": "attention_model_step", "seq": args.seq, "span": args.span, "batch": args.batch,
            "params": models["dense"].num_params(), "threads": torch.get_num_threads(),
            "dense_step_ms": round(1000 * times["dense"], 1), "span_step_ms": round(1000 * times["span"], 1),
            "step_speedup": round(times["dense"] / times["span"], 3),
            "mean_span": round(sum(sum(r) for r in stats["span_mean"]) / sum(len(r) for r in stats["span_mean"]), 1),
-           "attn_pairs_frac": stats.get("attn_pairs_frac")}
+           "attn_pairs_frac": stats.get("attn_pairs_frac"), **contention_fields(times, loaded)}
 
 
 def run(args: argparse.Namespace) -> Iterator[dict]:
@@ -118,13 +157,13 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
         if backward:
             out.backward(go)
 
-    times = time_interleaved({"dense": dense, "span": span}, args.repeats)
+    times, loaded = measure({"dense": dense, "span": span}, args.repeats, args.contention)
     if args.encoder:
         yield {"bench": "attention_encoder", "kind": args.kind, "seq": T, "span": args.span, "ramp": args.ramp,
                "batch": B, "heads": H, "head_dim": D, "dtype": args.dtype, "backward": backward,
                "impl": args.impl, "chunk": args.chunk, "threads": torch.get_num_threads(),
                "dense_ms": round(1000 * times["dense"], 2), "span_ms": round(1000 * times["span"], 2),
-               "speedup": round(times["dense"] / times["span"], 3)}
+               "speedup": round(times["dense"] / times["span"], 3), **contention_fields(times, loaded)}
         return
     computed, dense_pairs = band_flops(z.expand(B, H, T), T, T, args.ramp, hard, chunk=args.chunk)
     zz = z.detach().expand(B, H, T)
@@ -138,4 +177,5 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
            "dense_ms": round(1000 * times["dense"], 2), "span_ms": round(1000 * times["span"], 2),
            "speedup": round(times["dense"] / times["span"], 3),
            "dense_pairs": dense_pairs, "computed_pairs": computed, "needed_pairs": needed,
-           "floor_speedup": round(dense_pairs / needed, 2), "band_pair_speedup": round(dense_pairs / computed, 2)}
+           "floor_speedup": round(dense_pairs / needed, 2), "band_pair_speedup": round(dense_pairs / computed, 2),
+           "kernel": "compiled" if band_native.available() else "python", **contention_fields(times, loaded)}

@@ -9,6 +9,7 @@ folder (TORCH_EXTENSIONS_DIR), so it runs once per machine (≈ 1 min). DYNAFORM
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import platform
 import shutil
@@ -42,6 +43,18 @@ def _cpu_model() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+def _put_ninja_on_path() -> None:
+    """torch's extension builder runs `ninja`; the pip package's binary may sit outside PATH (an un-activated
+    virtual environment)."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        ninja = importlib.import_module("ninja")  # (imported by name: an exported folder does not have it)
+    except ImportError:
+        return
+    os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
 def load() -> ModuleType | None:
     """The compiled module, building it on first call; None (once warned) where it cannot be built."""
     global _module, _reason
@@ -59,6 +72,7 @@ def load() -> ModuleType | None:
         if shutil.which(os.environ.get("CXX", "c++")) is None:
             _reason = "no C++ compiler on PATH"
             return None
+        _put_ninja_on_path()
         try:
             from torch.utils.cpp_extension import load as load_extension
 
