@@ -1,7 +1,8 @@
-"""AdamW foreach versus fused on CPU, interleaved in one process: the optimizer step alone and the whole
-training step (forward + backward + step) of a preset.
+"""Optimizers on CPU, interleaved in one process: the optimizer step alone and the whole training step
+(forward + backward + step) of a preset, for AdamW foreach, AdamW fused and Muon (train/optim.py: Muon on the
+blocks' matrices, fused AdamW on the rest), built as the trainer builds them.
 
-    python benchmarks/optimizer_step.py --config configs/tiny-cpu.yaml
+    python benchmarks/optimizer_step.py --config configs/tiny-cpu.yaml [--batch_size 12]
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import json
 
 import torch
 
-from dynaformer.bench.common import preset, time_interleaved
 from dynaformer.model import Transformer
+from dynaformer.presets import preset
+from dynaformer.timing import time_interleaved
+from dynaformer.train.config import TrainConfig
+from dynaformer.train.optim import make_optimizer
 
 
 def main() -> None:
@@ -24,10 +28,13 @@ def main() -> None:
     cfg = preset(args.config)
     cfg.vocab_size = 65
     fns = {}
-    for impl in ("foreach", "fused"):
+    for impl in ("foreach", "fused", "muon"):
         torch.manual_seed(0)
         model = Transformer(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **{impl: True})
+        if impl == "foreach":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        else:
+            opt = make_optimizer(model, TrainConfig(lr=1e-4, optimizer="adamw" if impl == "fused" else "muon"))
         x = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.context_len))
         _, loss = model(x, x)
         loss.backward()
@@ -43,9 +50,11 @@ def main() -> None:
 
         fns[f"{impl}_opt"], fns[f"{impl}_train"] = opt_step, train_step
     t = time_interleaved(fns, args.repeats, warmup=3)
-    print(json.dumps({"bench": "optimizer_step", "config": args.config, "threads": torch.get_num_threads(),
+    print(json.dumps({"bench": "optimizer_step", "config": args.config, "batch_size": args.batch_size,
+                      "threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability(),
                       **{f"{k}_ms": round(1000 * v, 2) for k, v in t.items()},
-                      "train_speedup": round(t["foreach_train"] / t["fused_train"], 3)}))
+                      "fused_vs_foreach_train": round(t["foreach_train"] / t["fused_train"], 3),
+                      "muon_vs_fused_train": round(t["muon_train"] / t["fused_train"], 3)}))
 
 
 if __name__ == "__main__":
