@@ -56,7 +56,7 @@ class Attention(nn.Module):
         """Span attention (no attention-probability dropout). With a span-bounded cache, each group of heads
         gets its own key window: only the keys those heads can still reach."""
         z = self.span(x, ctx)  # (1, H, 1) or (B, H, T) spans in tokens
-        ctx.outputs.spans[self.layer_idx] = z.detach()
+        ctx.outputs.spans[self.layer_idx] = z.detach() if z.requires_grad else z
         impl, ramp, hard, km = self.span_impl, self.span.ramp, self.span.hard, ctx.key_mask
         if not ctx.causal:  # encoder: the same ramp on both sides
             return symmetric_span_attention(q, k, v, z, ramp, hard, ctx.key_padding_mask, impl=impl)

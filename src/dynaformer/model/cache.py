@@ -33,10 +33,10 @@ class LayerCache:
         end = self.length + T
         if end > self.k.shape[-2]:
             raise RuntimeError(f"KV cache overflow: {end} > {self.k.shape[-2]} positions")
-        self.k[:, :, self.length : end] = k
-        self.v[:, :, self.length : end] = v
+        self.k.narrow(2, self.length, T).copy_(k)  # narrow + copy_: two ops, no Python-level indexing
+        self.v.narrow(2, self.length, T).copy_(v)
         self.length = end
-        return [KeyGroup(ALL_HEADS, self.k[:, :, :end], self.v[:, :, :end])]
+        return [KeyGroup(ALL_HEADS, self.k.narrow(2, 0, end), self.v.narrow(2, 0, end))]
 
     def nbytes(self) -> int:
         """Bytes held by the keys and values actually stored."""
@@ -47,19 +47,21 @@ class LayerCache:
 class _BoundedGroup:
     """Heads sharing one key bound: a buffer (2, B, G, keep + slack, D) filled up to `fill`."""
 
-    __slots__ = ("heads", "keep", "buf", "fill")
+    __slots__ = ("heads", "keep", "buf", "kb", "vb", "fill")
 
     def __init__(self, heads: slice | torch.Tensor, keep: int, buf: torch.Tensor) -> None:
         self.heads, self.keep, self.buf, self.fill = heads, keep, buf, 0
+        self.kb, self.vb = buf.unbind(0)  # (B, G, slots, D) views of the keys and the values
 
     def append(self, kn: torch.Tensor, vn: torch.Tensor) -> KeyGroup:
         """Store kn, vn (B, G, T, D); return the keys and values this call needs (at least the last `keep`)."""
         buf, fill, keep, T = self.buf, self.fill, self.keep, kn.shape[-2]
         if fill + T <= buf.shape[-2]:  # room left: write in place
-            buf[0, :, :, fill : fill + T] = kn
-            buf[1, :, :, fill : fill + T] = vn
+            kb, vb = self.kb, self.vb
+            kb.narrow(2, fill, T).copy_(kn)
+            vb.narrow(2, fill, T).copy_(vn)
             self.fill = fill + T
-            return KeyGroup(self.heads, buf[0, :, :, : fill + T], buf[1, :, :, : fill + T])
+            return KeyGroup(self.heads, kb.narrow(2, 0, fill + T), vb.narrow(2, 0, fill + T))
         # Full: the keys this call needs, then keep only the last `keep` of them at the front.
         old = min(fill, keep)
         ka = torch.cat([buf[0, :, :, fill - old : fill], kn], dim=2)
@@ -96,7 +98,8 @@ class BoundedLayerCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> list[KeyGroup]:
         """Store k, v (B, H, T, D); return per group of heads the keys and values (B, G, L, D) they can see."""
-        out = [g.append(k[:, g.heads], v[:, g.heads]) for g in self.groups]
+        out = [g.append(k, v) if g.heads is ALL_HEADS else g.append(k[:, g.heads], v[:, g.heads])
+               for g in self.groups]
         self.length += k.shape[-2]
         return out
 

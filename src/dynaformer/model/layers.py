@@ -35,6 +35,8 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self._cos: torch.Tensor | None = None  # (N, D/2) for positions 0 .. N-1
         self._sin: torch.Tensor | None = None
+        self._cos2: torch.Tensor | None = None  # (N, D): [cos, cos] and [−sin, sin], the no-grad path's tables
+        self._sin2: torch.Tensor | None = None
 
     def reserve(self, length: int, device: torch.device) -> None:
         """Make the table cover positions 0 .. length-1 on `device`."""
@@ -45,23 +47,28 @@ class Rotary(nn.Module):
                 t = torch.arange(n, device=device, dtype=torch.float64)
                 freqs = torch.outer(t, self.inv_freq.to(device=device, dtype=torch.float64).clone())
                 self._cos, self._sin = freqs.cos().float(), freqs.sin().float()
+                h = self._cos.shape[-1]
+                self._cos2, self._sin2 = self._cos.repeat(1, 2), self._sin.repeat(1, 2)
+                self._sin2[:, :h].neg_()
 
     def forward(self, x: torch.Tensor, start: int, pos: torch.Tensor | None = None) -> torch.Tensor:
         """x: (..., T, D) at positions start .. start+T-1, or (..., B, H, T, D) at per-row positions pos (B, T)
         (padded batches; every pos < start + T)."""
         T = x.shape[-2]
         self.reserve(start + T, x.device)
-        if pos is not None:  # (B, 1, T, D/2): broadcast over heads
-            cos, sin = self._cos[pos].unsqueeze(-3), self._sin[pos].unsqueeze(-3)
+        grad = torch.is_grad_enabled() and x.requires_grad
+        cos, sin = (self._cos, self._sin) if grad else (self._cos2, self._sin2)
+        if pos is not None:  # (B, 1, T, ·): broadcast over heads
+            cos, sin = cos[pos].unsqueeze(-3), sin[pos].unsqueeze(-3)
         else:
-            cos, sin = self._cos[start : start + T], self._sin[start : start + T]  # (T, D/2)
+            cos, sin = cos[start : start + T], sin[start : start + T]  # (T, ·)
         if cos.dtype != x.dtype:
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        if torch.is_grad_enabled() and x.requires_grad:
+        if grad:
             return _Rotate.apply(x, cos, sin)
-        out = torch.empty_like(x)  # no autograd: the four ops alone (decoding pays per op, not per element)
-        _rotate_into(out, x, cos, sin, 1.0)
-        return out
+        # No autograd (decoding pays per op, not per element): three ops on full rows, the same products and sums
+        # as _rotate_into: x·[cos, cos] + [x2, x1]·[−sin, sin].
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> None:

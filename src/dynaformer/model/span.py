@@ -67,12 +67,12 @@ class LearnedSpan(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (B, T, C) the attention input → spans z in tokens, (1, H, 1) per head or (B, H, T) dynamic.
         Training adds the span penalty to ctx.outputs.aux_losses."""
-        S = self.max_span(ctx.progress.float())
+        S = self.s_max if self.s_start == self.s_max else self.max_span(ctx.progress.float())
+        a = _f32(self.a)
         if self.v is None:
-            z = (S * torch.sigmoid(self.a.float())).view(1, -1, 1)
-        else:
-            logits = F.linear(x.float(), self.v.float()).transpose(1, 2) + self.a.float()[:, None]  # (B, H, T)
-            z = S * torch.sigmoid(logits)
+            z = (S * torch.sigmoid(a)).view(1, -1, 1)
+        else:  # spans in fp32 whatever the model's dtype; a as the linear's bias: one op for a·1 + x vᵀ
+            z = S * torch.sigmoid(F.linear(_f32(x), _f32(self.v), a).transpose(1, 2))  # (B, H, T)
         if self.training and self.penalty > 0:
             ctx.outputs.aux_losses.append(self.penalty * paid_span(z, self.ramp, self.tile).mean())
         return z
@@ -84,6 +84,10 @@ class LearnedSpan(nn.Module):
             z = S * torch.sigmoid(self.a.detach().float())
             return [int(math.ceil(float(zh) + self.ramp)) for zh in z]
         return [int(math.ceil(S + self.ramp))] * self.n_head  # content decides: any span up to S can occur
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()  # (no call when it already is: decoding pays per op)
 
 
 def paid_span(z: torch.Tensor, ramp: float, tile: int) -> torch.Tensor:
