@@ -4,6 +4,7 @@ parity and cache tests cover each mechanism as soon as it is added to `ModelConf
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,10 @@ RESIDUALS = list(get_args(ResidualKind))
 SPANS = list(get_args(SpanKind))
 MATRIX = list(itertools.product(RESIDUALS, SPANS))
 ROOT = Path(__file__).resolve().parents[1]
+
+# `dtype: auto` picks bf16 on CPUs where it pays; the suite's tolerances (DDP vs one process within 1e-5, ...)
+# are fp32's, so every test and every CLI it starts trains in fp32 unless it sets this itself (tests/test_dtype.py).
+os.environ.setdefault("DYNAFORMER_DTYPE_PROBE", "fp32")
 
 
 def output_and_grads(fn, inputs: list[torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
