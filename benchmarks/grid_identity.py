@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "tests" / "fixtures" / "grid-tiny.yaml"
 # Timings, their derived means and the machine's name differ between any two runs, even of one commit.
-VOLATILE = {"elapsed_s", "ms_step", "tok_s", "peak_memory", "peak_memory_kind", "host", "created", "ms_step_sd"}
+VOLATILE = {"elapsed_s", "ms_step", "tok_s", "peak_memory", "peak_memory_kind", "host", "created", "ms_step_sd",
+            "run_dir"}  # run_dir: the output folder differs by construction
 
 
 def sha(rev: str) -> str:
@@ -70,17 +71,31 @@ def diff(a, b, path: str = "") -> list[str]:
     return [] if (a == b and type(a) is type(b)) else [f"{path}: {a!r} vs {b!r}"]
 
 
-def compare_outputs(first: Path, second: Path) -> tuple[int, list[str]]:
+def compare_outputs(first: Path, second: Path) -> tuple[int, dict[str, list[str]]]:
+    """Differences per compared file (each cell's result.json, then report.json)."""
     files = sorted(p.relative_to(first) for p in first.glob("cells/*/seed*/result.json"))
     files.append(Path("report") / "report.json")
-    problems = []
+    problems: dict[str, list[str]] = {}
     for rel in files:
         if not (second / rel).exists():
-            problems.append(f"{rel}: missing in the second")
+            problems[str(rel)] = ["missing in the second"]
             continue
         a, b = (json.loads((d / rel).read_text()) for d in (first, second))
-        problems += [f"{rel}{d}" for d in diff(a, b)]
+        if found := diff(a, b):
+            problems[str(rel)] = found
     return len(files), problems
+
+
+def largest_relative(lines: list[str]) -> float:
+    """The largest |a − b| / |a| among the differing numbers of `diff` lines."""
+    worst = 0.0
+    for ln in lines:
+        try:
+            a, b = (float(x) for x in ln.rsplit(": ", 1)[1].split(" vs "))
+        except ValueError:
+            continue
+        worst = max(worst, abs(a - b) / abs(a) if a else abs(b))
+    return worst
 
 
 def main() -> int:
@@ -89,16 +104,21 @@ def main() -> int:
     ap.add_argument("second")
     ap.add_argument("--work", default="/tmp/grid-identity")
     ap.add_argument("--reuse", action="store_true", help="keep a commit's outputs from an earlier run")
+    ap.add_argument("--all", action="store_true", help="print every difference, not the first three per file")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     revs = [sha(args.first), sha(args.second)]
     outs = [run_commit(r, work, args.reuse) for r in revs]
     n, problems = compare_outputs(*outs)
-    for p in problems:
-        print(p)
-    print(f"{revs[0][:12]} vs {revs[1][:12]}: {n} files, "
-          + ("bit-identical (timings and host left out)" if not problems else f"{len(problems)} differences"))
+    for rel, lines in problems.items():
+        print(f"{rel}: {len(lines)} differences, largest relative {largest_relative(lines):.2g}")
+        for ln in lines if args.all else lines[:3]:
+            print(f"    {ln}")
+    print(f"{revs[0][:12]} vs {revs[1][:12]}: {n} files, " + (
+        "bit-identical (timings and paths left out)" if not problems else
+        f"{len(problems)} differ in {sum(map(len, problems.values()))} values; the other {n - len(problems)} are "
+        f"bit-identical"))
     return 1 if problems else 0
 
 
