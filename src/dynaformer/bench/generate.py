@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Iterator
 
@@ -12,6 +13,12 @@ import torch
 from ..model import Transformer
 from ..model.generate import generate
 from .common import preset, time_interleaved
+
+
+def machine() -> dict:
+    """What a timing depends on besides the code: threads, the CPU kind (AVX2 / AVX512) and the load average."""
+    return {"threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability(),
+            "load": round(os.getloadavg()[0], 2)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +41,7 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
     model = Transformer(cfg).eval()
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len))
     record = {"bench": "generate", "params": model.num_params(), "prompt_len": args.prompt_len,
-              "new_tokens": args.new_tokens, "threads": torch.get_num_threads()}
+              "new_tokens": args.new_tokens, **machine()}
     generate(model, prompt, 8, temperature=0)  # warm-up
     max_len = args.prompt_len + args.new_tokens
     for name, cached in (("cached", True), ("uncached", False)):
@@ -72,7 +79,7 @@ def run_context(args: argparse.Namespace) -> Iterator[dict]:
         fns[name] = decode
     times = time_interleaved(fns, args.repeats, warmup=1)
     dense_bytes, span_bytes = state["dense"][1].nbytes(), state["span"][1].nbytes()
-    yield {"bench": "generate_context", "context": T, "span": args.span, "threads": torch.get_num_threads(),
+    yield {"bench": "generate_context", "context": T, "span": args.span, **machine(),
            "dense_kv_bytes": dense_bytes, "span_kv_bytes": span_bytes,
            "kv_ratio": round(span_bytes / dense_bytes, 4),
            "dense_tok_s": round(per_call / times["dense"], 1), "span_tok_s": round(per_call / times["span"], 1),

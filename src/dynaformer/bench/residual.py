@@ -16,6 +16,7 @@ from ..errors import DynaformerError
 from ..model import Transformer
 from ..model.generate import generate
 from .common import preset, time_interleaved
+from .generate import machine
 
 KINDS = ("prenorm", "dynamic")
 CONTROL = "prenorm_control"  # a second, identical pre-norm model: its ratio to prenorm is the noise floor
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
 
     record = {"bench": "residual", "config": args.config or "small", "batch": args.batch_size, "seq": T,
               "dtype": args.dtype, "clock": args.clock, "factors": args.factors, "device": str(device),
-              "threads": torch.get_num_threads(),
+              **machine(),
               "steps": args.steps, "prenorm_ms": round(1000 * train["prenorm"], 2),
               "dynamic_ms": round(1000 * train["dynamic"], 2),
               "ratio": round(train["dynamic"] / train["prenorm"], 4)}
