@@ -51,7 +51,8 @@ class _BoundedGroup:
 
     def __init__(self, heads: slice | torch.Tensor, keep: int, buf: torch.Tensor) -> None:
         self.heads, self.keep, self.buf, self.fill = heads, keep, buf, 0
-        self.kb, self.vb = buf.unbind(0)  # (B, G, slots, D) views of the keys and the values
+        # (B, G, slots, D) views of the keys and the values; not unbind, whose views autograd forbids writing into
+        self.kb, self.vb = buf[0], buf[1]
 
     def append(self, kn: torch.Tensor, vn: torch.Tensor) -> KeyGroup:
         """Store kn, vn (B, G, T, D); return the keys and values this call needs (at least the last `keep`)."""
