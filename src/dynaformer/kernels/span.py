@@ -27,7 +27,7 @@ from ._tiles import NEG_INF
 from .attention import causal_attention, padding_bias
 from .band import band_span_attention
 from .flex import flex_span_attention
-from .plan import band_flops, plan  # noqa: F401 - band_flops: model/span_stats.py imports it from here
+from .plan import plan
 
 
 def span_log_mask(d: torch.Tensor, z: torch.Tensor, ramp: float, hard: bool) -> torch.Tensor:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..kernels.span import band_flops
+from ..kernels import band_flops
 
 
 def _last_spans(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
