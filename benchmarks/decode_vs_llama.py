@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 import torch
 
@@ -36,6 +37,8 @@ def main() -> None:
     ap.add_argument("--per_call", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: perf_counter; cpu: process CPU time (steadier on a shared machine; use --threads 1)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     capacity = args.context + args.per_call * (args.repeats + 2) + 1
@@ -63,10 +66,12 @@ def main() -> None:
             tok = hf(input_ids=tok, use_cache=True, **{cache_arg: hf_cache}).logits[:, -1:].argmax(-1)
         state["llama"] = tok
 
-    t = time_interleaved({"ours": decode_ours, "llama": decode_llama}, args.repeats, warmup=1)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    t = time_interleaved({"ours": decode_ours, "llama": decode_llama}, args.repeats, warmup=1, clock=clock)
     import transformers
 
     print(json.dumps({"bench": "decode_vs_llama", "context": args.context, "threads": args.threads,
+                      "clock": args.clock,
                       "ours_tok_s": round(args.per_call / t["ours"], 1),
                       "llama_tok_s": round(args.per_call / t["llama"], 1),
                       "ratio": round(t["llama"] / t["ours"], 3), "cpu": torch.backends.cpu.get_cpu_capability(),

@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "span model: dynamic spans with reach ≤ --span)")
     p.add_argument("--span", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="--context timing: wall (perf_counter) or cpu (process CPU time: steadier on a shared machine; "
+                        "use --threads 1)")
 
 
 def run(args: argparse.Namespace) -> Iterator[dict]:
@@ -77,9 +80,10 @@ def run_context(args: argparse.Namespace) -> Iterator[dict]:
             state[name] = (model, cache, tok)
 
         fns[name] = decode
-    times = time_interleaved(fns, args.repeats, warmup=1)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times = time_interleaved(fns, args.repeats, warmup=1, clock=clock)
     dense_bytes, span_bytes = state["dense"][1].nbytes(), state["span"][1].nbytes()
-    yield {"bench": "generate_context", "context": T, "span": args.span, **machine(),
+    yield {"bench": "generate_context", "context": T, "span": args.span, "clock": args.clock, **machine(),
            "dense_kv_bytes": dense_bytes, "span_kv_bytes": span_bytes,
            "kv_ratio": round(span_bytes / dense_bytes, 4),
            "dense_tok_s": round(per_call / times["dense"], 1), "span_tok_s": round(per_call / times["span"], 1),
