@@ -111,14 +111,21 @@ def main() -> int:
     revs = [sha(args.first), sha(args.second)]
     outs = [run_commit(r, work, args.reuse) for r in revs]
     n, problems = compare_outputs(*outs)
+    n_values = 0
     for rel, lines in problems.items():
-        print(f"{rel}: {len(lines)} differences, largest relative {largest_relative(lines):.2g}")
-        for ln in lines if args.all else lines[:3]:
+        # A key on one side only is a config field one commit has and the other lacks, not a changed number.
+        keys = [ln.split(":")[0] for ln in lines if ": only in " in ln]
+        values = [ln for ln in lines if ": only in " not in ln]
+        n_values += len(values)
+        print(f"{rel}: " + (f"{len(values)} values differ, largest relative {largest_relative(values):.2g}"
+                            if values else "every value bit-identical")
+              + (f"; keys on one side only: {', '.join(keys)}" if keys else ""))
+        for ln in values if args.all else values[:3]:
             print(f"    {ln}")
-    print(f"{revs[0][:12]} vs {revs[1][:12]}: {n} files, " + (
-        "bit-identical (timings and paths left out)" if not problems else
-        f"{len(problems)} differ in {sum(map(len, problems.values()))} values; the other {n - len(problems)} are "
-        f"bit-identical"))
+    same = n - sum(1 for lines in problems.values() if any(": only in " not in ln for ln in lines))
+    print(f"{revs[0][:12]} vs {revs[1][:12]}: {n} files, {same} with every value bit-identical"
+          + (f", {n - same} with {n_values} values that differ" if n_values else "")
+          + " (timings, host and paths left out)")
     return 1 if problems else 0
 
 
