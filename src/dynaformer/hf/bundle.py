@@ -102,9 +102,10 @@ def bundle_sources() -> dict[str, str]:
                     seen.add(t)
                     todo.append(t)
             indent = lines[node.lineno - 1][: node.col_offset]
-            if kind == "modules":  # `from pkg import sub`: each flat sibling under the name the code uses
-                new = "".join(f"{indent}from . import {_flat(t)} as {a.asname or a.name}\n"
-                              for t, a in zip(targets, node.names, strict=True))
+            if kind == "modules":  # transformers copies only the files named in `from .module import name`
+                raise RuntimeError(f"bundle: {module} imports the module(s) {', '.join(targets)} whole "
+                                   f"(`from package import module`); an exported folder would lack them: "
+                                   f"import names from them instead (`from .module import name`)")
             else:
                 names = ", ".join(a.name + (f" as {a.asname}" if a.asname else "") for a in node.names)
                 new = f"{indent}from .{_flat(targets[0])} import {names}\n"

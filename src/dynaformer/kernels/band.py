@@ -27,7 +27,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import band_native
 from ._tiles import (
     KEEP_BYTES,
     NEG_INF,
@@ -41,6 +40,9 @@ from ._tiles import (
     span_grad,
     sum_to,
 )
+from .band_native import available as native_available
+from .band_native import load as load_native
+from .band_native import unavailable_reason as native_unavailable_reason
 
 # ----------------------------------------------------------------------------------------------------
 # Which keys each chunk needs
@@ -414,7 +416,7 @@ class _NativeBand(torch.autograd.Function):
         vp = pad_rows(v.float(), pad).reshape(BH, Tk + pad, D).contiguous()
         zc = F.pad(zd.reshape(BH, Tq), (0, pad), value=0.0)
         zc = (zc.floor() if hard else zc).contiguous()
-        out, lse, P = band_native.load().forward(qc, kp, vp, zc, E, Tk - Tq, C, _CHUNKS_PER_TASK, float(ramp),
+        out, lse, P = load_native().forward(qc, kp, vp, zc, E, Tk - Tq, C, _CHUNKS_PER_TASK, float(ramp),
                                                  hard, bool(keep_scores))
         ctx.save_for_backward(qc, kp, vp, zc, E, out, lse, P)
         ctx.meta = (B, H, Tq, Tk, D, C, nC, pad, float(ramp), hard, scale, z.shape)
@@ -427,7 +429,7 @@ class _NativeBand(torch.autograd.Function):
         doc = pad_rows(dout.float(), pad).reshape(B * H, nC * C, D).contiguous()
         delta = (doc * out).sum(-1).contiguous()  # (BH, nC·C): dO_i·O_i
         want_z = ctx.needs_input_grad[3] and not hard
-        dq, dk, dv, dz = band_native.load().backward(qc, kp, vp, zc, E, doc, delta, lse, P, Tk - Tq, C,
+        dq, dk, dv, dz = load_native().backward(qc, kp, vp, zc, E, doc, delta, lse, P, Tk - Tq, C,
                                                      _CHUNKS_PER_TASK, ramp, hard, want_z)
         dq = dq.mul_(scale).view(B, H, nC * C, D)[:, :, :Tq]
         dk = dk[:, :Tk].reshape(B, H, Tk, D)
@@ -439,7 +441,7 @@ class _NativeBand(torch.autograd.Function):
 def uses_native(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
     """Whether `band_span_attention` runs the compiled kernel for these inputs (fp64, used by the gradient
     checks, and non-CPU tensors take the Python kernel)."""
-    return torch.device(device).type == "cpu" and dtype != torch.float64 and band_native.available()
+    return torch.device(device).type == "cpu" and dtype != torch.float64 and native_available()
 
 
 def band_span_attention(q, k, v, z, ramp: float, hard: bool = False, chunk: int = 64, box_waste: float = 0.15,
@@ -454,8 +456,8 @@ def band_span_attention(q, k, v, z, ramp: float, hard: bool = False, chunk: int 
         raise ValueError(f"z must be 3-d (B|1, H|1, Tq|1), got {tuple(z.shape)}")
     if native is None:
         native = uses_native(q.dtype, q.device)
-    elif native and not band_native.available():
-        raise RuntimeError(f"the compiled band kernel is unavailable: {band_native.unavailable_reason()}")
+    elif native and not native_available():
+        raise RuntimeError(f"the compiled band kernel is unavailable: {native_unavailable_reason()}")
     zf = Expand.apply(z.to(compute_dtype(q.dtype)), (B, H, Tq))  # a view; the kernels reduce dz to z's shape
     if native:
         return _NativeBand.apply(q, k, v, zf, float(ramp), hard, chunk, keep_scores)
@@ -467,7 +469,7 @@ def band_pairs(z: torch.Tensor, Tq: int, Tk: int, ramp: float, hard: bool, chunk
     """Query·key pairs the band kernel computes for z (B, H, Tq): every chunk's window × its C queries (the
     compiled kernel), or the windows of the Python kernel's batches (boxes run at their rows' largest E)."""
     if native is None:
-        native = band_native.available()
+        native = native_available()
     if native:
         return int((window_extents(z.detach().float(), Tq, Tk, ramp, hard, chunk) + chunk).sum()) * chunk
     sets, E = band_sets(z.detach().float(), Tq, Tk, ramp, hard, chunk, box_waste)
