@@ -492,3 +492,14 @@ def test_one_document_renders_three_ways(tmp_path):
     assert "<strong>bold</strong> text" in html
     assert "*not recorded by any run*" in md and "<em>not recorded by any run</em>" in html
     assert dict(zip(VerdictRow.HEAD, row.cells(), strict=True))["verdict"] == "**supported**"
+
+
+def test_a_cell_folder_from_before_a_new_config_field_still_matches():
+    from dynaformer.study.compare import same_cell
+
+    new = {"variant": "b", "seed": 0, "model": {"n_layer": 2}, "train": {"lr": 1e-3, "optimizer": "adamw"}}
+    old = {"variant": "b", "seed": 0, "model": {"n_layer": 2}, "train": {"lr": 1e-3}}  # before `optimizer` existed
+    assert same_cell(old, new)
+    assert not same_cell(old, {**new, "train": {"lr": 1e-3, "optimizer": "muon"}})  # not the default: differs
+    assert not same_cell(old, {**new, "train": {"lr": 2e-3, "optimizer": "adamw"}})
+    assert not same_cell({**old, "match_reach": {}}, new)

@@ -20,6 +20,7 @@ share a grid on a shared filesystem by running the same command: cells are claim
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -198,11 +199,38 @@ def prepare(grid: Grid, out: Path, skip_invalid: bool) -> list[Cell]:
                 old = json.loads((d / "cell.json").read_text())
             except ValueError:
                 old = None
-            if old is not None and old != json.loads(json.dumps(spec)):
+            if old is not None and not same_cell(old, json.loads(json.dumps(spec))):
                 raise DynaformerError(f"cell {c.key} in '{out}' was run with a different config; "
                                       f"rename the variant or choose another --out")
         write_json(d / "cell.json", spec)
     return [c for c in cells if not c.error]
+
+
+def _config_defaults() -> dict[str, dict]:
+    """Defaults of the config sections a cell.json holds (a field added after a cell ran has its default)."""
+    from ..model.config import ModelConfig
+    from ..train.config import TrainConfig
+    from ..train.finetune import FinetuneConfig
+
+    return {name: {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+            for name, cls in (("model", ModelConfig), ("train", TrainConfig), ("finetune", FinetuneConfig))}
+
+
+def same_cell(old: dict, new: dict) -> bool:
+    """Whether a cell folder's cell.json describes the cell about to run. A config field that a newer
+    dynaformer added (absent from the old file) counts as the same when the new value is its default, so
+    grid folders survive an upgrade that adds fields without changing what the cells compute."""
+    if old.keys() != new.keys():
+        return False
+    defaults = _config_defaults()
+    for key, value in new.items():
+        before = old[key]
+        if key in defaults and isinstance(value, dict) and isinstance(before, dict):
+            added = {k: defaults[key][k] for k in value.keys() - before.keys() if k in defaults[key]}
+            before = {**added, **before}
+        if before != value:
+            return False
+    return True
 
 
 # --- devices -------------------------------------------------------------------------------------
