@@ -84,3 +84,16 @@ def assert_user_error(res: subprocess.CompletedProcess, *needles: str) -> None:
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def interrupt_after(trainer, step: int, monkeypatch) -> None:
+    """Make `trainer` behave as if Ctrl-C arrived during training step `step`."""
+    train_step = trainer.train_step
+
+    def stepping():
+        out = train_step()
+        if trainer.step == step:
+            trainer._stop_signal = 2
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", stepping)

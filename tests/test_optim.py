@@ -18,7 +18,7 @@ from dynaformer.train.optim import Muon, OptimizerChain, hidden_matrix_names, ma
 from dynaformer.train.rundir import open_run
 from dynaformer.train.trainer import Trainer
 
-from .conftest import assert_user_error, cli_in_process
+from .conftest import assert_user_error, cli_in_process, interrupt_after
 
 
 def test_muon_takes_the_blocks_linear_weights_only():
@@ -79,15 +79,7 @@ def test_every_optimizer_resumes_bit_exactly(optimizer, tmp_path, text_file, mon
     lrs = [g["lr"] for g in straight.optimizer.param_groups]  # the last step's: AdamW's groups, then Muon's
     assert lrs == ([lrs[0]] * 2 + [2 * lrs[0]] if optimizer == "muon" else [lrs[0]] * 2) and lrs[0] > 0
     trainer = Trainer(open_run(*_cfgs(tmp_path / "b", text_file, **extra)))
-    step = trainer.train_step
-
-    def stop_at_half():
-        out = step()
-        if trainer.step == 4:
-            trainer._stop_signal = 2  # as if Ctrl-C arrived during step 4
-        return out
-
-    monkeypatch.setattr(trainer, "train_step", stop_at_half)
+    interrupt_after(trainer, 4, monkeypatch)
     with pytest.raises(Interrupted, match="step 4"):
         trainer.fit()
     Trainer(open_run(*_cfgs(tmp_path / "b", text_file, **extra, resume="auto"))).fit()

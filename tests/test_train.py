@@ -19,6 +19,8 @@ from dynaformer.train.metrics import read_metrics
 from dynaformer.train.rundir import open_run
 from dynaformer.train.trainer import Trainer
 
+from .conftest import interrupt_after
+
 
 def _cfgs(out: Path, data: Path, **train) -> tuple[ModelConfig, TrainConfig]:
     model = ModelConfig(context_len=32, n_layer=2, n_head=2, d_model=32)
@@ -48,15 +50,7 @@ def test_resume_is_bit_exact(tmp_path, text_file, monkeypatch):
 
     model_cfg, train_cfg = _cfgs(tmp_path / "b", text_file)
     trainer = Trainer(open_run(model_cfg, train_cfg))
-    step = trainer.train_step
-
-    def stop_at_3():
-        out = step()
-        if trainer.step == 3:
-            trainer._stop_signal = 2  # as if Ctrl-C arrived during step 3
-        return out
-
-    monkeypatch.setattr(trainer, "train_step", stop_at_3)
+    interrupt_after(trainer, 3, monkeypatch)
     with pytest.raises(Interrupted, match="step 3"):
         trainer.fit()
     assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step-3"]
