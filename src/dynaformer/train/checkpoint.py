@@ -326,19 +326,12 @@ def load_dcp(ckpt: Path, state: dict[str, Any]) -> None:
         raise CheckpointError(f"checkpoint '{ckpt}': its DCP shards do not load ({first})") from None
 
 
-def save_dcp_checkpoint(run_dir: Path, step: int, tensors: dict[str, Any], config: dict[str, Any],
-                        trainer_state: dict[str, Any], keep_last: int = 0) -> Path:
-    """Every rank calls this with its own shards of `tensors`; each writes them in parallel (DCP), then rank 0
-    writes config.json, trainer.pt and the manifest (every file's checksum, hashed by all ranks in turn) and
-    renames the folder into place. Same rules as save_checkpoint: a verifying step-N is kept, a damaged one
-    replaced, a full disk leaves the last good checkpoint intact."""
+def _dcp_target(run_dir: Path, step: int, final: Path) -> tuple[bool, Path]:
+    """Rank 0 decides for all ranks: keep a verifying step-N (True), or write into one temporary folder."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    final = run_dir / f"step-{step}"
     plan: list[Any] = [None]
-    if rank == 0:  # one decision and one temporary folder for all ranks
+    if dist.get_rank() == 0:
         keep = False
         if final.exists():
             try:
@@ -353,31 +346,69 @@ def save_dcp_checkpoint(run_dir: Path, step: int, tensors: dict[str, Any], confi
             (tmp / DCP_DIR).mkdir(parents=True)
         plan = [(keep, str(tmp))]
     dist.broadcast_object_list(plan, src=0)
-    keep, tmp = plan[0][0], Path(plan[0][1])
-    if keep:
-        return final
-    mine: dict[str, str] = {}
-    error: BaseException | None = None
+    return plan[0][0], Path(plan[0][1])
+
+
+def _dcp_write_shards(tensors: dict[str, Any], tmp: Path) -> tuple[dict[str, str], BaseException | None]:
+    """Every rank writes its shards (DCP); returns this rank's share of the shard checksums, or the error."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    rank, world = dist.get_rank(), dist.get_world_size()
     try:
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp / DCP_DIR, sync_files=True))
         shards = sorted(p.name for p in (tmp / DCP_DIR).iterdir())
-        mine = {f"{DCP_DIR}/{n}": _sha256(tmp / DCP_DIR / n) for i, n in enumerate(shards) if i % world == rank}
+        return {f"{DCP_DIR}/{n}": _sha256(tmp / DCP_DIR / n) for i, n in enumerate(shards) if i % world == rank}, None
     except Exception as e:  # DCP raises on every rank when any rank's write fails
-        error = e
+        return {}, e
+
+
+def _dcp_write_rank0_files(tmp: Path, step: int, config: dict[str, Any], trainer_state: dict[str, Any],
+                           checksums: dict[str, str], world: int) -> None:
+    """Rank 0: config.json, trainer.pt and the manifest of every file, all fsynced."""
+    (tmp / "config.json").write_text(json.dumps({**config, "step": step}, indent=2, ensure_ascii=False))
+    torch.save(trainer_state, tmp / "trainer.pt")
+    files = {**checksums, **{n: _sha256(tmp / n) for n in ("config.json", "trainer.pt")}}
+    (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "layout": "dcp", "step": step,
+                                            "world": world, "files": dict(sorted(files.items()))}, indent=2))
+    for n in ("config.json", "trainer.pt", MANIFEST, f"{DCP_DIR}/.metadata"):
+        with open(tmp / n, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _raise_save_failure(run_dir: Path, step: int, failed: list, error: BaseException | None) -> None:
+    """failed: (disk full?, message) per failure. A full disk is one line naming the intact checkpoint."""
+    if error is not None and not any(full for full, _ in failed):
+        raise error
+    if not any(full for full, _ in failed):
+        raise CheckpointError(f"step-{step} could not be written to '{run_dir}': {failed[0][1]}")
+    good = latest_checkpoint(run_dir, warn=False)
+    kept = f"the last good checkpoint {good.name} is intact" if good else "no earlier checkpoint exists"
+    raise DynaformerError(f"the disk is full: step-{step} could not be written to '{run_dir}' and was not "
+                          f"kept; {kept}. Free space and run again with --resume auto")
+
+
+def save_dcp_checkpoint(run_dir: Path, step: int, tensors: dict[str, Any], config: dict[str, Any],
+                        trainer_state: dict[str, Any], keep_last: int = 0) -> Path:
+    """Every rank calls this with its own shards of `tensors`; each writes them in parallel (DCP), then rank 0
+    writes config.json, trainer.pt and the manifest (every file's checksum, hashed by all ranks in turn) and
+    renames the folder into place. Same rules as save_checkpoint: a verifying step-N is kept, a damaged one
+    replaced, a full disk leaves the last good checkpoint intact."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    final = run_dir / f"step-{step}"
+    keep, tmp = _dcp_target(run_dir, step, final)
+    if keep:
+        return final
+    mine, error = _dcp_write_shards(tensors, tmp)
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, (mine, None if error is None else (is_disk_full(error), repr(error)[:300])))
     failed = [f for _, f in gathered if f is not None]
     if rank == 0 and not failed:
         try:
-            (tmp / "config.json").write_text(json.dumps({**config, "step": step}, indent=2, ensure_ascii=False))
-            torch.save(trainer_state, tmp / "trainer.pt")
-            files = {k: v for m, _ in gathered for k, v in m.items()}
-            files.update({n: _sha256(tmp / n) for n in ("config.json", "trainer.pt")})
-            (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "layout": "dcp", "step": step,
-                                                    "world": world, "files": dict(sorted(files.items()))}, indent=2))
-            for n in ("config.json", "trainer.pt", MANIFEST, f"{DCP_DIR}/.metadata"):
-                with open(tmp / n, "rb") as f:
-                    os.fsync(f.fileno())
+            _dcp_write_rank0_files(tmp, step, config, trainer_state, {k: v for m, _ in gathered for k, v in m.items()},
+                                   world)
         except Exception as e:
             failed.append((is_disk_full(e), repr(e)[:300]))
     outcome: list[Any] = [failed]
@@ -386,14 +417,7 @@ def save_dcp_checkpoint(run_dir: Path, step: int, tensors: dict[str, Any], confi
     if failed:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # never visible; free its space
-        if error is not None and not any(full for full, _ in failed):
-            raise error
-        if not any(full for full, _ in failed):
-            raise CheckpointError(f"step-{step} could not be written to '{run_dir}': {failed[0][1]}")
-        good = latest_checkpoint(run_dir, warn=False)
-        kept = f"the last good checkpoint {good.name} is intact" if good else "no earlier checkpoint exists"
-        raise DynaformerError(f"the disk is full: step-{step} could not be written to '{run_dir}' and was not "
-                              f"kept; {kept}. Free space and run again with --resume auto")
+        _raise_save_failure(run_dir, step, failed, error)
     if rank == 0:
         _publish(run_dir, tmp, final, step, keep_last)
     dist.barrier()
