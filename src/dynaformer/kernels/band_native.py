@@ -34,13 +34,12 @@ def _build_name() -> str:
 
 
 def _cpu_model() -> str:
+    """The CPU's model name and instruction-set flags (a model name like "AMD EPYC" spans several ISAs)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return " ".join(next((x for x in lines if x.startswith(k)), "") for k in ("model name", "flags"))
     except OSError:
-        pass
-    return torch.backends.cpu.get_cpu_capability()
+        return torch.backends.cpu.get_cpu_capability()
 
 
 def _put_ninja_on_path() -> None:
