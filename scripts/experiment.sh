@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main experiment: train the grid (variants, their controls × seeds) on the generated long-range tasks
-# mixed with text (tiny-shakespeare when ../shared/data has it), then write the report with the verdicts
+# mixed with text (the packaged tiny-shakespeare), then write the report with the verdicts
 # (report.md, report.html, report.json), timing every trained model at long lengths for the cost verdicts.
 #   bash scripts/experiment.sh                      # configs/grid-cpu.yaml → runs/experiment (≤ 20 min, 2 cores)
 #   bash scripts/experiment.sh --full               # configs/grid-cpu-full.yaml → runs/experiment-full (more

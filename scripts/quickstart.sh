@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: train the tiny-cpu baseline (on tiny-shakespeare when
-# ../shared/data has it, on generated stories otherwise), evaluate it and sample from it.
+# The main job on the embedded default: train the tiny-cpu baseline on the packaged tiny-shakespeare,
+# evaluate it and sample from it.
 # Re-running resumes or reuses the finished run in runs/quickstart.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,7 +12,7 @@ RUN="${1:-runs/quickstart}"
 dynaformer train --config configs/tiny-cpu.yaml --out "$RUN" --resume auto ${QUICKSTART_STEPS:+--max_steps "$QUICKSTART_STEPS"}
 dynaformer eval "$RUN" --json > "$RUN/eval.json"
 echo "evaluation: $(cat "$RUN/eval.json")"
-# "The " is in both corpora (a char tokenizer knows only the characters of its training text).
+# A char tokenizer knows only the characters of its training text: "The " is in it.
 dynaformer generate "$RUN" --prompt "The " --max_new_tokens 300 --seed 0 > "$RUN/sample.txt"
 echo "--- sample ($RUN/sample.txt) ---"; cat "$RUN/sample.txt"; echo "---"
 echo "outputs: $RUN (run.json, metrics.jsonl, step-*/ checkpoints, eval.json, sample.txt)"

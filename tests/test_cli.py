@@ -198,7 +198,7 @@ def test_bench_attention_reports_the_issue_fields(extra):
 
 @pytest.mark.slow
 def test_readme_commands_without_shared_data(tmp_path):
-    """The README's two main commands from a fresh clone, as a user without ../shared gets them: the
+    """The README's two main commands from a fresh clone with nothing beside it, as a user gets them: the
     experiment (on a seconds-long grid) and the quickstart. They reuse this interpreter's environment."""
     import os
 
@@ -208,14 +208,14 @@ def test_readme_commands_without_shared_data(tmp_path):
         (clone / f).parent.mkdir(parents=True, exist_ok=True)
         (clone / f).write_bytes((ROOT / f).read_bytes())  # the working tree's version, committed or not
     # This interpreter's environment as it is: a reinstall would point its editable install at the clone.
-    env = {**os.environ, "DYNAFORMER_NO_SHARED": "1", "DYNAFORMER_VENV": sys.prefix, "DYNAFORMER_NO_INSTALL": "1"}
+    env = {**os.environ, "DYNAFORMER_VENV": sys.prefix, "DYNAFORMER_NO_INSTALL": "1"}
     res = subprocess.run(["bash", "scripts/experiment.sh", "tests/fixtures/grid-tiny.yaml", "runs/e"], cwd=clone,
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads((clone / "runs/e/report/report.json").read_text())
     assert len(data["verdicts"]) == 10 and data["cost"]["lengths"] == [128, 256]
     meta = json.loads((clone / "runs/e/cells/baseline/seed0/run/data/meta.json").read_text())
-    assert "text: builtin:stories" in meta["source"]  # not tiny-shakespeare: ../shared was hidden
+    assert "text: builtin:default (tiny-shakespeare, packaged" in meta["source"]
     res = subprocess.run(["bash", "scripts/quickstart.sh", "runs/q"], cwd=clone, env={**env, "QUICKSTART_STEPS": "60"},
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]

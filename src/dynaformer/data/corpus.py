@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
-import os
+import hashlib
+import lzma
 import random
+from functools import lru_cache
 from pathlib import Path
 
 from ..errors import DynaformerError
 
 BUILTIN_PREFIX = "builtin:"
-_SHAKESPEARE = Path("shared") / "data" / "tinyshakespeare" / "input.txt"
+# Packaged with dynaformer (data/corpora/README.md: source, licence), so `builtin:default` is the same bytes
+# on every installation, whatever lies beside the checkout.
+_CORPORA = Path(__file__).resolve().parent / "corpora"
+_SHAKESPEARE_XZ = _CORPORA / "tinyshakespeare.txt.xz"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+BUILTINS = ("default", "shakespeare", "stories")
 
 
-def shakespeare_path() -> Path | None:
-    """tiny-shakespeare beside the project checkout (../shared/data), if it is there and the environment
-    variable DYNAFORMER_NO_SHARED is not set (it shows what a user without ../shared gets)."""
-    if os.environ.get("DYNAFORMER_NO_SHARED"):
-        return None
-    for root in (Path.cwd().parent, Path(__file__).resolve().parents[3].parent):
-        if (root / _SHAKESPEARE).is_file():
-            return (root / _SHAKESPEARE).resolve()
-    return None
+@lru_cache(maxsize=1)
+def shakespeare() -> str:
+    """tiny-shakespeare (1,115,394 characters), decompressed from the package and checked against its SHA-256."""
+    try:
+        raw = lzma.decompress(_SHAKESPEARE_XZ.read_bytes())
+    except (OSError, lzma.LZMAError) as e:
+        raise DynaformerError(f"data: the packaged corpus '{_SHAKESPEARE_XZ}' cannot be read ({e}); "
+                              f"reinstall dynaformer") from None
+    if hashlib.sha256(raw).hexdigest() != SHAKESPEARE_SHA256:
+        raise DynaformerError(f"data: the packaged corpus '{_SHAKESPEARE_XZ}' is damaged (checksum mismatch); "
+                              f"reinstall dynaformer")
+    return raw.decode("utf-8")
 
 _NAMES = ["Ada", "Bruno", "Chiara", "Dev", "Elif", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Keiko", "Lars"]
 _PLACES = ["kitchen", "garden", "library", "harbour", "attic", "market", "station", "orchard", "cellar", "bridge"]
@@ -71,8 +81,8 @@ def generated_stories(n_chars: int, seed: int = 0) -> str:
 
 def read_text(source: str, context_len: int | None = None) -> tuple[str, str]:
     """Return (text, description) for a data source: FILE, FOLDER (all files, sorted, joined by
-    newlines), `builtin:stories`, `builtin:default` (tiny-shakespeare if it is beside the
-    project, generated stories otherwise), or a `task:` spec (data/tasks.py: its `text=` source, or
+    newlines), `builtin:default` = `builtin:shakespeare` (the packaged tiny-shakespeare), `builtin:stories`
+    (generated), or a `task:` spec (data/tasks.py: its `text=` source, or
     rendered task examples of length `len` or `context_len`)."""
     if source.startswith("task:"):
         from .tasks import check_task_data, parse_task_spec, render_text
@@ -85,14 +95,12 @@ def read_text(source: str, context_len: int | None = None) -> tuple[str, str]:
         return render_text(spec, length, max(64, 200_000 // (length * len(spec.tasks)))), source
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX):]
-        if name == "default":
-            path = shakespeare_path()
-            if path is not None:
-                return read_text(str(path))
-            name = "stories"
+        if name in ("default", "shakespeare"):
+            return shakespeare(), f"{source} (tiny-shakespeare, packaged, 1,115,394 characters)"
         if name == "stories":
             return generated_stories(1_000_000), "builtin:stories (1,000,000 generated characters)"
-        raise DynaformerError(f"data: unknown built-in source '{source}' (known: builtin:default, builtin:stories)")
+        known = ", ".join(BUILTIN_PREFIX + b for b in BUILTINS)
+        raise DynaformerError(f"data: unknown built-in source '{source}' (known: {known})")
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
