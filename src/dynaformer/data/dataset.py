@@ -120,3 +120,33 @@ def eval_windows(data: np.ndarray, context_len: int, max_tokens: int) -> torch.T
     starts = np.linspace(0, len(data) - context_len - 1, n).astype(np.int64)
     x, y = _windows(data, starts, context_len)
     return torch.cat([x, y[:, -1:]], dim=1)
+
+
+class StagedSampler:
+    """Staged context (Press et al. 2021, "Shortformer: Better Language Modeling using Shorter Inputs"):
+    the first `short_batches` batches come from `short` (rows of fewer tokens, more of them), the rest from
+    `full`. Both are stateless given their cursor, and each is moved to the global cursor before it draws, so
+    the state is one number (bit-exact resume) and the two stages never replay each other's draws."""
+
+    def __init__(self, short, full, short_batches: int) -> None:
+        self.short, self.full, self.short_batches, self.cursor = short, full, short_batches, 0
+        self.length = full.length if hasattr(full, "length") else full.context_len
+        self._last = full
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.short if self.cursor < self.short_batches else self.full
+        s.cursor = self.cursor
+        if getattr(s, "text_sampler", None) is not None:
+            s.text_sampler.cursor = self.cursor
+        self._last = s
+        self.cursor += 1
+        return s.next()
+
+    def loss_weights(self, y: torch.Tensor) -> torch.Tensor | None:
+        return self._last.loss_weights(y)
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor, "staged": self.short_batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = int(state["cursor"])

@@ -31,6 +31,10 @@ class TrainConfig:
     optimizer: Literal["adamw", "muon"] = "adamw"
     muon_lr_ratio: float = 1.0  # optimizer muon: Muon's lr is lr × this (at AdamW's update RMS); AdamW's stays lr
     grad_clip: float = 1.0  # 0 disables clipping
+    # Staged context (Press et al. 2021, "Shortformer"): the first `short_steps` steps train on rows of
+    # `short_context` tokens, context_len / short_context times as many, so tokens per step stay equal; 0: off
+    short_context: int = 0
+    short_steps: int = 0
     eval_interval: int = 250  # 0: evaluate only at the end
     eval_tokens: int = 32768  # fixed validation budget per evaluation
     log_interval: int = 50
@@ -62,6 +66,11 @@ class TrainConfig:
                      "grad_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: must be ≥ 0, got {getattr(self, name)}")
+        if (self.short_context > 0) != (self.short_steps > 0) or min(self.short_context, self.short_steps) < 0:
+            raise ConfigError(f"train.short_context, train.short_steps: staged context needs both > 0 (or both 0), "
+                              f"got {self.short_context} and {self.short_steps}")
+        if self.short_steps > self.max_steps:
+            raise ConfigError(f"train.short_steps: must be ≤ max_steps={self.max_steps}, got {self.short_steps}")
         if not self.lr > 0:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
         if not self.muon_lr_ratio > 0:
@@ -113,8 +122,12 @@ RESUMABLE_CHANGES = frozenset({"out", "resume", "progress_bar", "log_interval", 
                                "ckpt_format", "batch_size", "grad_accum", "tensorboard"})
 
 
-def check_compatible(model_causal: bool, objective: str) -> None:
-    """Cross-field rules between the model and the training objective."""
+def check_compatible(model_causal: bool, objective: str, context_len: int | None = None,
+                     short_context: int = 0) -> None:
+    """Cross-field rules between the model and the training objective (and the staged context)."""
+    if short_context and context_len is not None and (short_context >= context_len or context_len % short_context):
+        raise ConfigError(f"train.short_context: must divide model.context_len={context_len} and be smaller, "
+                          f"got {short_context}")
     if objective == "mlm" and model_causal:
         raise ConfigError("train.objective: mlm needs a bidirectional model (set model.causal=false)")
     if objective == "clm" and not model_causal:

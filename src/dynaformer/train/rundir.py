@@ -127,7 +127,7 @@ def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig, attach: bool = Fals
     """Create a new run folder, or reopen an existing one when resuming the same run.
     attach=True: open the folder another process (rank 0) has just set up, without checks."""
     run_dir = Path(train_cfg.out)
-    check_compatible(model_cfg.causal, train_cfg.objective)
+    check_compatible(model_cfg.causal, train_cfg.objective, model_cfg.context_len, train_cfg.short_context)
     if attach:
         tokenizer = load_tokenizer(run_dir / "tokenizer.json")
         model_cfg.vocab_size = model_vocab_size(tokenizer, train_cfg)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ..configtools import to_dict
 from ..data import BatchSampler, eval_windows
+from ..data.dataset import StagedSampler
 from ..data.masking import mask_tokens, step_generator
 from ..errors import CheckpointError, Interrupted
 from ..eval.diagnostics import layer_grad_norms
@@ -94,23 +95,33 @@ class LMWorkload:
         cfg, mcfg = run.train_cfg, run.model_cfg
         self.run, self.cfg, self.dist, self.device = run, cfg, dist, device
         self.model = Transformer(mcfg).to(device)
-        self.sampler = BatchSampler(run.splits.train, cfg.batch_size, mcfg.context_len, cfg.seed,
-                                    rank=dist.rank, world=dist.world)
+        self.sampler = self._sampler(mcfg.context_len, cfg.batch_size)
         self.task_probe = None  # task runs: held-out answers, scored at every evaluation
-        if cfg.data.startswith("task:"):  # task rows (answer-only targets), optionally mixed with text
-            from ..data.tasks import TaskSampler, parse_task_spec
+        if cfg.data.startswith("task:"):
+            from ..data.tasks import parse_task_spec
             from ..eval.longrange import TaskProbe
 
-            spec = parse_task_spec(cfg.data)
-            self.sampler = TaskSampler(spec, cfg.batch_size, mcfg.context_len, cfg.seed,
-                                       rank=dist.rank, text_sampler=self.sampler if spec.text else None)
-            self.task_probe = TaskProbe(spec, self.sampler.length)
+            self.task_probe = TaskProbe(parse_task_spec(cfg.data), self.sampler.length)
+        if cfg.short_context:  # staged context: short rows first, as many tokens per step
+            short = self._sampler(cfg.short_context, cfg.batch_size * mcfg.context_len // cfg.short_context)
+            self.sampler = StagedSampler(short, self.sampler, cfg.short_steps * cfg.grad_accum)
         self.tokens_per_step = cfg.batch_size * mcfg.context_len
         self.train_lines = True
         self.val_windows = eval_windows(run.splits.val, mcfg.context_len, cfg.eval_tokens)
         self.token_bytes = torch.from_numpy(run.tokenizer.token_bytes())
         self.mask_id = run.tokenizer.vocab_size  # masked-LM only: the extra id after the tokenizer's
         self.layer_grad_norm: list[float] | None = None  # per block, at log steps (eval/diagnostics.py)
+
+    def _sampler(self, length: int, batch_size: int):
+        """Windows of `length` tokens; for task data, task rows (answer-only targets), mixed with text if asked."""
+        cfg, dist = self.cfg, self.dist
+        text = BatchSampler(self.run.splits.train, batch_size, length, cfg.seed, rank=dist.rank, world=dist.world)
+        if not cfg.data.startswith("task:"):
+            return text
+        from ..data.tasks import TaskSampler, parse_task_spec
+
+        spec = parse_task_spec(cfg.data)
+        return TaskSampler(spec, batch_size, length, cfg.seed, rank=dist.rank, text_sampler=text if spec.text else None)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) of one micro-batch: shifted windows, or masked windows for masked-LM."""
