@@ -309,3 +309,48 @@ def test_summary_spec_and_sampler_train():
         opt.step()
         losses.append(loss.item())
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["with-text", "tasks-only"])
+def test_weight_task_gives_each_task_its_row_share_of_the_loss(mixed):
+    """weight=task: each task's answer targets averaged on their own, weighted by its share of the task rows
+    (a task listed twice gets twice), whatever the length of its answers; weight=token: by answer tokens."""
+    import torch
+
+    from dynaformer.data import BatchSampler
+    from dynaformer.data.tasks import TaskSampler, parse_task_spec
+
+    text = np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint8)
+    mix = "&text=builtin:stories&frac=0.75" if mixed else ""
+    for seed in range(3):
+        spec = parse_task_spec(f"task:passkey,passkey,selcopy,summary?digits=1&weight=task{mix}")
+        s = TaskSampler(spec, 16, 128, seed=seed, text_sampler=BatchSampler(text, 16, 128, seed=0) if mixed else None)
+        x, y = s.next()
+        w = s.loss_weights(y)
+        n, frac = s.n_task, 0.75 if mixed else 1.0
+        assert (w[y == -100] == 0).all()
+        start, shares = 0, []
+        for cnt in s._rows:
+            shares.append(float(w[start:start + cnt].sum()))
+            if cnt:  # within a task, every answer target weighs the same
+                vals = w[start:start + cnt][y[start:start + cnt] != -100]
+                assert torch.allclose(vals, vals[0].expand_as(vals))
+            start += cnt
+        assert shares == pytest.approx([frac * c / n for c in s._rows], rel=1e-5)
+        if mixed:
+            assert float(w[n:].sum()) == pytest.approx(0.25, rel=1e-5)
+        # weight=token on the same batch: a one-token passkey answer weighs as much as one summary token
+        s.spec.weight = "token"
+        wt = s.loss_weights(y)
+        if not mixed:
+            assert wt is None
+        else:
+            vals = wt[:n][y[:n] != -100]
+            assert torch.allclose(vals, vals[0].expand_as(vals))
+
+
+def test_weight_option_is_checked():
+    from dynaformer.data.tasks import parse_task_spec
+
+    with pytest.raises(DynaformerError, match="bad value 'tokens' for 'weight'"):
+        parse_task_spec("task:passkey?weight=tokens")

@@ -28,8 +28,9 @@ model's context_len), `dist` (`D` or `LO-HI`; default: each task's full valid ra
 (share of each batch made of task rows when mixed with text, and their share of the loss: each source's
 targets are averaged separately; default 1), `text` (a text source to mix with, e.g. `builtin:default`;
 its split is the run's validation text), `loss` (`answer`: targets only at answer tokens, the default;
-`all`), and the task parameters `digits` (passkey), `pairs`, `queries` (mqar), `k` (selcopy), `visits`
-(summary).
+`all`), `weight` (`token`: all answer targets averaged together, the default; `task`: each task's averaged on
+its own and weighted by its share of the task rows), and the task parameters `digits` (passkey), `pairs`,
+`queries` (mqar), `k` (selcopy), `visits` (summary).
 """
 
 from __future__ import annotations
@@ -487,6 +488,7 @@ class TaskSpec:
     frac: float = 1.0
     text: str | None = None
     loss: str = "answer"
+    weight: str = "token"
     params: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def make(self) -> list[Task]:
@@ -529,13 +531,18 @@ def parse_task_spec(source: str) -> TaskSpec:
                 if value not in ("answer", "all"):
                     raise ValueError
                 spec.loss = value
+            elif key == "weight":
+                if value not in ("token", "task"):
+                    raise ValueError
+                spec.weight = value
             elif any(key in ps for ps in TASK_PARAMS.values()):
                 for t, ps in TASK_PARAMS.items():
                     if key in ps:
                         spec.params.setdefault(t, {})[key] = int(value)
             else:
                 raise DynaformerError(f"data: unknown task option '{key}' in '{source}' "
-                                      f"(known: len, dist, frac, text, loss, digits, pairs, queries, k, visits)")
+                                      f"(known: len, dist, frac, text, loss, weight, digits, pairs, queries, k, "
+                                      f"visits)")
         except ValueError:
             raise DynaformerError(f"data: bad value '{value}' for '{key}' in '{source}'") from None
     if spec.length is not None and spec.length < 1:
@@ -606,13 +613,15 @@ class TaskSampler:
         if text_sampler is not None and self.n_task < batch_size:
             text_sampler.batch_size = batch_size - self.n_task
         self.context_len = context_len
+        self._rows: list[int] = []  # rows of each task in the last batch, in order (loss_weights reads it)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.rank, self.cursor, 99])
         which = rng.integers(0, len(self.tasks), self.n_task)
         xs, ys = [], []
+        self._rows = [int((which == t).sum()) for t in range(len(self.tasks))]
         for t, task in enumerate(self.tasks):
-            cnt = int((which == t).sum())
+            cnt = self._rows[t]
             if not cnt:
                 continue
             d = sample_distances(rng, cnt, *self.ranges[t])
@@ -632,17 +641,29 @@ class TaskSampler:
         return torch.cat(xs), torch.cat(ys)
 
     def loss_weights(self, y: torch.Tensor) -> torch.Tensor | None:
-        """Per-target weights of a mixed batch (task rows first, then text rows), or None when the batch is all
-        task rows: each source's targets are averaged separately and weighted by its share `frac`. A plain mean
-        over targets would let the text rows (every token a target) drown the task rows (a few answer tokens
-        each): at frac 0.75 the answers would carry about a tenth of the loss instead of three quarters."""
-        if self.text_sampler is None or self.n_task >= self.batch_size:
+        """Per-target weights of the last batch (task rows first, in task order, then text rows), or None for the
+        plain mean over targets. Each source's targets are averaged separately and weighted by its share `frac`:
+        a plain mean would let the text rows (every token a target) drown the task rows (a few answer tokens
+        each): at frac 0.75 the answers would carry about a tenth of the loss instead of three quarters.
+        With `weight=task`, each task's answer targets are averaged on their own too and weighted by its share
+        of the task rows: with `weight=token` a one-token answer (passkey) gets its tokens' share of the task
+        loss, 2 of 37 answer targets in the main grid's mixture, where its rows are a third."""
+        mixed = self.text_sampler is not None and self.n_task < self.batch_size
+        if not mixed and self.spec.weight == "token":
             return None
         m = (y != -100).to(torch.float32)
-        n = self.n_task
+        n, frac = self.n_task, self.spec.frac if mixed else 1.0
         w = torch.empty_like(m)
-        w[:n] = m[:n] * (self.spec.frac / m[:n].sum().clamp(min=1))
-        w[n:] = m[n:] * ((1 - self.spec.frac) / m[n:].sum().clamp(min=1))
+        if self.spec.weight == "task":
+            start = 0
+            for cnt in self._rows:
+                rows = m[start:start + cnt]
+                w[start:start + cnt] = rows * (frac * cnt / n / rows.sum().clamp(min=1))
+                start += cnt
+        else:
+            w[:n] = m[:n] * (frac / m[:n].sum().clamp(min=1))
+        if mixed:
+            w[n:] = m[n:] * ((1 - frac) / m[n:].sum().clamp(min=1))
         return w
 
     def state_dict(self) -> dict:
