@@ -7,9 +7,11 @@ cell folders).
     report.py    (here) the document: its sections as blocks, each table rendered from report.json
     render.py    one Document → report.json, Markdown and HTML
 
-The document: the answer to each option of both seed questions, what the study cannot tell at its size, the
-full verdict table (verdicts.py), the mechanisms against their controls, cost at long lengths, long text,
-every variant's metrics, the encoder study (encoder_report.py), the figures, and the runs that were skipped.
+The document: the study's two questions word for word, the answer to each of their options with the part that
+decided it, what the study cannot tell at its size and what each question's data can distinguish, the full verdict
+table (verdicts.py; Holm-corrected), the mechanisms against their controls, the verdicts again at equal training
+time (wallclock.py), cost at long lengths, long text, every variant's metrics, the encoder study
+(encoder_report.py), the figures, and the runs that were skipped.
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ from .encoder_report import encoder_blocks
 from .figures import FIGURES, colors_for, pyplot
 from .render import Block, Document, Heading, Image, Paragraph, Table, write_document
 from .results import report_data
-from .verdicts import METRICS, THRESHOLDS
+from .verdicts import METRICS, THRESHOLDS, WALL_CLOCK, is_accuracy
 
-__all__ = ["Document", "VerdictRow", "build", "collect", "limits_text", "verdict_rows", "write_report"]
+__all__ = ["Document", "VerdictRow", "answer_rows", "build", "collect", "limits_text", "part_text",
+           "resolution_sentence", "verdict_rows", "write_report"]
 
 
 @dataclass(frozen=True)
 class VerdictRow:
-    """One option of a seed question in the verdict table, as displayed (strings)."""
+    """One option of one of the study's questions in the verdict table, as displayed (strings)."""
     question: str
     option: str
     claim: str
@@ -43,8 +46,8 @@ class VerdictRow:
     vs_size_matched: str
     vs_controls: str
 
-    HEAD = ("question", "option", "claim", "metric (first part)", "variant mean ± sd", "reference mean ± sd", "p",
-            "evidence (every part)", "verdict", "vs size-matched", "vs controls")
+    HEAD = ("question", "option", "claim", "deciding metric", "variant mean ± sd", "reference mean ± sd",
+            "p (Holm)", "evidence (every part; * decided)", "verdict", "vs size-matched", "vs controls")
 
     def cells(self) -> list[str]:
         return [self.question, self.option, self.claim, self.metric, self.variant, self.reference, self.p,
@@ -54,17 +57,19 @@ class VerdictRow:
 def verdict_rows(data: dict) -> list[VerdictRow]:
     rows = []
     for v in data["verdicts"]:
-        opt = str(v["option"]) + (" (seed answer)" if v["seed_answer"] else "")
+        opt = str(v["option"]) + (" ★" if marked(v) else "")
         if v["verdict"] == "not tested":
             rows.append(VerdictRow(v["question"], opt, v["claim"], "—", "—", "—", "—", "—",
                                    f"not tested: {v['why']}", "—", "—"))
             continue
-        evidence = "; ".join(f"{e['test']}: Δ={_fmt(e['diff'])}, p={_fmt(e['p'], 2)} → {e['verdict']}"
-                             + (f" ({e['note']})" if e["note"] else "") for e in v["evidence"])
+        evidence = "; ".join(("* " if e.get("decisive") else "") + f"{e['test']}: Δ={_fmt(e['diff'])}, "
+                             f"{_p(e)}" + (f", MDE {_fmt(e['mde'], 2)}" if e.get("mde") is not None else "")
+                             + f" → {e['verdict']}" + (f" ({e['note']})" if e["note"] else "") for e in v["evidence"])
         controls = ", ".join(f"{c}: {x}" for c, x in v["vs_controls"].items()) or "—"
         rows.append(VerdictRow(v["question"], opt, v["claim"], v["metric_label"],
                                _pm(v["variant_mean"], v["variant_sd"], v["n"]),
-                               _pm(v["reference_mean"], v["reference_sd"], v["reference_n"]), _fmt(v["p"], 2),
+                               _pm(v["reference_mean"], v["reference_sd"], v["reference_n"]),
+                               f"{_fmt(v['p'], 2)} ({_fmt(v.get('p_holm'), 2)})",
                                evidence + (f". {v['note']}" if v["note"] else ""), f"**{v['verdict']}**",
                                v["vs_size_matched"] or "—", controls))
     return rows
@@ -77,7 +82,7 @@ def build(col: Collected, plots: bool = True, data: dict | None = None) -> list[
     plots=False only checks which figures have data (their Image.png is b"" or None; nothing is drawn)."""
     data = data if data is not None else report_data(col)
     blocks: list[Block] = [Heading(1, f"dynaformer report: {', '.join(col.grids) or 'runs'}"), _overview(col)]
-    blocks += _answers(data) + _verdicts(data) + _controls(data)
+    blocks += _questions(data) + _answers(data) + _verdicts(data) + _controls(data) + _wall_clock(data)
     blocks += [Heading(2, "Cost at long lengths"), *cost_blocks(data)]
     blocks += _long_text(data) + _variants(data)
     enc_colors = colors_for(sorted({v for by in col.encoder.values() for v in by} | set(col.results)))
@@ -103,12 +108,34 @@ def _overview(col: Collected) -> Paragraph:
                      f"Every number below is in report.json.")
 
 
+def _questions(data: dict) -> list[Block]:
+    """Each question word for word, with its five options in full."""
+    texts = data.get("question_text") or {}
+    blocks: list[Block] = [Heading(2, "The study's questions")] if texts else []
+    for key, q in texts.items():
+        blocks.append(Paragraph(f"**{key.capitalize()} question** (tested by '{data['questions'].get(key)}' against "
+                                f"'{data['questions'].get('reference')}'). {q['text']}"))
+        blocks.append(Table(["option", "text"], [[str(i) + (" ★" if i == q["marked"] else ""), o]
+                                                 for i, o in enumerate(q["options"], 1)]))
+    if texts:
+        blocks.append(Paragraph("★ the option the question's author marks correct; it plays no part in judging."))
+    return blocks
+
+
 def _answers(data: dict) -> list[Block]:
     blocks: list[Block] = [
         Heading(2, "Answers at a glance"),
-        Paragraph("Each option's verdict and its decisive number (tested variant vs reference, first part of the "
-                  "claim). ★ marks the option the seed file calls correct; it plays no part in judging."),
-        Table(["question", "option", "claim", "verdict", "decisive number"], answer_rows(data))]
+        Paragraph("Each option's verdict (tested variant vs reference) and the part of its claim that decided it: the "
+                  "part itself for a simple claim; for a compound one, the parts whose verdict is the whole's (a "
+                  "contradicted part of an AND, the supported parts of an OR or of a NOT, every part when all "
+                  "agree), then every part's own verdict. Numbers: variant vs reference mean, the test's p and its "
+                  "Holm-corrected p, and for accuracy the minimum detectable effect (MDE). ★ marks the option the "
+                  "question's author marks correct; it plays no part in judging."),
+        Table(["question", "option", "claim", "verdict", "decided by", "every part"], answer_rows(data))]
+    if data.get("correction"):
+        blocks.append(Paragraph(correction_text(data)))
+    for q in data.get("families") or {}:
+        blocks.append(Paragraph(resolution_sentence(data, q)))
     if data.get("limits"):
         blocks.append(Paragraph(limits_text(data["limits"])))
     return blocks
@@ -117,15 +144,17 @@ def _answers(data: dict) -> list[Block]:
 def _verdicts(data: dict) -> list[Block]:
     return [
         Heading(2, "Verdicts"),
-        Paragraph("Each option of each seed question becomes a claim about measured metrics of the tested variant "
-                  "versus the reference (mean ± sd over seeds; Welch t-test). supported: p < α and the effect is at "
-                  "least the threshold in the claimed direction; contradicted: the 95% interval of the effect lies "
-                  "below the threshold (no effect of that size, or the opposite); inconclusive: neither. Compound "
-                  "options: AND needs every part, OR any part, NOT swaps. The last two columns repeat the test "
-                  "against the size-matched larger baseline and against the controls. Accuracy claims where both "
-                  "arms stay below the accuracy threshold are inconclusive (floor). Cost claims use the interleaved "
-                  "long-length measurement below (section Cost); long-text perplexity takes each variant the better "
-                  "way it can be run (one pass or a sliding window of its training context)."),
+        Paragraph("Each option of each of the study's questions becomes a claim about measured metrics of the tested "
+                  "variant versus the reference (mean ± sd over seeds; Welch t-test). supported: the Holm-corrected "
+                  "p < α (the family: the question's tests) and the effect is at least the threshold in the claimed "
+                  "direction; contradicted: the test's 95% interval of the effect lies below the threshold (no effect "
+                  "of that size, or the opposite); inconclusive: neither. Compound options: AND needs every part, OR "
+                  "any part, NOT swaps; * marks the parts that decided. The last two columns repeat the test against "
+                  "the size-matched larger baseline and against the controls (each comparison its own Holm family). "
+                  "Accuracy claims where both arms stay below the accuracy threshold are inconclusive (floor). Cost "
+                  "claims use the interleaved long-length measurement below (section Cost); long-text perplexity "
+                  "takes each variant the better way it can be run (one pass or a sliding window of its training "
+                  "context)."),
         Table(["name", "value"], [[k, _fmt(v)] for k, v in THRESHOLDS.items()]),
         Table(list(VerdictRow.HEAD), [r.cells() for r in verdict_rows(data)])]
 
@@ -133,15 +162,58 @@ def _verdicts(data: dict) -> list[Block]:
 def _controls(data: dict) -> list[Block]:
     return [
         Heading(2, "Mechanism versus controls"),
-        Paragraph("Does the seed's mechanism matter, or does something simpler do the same? Residual: the dynamic "
+        Paragraph("Does the question's mechanism matter, or does something simpler do the same? Residual: the dynamic "
                   "residual against static learned weights (one learned gain per branch, no step, position or "
                   "content terms). Span: content-dependent spans against a fixed window of equal attention work (its "
                   "window is each seed's trained dynamic-span mean keys per query) and against one learned span per "
-                  "head. Each control is also compared with the reference. better / worse: p < α and at least the "
-                  "threshold; floor: both below the accuracy threshold."),
-        Table(["question", "comparison", "metric", "variant mean ± sd", "control mean ± sd", "p", "reading"],
+                  "head. Each control is also compared with the reference. better / worse: Holm-corrected p < α "
+                  "(within each pair's metrics) and at least the threshold; floor: both below the accuracy threshold."),
+        Table(["question", "comparison", "metric", "variant mean ± sd", "control mean ± sd", "p (Holm)", "reading"],
               control_rows(data)) if data["controls"] else
         Paragraph("No controls in this grid (questions.controls).")]
+
+
+def _wall_clock(data: dict) -> list[Block]:
+    wc = data.get("wall_clock") or {}
+    if not wc.get("questions"):
+        return []
+    how = wc["how"]
+    blocks: list[Block] = [
+        Heading(2, "Equal training time"),
+        Paragraph("The verdicts above compare models trained on equal tokens. Here each question's tested variant and "
+                  f"the reference are read at equal training time instead. Training time: {how['clock']}. t*: "
+                  f"{how['t_star']}. Each cell's curve is read at t* by {how['reading']}. What is read: "
+                  f"{how['metrics']}. Parts with no curve metric (cost, long-text bpb) keep their equal-token "
+                  "measurement. A run read part-way has not finished its learning-rate decay, so its reading is a "
+                  "lower bound for the arm that stopped early.")]
+    for key, q in wc["questions"].items():
+        if q.get("why"):
+            blocks.append(Paragraph(f"**{key.capitalize()} question**: not read ({q['why']})."))
+            continue
+        tv, tr = q["train_s"]["variant"], q["train_s"]["reference"]
+        steps = sorted({s for c in q["cells"]["variant"] + q["cells"]["reference"] for s in c["steps_read"]})
+        blocks.append(Paragraph(
+            f"**{key.capitalize()} question**: '{q['variant']}' trained {_fmt(tv['mean'], 3)} s and "
+            f"'{q['reference']}' {_fmt(tr['mean'], 3)} s (mean over seeds; clock: {', '.join(q['clock'])}), so "
+            f"t* = {_fmt(q['t_star_s'], 3)} s; the readings come from the evaluations at steps "
+            f"{', '.join(map(str, steps)) or '—'}. Holm within the readings' table and, separately, within the "
+            f"re-judged options ({q['family_size']} tests)."))
+        blocks.append(Table(["curve metric at t*", "variant mean ± sd", "reference mean ± sd", "Δ", "p (Holm)",
+                             "MDE", "reading"],
+                            [[r["metric"], _pm(r["variant_mean"], r["variant_sd"], r["n"]),
+                              _pm(r["reference_mean"], r["reference_sd"], r["reference_n"]), _fmt(r["diff"], 3),
+                              f"{_fmt(r['p'], 2)} ({_fmt(r['p_holm'], 2)})", _fmt(r["mde"], 2), f"**{r['verdict']}**"]
+                             for r in q["readings"]]))
+        tokens = {v["option"]: v for v in data["verdicts"] if v["question"] == key}
+        rows = []
+        for o in q["options"]:
+            t = tokens.get(o["option"], {})
+            rows.append([str(o["option"]), o["claim"], f"**{t.get('verdict', '—')}**", f"**{o['verdict']}**",
+                         decided_text(o)])
+        if rows:
+            blocks.append(Table(["option", "claim", "at equal tokens", "at equal training time",
+                                 "decided by (equal training time)"], rows))
+    return blocks
 
 
 def _long_text(data: dict) -> list[Block]:
@@ -214,18 +286,107 @@ def _pm(mean, sd, n=None) -> str:
 
 
 
+def marked(v: dict) -> bool:
+    """The option the question's author marks correct (older report.json files call it seed_answer)."""
+    return bool(v.get("marked_correct", v.get("seed_answer", False)))
+
+
+def _p(e: dict) -> str:
+    """'p=0.012, Holm p=0.06' (the Holm value only where a family corrected it)."""
+    out = f"p={_fmt(e.get('p'), 2)}"
+    if e.get("p_holm") is not None and e.get("p_holm") != e.get("p"):
+        out += f", Holm p={_fmt(e['p_holm'], 2)}"
+    return out
+
+
+def part_text(e: dict, verdict: bool = True) -> str:
+    """One part of a claim with its numbers: 'qa_acc ↑ by ≥ 0.05: supported (0.95 vs 0.8, p=0.001, Holm
+    p=0.004, MDE 0.1)'; the MDE is shown for accuracy parts."""
+    nums = []
+    if e.get("variant_mean") is not None:
+        nums.append(f"{_fmt(e['variant_mean'], 3)} vs {_fmt(e['reference_mean'], 3)}")
+    if e.get("p") is not None:
+        nums.append(_p(e))
+    metric = e.get("metric") or ""
+    if is_accuracy(metric) and e.get("mde") is not None:
+        nums.append(f"MDE {_fmt(e['mde'], 2)}")
+    if e.get("note"):
+        nums.append(e["note"])
+    test = e["test"].removeprefix(WALL_CLOCK)
+    return f"{test}" + (f": {e['verdict']}" if verdict else "") + (f" ({', '.join(nums)})" if nums else "")
+
+
+def decided_text(v: dict) -> str:
+    """The part(s) that decided a verdict: the part itself for a simple claim; for a compound one, the parts whose
+    verdict made the whole's ('every part supported: ...' when all agree)."""
+    ev = v.get("evidence") or []
+    if not ev:
+        return "—"
+    idx = v.get("decided_by")
+    if idx is None:  # an older report.json: the first part was all it recorded as decisive
+        idx = [0]
+    if len(ev) == 1:
+        return part_text(ev[0], verdict=False)
+    parts = [part_text(ev[i]) for i in idx if i < len(ev)]
+    if len(idx) == len(ev) and len({e["verdict"] for e in ev}) == 1:
+        return f"every part {ev[0]['verdict']}: " + "; ".join(parts)
+    return "; ".join(parts)
+
+
+def parts_text(v: dict) -> str:
+    """For a compound claim, each part's own verdict: 'supported: A, B; contradicted: C; inconclusive: D'."""
+    ev = v.get("evidence") or []
+    if len(ev) < 2:
+        return ""
+    by: dict[str, list[str]] = {}
+    for e in ev:
+        by.setdefault(e["verdict"], []).append(e["test"].removeprefix(WALL_CLOCK))
+    order = ["supported", "contradicted", "inconclusive"]
+    return "; ".join(f"{'held (supported)' if w == 'supported' else w}: {', '.join(by[w])}"
+                     for w in sorted(by, key=lambda w: order.index(w) if w in order else 9))
+
+
 def answer_rows(data: dict) -> list[list[str]]:
-    """One line per option: the verdict in a word and its decisive number (first part of the claim)."""
+    """One line per option: the verdict in a word, the part that decided it with its numbers, and for a
+    compound claim every part's verdict."""
     rows = []
     for v in data["verdicts"]:
-        num = "—" if v["variant_mean"] is None else (f"{_fmt(v['variant_mean'], 3)} vs {_fmt(v['reference_mean'], 3)} "
-                                                       f"({v['metric']}, p={_fmt(v['p'], 2)})")
         word = v["verdict"] + (" (floor)" if v["floor"] and v["verdict"] == "inconclusive" else "")
-        rows.append([v["question"], str(v["option"]) + (" ★" if v["seed_answer"] else ""), v["claim"], f"**{word}**",
-                     num])
+        decided = f"not tested: {v['why']}" if v["verdict"] == "not tested" else decided_text(v)
+        rows.append([v["question"], str(v["option"]) + (" ★" if marked(v) else ""), v["claim"], f"**{word}**",
+                     decided, parts_text(v) or "—"])
     return rows
 
 
+METRIC_WORDS = {"far_acc": "far-distance exact match", "qa_acc": "story-QA exact match",
+                "summary_rouge": "summary ROUGE-L", "val_bpb": "held-out bits per byte",
+                "long_bpb": "long-text bits per byte", "gen_gap": "train/val gap (nats)",
+                "grad_ratio": "log₁₀ first/last-layer gradient ratio", "train_ms_long": "training ms/step at length",
+                "decode_ms_long": "decoding ms/token at length"}
+
+
+def resolution_sentence(data: dict, key: str) -> str:
+    """One sentence: which differences this question's data can and cannot tell apart (the MDE of each metric of
+    its Holm family, at the seeds and spreads measured)."""
+    fam = data["families"][key]
+    mdes = {m: x for m, x in fam["mde"].items() if x is not None}
+    ordered = sorted(mdes, key=lambda m: (not is_accuracy(m), m))
+    sizes = ", ".join(f"{_fmt(mdes[m], 2)} in {METRIC_WORDS.get(m, m)}" for m in ordered)
+    none = [METRIC_WORDS.get(m, m) for m, x in fam["mde"].items() if x is None]
+    seeds = f"{fam['n_variant']} seeds of '{fam['variant']}' and {fam['n_reference']} of '{fam['reference']}'"
+    if not sizes:
+        return (f"**What the {key} question's data can tell.** With {seeds}, no difference can be told apart from "
+                f"seed noise (one seed per arm, or no spread to scale by).")
+    tail = f" ({', '.join(none)}: no seed spread, so any difference shows)" if none else ""
+    return (f"**What the {key} question's data can tell.** With {seeds}, true differences smaller than {sizes} "
+            f"cannot be told apart from seed noise (80% power, two-sided at Holm's α/m = {_fmt(fam['alpha_m'], 2)}, "
+            f"m = {fam['size']}); larger ones would be found{tail}.")
+
+
+def correction_text(data: dict) -> str:
+    c = data["correction"]
+    return (f"**Multiple comparisons.** {c['method']} at α = {_fmt(c['alpha'])}; the family is {c['family']}. "
+            f"{c['why']} \"Contradicted\" reads {c['contradicted']}. Minimum detectable effect: {c['mde']}.")
 
 
 def limits_text(lim: dict) -> str:
@@ -238,7 +399,8 @@ def limits_text(lim: dict) -> str:
     if lim.get("mde_exact") is not None:
         parts.append(f"With {lim['seeds']} seeds per arm and the reference's seed spread in exact match "
                      f"(sd {_fmt(lim['accuracy_spread'], 2)}), accuracy differences smaller than about "
-                     f"{_fmt(lim['mde_exact'], 2)} cannot be told from seed noise.")
+                     f"{_fmt(lim['mde_exact'], 2)} cannot be told from seed noise even by a single test (80% power, "
+                     f"α = 0.05); the questions' corrected numbers are above.")
     elif lim.get("seeds") == 1:
         parts.append("With one seed per arm, no difference can be told from seed noise.")
     if lim.get("seed_split"):
@@ -260,7 +422,7 @@ def limits_text(lim: dict) -> str:
 def control_rows(data: dict) -> list[list[str]]:
     return [[c["question"], f"{c['variant']} vs {c['control']}", c["metric_label"],
              _pm(c["variant_mean"], c["variant_sd"], c["n"]), _pm(c["control_mean"], c["control_sd"], c["control_n"]),
-             _fmt(c["p"], 2), f"**{c['verdict']}**"] for c in data["controls"]]
+             f"{_fmt(c['p'], 2)} ({_fmt(c.get('p_holm'), 2)})", f"**{c['verdict']}**"] for c in data["controls"]]
 
 
 

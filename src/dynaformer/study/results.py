@@ -1,10 +1,19 @@
 """report.json: every number the report shows, built once from the collected cells, so that the Markdown
 and HTML are renderings of it and other tools can read the results.
 
-    {"grids", "questions", "thresholds",
-     "verdicts":  [{question, option, claim, metric, verdict, variant_mean, variant_sd, reference_mean,
-                    reference_sd, p, floor, evidence: [...], vs_size_matched, vs_controls: {control: verdict}}],
-     "controls":  [{question, variant, control, metric, verdict, variant_mean, ..., p}],
+    {"provenance": {created, command, git_commit, cells_git_commit, dynaformer, torch, cpu_capability, cpu_model,
+                    grids, context_len, cells, cells_train_s, span_s},
+     "grids", "questions" (the grid's: reference, tested variants, controls), "thresholds",
+     "question_text": {question: {title, text, options: [5 × full text], marked}},
+     "correction": {method, alpha, power, family, why, mde, contradicted},
+     "families":  {question: {size, alpha_m, p: {metric: p}, p_holm: {...}, mde: {...}, variant, reference}},
+     "verdicts":  [{question, option, claim, statement, marked_correct, verdict, decided_by: [part index],
+                    metric, variant_mean, variant_sd, reference_mean, reference_sd, p, p_holm, mde (of the first
+                    deciding part), floor, evidence: [{test, metric, means, sds, n, diff, p, p_holm, mde, verdict,
+                    decisive}], vs_size_matched, vs_controls: {control: verdict}}],
+     "controls":  [{question, variant, control, metric, verdict, variant_mean, ..., p, p_holm}],
+     "wall_clock": {how, alpha, questions: {question: {variant, reference, t_star_s, train_s, clock, cells,
+                    readings: [...], family_size, options: [{option, claim, verdict, evidence, decided_by}]}}},
      "variants":  {name: {metric: {mean, sd, n}}},
      "longrange": {variant: {task: {distance: [...], exact: [mean per distance], f1?, rouge_l?}}},
      "text":      {variant: [{multiple, context, one_pass_bpb, sliding_bpb}]}  (means over seeds),
@@ -12,29 +21,38 @@ and HTML are renderings of it and other tools can read the results.
                    decode_ms_sd, kv_bytes}}, crossover: {variant: {train: {...}, decode: {...}}}} | null,
      "limits":    {params, n_layer, d_model, context_len, tokens, seeds, mde_exact, tasks: {task: {exact, sd,
                    per_seed}}, seed_split: [...], not_learned: [...], cpu}  (what the study cannot tell)}
+
+Older report.json files name the marked option `seed_answer` (now `marked_correct`); readers accept both.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import platform
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from .cost import crossover, measure_cost
-from .stats import mean_sd, t_quantile
+from .stats import mde, mean_sd
 from .verdicts import (
+    ALPHA,
     CONTROL_TESTS,
     METRICS,
+    POWER,
     QUESTIONS,
     THRESHOLDS,
+    Family,
     compare_control,
+    family,
     is_floor,
     judge,
     metric_label,
     metric_value,
 )
+from .wallclock import wall_clock_records
 
 
 def _num(x):
@@ -113,46 +131,82 @@ def _triple(t):
     return (None, None, None) if t is None else (t[0], t[1], t[2])
 
 
-def verdict_records(col) -> list[dict]:
+FAMILY = ("one question's comparison of its tested variant with the reference: the distinct metrics its five "
+          "options test, one two-sided Welch p each")
+WHY_FAMILY = ("Each question is answered on its own (its own variant against the reference), so the guarantee a "
+              "reader needs is that no option of that answer is called supported by chance: Holm within each "
+              "question gives that at α, without paying for the other question's tests.")
+MDE_FORMULA = ("MDE = (t(1 − α/(2m), ν) + t(power, ν)) · √(sd_v²/n_v + sd_r²/n_r): the true difference a two-sided "
+               "Welch test at Holm's strictest level α/m (m: the question's family size) detects with 80% power, ν the "
+               "Welch–Satterthwaite degrees of freedom, sd and n the measured seed spread and seeds of each arm")
+
+
+def correction_record() -> dict:
+    return {"method": "Holm–Bonferroni", "alpha": ALPHA, "power": POWER, "family": FAMILY, "why": WHY_FAMILY,
+            "mde": MDE_FORMULA, "contradicted": "each test's own 95% interval (not corrected)"}
+
+
+def family_record(fam: Family) -> dict:
+    return {"size": fam.size, "alpha_m": fam.alpha, "p": fam.p, "p_holm": fam.p_holm,
+            "mde": {m: _num(x) for m, x in fam.mde.items()}}
+
+
+def _against(col, q, var: str, other: str) -> list[str]:
+    """The question's five verdicts for `var` against another arm (a control, the size-matched baseline), with
+    that comparison's own Holm family."""
+    V, O = col.results[var], col.results[other]
+    fam = family([opt.claim for opt in q.options], V, O, var, other)
+    return [judge(opt.claim, V, O, var, other, fam).verdict for opt in q.options]
+
+
+def verdict_records(col) -> tuple[list[dict], dict]:
+    """The ten options' verdicts, and each question's Holm family (families: {question: family_record})."""
     ref = col.questions.get("reference", "baseline")
     size = col.questions.get("size_matched")
     controls = col.questions.get("controls") or {}
-    out = []
+    out, families = [], {}
     for q in QUESTIONS:
         var = col.questions.get(q.key)
-        for opt in q.options:
+        fam = None
+        if var in col.results and ref in col.results:
+            fam = family([opt.claim for opt in q.options], col.results[var], col.results[ref], var, ref)
+            families[q.key] = family_record(fam) | {"variant": var, "reference": ref,
+                                                    "n_variant": len(col.results[var]),
+                                                    "n_reference": len(col.results[ref])}
+
+        vs_size = _against(col, q, var, size) if fam is not None and size in col.results and size != var else None
+        vs_controls = {c: _against(col, q, var, c) for c in controls.get(q.key, [])
+                       if fam is not None and c in col.results}
+        for i, opt in enumerate(q.options):
             rec = {"question": q.key, "option": opt.number, "claim": opt.text,
-                   "seed_answer": opt.number == q.answer_key, "note": opt.note, "variant": var, "reference": ref}
-            if var not in col.results or ref not in col.results:
+                   "statement": q.text.options[opt.number - 1], "marked_correct": opt.number == q.marked,
+                   "note": opt.note, "variant": var, "reference": ref}
+            if fam is None:
                 missing = var if var not in col.results else ref
                 out.append(rec | {"metric": None, "verdict": "not tested", "why": f"no finished runs of '{missing}'",
                                   "variant_mean": None, "variant_sd": None, "reference_mean": None,
-                                  "reference_sd": None, "p": None, "floor": False, "evidence": [],
-                                  "vs_size_matched": None, "vs_controls": {}})
+                                  "reference_sd": None, "p": None, "p_holm": None, "mde": None, "floor": False,
+                                  "evidence": [], "decided_by": [], "vs_size_matched": None, "vs_controls": {}})
                 continue
-            verdict, ev = judge(opt.claim, col.results[var], col.results[ref], var, ref)
-            e0 = ev[0]
+            j = judge(opt.claim, col.results[var], col.results[ref], var, ref, fam)
+            e0 = j.evidence[j.decisive[0]] if j.decisive else j.evidence[0]  # the (first) part that decided
             vm, vs, vn = _triple(e0.v)
             rm, rsd, rn = _triple(e0.r)
-            vs_size = None
-            if size in col.results and size != var:
-                vs_size = judge(opt.claim, col.results[var], col.results[size], var, size)[0]
-            vs_controls = {c: judge(opt.claim, col.results[var], col.results[c], var, c)[0]
-                           for c in controls.get(q.key, []) if c in col.results}
             out.append(rec | {
                 "metric": e0.metric, "metric_label": metric_label(e0.metric) if not e0.metric.endswith("_l")
-                else e0.metric, "verdict": verdict, "variant_mean": _num(vm), "variant_sd": _num(vs), "n": vn,
+                else e0.metric, "verdict": j.verdict, "variant_mean": _num(vm), "variant_sd": _num(vs), "n": vn,
                 "reference_mean": _num(rm), "reference_sd": _num(rsd), "reference_n": rn, "p": _num(e0.p),
-                "floor": any(is_floor(e) for e in ev),
-                "evidence": [{"test": e.test, "metric": e.metric, "diff": _num(e.diff), "p": _num(e.p),
-                              "verdict": e.verdict, "note": e.note} for e in ev],
-                "vs_size_matched": vs_size, "vs_controls": vs_controls})
-    return out
+                "p_holm": _num(e0.p_holm), "mde": _num(e0.mde), "floor": any(is_floor(e) for e in j.evidence),
+                "evidence": [e.record(k in j.decisive) for k, e in enumerate(j.evidence)], "decided_by": j.decisive,
+                "vs_size_matched": vs_size[i] if vs_size else None,
+                "vs_controls": {c: vs[i] for c, vs in vs_controls.items()}})
+    return out, families
 
 
 def control_records(col) -> list[dict]:
     """Each tested variant against each of its controls (and each control against the reference), one
-    metric at a time, read two-sided: does the seed's mechanism do better than what merely resembles it?"""
+    metric at a time, read two-sided: does the question's mechanism do better than what merely resembles it?
+    Holm within each pair's metrics."""
     ref = col.questions.get("reference", "baseline")
     out = []
     for q, names in (col.questions.get("controls") or {}).items():
@@ -162,14 +216,16 @@ def control_records(col) -> list[dict]:
             for a, b in pairs:
                 if a not in col.results or b not in col.results:
                     continue
+                fam = family(CONTROL_TESTS[q], col.results[a], col.results[b], a, b)
                 for t in CONTROL_TESTS[q]:
-                    e = compare_control(t, col.results[a], col.results[b], a, b)
+                    e = compare_control(t, col.results[a], col.results[b], a, b, fam)
                     vm, vs, vn = _triple(e.v)
                     cm, cs, cn = _triple(e.r)
                     out.append({"question": q, "variant": a, "control": b, "metric": t.metric,
                                 "metric_label": metric_label(t.metric), "verdict": e.verdict,
                                 "variant_mean": _num(vm), "variant_sd": _num(vs), "n": vn, "control_mean": _num(cm),
-                                "control_sd": _num(cs), "control_n": cn, "diff": _num(e.diff), "p": _num(e.p)})
+                                "control_sd": _num(cs), "control_n": cn, "diff": _num(e.diff), "p": _num(e.p),
+                                "p_holm": _num(e.p_holm)})
     return out
 
 
@@ -224,10 +280,69 @@ def text_records(col) -> dict:
     return out
 
 
+def question_text_records() -> dict:
+    """The questions word for word (questions.py), so that report.json is read without the package."""
+    return {q.key: {"title": q.title, "text": q.text.text, "options": list(q.text.options), "marked": q.marked}
+            for q in QUESTIONS}
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def provenance_record(col) -> dict:
+    """What produced these results: when the report was made and by what command, the code (the report's git
+    commit and the cells' own), the CPU (its kind as torch dispatches to it: AVX2, AVX512, ...), the grids and
+    their context length, and the training time: the sum of the cells' own (evaluations during training
+    included) and the span from the first cell's start to the last cell's result (file times: pauses between
+    resumed sessions included)."""
+    import datetime
+    import json
+    import shlex
+    import sys
+
+    import torch
+
+    from ..train.rundir import environment
+
+    dirs = [d for ds in col.dirs.values() for d in ds]
+    commits, starts, ends = set(), [], []
+    for d in dirs:
+        try:
+            commits.add(json.loads((d / "run" / "run.json").read_text())["environment"]["git_commit"])
+            starts.append((d / "run" / "run.json").stat().st_mtime)
+            ends.append((d / "result.json").stat().st_mtime)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    argv0 = Path(sys.argv[0]).name if sys.argv else ""
+    command = os.environ.get("DYNAFORMER_STUDY_COMMAND") or (
+        shlex.join(["dynaformer", *sys.argv[1:]]) if argv0 in ("dynaformer", "cli.py") else None)
+    contexts = sorted({int(r["model"]["context_len"]) for rs in col.results.values() for r in rs
+                       if (r.get("model") or {}).get("context_len")})
+    train = [float(r["elapsed_s"]) for rs in col.results.values() for r in rs if r.get("elapsed_s") is not None]
+    env = environment()
+    return {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command, "git_commit": env.get("git_commit"),
+            "cells_git_commit": sorted(c for c in commits if c) or None, "dynaformer": env.get("dynaformer"),
+            "torch": env.get("torch"), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_model": _cpu_model(), "grids": col.grids, "context_len": contexts[-1] if contexts else None,
+            "cells": len(dirs), "cells_train_s": sum(train) if train else None,
+            "span_s": (max(ends) - min(starts)) if starts and ends else None}
+
+
 def report_data(col, cost: dict | None = None) -> dict:
     summary = cost_summary(col, cost)
-    return {"grids": col.grids, "questions": col.questions, "thresholds": THRESHOLDS,
-            "verdicts": verdict_records(col), "controls": control_records(col), "variants": variant_records(col),
+    verdicts, families = verdict_records(col)
+    return {"provenance": provenance_record(col), "grids": col.grids, "questions": col.questions,
+            "question_text": question_text_records(), "thresholds": THRESHOLDS, "correction": correction_record(),
+            "families": families, "verdicts": verdicts, "controls": control_records(col),
+            "wall_clock": wall_clock_records(col), "variants": variant_records(col),
             "longrange": longrange_records(col), "text": text_records(col), "cost": summary,
             "skipped": [{"cell": c, "why": w} for c, w in col.skipped], "limits": limits_record(col, summary)}
 
@@ -239,8 +354,6 @@ def limits_record(col, cost: dict | None = None) -> dict | None:
     """What the study cannot tell at its size: how big and how long-trained its models are, the smallest
     accuracy difference its seeds can separate from seed noise, and the tasks the reference did not learn
     (or learned in some seeds only, whose all-or-nothing spread swamps any mechanism's effect)."""
-    from .verdicts import ALPHA
-
     ref = col.questions.get("reference")
     rs = col.results.get(ref) or []
     if not rs:
@@ -256,13 +369,14 @@ def limits_record(col, cost: dict | None = None) -> dict | None:
         tasks[t] = {"exact": mean, "sd": sd, "per_seed": per_seed}
         if len(per_seed) > 1:
             sds.append(sd)
-    # A two-sided Welch test with n seeds per arm and this seed spread separates differences of about
-    # t(1 − α/2, 2n − 2) · sd · √(2/n); with one seed nothing is separable.
+    # The smallest difference one two-sided Welch test at α finds with 80% power, n seeds per arm with this seed
+    # spread in both (stats.mde); with one seed nothing is separable. The questions' own, corrected numbers are in
+    # their families.
     spread = float(np.sqrt(np.mean(np.square(sds)))) if sds else None
-    mde = (t_quantile(1 - ALPHA / 2, 2 * n - 2) * spread * math.sqrt(2 / n)) if spread is not None and n > 1 else None
+    smallest = mde(spread, n, spread, n, ALPHA, POWER) if spread is not None and n > 1 else None
     return {"params": (r0.get("compute") or {}).get("params"), "n_layer": r0["model"].get("n_layer"),
             "d_model": r0["model"].get("d_model"), "context_len": r0["model"].get("context_len"),
-            "tokens": r0.get("tokens"), "seeds": n, "accuracy_spread": spread, "mde_exact": mde, "tasks": tasks,
+            "tokens": r0.get("tokens"), "seeds": n, "accuracy_spread": spread, "mde_exact": smallest, "tasks": tasks,
             "seed_split": [t for t, x in tasks.items() if max(x["per_seed"]) >= LEARNED > min(x["per_seed"])],
             "not_learned": [t for t, x in tasks.items() if max(x["per_seed"]) < LEARNED],
             "cpu": (cost or {}).get("cpu")}

@@ -99,3 +99,33 @@ def welch(a: list[float], b: list[float], alpha: float = 0.05) -> Welch:
     t = diff / se
     q = t_quantile(1 - alpha / 2, df)
     return Welch(diff, t_sf2(t, df), diff - q * se, diff + q * se, df)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values, in the order given. The i-th smallest of m p-values (i from 1) is
+    multiplied by m − i + 1, the products are made non-decreasing along that order and capped at 1; a test is
+    rejected at familywise level α exactly when its adjusted p is < α (Holm's step-down procedure)."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    out = [0.0] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        out[i] = running
+    return out
+
+
+def mde(sd_a: float, n_a: int, sd_b: float, n_b: int, alpha: float = 0.05, power: float = 0.8) -> float | None:
+    """Minimum detectable effect: the true difference of means that a two-sided Welch test at level `alpha`
+    detects with probability `power`, at these spreads and numbers of seeds,
+
+        MDE = (t(1 − α/2, ν) + t(power, ν)) · √(sd_a²/n_a + sd_b²/n_b),
+
+    with ν the Welch–Satterthwaite degrees of freedom (the normal-approximation formula with t quantiles).
+    None with fewer than two seeds in an arm or no spread at all (nothing to scale by)."""
+    if n_a < 2 or n_b < 2:
+        return None
+    va, vb = sd_a * sd_a / n_a, sd_b * sd_b / n_b
+    if va + vb == 0:
+        return None
+    df = (va + vb) ** 2 / (va * va / (n_a - 1) + vb * vb / (n_b - 1))
+    return (t_quantile(1 - alpha / 2, df) + t_quantile(power, df)) * math.sqrt(va + vb)

@@ -1,26 +1,42 @@
-"""The seed questions, each of their five options turned into a testable claim about measured metrics.
+"""The study's two questions (questions.py), each of their five options turned into a testable claim about
+measured metrics.
 
 A simple claim is "metric M of the variant differs from the reference's in direction ±, by at least δ"
 (δ absolute, or relative to the reference mean). With the Welch difference Δ (signed so that + is the
 claimed direction), its p-value and its (1−α) confidence interval:
 
-- **supported**     p < α and Δ ≥ δ (significant, and at least as large as claimed);
+- **supported**     p_Holm < α and Δ ≥ δ (significant after the familywise correction below, and at least as
+                    large as claimed);
 - **contradicted**  the interval's upper end < δ (confidently smaller than claimed — no effect, or the
                     opposite one);
 - **inconclusive**  otherwise (too few seeds, too much noise, or a metric that was not recorded).
 
 Compound options combine their parts: AND is supported when every part is and contradicted when any
-part is; OR the reverse; NOT swaps supported and contradicted. Inconclusive is an honest answer.
+part is; OR the reverse; NOT swaps supported and contradicted. Inconclusive is an honest answer. The parts
+whose verdict equals the compound's decided it (a contradicted part of an AND, the supported parts of an OR, every
+part when all agree), and the report shows those.
+
+Familywise correction (Holm–Bonferroni): the family is one question's comparison of the tested variant with the
+reference — the distinct metrics that its five options test (a metric tested by two options, or in both
+directions, is one null hypothesis "no difference", with one two-sided Welch p-value). Each p is replaced by its
+Holm-adjusted value before "supported" is decided, so the chance of any false "supported" among a question's
+answers stays ≤ α. A metric with no p-value (not recorded, or equal in every seed) is not in the family.
+"Contradicted" reads each test's own 95% interval. The minimum detectable effect of each test (stats.mde) is
+taken at Holm's strictest level α/m, 80% power: the smallest true difference that this family's first rejection
+would find four times in five.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from .stats import mean_sd, welch
+from .questions import QUESTION_TEXTS, QuestionText
+from .stats import holm, mde, mean_sd, welch
 
 ALPHA = 0.05
+POWER = 0.8  # of the minimum detectable effect
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 
 
@@ -111,7 +127,7 @@ METRICS = {
 }
 
 
-# Encoder cells (fine-tuned classifiers): judged in the report's encoder section, not in the seed-question table.
+# Encoder cells (fine-tuned classifiers): judged in the report's encoder section, not in the questions' table.
 ENCODER_METRICS = {
     "enc_accuracy": ("fine-tuned classification accuracy", lambda r: r.get("accuracy")),
     "enc_macro_f1": ("fine-tuned classification macro-F1", lambda r: r.get("macro_f1")),
@@ -121,7 +137,17 @@ DETERMINISTIC = {"infer_flops", "kv_bytes"}  # analytic or exact: equal across s
 ACCURACY = {"far_acc", "qa_acc", "summary_rouge"}  # both arms at the floor (< D_ACC) cannot tell them apart
 
 
+def is_accuracy(metric: str) -> bool:
+    """An exact-match / ROUGE metric (the floor rule applies, the report shows its minimum detectable effect)."""
+    return metric in ACCURACY or metric.startswith(WALL_CLOCK + "val_exact")
+
+
+WALL_CLOCK = "wc:"  # prefix of a training-curve reading at equal training time (wallclock.py), in r["wall_clock"]
+
+
 def metric_value(r: dict, name: str):
+    if name.startswith(WALL_CLOCK):
+        return _get(r, "wall_clock", name.removeprefix(WALL_CLOCK))
     if name.startswith("attn_importance_l"):
         return _get(r, "diagnostics", "attn_ablation", "delta", int(name.rsplit("l", 1)[1]))
     v = (ENCODER_METRICS[name] if name in ENCODER_METRICS else METRICS[name])[1](r)
@@ -129,6 +155,8 @@ def metric_value(r: dict, name: str):
 
 
 def metric_label(name: str) -> str:
+    if name.startswith(WALL_CLOCK):
+        return f"{name.removeprefix(WALL_CLOCK)} of the training curve at equal training time (teacher-forced)"
     if name.startswith("attn_importance_l"):
         return f"attention importance, layer {name.rsplit('l', 1)[1]} (loss increase when ablated)"
     return METRICS[name][0]
@@ -183,9 +211,43 @@ class Evidence:
     v: tuple[float, float, int] | None  # mean, sd, n
     r: tuple[float, float, int] | None
     diff: float | None
-    p: float | None
+    p: float | None  # the test's own two-sided Welch p
     verdict: str
     note: str = ""
+    p_holm: float | None = None  # Holm-adjusted within its family (the p that decides "supported")
+    mde: float | None = None  # minimum detectable effect at the family's α/m and POWER (stats.mde)
+
+    def record(self, decisive: bool | None = None) -> dict:
+        """The part as report.json holds it (decisive: whether it decided its claim's verdict)."""
+        v, r = self.v or (None, None, None), self.r or (None, None, None)
+        rec = {"test": self.test, "metric": self.metric, "variant_mean": _num(v[0]), "variant_sd": _num(v[1]),
+               "n": v[2], "reference_mean": _num(r[0]), "reference_sd": _num(r[1]), "reference_n": r[2],
+               "diff": _num(self.diff), "p": _num(self.p), "p_holm": _num(self.p_holm), "mde": _num(self.mde),
+               "verdict": self.verdict, "note": self.note}
+        return rec if decisive is None else rec | {"decisive": decisive}
+
+
+def _num(x):
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+
+
+@dataclass(frozen=True)
+class Family:
+    """The tests judged together under one familywise correction: raw and Holm-adjusted p per metric, and the
+    minimum detectable effect per metric at α/m."""
+
+    p: dict[str, float]
+    p_holm: dict[str, float]
+    mde: dict[str, float | None]
+
+    @property
+    def size(self) -> int:
+        return len(self.p)
+
+    @property
+    def alpha(self) -> float:
+        """Holm's strictest level, α/m: what the strongest effect alone must beat."""
+        return ALPHA / max(1, self.size)
 
 
 def _values(results: list[dict], metric: str) -> list[float] | None:
@@ -195,10 +257,13 @@ def _values(results: list[dict], metric: str) -> list[float] | None:
 
 def is_floor(e: Evidence) -> bool:
     """Both arms of an accuracy test below the accuracy threshold: the task is too hard at this scale."""
-    return e.metric in ACCURACY and e.v is not None and e.r is not None and max(e.v[0], e.r[0]) < D_ACC
+    return is_accuracy(e.metric) and e.v is not None and e.r is not None and max(e.v[0], e.r[0]) < D_ACC
 
 
-def judge_test(t: Test, V: list[dict], R: list[dict], vname: str, rname: str) -> Evidence:
+def judge_test(t: Test, V: list[dict], R: list[dict], vname: str, rname: str,
+               family: Family | None = None) -> Evidence:
+    """One simple claim. With a family, "supported" needs the Holm-adjusted p < α and the minimum detectable
+    effect is taken at the family's α/m; without one, the test's own p and α."""
     a, b = _values(V, t.metric), _values(R, t.metric)
     if a is None or b is None:
         return Evidence(t.describe(), t.metric, vname, rname, None, None, None, None, INCONCLUSIVE,
@@ -206,53 +271,115 @@ def judge_test(t: Test, V: list[dict], R: list[dict], vname: str, rname: str) ->
     w = welch(a, b, ALPHA)
     ma, sa = mean_sd(a)
     mb, sb = mean_sd(b)
-    if t.metric in ACCURACY and max(ma, mb) < D_ACC:
-        return Evidence(t.describe(), t.metric, vname, rname, (ma, sa, len(a)), (mb, sb, len(b)), w.diff,
-                        None if math.isnan(w.p) else w.p, INCONCLUSIVE,
-                        f"both below {D_ACC:.0%} exact match: the task is too hard at this scale to tell")
+    p = None if math.isnan(w.p) else w.p
+    p_decides = p if family is None else family.p_holm.get(t.metric)
+    size = mde(sa, len(a), sb, len(b), ALPHA if family is None else family.alpha, POWER)
+    if t.metric in DETERMINISTIC:
+        size = None
+
+    def ev(verdict: str, note: str = "", p_shown=p) -> Evidence:
+        return Evidence(t.describe(), t.metric, vname, rname, (ma, sa, len(a)), (mb, sb, len(b)), w.diff, p_shown,
+                        verdict, note, None if family is None or p_shown is None else p_decides, size)
+
+    if is_accuracy(t.metric) and max(ma, mb) < D_ACC:
+        return ev(INCONCLUSIVE, f"both below {D_ACC:.0%} exact match: the task is too hard at this scale to tell")
     if t.metric not in DETERMINISTIC and len(a) > 1 and len(b) > 1 and sa == 0 and sb == 0:
         # A noisy metric that does not vary across seeds is at a floor or ceiling (e.g. every model at 0%
         # accuracy): the runs cannot tell the variants apart, which is not evidence against the claim.
-        return Evidence(t.describe(), t.metric, vname, rname, (ma, sa, len(a)), (mb, sb, len(b)), w.diff, None,
-                        INCONCLUSIVE, "no variation across seeds (floor or ceiling)")
+        return ev(INCONCLUSIVE, "no variation across seeds (floor or ceiling)", None)
     delta = t.delta * abs(mb) if t.relative else t.delta
     s = t.direction * w.diff
     upper = max(t.direction * w.lo, t.direction * w.hi)
-    if not math.isnan(w.p) and w.p < ALPHA and s >= delta:
+    if p_decides is not None and p_decides < ALPHA and s >= delta:
         verdict = SUPPORTED
     elif upper < delta:
         verdict = CONTRADICTED
     else:
         verdict = INCONCLUSIVE
-    note = "" if len(a) > 1 and len(b) > 1 else "one seed per arm: no noise estimate"
-    return Evidence(t.describe(), t.metric, vname, rname, (ma, sa, len(a)), (mb, sb, len(b)), w.diff,
-                    None if math.isnan(w.p) else w.p, verdict, note)
+    return ev(verdict, "" if len(a) > 1 and len(b) > 1 else "one seed per arm: no noise estimate")
 
 
-def judge(claim, V: list[dict], R: list[dict], vname: str, rname: str) -> tuple[str, list[Evidence]]:
+class Judgement(NamedTuple):
+    verdict: str
+    evidence: list[Evidence]  # every simple part, in the claim's order
+    decisive: list[int]  # indices into evidence: the parts that decided the verdict
+
+
+def _layer_parts(claim: AllLayers, V: list[dict], R: list[dict]) -> list[Test] | None:
+    n_v = {len(_get(r, "diagnostics", "attn_ablation", "delta", default=[]) or []) for r in V}
+    n_r = {len(_get(r, "diagnostics", "attn_ablation", "delta", default=[]) or []) for r in R}
+    if len(n_v) != 1 or n_v != n_r or 0 in n_v:
+        return None
+    return [Test(f"{claim.prefix}{i}", claim.direction, claim.delta, claim.relative) for i in range(n_v.pop())]
+
+
+def simple_tests(claim, V: list[dict], R: list[dict]) -> list[Test]:
+    """The simple tests a claim is made of, in order (per-layer claims expanded to the recorded layers)."""
     if isinstance(claim, Test):
-        e = judge_test(claim, V, R, vname, rname)
-        return e.verdict, [e]
+        return [claim]
     if isinstance(claim, AllLayers):
-        n_v = {len(_get(r, "diagnostics", "attn_ablation", "delta", default=[]) or []) for r in V}
-        n_r = {len(_get(r, "diagnostics", "attn_ablation", "delta", default=[]) or []) for r in R}
-        if len(n_v) != 1 or n_v != n_r or 0 in n_v:
-            return INCONCLUSIVE, [Evidence(f"{claim.prefix}* in every layer", claim.prefix, vname, rname, None, None,
-                                           None, None, INCONCLUSIVE, "layer counts differ or not recorded")]
-        parts = [Test(f"{claim.prefix}{i}", claim.direction, claim.delta, claim.relative) for i in range(n_v.pop())]
-        return judge(All(parts), V, R, vname, rname)
+        return _layer_parts(claim, V, R) or []
     if isinstance(claim, All | Any_):
-        sub = [judge(p, V, R, vname, rname) for p in claim.parts]
-        vs = [v for v, _ in sub]
-        ev = [e for _, es in sub for e in es]
+        return [t for p in claim.parts for t in simple_tests(p, V, R)]
+    if isinstance(claim, Not):
+        return simple_tests(claim.part, V, R)
+    raise TypeError(claim)
+
+
+def family(claims: list, V: list[dict], R: list[dict], vname: str, rname: str) -> Family:
+    """The Holm family of `claims` judged on V against R: one two-sided Welch p per distinct metric they test
+    (metrics without a p-value left out), adjusted together."""
+    first: dict[str, Test] = {}
+    for c in claims:
+        for t in simple_tests(c, V, R):
+            first.setdefault(t.metric, t)
+    raw: dict[str, float] = {}
+    spread: dict[str, tuple] = {}
+    for m, t in first.items():
+        e = judge_test(t, V, R, vname, rname)
+        if e.p is not None:
+            raw[m] = e.p
+            spread[m] = (e.v, e.r)
+    adj = dict(zip(raw, holm(list(raw.values())), strict=True))
+    alpha = ALPHA / max(1, len(raw))
+    sizes = {m: None if m in DETERMINISTIC else mde(v[1], v[2], r[1], r[2], alpha, POWER)
+             for m, (v, r) in spread.items()}
+    return Family(raw, adj, sizes)
+
+
+def judge(claim, V: list[dict], R: list[dict], vname: str, rname: str, fam: Family | None = None) -> Judgement:
+    """The verdict of a claim, every simple part's evidence, and which parts decided it. `fam`: the Holm family
+    the claim belongs to (family()); without it each test uses its own p."""
+    if isinstance(claim, Test):
+        e = judge_test(claim, V, R, vname, rname, fam)
+        return Judgement(e.verdict, [e], [0])
+    if isinstance(claim, AllLayers):
+        parts = _layer_parts(claim, V, R)
+        if parts is None:
+            return Judgement(INCONCLUSIVE, [Evidence(f"{claim.prefix}* in every layer", claim.prefix, vname, rname,
+                                                     None, None, None, None, INCONCLUSIVE,
+                                                     "layer counts differ or not recorded")], [0])
+        return judge(All(parts), V, R, vname, rname, fam)
+    if isinstance(claim, All | Any_):
+        sub = [judge(p, V, R, vname, rname, fam) for p in claim.parts]
+        vs = [j.verdict for j in sub]
         if isinstance(claim, All):
             v = CONTRADICTED if CONTRADICTED in vs else SUPPORTED if all(x == SUPPORTED for x in vs) else INCONCLUSIVE
         else:
             v = SUPPORTED if SUPPORTED in vs else CONTRADICTED if all(x == CONTRADICTED for x in vs) else INCONCLUSIVE
-        return v, ev
+        # The parts that agree with the whole decided it: the contradicted part of a contradicted AND, the
+        # supported parts of a supported OR, every part when all agree, the undecided parts of an undecided one.
+        ev, decisive, offset = [], [], 0
+        for j in sub:
+            ev += j.evidence
+            if j.verdict == v:
+                decisive += [offset + i for i in j.decisive]
+            offset += len(j.evidence)
+        return Judgement(v, ev, decisive)
     if isinstance(claim, Not):
-        v, ev = judge(claim.part, V, R, vname, rname)
-        return {SUPPORTED: CONTRADICTED, CONTRADICTED: SUPPORTED}.get(v, INCONCLUSIVE), ev
+        j = judge(claim.part, V, R, vname, rname, fam)
+        return Judgement({SUPPORTED: CONTRADICTED, CONTRADICTED: SUPPORTED}.get(j.verdict, INCONCLUSIVE), j.evidence,
+                         j.decisive)
     raise TypeError(claim)
 
 
@@ -289,12 +416,21 @@ class Question:
     key: str  # the grid's questions: entry naming the variant that tests it
     title: str
     options: list[Option]
-    answer_key: int  # the option the seed file calls correct (reported, never used to judge)
+
+    @property
+    def text(self) -> QuestionText:
+        """The question word for word, its options in full and the option its author marks correct."""
+        return QUESTION_TEXTS[self.key]
+
+    @property
+    def marked(self) -> int:
+        """The option the question's author marks correct (reported, never used to judge)."""
+        return self.text.marked
 
 
 QUESTIONS = [
-    Question("residual", "Dynamic residual weighting (seed 000): which outcome does a residual weighted by "
-             "training progress and sequence length have?", [
+    Question("residual", "Dynamic residual weighting: which outcome does a residual weighted by training progress "
+             "and sequence length have?", [
                  Option(1, "Reduces generalisation: more overfitting", Test("gen_gap", +1, D_GAP)),
                  Option(2, "Exacerbates vanishing gradients in deep layers", Test("grad_ratio", -1, D_GRAD),
                         "first-layer gradient shrinking relative to the last"),
@@ -303,9 +439,8 @@ QUESTIONS = [
                         AllLayers("attn_importance_l", -1, D_ATTN)),
                  Option(5, "More compute without meaningful improvement",
                         All([SLOWER, Not(Any_([BETTER_TEXT, BETTER_FAR]))])),
-             ], answer_key=3),
-    Question("span", "Dynamic attention span (seed 003): which outcome does a content-dependent attention span "
-             "have?", [
+             ]),
+    Question("span", "Dynamic attention span: which outcome does a content-dependent attention span have?", [
                  Option(1, "Lower perplexity on long text (interpretability harder)", Test("long_bpb", -1, D_BPB),
                         "the interpretability clause is a judgement, not measured; see the span plots"),
                  Option(2, "Higher perplexity on long text", Test("long_bpb", +1, D_BPB)),
@@ -315,10 +450,10 @@ QUESTIONS = [
                         All([FASTER, CHEAPER_INFERENCE, Test("val_bpb", +1, D_BPB)])),
                  Option(5, "No significant gain in understanding or efficiency",
                         Not(Any_([BETTER_TEXT, BETTER_QA, BETTER_SUMMARY, BETTER_FAR, FASTER]))),
-             ], answer_key=3),
+             ]),
 ]
 
-# What a control comparison looks at: the tested variant against a control that removes only the seed's
+# What a control comparison looks at: the tested variant against a control that removes only the question's
 # mechanism (static learned residual weights; a fixed window of equal attention work; one span per head).
 CONTROL_TESTS = {
     "residual": [BETTER_FAR, Test("qa_acc", +1, D_ACC), BETTER_TEXT],
@@ -326,22 +461,25 @@ CONTROL_TESTS = {
 }
 
 
-def compare_control(t: Test, V: list[dict], C: list[dict], vname: str, cname: str) -> Evidence:
+def compare_control(t: Test, V: list[dict], C: list[dict], vname: str, cname: str,
+                    fam: Family | None = None) -> Evidence:
     """Two-sided reading of one metric, variant vs control: 'better' (significant, ≥ the threshold, in the
     good direction), 'worse' (the same in the other direction), else 'no difference shown' ('floor' when both
-    stay below the accuracy threshold)."""
-    e = judge_test(t, V, C, vname, cname)
-    if e.diff is None or e.p is None:
+    stay below the accuracy threshold). With a family, significance is read on the Holm-adjusted p."""
+    e = judge_test(t, V, C, vname, cname, fam)
+    p = e.p if fam is None else e.p_holm
+    if e.diff is None or p is None:
         e.verdict = "floor" if is_floor(e) else "no difference shown"
         return e
     delta = t.delta * abs(e.r[0]) if t.relative else t.delta
     signed = t.direction * e.diff
-    e.verdict = ("floor" if is_floor(e) else "better" if e.p < ALPHA and signed >= delta
-                 else "worse" if e.p < ALPHA and -signed >= delta else "no difference shown")
+    e.verdict = ("floor" if is_floor(e) else "better" if p < ALPHA and signed >= delta
+                 else "worse" if p < ALPHA and -signed >= delta else "no difference shown")
     return e
 
 
-THRESHOLDS = {"α (two-sided Welch t-test)": ALPHA, "bits per byte": D_BPB, "exact-match accuracy": D_ACC,
+THRESHOLDS = {"α (two-sided Welch t-test, familywise after Holm's correction)": ALPHA,
+              "power of the minimum detectable effect": POWER, "bits per byte": D_BPB, "exact-match accuracy": D_ACC,
               "train/val gap (nats)": D_GAP, "log10 gradient ratio": D_GRAD,
               "ms/step, decoding ms/token, FLOPs (relative)": D_TIME,
               "attention importance per layer (relative)": D_ATTN}

@@ -1,0 +1,191 @@
+"""Equal training wall-clock: the tested variant and the reference read at the same training time.
+
+Every cell of a `match: tokens` grid trains the same steps, so a variant whose steps are cheaper has also
+trained for less time. For each question this module puts each cell's evaluations (metrics.jsonl) on a clock of
+training time alone, takes t* = the shorter of the two arms' mean training times, reads every cell's curve at
+t*, and judges the options' accuracy and perplexity parts again on those readings:
+
+- training time: the sum over the log rows of ms_step × (steps since the previous log row). The trainer's ms_step
+  is the mean time of the steps since its last log, evaluation or checkpoint, timed from when that pause ended,
+  so the sum leaves evaluation and checkpoint time out. elapsed_s, which includes them, is used only for a run
+  whose log has no ms_step (the clock used is recorded per arm).
+- reading at t*: linear interpolation, in training time, between the two evaluations around t*; a cell that
+  finished training before t* is read at its last evaluation; a cell whose first evaluation comes after t* has
+  no reading (its parts are then inconclusive: not recorded).
+- what is read: the curve's own metrics, held-out bits per byte (val_bpb) and the task probe's teacher-forced exact
+  match on validation examples of the training tasks (val_exact_TASK). They stand in for the by-distance
+  evaluation's metrics (CURVE_FOR) but are not it: no distance buckets, no greedy decoding, no ROUGE.
+- the curve of a run scheduled for its full steps, read part-way, is not the curve of a run scheduled to stop at
+  t* (its learning rate has not decayed yet): the readings are a lower bound for the arm that stopped early.
+
+Parts with no curve metric (cost, gradients, attention, long-text bpb) keep their equal-token measurement.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..train.metrics import read_metrics
+from .stats import mean_sd
+from .verdicts import (
+    ALPHA,
+    D_ACC,
+    D_BPB,
+    QUESTIONS,
+    WALL_CLOCK,
+    All,
+    Any_,
+    Not,
+    Test,
+    compare_control,
+    family,
+    judge,
+)
+
+# An option-test metric → the training curve's metric that stands for it at equal wall-clock.
+CURVE_FOR = {"val_bpb": "val_bpb", "qa_acc": "val_exact_storyqa", "summary_rouge": "val_exact_summary",
+             "far_acc": "val_exact_passkey"}
+
+HOW = {
+    "clock": "Σ over the log rows of ms_step × the steps since the previous log row, so evaluation and checkpoint "
+             "pauses are left out (elapsed_s, which includes them, only where a log has no ms_step)",
+    "t_star": "the shorter of the two arms' mean training times",
+    "reading": "linear interpolation in training time between the two evaluations around t*; a cell that finished "
+               "before t* is read at its last evaluation; none before a cell's first evaluation",
+    "metrics": "the training curve's teacher-forced metrics on validation examples of the training tasks "
+               "(val_exact_TASK) and held-out bits per byte (val_bpb), not the full by-distance evaluation; "
+               + ", ".join(f"{k} → {v}" for k, v in CURVE_FOR.items()),
+}
+
+
+def eval_curve(rows: list[dict]) -> tuple[list[dict], float | None, str]:
+    """A run's evaluations on its training clock: ([{step, train_s, val_...}], total training seconds, clock),
+    clock "ms_step" or "elapsed_s" (module docstring). Steps redone after a reloaded checkpoint count again: they
+    were trained."""
+    if not any("ms_step" in r for r in rows):
+        evals = [{**r, "train_s": float(r["elapsed_s"])} for r in rows if "val_loss" in r and "elapsed_s" in r]
+        ends = [float(r["elapsed_s"]) for r in rows if "elapsed_s" in r]
+        return evals, (max(ends) if ends else None), "elapsed_s"
+    cum, last_step, rate, evals = 0.0, 0, 0.0, []
+    for r in rows:
+        if r.get("event") == "reloaded_checkpoint":
+            last_step = int(r["step"])
+        elif "val_loss" in r:
+            evals.append({**r, "train_s": cum + max(0, int(r["step"]) - last_step) * rate})
+        elif "ms_step" in r:
+            rate = float(r["ms_step"]) / 1000
+            cum += max(0, int(r["step"]) - last_step) * rate
+            last_step = int(r["step"])
+    return evals, cum, "ms_step"
+
+
+def read_at(points: list[tuple[float, float]], t: float) -> tuple[float | None, list[int]]:
+    """The curve (training seconds, value) at time t, and the indices of the points it was read from: linear
+    interpolation between the points around t, the last point when t is past the end, None before the first."""
+    pts = sorted((x, y, i) for i, (x, y) in enumerate(points) if y is not None)
+    if not pts or t < pts[0][0]:
+        return None, []
+    if t >= pts[-1][0]:
+        return pts[-1][1], [pts[-1][2]]
+    for (x0, y0, i0), (x1, y1, i1) in zip(pts, pts[1:], strict=False):
+        if x0 <= t <= x1:
+            if x1 == x0:
+                return y1, [i1]
+            return y0 + (y1 - y0) * (t - x0) / (x1 - x0), [i0, i1]
+    return None, []  # unreachable: t lies within the points
+
+
+def cell_curve(cell_dir: Path) -> tuple[list[dict], float | None, str] | None:
+    path = Path(cell_dir) / "run" / "metrics.jsonl"
+    if not path.exists():
+        return None
+    return eval_curve(read_metrics(path))
+
+
+def curve_metrics(curves: list[tuple[list[dict], float | None, str]]) -> list[str]:
+    """The curve metrics every evaluation of these cells recorded: val_bpb and the exact-match columns."""
+    names = None
+    for evals, _, _ in curves:
+        for e in evals:
+            keys = {k for k in e if k == "val_bpb" or k.startswith("val_exact")}
+            names = keys if names is None else names & keys
+    return sorted(names or [])
+
+
+def to_wall_clock(claim):
+    """The claim with every part that has a curve metric (CURVE_FOR) read on the curve at equal training time;
+    None when no part has one."""
+    if isinstance(claim, Test):
+        if claim.metric not in CURVE_FOR:
+            return None
+        return Test(WALL_CLOCK + CURVE_FOR[claim.metric], claim.direction, claim.delta, claim.relative)
+    if isinstance(claim, All | Any_):
+        parts = [to_wall_clock(p) for p in claim.parts]
+        if all(p is None for p in parts):
+            return None
+        return type(claim)([new if new is not None else old for new, old in zip(parts, claim.parts, strict=True)])
+    if isinstance(claim, Not):
+        inner = to_wall_clock(claim.part)
+        return None if inner is None else Not(inner)
+    return None  # per-layer claims have no curve metric
+
+
+def _reading_test(name: str) -> Test:
+    return Test(WALL_CLOCK + name, -1, D_BPB) if name == "val_bpb" else Test(WALL_CLOCK + name, +1, D_ACC)
+
+
+def wall_clock_records(col) -> dict:
+    """report.json's "wall_clock": per question, the arms' training times, t*, each cell's readings, the curve
+    metrics compared at t* (Holm within that table) and the options with a curve metric judged again (Holm within
+    the re-judged options' tests)."""
+    ref = col.questions.get("reference", "baseline")
+    out: dict = {"how": HOW, "alpha": ALPHA, "questions": {}}
+    for q in QUESTIONS:
+        var = col.questions.get(q.key)
+        if var not in col.results or ref not in col.results or var == ref:
+            continue
+        arms = {"variant": (var, col.dirs[var]), "reference": (ref, col.dirs[ref])}
+        curves = {k: [cell_curve(d) for d in dirs] for k, (_, dirs) in arms.items()}
+        missing = [str(d) for k, (_, dirs) in arms.items() for d, c in zip(dirs, curves[k], strict=True)
+                   if c is None or c[1] is None]
+        if missing:
+            out["questions"][q.key] = {"variant": var, "reference": ref, "why": f"no metrics.jsonl in {missing[0]}"}
+            continue
+        totals = {k: [c[1] for c in cs] for k, cs in curves.items()}
+        means = {k: mean_sd(v)[0] for k, v in totals.items()}
+        t_star = min(means.values())
+        names = curve_metrics(curves["variant"] + curves["reference"])
+        cells, with_readings = {}, {}
+        for k, (name, _) in arms.items():
+            recs, res = [], []
+            for r, (evals, total, clock) in zip(col.results[name], curves[k], strict=True):
+                readings, around = {}, []
+                for m in names:
+                    readings[m], idx = read_at([(e["train_s"], e.get(m)) for e in evals], t_star)
+                    around = around or [int(evals[i]["step"]) for i in idx]
+                recs.append({"seed": r.get("seed"), "train_s": total, "clock": clock, "steps_read": around,
+                             "readings": readings})
+                res.append({**r, "wall_clock": readings})
+            cells[k], with_readings[k] = recs, res
+        V, R = with_readings["variant"], with_readings["reference"]
+        tests = [_reading_test(m) for m in names]
+        fam_readings = family(tests, V, R, var, ref)
+        readings = []
+        for t in tests:
+            e = compare_control(t, V, R, var, ref, fam_readings)
+            readings.append({**e.record(), "metric": t.metric.removeprefix(WALL_CLOCK)})
+        claims = [(opt, to_wall_clock(opt.claim)) for opt in q.options]
+        claims = [(opt, c) for opt, c in claims if c is not None]
+        fam = family([c for _, c in claims], V, R, var, ref)
+        options = []
+        for opt, c in claims:
+            j = judge(c, V, R, var, ref, fam)
+            options.append({"option": opt.number, "claim": opt.text, "verdict": j.verdict,
+                            "evidence": [e.record(i in j.decisive) for i, e in enumerate(j.evidence)],
+                            "decided_by": j.decisive})
+        out["questions"][q.key] = {
+            "variant": var, "reference": ref, "t_star_s": t_star,
+            "train_s": {k: {"mean": means[k], "per_seed": totals[k]} for k in arms},
+            "clock": sorted({c["clock"] for cs in cells.values() for c in cs}), "cells": cells,
+            "readings": readings, "family_size": fam.size, "options": options}
+    return out
