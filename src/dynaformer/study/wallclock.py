@@ -88,11 +88,11 @@ def read_at(points: list[tuple[float, float]], t: float) -> tuple[float | None, 
     if t >= pts[-1][0]:
         return pts[-1][1], [pts[-1][2]]
     for (x0, y0, i0), (x1, y1, i1) in zip(pts, pts[1:], strict=False):
-        if x0 <= t <= x1:
-            if x1 == x0:
-                return y1, [i1]
+        if t == x0:
+            return y0, [i0]
+        if x0 < t < x1:
             return y0 + (y1 - y0) * (t - x0) / (x1 - x0), [i0, i1]
-    return None, []  # unreachable: t lies within the points
+    return None, []  # unreachable: t lies within the points, or on the last one
 
 
 def cell_curve(cell_dir: Path) -> tuple[list[dict], float | None, str] | None:

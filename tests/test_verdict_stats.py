@@ -1,0 +1,184 @@
+"""The verdicts' statistics and how the answers read: the Holm–Bonferroni correction on known p-values, the
+minimum detectable effect on a known case (and its power by simulation), "supported" decided on the corrected p,
+and the part that decided a compound verdict shown in "Answers at a glance"."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dynaformer.study import verdicts as V
+from dynaformer.study.report import answer_rows, resolution_sentence
+from dynaformer.study.results import report_data
+from dynaformer.study.stats import holm, mde, t_sf2, welch
+
+from .study_fakes import fake_collected, fake_result
+
+
+def _holm_by_hand(ps: list[float], alpha: float) -> set[int]:
+    """Holm's step-down procedure as its definition states it: walk the p-values from the smallest, reject the
+    k-th (from 0) while it is < α/(m − k), stop at the first that is not."""
+    rejected = set()
+    for k, i in enumerate(sorted(range(len(ps)), key=lambda i: ps[i])):
+        if ps[i] >= alpha / (len(ps) - k):
+            break
+        rejected.add(i)
+    return rejected
+
+
+def test_holm_adjusts_a_known_sequence():
+    ps = [0.01, 0.04, 0.03, 0.005, 0.2]
+    # By hand, smallest first: 0.005·5 = 0.025; 0.01·4 = 0.04; 0.03·3 = 0.09; 0.04·2 = 0.08 → 0.09 (monotone);
+    # 0.2·1 = 0.2.
+    assert holm(ps) == pytest.approx([0.04, 0.09, 0.09, 0.025, 0.2])
+    for alpha in (0.01, 0.03, 0.05, 0.1, 0.2):
+        assert {i for i, p in enumerate(holm(ps)) if p < alpha} == _holm_by_hand(ps, alpha), alpha
+    assert holm([0.5, 0.6, 0.7]) == [1.0, 1.0, 1.0]  # capped at 1
+    assert holm([0.03]) == [0.03] and holm([]) == []
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # random families agree with the step-down definition at every level
+        ps = list(rng.uniform(0, 0.2, size=int(rng.integers(1, 9))))
+        assert {i for i, p in enumerate(holm(ps)) if p < 0.05} == _holm_by_hand(ps, 0.05)
+
+
+def test_minimum_detectable_effect_on_a_known_case():
+    # sd 0.1 in both arms, 3 seeds each: ν = 4, se = 0.1·√(2/3); t(0.975, 4) = 2.776 and t(0.8, 4) = 0.941 (tables)
+    assert mde(0.1, 3, 0.1, 3) == pytest.approx((2.776 + 0.941) * 0.1 * math.sqrt(2 / 3), rel=1e-3)
+    # A stricter level (Holm's first step over 7 tests) needs a larger difference; more seeds a smaller one.
+    assert mde(0.1, 3, 0.1, 3, alpha=0.05 / 7) > mde(0.1, 3, 0.1, 3) > mde(0.1, 5, 0.1, 5)
+    # Unequal spreads: the degrees of freedom are Welch's, as in the test itself.
+    a, b = [0.1, 0.3, 0.5, 0.2], [0.4, 0.45, 0.5]
+    w = welch(a, b)
+    sa, sb = np.std(a, ddof=1), np.std(b, ddof=1)
+    from dynaformer.study.stats import t_quantile
+
+    se = math.sqrt(sa**2 / 4 + sb**2 / 3)
+    assert mde(sa, 4, sb, 3) == pytest.approx((t_quantile(0.975, w.df) + t_quantile(0.8, w.df)) * se)
+    assert mde(0.1, 1, 0.1, 3) is None and mde(0.0, 3, 0.0, 3) is None
+
+
+def test_minimum_detectable_effect_has_its_power():
+    """Simulated: two arms of 5 normal seeds (sd 1) whose means differ by the MDE are told apart by the Welch
+    test at α = 0.05 close to 80% of the time, and a difference of half of it far less often."""
+    rng = np.random.default_rng(1)
+    n, sims = 5, 3000
+    d = mde(1.0, n, 1.0, n)
+
+    def power(diff: float) -> float:
+        a = rng.normal(diff, 1.0, (sims, n))
+        b = rng.normal(0.0, 1.0, (sims, n))
+        va, vb = a.var(1, ddof=1) / n, b.var(1, ddof=1) / n
+        t = (a.mean(1) - b.mean(1)) / np.sqrt(va + vb)
+        df = (va + vb) ** 2 / (va**2 / (n - 1) + vb**2 / (n - 1))
+        return float(np.mean([t_sf2(x, f) < 0.05 for x, f in zip(t, df, strict=True)]))
+
+    assert 0.72 < power(d) < 0.86
+    assert power(d / 2) < 0.4
+
+
+def _arms(far_v: list[float], far_r: list[float]) -> dict:
+    """Reference and dynamic-residual cells whose far-distance accuracy is given; the other metrics the residual
+    question tests vary across seeds but not between the arms (their p-values are large)."""
+    def cell(name, s, far):
+        return fake_result(name, s, far=far, bpb=2.0 + 0.01 * [0, 2, 1][s], gap=0.01 * [1, 0, 2][s],
+                           ms=100 + [0, 3, 1][s], grad=(1.0, 1.0 + 0.05 * [2, 0, 1][s]),
+                           attn=(0.5 + 0.01 * [1, 2, 0][s], 0.4 + 0.01 * s))
+    return {"baseline": [cell("baseline", s, x) for s, x in enumerate(far_r)],
+            "dyn_residual": [cell("dyn_residual", s, x) for s, x in enumerate(far_v)],
+            "dyn_span": [cell("dyn_span", s, x) for s, x in enumerate(far_r)]}
+
+
+def test_supported_needs_the_corrected_p():
+    """Residual option 3 (far-distance accuracy up by ≥ 0.05): p < 0.05 on its own, but not after Holm over the
+    question's family — inconclusive with the correction, supported without it."""
+    res = _arms([0.42, 0.50, 0.46], [0.30, 0.36, 0.34])
+    Vr, Rr = res["dyn_residual"], res["baseline"]
+    q = V.QUESTIONS[0]
+    claim = q.options[2].claim
+    raw = welch([0.42, 0.50, 0.46], [0.30, 0.36, 0.34]).p
+    assert raw < V.ALPHA
+    fam = V.family([o.claim for o in q.options], Vr, Rr, "dyn_residual", "baseline")
+    # the family: gen_gap, grad_ratio, far_acc, attention importance of each of 2 layers, train_ms_long, val_bpb
+    assert set(fam.p) == {"gen_gap", "grad_ratio", "far_acc", "attn_importance_l0", "attn_importance_l1",
+                          "train_ms_long", "val_bpb"}
+    metrics = list(fam.p)
+    assert [fam.p_holm[m] for m in metrics] == pytest.approx(holm([fam.p[m] for m in metrics]))
+    assert fam.p["far_acc"] == pytest.approx(raw) and fam.p_holm["far_acc"] >= V.ALPHA
+    assert V.judge(claim, Vr, Rr, "dyn_residual", "baseline").verdict == V.SUPPORTED  # uncorrected
+    assert V.judge(claim, Vr, Rr, "dyn_residual", "baseline", fam).verdict == V.INCONCLUSIVE
+    # report.json and the answers say the same, with the Holm p and the MDE next to the accuracy verdict
+    data = report_data(fake_collected(res))
+    rec = next(v for v in data["verdicts"] if v["question"] == "residual" and v["option"] == 3)
+    assert rec["verdict"] == "inconclusive" and rec["p_holm"] == pytest.approx(fam.p_holm["far_acc"])
+    assert rec["mde"] == pytest.approx(fam.mde["far_acc"])
+    row = next(r for r in answer_rows(data) if r[0] == "residual" and r[1].startswith("3"))
+    assert f"Holm p={rec['p_holm']:.2g}" in row[4] and "MDE" in row[4]
+    # A stronger effect survives the correction.
+    strong = _arms([0.62, 0.70, 0.66], [0.30, 0.36, 0.34])
+    data = report_data(fake_collected(strong))
+    assert next(v for v in data["verdicts"] if v["question"] == "residual" and v["option"] == 3)["verdict"] == \
+        "supported"
+    # What the data can tell: the far-distance MDE of the family, in one sentence naming the seeds.
+    s = resolution_sentence(data, "residual")
+    mde_far = data["families"]["residual"]["mde"]["far_acc"]
+    assert f"{mde_far:.2g} in far-distance exact match" in s and "3 seeds of 'dyn_residual'" in s
+    assert data["families"]["residual"]["size"] == 7 and data["correction"]["method"] == "Holm–Bonferroni"
+
+
+def test_the_part_that_decided_a_compound_verdict_is_shown():
+    """Span option 5 ("no significant gain") is NOT(ANY(text, QA, summary, far, faster)). Text bpb equal, QA far
+    better: contradicted, and the answer shows the QA part, not the first part (bpb)."""
+    def span_cell(name, s, qa, bpb, ms):
+        return fake_result(name, s, qa=qa, bpb=bpb, ms=ms, summary=0.6 + 0.02 * [0, 2, 1][s],
+                           far=0.3 + 0.02 * [1, 0, 2][s], long_bpb=2.5 + 0.01 * s)
+    ref = [span_cell("baseline", s, 0.60 + 0.01 * s, 2.0 + 0.01 * [0, 2, 1][s], 100 + [0, 2, 1][s]) for s in range(3)]
+    var = [span_cell("dyn_span", s, 0.90 + 0.01 * [1, 0, 2][s], 2.0 + 0.01 * [1, 0, 2][s], 100 + [1, 0, 2][s])
+           for s in range(3)]
+    data = report_data(fake_collected({"baseline": ref, "dyn_span": var}))
+    opt5 = next(v for v in data["verdicts"] if v["question"] == "span" and v["option"] == 5)
+    assert opt5["verdict"] == "contradicted"
+    decided = [opt5["evidence"][i] for i in opt5["decided_by"]]
+    assert [e["metric"] for e in decided] == ["qa_acc"] and decided[0]["verdict"] == "supported"
+    assert [e["decisive"] for e in opt5["evidence"]] == [e["metric"] == "qa_acc" for e in opt5["evidence"]]
+    assert opt5["metric"] == "qa_acc" and opt5["variant_mean"] == pytest.approx(0.91)  # the deciding number
+    row = next(r for r in answer_rows(data) if r[0] == "span" and r[1].startswith("5"))
+    assert row[4].startswith("qa_acc ↑ by ≥ 0.05: supported (0.91 vs 0.61") and "val_bpb" not in row[4]
+    assert "held (supported): qa_acc" in row[5] and "inconclusive: val_bpb" in row[5]
+    # Option 3 (QA and summary better AND slower): the contradicted parts decide — summary equal in both arms,
+    # training time equal — not the supported QA part.
+    opt3 = next(v for v in data["verdicts"] if v["question"] == "span" and v["option"] == 3)
+    assert opt3["verdict"] == "contradicted"
+    assert [opt3["evidence"][i]["metric"] for i in opt3["decided_by"]] == ["summary_rouge", "train_ms_long"]
+    row = next(r for r in answer_rows(data) if r[0] == "span" and r[1].startswith("3"))
+    assert row[4].startswith("summary_rouge ↑ by ≥ 0.05: contradicted") and "qa_acc" not in row[4]
+    # An undecided AND: the undecided part decided it. When every part agrees, every part decided, and the answer
+    # says so.
+    j = V.judge(V.All([V.BETTER_QA, V.Test("kv_bytes", -1, 0.05)]), var, ref, "dyn_span", "baseline")  # not recorded
+    assert j.verdict == V.INCONCLUSIVE and j.decisive == [1]
+    j = V.judge(V.All([V.BETTER_QA, V.BETTER_QA]), var, ref, "dyn_span", "baseline")
+    assert j.verdict == V.SUPPORTED and j.decisive == [0, 1]
+    from dynaformer.study.report import decided_text
+
+    rec = {"evidence": [e.record() for e in j.evidence], "decided_by": j.decisive}
+    assert decided_text(rec).startswith("every part supported: qa_acc")
+
+
+def test_the_questions_are_in_the_report_word_for_word():
+    from dynaformer.study.questions import QUESTION_TEXTS
+
+    data = report_data(fake_collected(_arms([0.4, 0.5, 0.45], [0.3, 0.36, 0.34])))
+    for key, q in QUESTION_TEXTS.items():
+        rec = data["question_text"][key]
+        assert rec["text"] == q.text and rec["options"] == list(q.options) and len(rec["options"]) == 5
+        assert rec["text"].endswith("?") and all(len(o) > 60 for o in rec["options"])
+        marked = [v["option"] for v in data["verdicts"] if v["question"] == key and v["marked_correct"]]
+        assert marked == [q.marked]
+    assert "seed_answer" not in data["verdicts"][0]
+    # An older report.json (seed_answer, no decided_by) still renders.
+    old = {"verdicts": [{**v, "seed_answer": v["marked_correct"]} for v in data["verdicts"]]}
+    for v in old["verdicts"]:
+        del v["marked_correct"], v["decided_by"]
+    rows = answer_rows(old)
+    assert [r[1] for r in rows] == [r[1] for r in answer_rows(data)]

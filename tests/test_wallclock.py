@@ -1,0 +1,122 @@
+"""Equal training wall-clock: a run's evaluations on a clock of training time alone (evaluation pauses left out),
+curves read at t* by interpolation, and the options' accuracy/perplexity parts judged again on those readings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dynaformer.study.report import build
+from dynaformer.study.results import report_data
+from dynaformer.study.wallclock import eval_curve, read_at, to_wall_clock, wall_clock_records
+from dynaformer.train.metrics import read_metrics
+
+from .study_fakes import fake_collected, fake_result, write_curve
+
+FIXTURE = Path(__file__).parent / "fixtures" / "wallclock-metrics.jsonl"
+
+
+def test_training_clock_leaves_evaluation_pauses_out():
+    """The fixture: 100 steps at 40 ms, 100 at 60 ms, an evaluation (8 s), a skipped step's event, 200 steps at
+    50 ms, an evaluation. Training time at the evaluations: 4 + 6 = 10 s and 10 + 5 + 5 = 20 s; elapsed_s says
+    18 s and 36 s because it counts the evaluations."""
+    rows = read_metrics(FIXTURE)
+    evals, total, clock = eval_curve(rows)
+    assert clock == "ms_step" and total == pytest.approx(20.0)
+    assert [e["step"] for e in evals] == [200, 400]
+    assert [e["train_s"] for e in evals] == pytest.approx([10.0, 20.0])
+    assert [e["elapsed_s"] for e in evals] == [18.0, 36.0]
+    # A log without ms_step falls back to elapsed_s, and says so.
+    old = [{k: v for k, v in r.items() if k != "ms_step"} for r in rows]
+    evals, total, clock = eval_curve(old)
+    assert clock == "elapsed_s" and [e["train_s"] for e in evals] == [18.0, 36.0] and total == 36.0
+    # Steps redone after a reloaded checkpoint were trained: they count again.
+    redo = rows[:5] + [{"step": 200, "elapsed_s": 24.0, "event": "reloaded_checkpoint", "lr_scale": 0.5},
+                       {"step": 300, "elapsed_s": 29.0, "loss": 1.7, "ms_step": 50.0}] + rows[5:]
+    assert eval_curve(redo)[1] == pytest.approx(25.0)
+
+
+def test_reading_a_curve_at_a_time():
+    evals, _, _ = eval_curve(read_metrics(FIXTURE))
+    pts = [(e["train_s"], e["val_exact_storyqa"]) for e in evals]
+    assert read_at(pts, 15.0) == (pytest.approx(0.6), [0, 1])  # halfway between 10 s (0.4) and 20 s (0.8)
+    assert read_at(pts, 12.5) == (pytest.approx(0.5), [0, 1])
+    assert read_at(pts, 10.0) == (0.4, [0])  # on an evaluation
+    assert read_at(pts, 25.0) == (0.8, [1])  # finished before t*: its last evaluation
+    assert read_at(pts, 9.9) == (None, [])  # before its first evaluation: no reading
+    assert read_at([(10.0, None), (20.0, 0.8)], 15.0) == (None, [])
+
+
+def _study(root: Path) -> tuple:
+    """Baseline at 100 ms/step, dynamic span at 50 ms, dynamic residual at 75 ms, 800 steps each, evaluations at
+    400 and 800 (7 s pauses). Every arm ends at the same accuracy (equal tokens: no difference), but the span
+    gets there in half the time."""
+    res, curves = {}, {}
+    for v, ms in (("baseline", 100.0), ("dyn_span", 50.0), ("dyn_residual", 75.0)):
+        res[v] = [fake_result(v, s, qa=0.8 + 0.01 * [0, 2, 1][s], summary=0.7 + 0.01 * [1, 0, 2][s],
+                              bpb=2.0 + 0.01 * [2, 1, 0][s], ms=ms + s) for s in range(3)]
+        curves[v] = [{400: {"val_bpb": 2.6 + 0.01 * s, "val_exact": 0.35, "val_exact_storyqa": 0.40 + 0.02 * s,
+                            "val_exact_summary": 0.30 + 0.01 * s, "val_exact_passkey": 0.2 + 0.02 * s},
+                      800: {"val_bpb": 2.0 + 0.01 * s, "val_exact": 0.7, "val_exact_storyqa": 0.80 + 0.01 * s,
+                            "val_exact_summary": 0.70 + 0.02 * s, "val_exact_passkey": 0.6 + 0.01 * s}}
+                     for s in range(3)]
+    col = fake_collected(res, root)
+    ms = {"baseline": 100.0, "dyn_span": 50.0, "dyn_residual": 75.0}
+    for v, cs in curves.items():
+        for s, c in enumerate(cs):
+            write_curve(root / "cells" / v / f"seed{s}", ms[v], c, 800)
+    return col, curves
+
+
+def test_equal_wall_clock_readings_and_verdicts(tmp_path):
+    col, curves = _study(tmp_path)
+    wc = wall_clock_records(col)
+    span, resid = wc["questions"]["span"], wc["questions"]["residual"]
+    # t*: the shorter arm's training time, on the training clock (elapsed_s would add the two 7 s pauses).
+    assert span["t_star_s"] == pytest.approx(40.0) and span["train_s"]["reference"]["mean"] == pytest.approx(80.0)
+    assert resid["t_star_s"] == pytest.approx(60.0) and span["clock"] == ["ms_step"]
+    # The span reads its end; the reference its evaluation at step 400, which falls on t* exactly.
+    for c, cv in zip(span["cells"]["variant"], curves["dyn_span"], strict=True):
+        assert c["readings"]["val_exact_storyqa"] == cv[800]["val_exact_storyqa"] and c["steps_read"] == [800]
+    for c, cv in zip(span["cells"]["reference"], curves["baseline"], strict=True):
+        assert c["readings"]["val_exact_storyqa"] == pytest.approx(cv[400]["val_exact_storyqa"])
+        assert c["steps_read"] == [400]
+    # Residual question: t* = 60 s is halfway between the reference's evaluations at 40 s and 80 s.
+    for c, cv in zip(resid["cells"]["reference"], curves["baseline"], strict=True):
+        assert c["readings"]["val_bpb"] == pytest.approx((cv[400]["val_bpb"] + cv[800]["val_bpb"]) / 2)
+        assert c["steps_read"] == [400, 800]
+    # At equal time the span is far ahead on QA; at equal tokens nothing differs.
+    qa = next(r for r in span["readings"] if r["metric"] == "val_exact_storyqa")
+    assert qa["verdict"] == "better" and qa["diff"] == pytest.approx(0.81 - 0.42)
+    opts = {o["option"]: o for o in span["options"]}
+    assert set(opts) == {3, 4, 5}  # the options with an accuracy or perplexity part (1, 2: long text only)
+    five = opts[5]
+    assert five["verdict"] == "contradicted"  # "no significant gain": the QA gain at equal time contradicts it
+    decided = {five["evidence"][i]["metric"] for i in five["decided_by"]}
+    assert "wc:val_exact_storyqa" in decided
+    data = report_data(col)
+    tokens = next(v for v in data["verdicts"] if v["question"] == "span" and v["option"] == 5)
+    assert not any(e["metric"] == "qa_acc" and e["verdict"] == "supported" for e in tokens["evidence"])
+    assert data["wall_clock"]["questions"]["span"]["options"] == span["options"]
+    md = "\n".join(b.text for b in build(col, plots=False, data=data) if hasattr(b, "text"))
+    assert "Equal training time" in md and "t* = 40 s" in md
+    json.dumps(data, allow_nan=False)  # report.json stays valid JSON
+
+
+def test_claims_keep_their_parts_without_a_curve_metric():
+    from dynaformer.study import verdicts as V
+
+    span = {o.number: o.claim for o in V.QUESTIONS[1].options}
+    assert to_wall_clock(span[1]) is None and to_wall_clock(span[2]) is None  # long-text bpb: no curve metric
+    three = to_wall_clock(span[3])
+    assert [p.metric for p in three.parts] == ["wc:val_exact_storyqa", "wc:val_exact_summary", "train_ms_long"]
+    assert to_wall_clock(V.QUESTIONS[0].options[3].claim) is None  # per-layer attention importance
+
+
+def test_no_metrics_log_is_said(tmp_path):
+    col, _ = _study(tmp_path)
+    (tmp_path / "cells" / "dyn_span" / "seed1" / "run" / "metrics.jsonl").unlink()
+    wc = wall_clock_records(col)
+    assert "no metrics.jsonl" in wc["questions"]["span"]["why"] and "t_star_s" in wc["questions"]["residual"]
