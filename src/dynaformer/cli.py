@@ -234,8 +234,8 @@ INTRO = """\
 dynaformer trains, evaluates and serves transformer language models with two mechanisms: a residual
 weighted by training progress, token position and content, and an attention span that each head learns
 per token, so that short spans save time and memory. `compare` and `report` measure both against strong
-baselines and controls and answer the seed questions with verdicts and evidence. Options of `train` are
-generated from the typed fields of ModelConfig and TrainConfig (`dynaformer train --help`); a user error
+baselines and controls and answer the study's two questions with verdicts and evidence. Options of `train`
+are generated from the typed fields of ModelConfig and TrainConfig (`dynaformer train --help`); a user error
 is one line on stderr and exit code 2."""
 
 EXAMPLES = """\

@@ -103,7 +103,7 @@ def collect(paths: list[str | Path]) -> Collected:
                 raise DynaformerError(f"'{p}': {why}")
             col.add(r, p)
         elif (p / "run.json").exists():
-            raise DynaformerError(f"'{p}' is a training run folder without harness results; run it through "
+            raise DynaformerError(f"'{p}' is a training run folder without study results; run it through "
                                   f"`dynaformer compare` (or give the compare folder)")
         else:
             raise DynaformerError(f"'{p}' is not a compare folder or a cell folder (no grid.json or result.json)")

@@ -94,14 +94,14 @@ def encoder_blocks(encoder: dict[str, dict[str, list[dict]]], reference: str, co
     start = ("from its masked-LM pretrained encoder (same variant and seed; table below)" if pretrained
              else "from scratch")
     blocks: list[Block] = [Heading(2, "Understanding tasks: encoders fine-tuned on classification")]
-    blocks.append(Paragraph("Seed 000 asks about a model for natural language understanding. Each variant's model "
-                        "overrides are applied to a bidirectional encoder (causal = false: symmetric spans, the "
-                        f"dynamic residual's position signal is the sequence length), fine-tuned {start} with a "
-                        "classification head on generated tasks. Accuracy and macro-F1 on the held-out split, mean ± "
-                        f"sd over seeds; accuracy by distance bucket (the supporting token or fact that many units "
-                        f"before the end). Verdict: supported when the variant's accuracy exceeds the reference's by "
-                        f"≥ {D_ACC:.0%} with p < 0.05 (Welch), contradicted when the 95% interval rules out a gain "
-                        f"of that size, else inconclusive."))
+    blocks.append(Paragraph("The residual question asks about a model for natural language understanding. Each "
+                        "variant's model overrides are applied to a bidirectional encoder (causal = false: symmetric "
+                        f"spans, the dynamic residual's position signal is the sequence length), fine-tuned {start} "
+                        "with a classification head on generated tasks. Accuracy and macro-F1 on the held-out split, "
+                        f"mean ± sd over seeds; accuracy by distance bucket (the supporting token or fact that many "
+                        f"units before the end). Verdict: supported when the variant's accuracy exceeds the "
+                        f"reference's by ≥ {D_ACC:.0%} with p < 0.05 (Welch), contradicted when the 95% interval rules "
+                        f"out a gain of that size, else inconclusive."))
     blocks.append(Table(["task", "variant", "seeds", "params", "accuracy", "macro-F1", "chance",
                          "accuracy by distance", "vs reference", "verdict"], encoder_rows(encoder, reference)))
     if pretrain:

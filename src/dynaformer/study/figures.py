@@ -254,7 +254,7 @@ FIGURES = [
     Figure("Long-range accuracy by distance (dotted: chance)",
            "Exact match of the answer, mean ± sd over seeds, against the distance in tokens from the evidence.",
            plot_longrange),
-    Figure("Per-layer gradient norms at the end of training (harness-measured)",
+    Figure("Per-layer gradient norms at the end of training (measured after training)",
            "Norm of each block's parameter gradient on held-out windows (log scale): vanishing gradients show as "
            "early layers far below late ones.",
            lambda col, colors: plot_layers(col, colors, "grad_norm_layers", "‖∂L/∂θ‖ per block", "gradient norm")),
