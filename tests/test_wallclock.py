@@ -120,3 +120,22 @@ def test_no_metrics_log_is_said(tmp_path):
     (tmp_path / "cells" / "dyn_span" / "seed1" / "run" / "metrics.jsonl").unlink()
     wc = wall_clock_records(col)
     assert "no metrics.jsonl" in wc["questions"]["span"]["why"] and "t_star_s" in wc["questions"]["residual"]
+
+
+def test_a_time_before_the_first_evaluation_has_no_reading(tmp_path):
+    """Evaluations only at the end: the slower reference has no reading at the span's t*, so the equal-time parts
+    are inconclusive (not recorded), and the report says why."""
+    col, curves = _study(tmp_path)
+    for v, cs in curves.items():
+        ms = {"baseline": 100.0, "dyn_span": 50.0, "dyn_residual": 75.0}[v]
+        for s, c in enumerate(cs):
+            write_curve(tmp_path / "cells" / v / f"seed{s}", ms, {800: c[800]}, 800)
+    data = report_data(col)
+    span = data["wall_clock"]["questions"]["span"]
+    assert all(c["steps_read"] == [] and c["readings"]["val_bpb"] is None for c in span["cells"]["reference"])
+    assert all(c["steps_read"] == [800] for c in span["cells"]["variant"])
+    assert all(o["verdict"] == "inconclusive" or all(not e["metric"].startswith("wc:") for i, e in
+               enumerate(o["evidence"]) if i in o["decided_by"]) for o in span["options"])
+    assert {r["verdict"] for r in span["readings"]} == {"no difference shown"}
+    md = "\n".join(b.text for b in build(col, plots=False, data=data) if hasattr(b, "text"))
+    assert "3 of 6 cells have no reading (t* comes before their first evaluation" in md

@@ -191,13 +191,18 @@ def _wall_clock(data: dict) -> list[Block]:
             blocks.append(Paragraph(f"**{key.capitalize()} question**: not read ({q['why']})."))
             continue
         tv, tr = q["train_s"]["variant"], q["train_s"]["reference"]
-        steps = sorted({s for c in q["cells"]["variant"] + q["cells"]["reference"] for s in c["steps_read"]})
+        cells = q["cells"]["variant"] + q["cells"]["reference"]
+        steps = sorted({s for c in cells for s in c["steps_read"]})
+        unread = sum(1 for c in cells if not c["steps_read"])
         blocks.append(Paragraph(
             f"**{key.capitalize()} question**: '{q['variant']}' trained {_fmt(tv['mean'], 3)} s and "
             f"'{q['reference']}' {_fmt(tr['mean'], 3)} s (mean over seeds; clock: {', '.join(q['clock'])}), so "
             f"t* = {_fmt(q['t_star_s'], 3)} s; the readings come from the evaluations at steps "
-            f"{', '.join(map(str, steps)) or '—'}. Holm within the readings' table and, separately, within the "
-            f"re-judged options ({q['family_size']} tests)."))
+            f"{', '.join(map(str, steps)) or '—'}"
+            + (f"; {unread} of {len(cells)} cells have no reading (t* comes before their first evaluation: the "
+               f"grid's eval_interval is too coarse for this comparison)" if unread else "")
+            + f". Holm within the readings' table and, separately, within the re-judged options ({q['family_size']} "
+            f"tests)."))
         blocks.append(Table(["curve metric at t*", "variant mean ± sd", "reference mean ± sd", "Δ", "p (Holm)",
                              "MDE", "reading"],
                             [[r["metric"], _pm(r["variant_mean"], r["variant_sd"], r["n"]),
