@@ -52,6 +52,31 @@ def check_lengths(lengths: Sequence[int], cfgs: Sequence[ModelConfig] = ()) -> N
                                   f"training step of this model; this machine has {avail / 2**30:.1f} GiB available")
 
 
+def check_study_memory(cfgs: Sequence[tuple[ModelConfig, object]], ev: dict) -> None:
+    """Refuse, naming the length, a grid whose training batches or long-text evaluation (the largest multiple of
+    the context, one pass) would not fit in the available memory, before anything trains. Cells that train
+    on a GPU are not checked against this machine's memory."""
+    avail = available_memory()
+    if avail is None:
+        return
+    for cfg, tcfg in cfgs:
+        if tcfg.device.startswith("cuda") or (tcfg.device == "auto" and torch.cuda.is_available()):
+            continue
+        C = cfg.context_len
+        T = max(ev["multiples"]) * C
+        uses = [(f"training at context {C} (batch {tcfg.batch_size})", tcfg.batch_size * step_bytes(cfg, C)),
+                (f"the long-text evaluation at length {T} ({max(ev['multiples'])}x the context)",
+                 max(1, ev["batch_size"] // max(ev["multiples"])) * step_bytes(cfg, T))]
+        if tcfg.short_context:
+            rows = tcfg.batch_size * C // tcfg.short_context
+            uses.append((f"staged training at length {tcfg.short_context} (batch {rows})",
+                         rows * step_bytes(cfg, tcfg.short_context)))
+        for what, need in uses:
+            if need > avail:
+                raise ConfigError(f"grid: {what} needs about {need / 2**30:.1f} GiB; this machine has "
+                                  f"{avail / 2**30:.1f} GiB available")
+
+
 def _tokens(text: np.ndarray, T: int, vocab: int) -> torch.Tensor:
     """(1, T + 1) token ids: held-out text, repeated when it is shorter than T + 1."""
     text = np.asarray(text).astype(np.int64) % vocab

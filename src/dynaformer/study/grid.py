@@ -269,16 +269,46 @@ def grid_from_dict(raw: dict, name: str = "grid", variants: list[str] | None = N
     grid = Grid(str(raw.get("name", name)), base, parsed, seed_list, {v: harness[v] for v in parsed if harness[v]},
                 match, wall, ev, qs, encoder)
     resolve(base, {}, "(base)")  # the base itself must validate
-    from .cost import check_lengths
+    from .cost import check_lengths, check_study_memory
 
-    cfgs = []
+    resolved = []
     for v, ov in parsed.items():
         try:
-            cfgs.append(resolve(base, ov, v)[0])
+            resolved.append((v, *resolve(base, ov, v)))
         except ConfigError:
             pass  # reported by cells() (or skipped with skip_invalid)
-    check_lengths(ev["cost_lengths"], cfgs)
+    for v, mcfg, tcfg in resolved:
+        _check_tasks_fit(v, mcfg, tcfg, ev)
+    check_lengths(ev["cost_lengths"], [m for _, m, _ in resolved])
+    check_study_memory([(m, t) for _, m, t in resolved], ev)
     return grid
+
+
+def _check_tasks_fit(variant: str, mcfg: ModelConfig, tcfg: TrainConfig, ev: dict) -> None:
+    """Every task a cell trains on fits each length it is trained at (the context, and the staged short rows),
+    and every evaluated task fits the context: one line naming the task and its limit, before anything trains."""
+    from ..data.tasks import make_task, parse_task_spec, task_range
+
+    where = f"grid variant '{variant}'"
+    if is_task_spec(tcfg.data):
+        spec = parse_task_spec(tcfg.data)
+        lengths = [spec.length or mcfg.context_len] + ([tcfg.short_context] if tcfg.short_context else [])
+        for task in spec.make():
+            for L in lengths:
+                L = min(L, spec.length or L)
+                try:
+                    lo, hi = task_range(task, L, spec.dist)
+                except DynaformerError as e:
+                    raise ConfigError(f"{where}: {e}") from None
+                if hi < lo:
+                    raise ConfigError(f"{where}: task {task.name}: length {L} is too short for this task "
+                                      f"(no distance is valid at this length)")
+    params = parse_task_spec(tcfg.data).params if is_task_spec(tcfg.data) else {}
+    for name in ev["tasks"]:
+        lo, hi = make_task(name, **params.get(name, {})).distance_range(mcfg.context_len)
+        if hi < lo:
+            raise ConfigError(f"grid.eval.tasks: task {name} does not fit the context of {where} "
+                              f"({mcfg.context_len} tokens: no distance is valid at this length)")
 
 
 def _parse_variants(vs) -> tuple[dict[str, dict[str, dict]], dict[str, dict]]:
