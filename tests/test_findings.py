@@ -124,3 +124,27 @@ def test_the_readme_has_one_generated_section():
     text = README.read_text()
     assert text.count(BEGIN) == 1 and text.count(END) == 1 and text.index(BEGIN) < text.index(END)
     assert "## Findings" in text[: text.index(BEGIN)]
+
+
+def test_report_json_records_what_the_findings_need(tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    res = {v: [fake_result(v, s, context=1024, bpb=2.0 + 0.01 * s) for s in range(2)]
+           for v in ("baseline", "dyn_span", "dyn_residual")}
+    col = fake_collected(res, tmp_path, grid="grid-long")
+    for d in (d for ds in col.dirs.values() for d in ds):
+        (d / "run").mkdir()
+        (d / "run" / "run.json").write_text(json.dumps({"env": {"git_commit": "beef123"},
+                                                        "created": "2026-03-01T10:00:00+00:00"}))
+        (d / "result.json").write_text("{}")
+        t = 1772359200 + 1800  # 2026-03-01T10:30:00Z
+        os.utime(d / "result.json", (t, t))
+    monkeypatch.setenv("DYNAFORMER_STUDY_COMMAND", "bash scripts/experiment.sh --long")
+    prov = report_data(col)["provenance"]
+    assert prov["grids"] == ["grid-long"] and prov["context_len"] == 1024 and prov["cells"] == 6
+    assert prov["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert prov["cells_git_commit"] == ["beef123"] and prov["span_s"] == pytest.approx(1800.0)
+    assert prov["cells_train_s"] == pytest.approx(6 * 60.0) and prov["command"] == "bash scripts/experiment.sh --long"
+    assert prov["created"][:4].isdigit() and "T" in prov["created"]

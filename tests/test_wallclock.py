@@ -23,24 +23,35 @@ def test_training_clock_leaves_evaluation_pauses_out():
     50 ms, an evaluation. Training time at the evaluations: 4 + 6 = 10 s and 10 + 5 + 5 = 20 s; elapsed_s says
     18 s and 36 s because it counts the evaluations."""
     rows = read_metrics(FIXTURE)
-    evals, total, clock = eval_curve(rows)
-    assert clock == "ms_step" and total == pytest.approx(20.0)
-    assert [e["step"] for e in evals] == [200, 400]
-    assert [e["train_s"] for e in evals] == pytest.approx([10.0, 20.0])
-    assert [e["elapsed_s"] for e in evals] == [18.0, 36.0]
+    c = eval_curve(rows)
+    assert c.clock == "ms_step" and c.total == pytest.approx(20.0) and c.startup_s == 0.0
+    assert [e["step"] for e in c.evals] == [200, 400]
+    assert [e["train_s"] for e in c.evals] == pytest.approx([10.0, 20.0])
+    assert [e["elapsed_s"] for e in c.evals] == [18.0, 36.0]
     # A log without ms_step falls back to elapsed_s, and says so.
     old = [{k: v for k, v in r.items() if k != "ms_step"} for r in rows]
-    evals, total, clock = eval_curve(old)
-    assert clock == "elapsed_s" and [e["train_s"] for e in evals] == [18.0, 36.0] and total == 36.0
+    c = eval_curve(old)
+    assert c.clock == "elapsed_s" and [e["train_s"] for e in c.evals] == [18.0, 36.0] and c.total == 36.0
     # Steps redone after a reloaded checkpoint were trained: they count again.
     redo = rows[:5] + [{"step": 200, "elapsed_s": 24.0, "event": "reloaded_checkpoint", "lr_scale": 0.5},
                        {"step": 300, "elapsed_s": 29.0, "loss": 1.7, "ms_step": 50.0}] + rows[5:]
-    assert eval_curve(redo)[1] == pytest.approx(25.0)
+    assert eval_curve(redo).total == pytest.approx(25.0)
+
+
+def test_start_up_is_left_out_of_the_first_window():
+    """A first window of 100 steps that took 64 s (60 of them compiling a kernel) is timed at the next window's
+    60 ms/step: 6 s, and the 58 s difference is kept as start-up."""
+    rows = read_metrics(FIXTURE)
+    rows[0] = {**rows[0], "ms_step": 640.0, "elapsed_s": 64.0}
+    c = eval_curve(rows)
+    assert c.total == pytest.approx(6.0 + 6.0 + 5.0 + 5.0) and c.startup_s == pytest.approx(58.0)
+    assert [e["train_s"] for e in c.evals] == pytest.approx([12.0, 22.0])
+    rows[0] = {**rows[0], "ms_step": 30.0}  # a first window faster than the next keeps its own rate
+    assert eval_curve(rows).total == pytest.approx(3.0 + 6.0 + 5.0 + 5.0) and eval_curve(rows).startup_s == 0.0
 
 
 def test_reading_a_curve_at_a_time():
-    evals, _, _ = eval_curve(read_metrics(FIXTURE))
-    pts = [(e["train_s"], e["val_exact_storyqa"]) for e in evals]
+    pts = [(e["train_s"], e["val_exact_storyqa"]) for e in eval_curve(read_metrics(FIXTURE)).evals]
     assert read_at(pts, 15.0) == (pytest.approx(0.6), [0, 1])  # halfway between 10 s (0.4) and 20 s (0.8)
     assert read_at(pts, 12.5) == (pytest.approx(0.5), [0, 1])
     assert read_at(pts, 10.0) == (0.4, [0])  # on an evaluation
@@ -136,6 +147,6 @@ def test_a_time_before_the_first_evaluation_has_no_reading(tmp_path):
     assert all(c["steps_read"] == [800] for c in span["cells"]["variant"])
     assert all(o["verdict"] == "inconclusive" or all(not e["metric"].startswith("wc:") for i, e in
                enumerate(o["evidence"]) if i in o["decided_by"]) for o in span["options"])
-    assert {r["verdict"] for r in span["readings"]} == {"no difference shown"}
+    assert {r["verdict"] for r in span["readings"]} == {"not read"}
     md = "\n".join(b.text for b in build(col, plots=False, data=data) if hasattr(b, "text"))
     assert "3 of 6 cells have no reading (t* comes before their first evaluation" in md

@@ -202,7 +202,7 @@ def _wall_clock(data: dict) -> list[Block]:
             + (f"; {unread} of {len(cells)} cells have no reading (t* comes before their first evaluation: the "
                f"grid's eval_interval is too coarse for this comparison)" if unread else "")
             + f". Holm within the readings' table and, separately, within the re-judged options ({q['family_size']} "
-            f"tests)."))
+            f"test{'s' if q['family_size'] != 1 else ''})."))
         blocks.append(Table(["curve metric at t*", "variant mean ± sd", "reference mean ± sd", "Δ", "p (Holm)",
                              "MDE", "reading"],
                             [[r["metric"], _pm(r["variant_mean"], r["variant_sd"], r["n"]),
@@ -370,14 +370,20 @@ METRIC_WORDS = {"far_acc": "far-distance exact match", "qa_acc": "story-QA exact
                 "decode_ms_long": "decoding ms/token at length"}
 
 
+def _words(metric: str) -> str:
+    if metric.startswith("attn_importance_l"):
+        return f"attention importance of layer {metric.rsplit('l', 1)[1]} (nats)"
+    return METRIC_WORDS.get(metric, metric)
+
+
 def resolution_sentence(data: dict, key: str) -> str:
     """One sentence: which differences this question's data can and cannot tell apart (the MDE of each metric of
     its Holm family, at the seeds and spreads measured)."""
     fam = data["families"][key]
     mdes = {m: x for m, x in fam["mde"].items() if x is not None}
     ordered = sorted(mdes, key=lambda m: (not is_accuracy(m), m))
-    sizes = ", ".join(f"{_fmt(mdes[m], 2)} in {METRIC_WORDS.get(m, m)}" for m in ordered)
-    none = [METRIC_WORDS.get(m, m) for m, x in fam["mde"].items() if x is None]
+    sizes = ", ".join(f"{_fmt(mdes[m], 2)} in {_words(m)}" for m in ordered)
+    none = [_words(m) for m, x in fam["mde"].items() if x is None]
     seeds = f"{fam['n_variant']} seeds of '{fam['variant']}' and {fam['n_reference']} of '{fam['reference']}'"
     if not sizes:
         return (f"**What the {key} question's data can tell.** With {seeds}, no difference can be told apart from "

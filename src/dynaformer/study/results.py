@@ -315,10 +315,13 @@ def provenance_record(col) -> dict:
     commits, starts, ends = set(), [], []
     for d in dirs:
         try:
-            commits.add(json.loads((d / "run" / "run.json").read_text())["environment"]["git_commit"])
-            starts.append((d / "run" / "run.json").stat().st_mtime)
+            run = json.loads((d / "run" / "run.json").read_text())
+            commits.add((run.get("env") or run.get("environment") or {}).get("git_commit"))
+            created = run.get("created")
+            starts.append(datetime.datetime.fromisoformat(created).timestamp() if created
+                          else (d / "run" / "run.json").stat().st_mtime)
             ends.append((d / "result.json").stat().st_mtime)
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, TypeError, AttributeError):
             pass
     argv0 = Path(sys.argv[0]).name if sys.argv else ""
     command = os.environ.get("DYNAFORMER_STUDY_COMMAND") or (

@@ -267,7 +267,8 @@ def judge_test(t: Test, V: list[dict], R: list[dict], vname: str, rname: str,
     a, b = _values(V, t.metric), _values(R, t.metric)
     if a is None or b is None:
         return Evidence(t.describe(), t.metric, vname, rname, None, None, None, None, INCONCLUSIVE,
-                        "not recorded in every run")
+                        "no reading at equal training time in every run" if t.metric.startswith(WALL_CLOCK)
+                        else "not recorded in every run")
     w = welch(a, b, ALPHA)
     ma, sa = mean_sd(a)
     mb, sb = mean_sd(b)

@@ -7,8 +7,10 @@ t*, and judges the options' accuracy and perplexity parts again on those reading
 
 - training time: the sum over the log rows of ms_step × (steps since the previous log row). The trainer's ms_step
   is the mean time of the steps since its last log, evaluation or checkpoint, timed from when that pause ended,
-  so the sum leaves evaluation and checkpoint time out. elapsed_s, which includes them, is used only for a run
-  whose log has no ms_step (the clock used is recorded per arm).
+  so the sum leaves evaluation and checkpoint time out. The first log window also holds one-off start-up (kernel
+  compilation on first use): when it is slower than the next window its steps are timed at the next window's
+  rate (the difference is recorded per cell as startup_s). elapsed_s, which includes all of these, is used only
+  for a run whose log has no ms_step (the clock used is recorded per arm).
 - reading at t*: linear interpolation, in training time, between the two evaluations around t*; a cell that
   finished training before t* is read at its last evaluation; a cell whose first evaluation comes after t* has
   no reading (its parts are then inconclusive: not recorded).
@@ -24,6 +26,7 @@ Parts with no curve metric (cost, gradients, attention, long-text bpb) keep thei
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from ..train.metrics import read_metrics
 from .stats import mean_sd
@@ -48,7 +51,9 @@ CURVE_FOR = {"val_bpb": "val_bpb", "qa_acc": "val_exact_storyqa", "summary_rouge
 
 HOW = {
     "clock": "Σ over the log rows of ms_step × the steps since the previous log row, so evaluation and checkpoint "
-             "pauses are left out (elapsed_s, which includes them, only where a log has no ms_step)",
+             "pauses are left out; the first log window, which also holds one-off start-up (kernel compilation on "
+             "first use), at the next window's rate when it is slower; elapsed_s, which includes all of these, only "
+             "where a log has no ms_step",
     "t_star": "the shorter of the two arms' mean training times",
     "reading": "linear interpolation in training time between the two evaluations around t*; a cell that finished "
                "before t* is read at its last evaluation; none before a cell's first evaluation",
@@ -58,25 +63,39 @@ HOW = {
 }
 
 
-def eval_curve(rows: list[dict]) -> tuple[list[dict], float | None, str]:
-    """A run's evaluations on its training clock: ([{step, train_s, val_...}], total training seconds, clock),
-    clock "ms_step" or "elapsed_s" (module docstring). Steps redone after a reloaded checkpoint count again: they
-    were trained."""
+class Curve(NamedTuple):
+    evals: list[dict]  # the evaluation rows, each with "train_s": training seconds when it was taken
+    total: float | None  # training seconds at the end of the log
+    clock: str  # "ms_step" or "elapsed_s"
+    startup_s: float  # one-off start-up time left out of the first log window (kernel compilation, warm-up)
+
+
+def eval_curve(rows: list[dict]) -> Curve:
+    """A run's evaluations on its training clock (module docstring). The first log window also holds the run's
+    one-off start-up (the band kernel compiles on first use, about a minute, in whichever cell needs it first):
+    when it is slower than the next window, its steps are timed at the next window's rate and the difference is
+    kept as startup_s. Steps redone after a reloaded checkpoint count again: they were trained."""
     if not any("ms_step" in r for r in rows):
         evals = [{**r, "train_s": float(r["elapsed_s"])} for r in rows if "val_loss" in r and "elapsed_s" in r]
         ends = [float(r["elapsed_s"]) for r in rows if "elapsed_s" in r]
-        return evals, (max(ends) if ends else None), "elapsed_s"
-    cum, last_step, rate, evals = 0.0, 0, 0.0, []
+        return Curve(evals, (max(ends) if ends else None), "elapsed_s", 0.0)
+    logs = [r for r in rows if "ms_step" in r and "val_loss" not in r]
+    first_rate = float(logs[0]["ms_step"]) / 1000
+    if len(logs) > 1 and float(logs[1]["ms_step"]) / 1000 < first_rate:
+        first_rate = float(logs[1]["ms_step"]) / 1000
+    startup = (float(logs[0]["ms_step"]) / 1000 - first_rate) * int(logs[0]["step"])
+    cum, last_step, rate, evals, first = 0.0, 0, 0.0, [], True
     for r in rows:
         if r.get("event") == "reloaded_checkpoint":
             last_step = int(r["step"])
         elif "val_loss" in r:
             evals.append({**r, "train_s": cum + max(0, int(r["step"]) - last_step) * rate})
         elif "ms_step" in r:
-            rate = float(r["ms_step"]) / 1000
+            rate = first_rate if first else float(r["ms_step"]) / 1000
+            first = False
             cum += max(0, int(r["step"]) - last_step) * rate
             last_step = int(r["step"])
-    return evals, cum, "ms_step"
+    return Curve(evals, cum, "ms_step", startup)
 
 
 def read_at(points: list[tuple[float, float]], t: float) -> tuple[float | None, list[int]]:
@@ -95,18 +114,18 @@ def read_at(points: list[tuple[float, float]], t: float) -> tuple[float | None, 
     return None, []  # unreachable: t lies within the points, or on the last one
 
 
-def cell_curve(cell_dir: Path) -> tuple[list[dict], float | None, str] | None:
+def cell_curve(cell_dir: Path) -> Curve | None:
     path = Path(cell_dir) / "run" / "metrics.jsonl"
     if not path.exists():
         return None
     return eval_curve(read_metrics(path))
 
 
-def curve_metrics(curves: list[tuple[list[dict], float | None, str]]) -> list[str]:
+def curve_metrics(curves: list[Curve]) -> list[str]:
     """The curve metrics every evaluation of these cells recorded: val_bpb and the exact-match columns."""
     names = None
-    for evals, _, _ in curves:
-        for e in evals:
+    for c in curves:
+        for e in c.evals:
             keys = {k for k in e if k == "val_bpb" or k.startswith("val_exact")}
             names = keys if names is None else names & keys
     return sorted(names or [])
@@ -147,24 +166,24 @@ def wall_clock_records(col) -> dict:
         arms = {"variant": (var, col.dirs[var]), "reference": (ref, col.dirs[ref])}
         curves = {k: [cell_curve(d) for d in dirs] for k, (_, dirs) in arms.items()}
         missing = [str(d) for k, (_, dirs) in arms.items() for d, c in zip(dirs, curves[k], strict=True)
-                   if c is None or c[1] is None]
+                   if c is None or c.total is None]
         if missing:
             out["questions"][q.key] = {"variant": var, "reference": ref, "why": f"no metrics.jsonl in {missing[0]}"}
             continue
-        totals = {k: [c[1] for c in cs] for k, cs in curves.items()}
+        totals = {k: [c.total for c in cs] for k, cs in curves.items()}
         means = {k: mean_sd(v)[0] for k, v in totals.items()}
         t_star = min(means.values())
         names = curve_metrics(curves["variant"] + curves["reference"])
         cells, with_readings = {}, {}
         for k, (name, _) in arms.items():
             recs, res = [], []
-            for r, (evals, total, clock) in zip(col.results[name], curves[k], strict=True):
+            for r, c in zip(col.results[name], curves[k], strict=True):
                 readings, around = {}, []
                 for m in names:
-                    readings[m], idx = read_at([(e["train_s"], e.get(m)) for e in evals], t_star)
-                    around = around or [int(evals[i]["step"]) for i in idx]
-                recs.append({"seed": r.get("seed"), "train_s": total, "clock": clock, "steps_read": around,
-                             "readings": readings})
+                    readings[m], idx = read_at([(e["train_s"], e.get(m)) for e in c.evals], t_star)
+                    around = around or [int(c.evals[i]["step"]) for i in idx]
+                recs.append({"seed": r.get("seed"), "train_s": c.total, "clock": c.clock, "startup_s": c.startup_s,
+                             "steps_read": around, "readings": readings})
                 res.append({**r, "wall_clock": readings})
             cells[k], with_readings[k] = recs, res
         V, R = with_readings["variant"], with_readings["reference"]
@@ -173,6 +192,8 @@ def wall_clock_records(col) -> dict:
         readings = []
         for t in tests:
             e = compare_control(t, V, R, var, ref, fam_readings)
+            if e.v is None or e.r is None:
+                e.verdict = "not read"
             readings.append({**e.record(), "metric": t.metric.removeprefix(WALL_CLOCK)})
         claims = [(opt, to_wall_clock(opt.claim)) for opt in q.options]
         claims = [(opt, c) for opt, c in claims if c is not None]
