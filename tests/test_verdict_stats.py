@@ -146,6 +146,7 @@ def test_the_part_that_decided_a_compound_verdict_is_shown():
     row = next(r for r in answer_rows(data) if r[0] == "span" and r[1].startswith("5"))
     assert row[4].startswith("qa_acc ↑ by ≥ 0.05: supported (0.91 vs 0.61") and "val_bpb" not in row[4]
     assert "held (supported): qa_acc" in row[5] and "inconclusive: val_bpb" in row[5]
+    assert "summary_rouge ↑ by ≥ 0.05 (MDE " in row[5] and "val_bpb ↓ by ≥ 0.01 (MDE" not in row[5]  # accuracy parts
     # Option 3 (QA and summary better AND slower): the contradicted parts decide — summary equal in both arms,
     # training time equal — not the supported QA part.
     opt3 = next(v for v in data["verdicts"] if v["question"] == "span" and v["option"] == 3)

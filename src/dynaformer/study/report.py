@@ -339,13 +339,15 @@ def decided_text(v: dict) -> str:
 
 
 def parts_text(v: dict) -> str:
-    """For a compound claim, each part's own verdict: 'supported: A, B; contradicted: C; inconclusive: D'."""
+    """For a compound claim, each part's own verdict: 'held (supported): A, B; contradicted: C; inconclusive: D',
+    accuracy parts with their minimum detectable effect."""
     ev = v.get("evidence") or []
     if len(ev) < 2:
         return ""
     by: dict[str, list[str]] = {}
     for e in ev:
-        by.setdefault(e["verdict"], []).append(e["test"].removeprefix(WALL_CLOCK))
+        size = f" (MDE {_fmt(e['mde'], 2)})" if is_accuracy(e.get("metric") or "") and e.get("mde") is not None else ""
+        by.setdefault(e["verdict"], []).append(e["test"].removeprefix(WALL_CLOCK) + size)
     order = ["supported", "contradicted", "inconclusive"]
     return "; ".join(f"{'held (supported)' if w == 'supported' else w}: {', '.join(by[w])}"
                      for w in sorted(by, key=lambda w: order.index(w) if w in order else 9))
