@@ -3,6 +3,8 @@
 # mixed with text (the packaged tiny-shakespeare), then write the report with the verdicts
 # (report.md, report.html, report.json), timing every trained model at long lengths for the cost verdicts.
 #   bash scripts/experiment.sh                      # configs/grid-cpu.yaml → runs/experiment (≤ 20 min, 2 cores)
+#   bash scripts/experiment.sh --long               # configs/grid-cpu-long.yaml → runs/experiment-long: the
+#                                                   #   questions at 1,024 tokens (≤ 2 h on 2 cores)
 #   bash scripts/experiment.sh --full               # configs/grid-cpu-full.yaml → runs/experiment-full (more
 #                                                   #   seeds, longer runs, ablations, the encoder study)
 #   bash scripts/experiment.sh configs/grid-gpu.yaml runs/experiment-gpu
@@ -15,11 +17,15 @@ cd "$ROOT"
 if [ "${1:-}" = "--full" ]; then
   GRID=configs/grid-cpu-full.yaml
   OUT="${2:-runs/experiment-full}"
+elif [ "${1:-}" = "--long" ]; then
+  GRID=configs/grid-cpu-long.yaml
+  OUT="${2:-runs/experiment-long}"
 else
   GRID="${1:-configs/grid-cpu.yaml}"
   OUT="${2:-runs/experiment}"
 fi
 WORKERS="${WORKERS:-2}"
+export DYNAFORMER_STUDY_COMMAND="bash scripts/experiment.sh${*:+ $*}"  # recorded in report.json
 start=$(date +%s)
 dynaformer compare "$GRID" --out "$OUT" --workers "$WORKERS"
 dynaformer report "$OUT" --out "$OUT/report"

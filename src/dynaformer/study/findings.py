@@ -79,7 +79,10 @@ def _duration(s: float | None) -> str:
 
 def provenance_line(data: dict) -> str:
     p = data.get("provenance") or {}
+    trained = p.get("cells_cpu_capability") or []
     cpu = p.get("cpu_capability") or (data.get("cost") or {}).get("cpu") or "unknown"
+    if trained and trained != [cpu]:
+        cpu = f"{cpu} (report), {', '.join(trained)} (training)"
     model = f" ({p['cpu_model']})" if p.get("cpu_model") else ""
     commits = p.get("cells_git_commit") or []
     code = f"commit {p.get('git_commit') or 'unknown'}" + (

@@ -312,11 +312,13 @@ def provenance_record(col) -> dict:
     from ..train.rundir import environment
 
     dirs = [d for ds in col.dirs.values() for d in ds]
-    commits, starts, ends = set(), [], []
+    commits, cpus, starts, ends = set(), set(), [], []
     for d in dirs:
         try:
             run = json.loads((d / "run" / "run.json").read_text())
-            commits.add((run.get("env") or run.get("environment") or {}).get("git_commit"))
+            env = run.get("env") or run.get("environment") or {}
+            commits.add(env.get("git_commit"))
+            cpus.add(env.get("cpu_capability"))
             created = run.get("created")
             starts.append(datetime.datetime.fromisoformat(created).timestamp() if created
                           else (d / "run" / "run.json").stat().st_mtime)
@@ -332,7 +334,8 @@ def provenance_record(col) -> dict:
     env = environment()
     return {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command, "git_commit": env.get("git_commit"),
-            "cells_git_commit": sorted(c for c in commits if c) or None, "dynaformer": env.get("dynaformer"),
+            "cells_git_commit": sorted(c for c in commits if c) or None,
+            "cells_cpu_capability": sorted(c for c in cpus if c) or None, "dynaformer": env.get("dynaformer"),
             "torch": env.get("torch"), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cpu_model": _cpu_model(), "grids": col.grids, "context_len": contexts[-1] if contexts else None,
             "cells": len(dirs), "cells_train_s": sum(train) if train else None,

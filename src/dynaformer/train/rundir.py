@@ -103,7 +103,8 @@ def environment() -> dict:
 
     return {"dynaformer": __version__, "git_commit": commit, "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
-            "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+            "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def load_run_json(run_dir: Path) -> dict:
