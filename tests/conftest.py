@@ -1,12 +1,20 @@
 """Shared fixtures. `MATRIX` lists every (residual kind, span kind) pair the config accepts, so
-parity and cache tests cover each mechanism as soon as it is added to `ModelConfig`."""
+parity and cache tests cover each mechanism as soon as it is added to `ModelConfig`.
+
+The suite runs on parallel workers (pytest-xdist, `-n auto` in pyproject.toml). Tests share no mutable state:
+each writes under its own `tmp_path`; what several tests read (a trained run, a trained grid) is built once per
+session by `shared_dir`, whichever worker asks first, and only ever copied, never changed. Tests marked `slow`
+are deselected unless `--slow` (or an explicit `-m`) is given; `.ci/run` gives it."""
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
 
@@ -25,6 +33,52 @@ ROOT = Path(__file__).resolve().parents[1]
 # `dtype: auto` picks bf16 on CPUs where it pays; the suite's tolerances (DDP vs one process within 1e-5, ...)
 # are fp32's, so every test and every CLI it starts trains in fp32 unless it sets this itself (tests/test_dtype.py).
 os.environ.setdefault("DYNAFORMER_DTYPE_PROBE", "fp32")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (.ci/run does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect `slow` tests unless asked for, then start the tests that take longest first (each starts
+    processes): with parallel workers, a long test begun last would finish alone."""
+    if not config.getoption("--slow") and not config.option.markexpr:
+        slow = [it for it in items if it.get_closest_marker("slow")]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [it for it in items if not it.get_closest_marker("slow")]
+            config._dynaformer_slow_deselected = len(slow)
+    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda it: first.get(it.nodeid.split("[")[0], len(first)))  # stable: the rest keep their order
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    n = getattr(config, "_dynaformer_slow_deselected", 0)
+    if n:
+        terminalreporter.write_line(f"{n} slow test(s) deselected; `--slow` runs them too (as .ci/run does)")
+
+
+# The tests that take longest, longest first (seconds of CPU each; `--durations` shows the current figures).
+LONGEST_FIRST = (
+)
+
+
+def shared_dir(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder built by `build(folder)` once per test session and shared by every worker: the first to ask
+    builds it under a file lock, the others wait and reuse it. Tests must treat it as read-only (copy it to
+    change it)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above each worker's own
+    folder = base / f"shared-{name}"
+    with open(base / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (base / f"shared-{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed part-way
+            folder.mkdir()
+            build(folder)
+            (base / f"shared-{name}.done").touch()
+    return folder
 
 
 def output_and_grads(fn, inputs: list[torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
