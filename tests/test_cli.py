@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, run_cli, shared_dir
 from .conftest import assert_user_error as _assert_user_error
 from .conftest import cli_in_process as _run_in_process
 
@@ -24,17 +24,19 @@ TINY = ["--n_layer", "1", "--n_head", "2", "--d_model", "32", "--context_len", "
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("cli")
-    data = tmp / "text.txt"
-    from dynaformer.data.corpus import generated_stories
+    """A 20-step run trained by the CLI in its own process, as a user starts it (built once per session)."""
 
-    data.write_text(generated_stories(30_000))
-    out = tmp / "run"
-    res = run_cli("train", *TINY, "--data", str(data), "--out", str(out), "--max_steps", "20", "--tokenizer", "char",
-                  "--log_interval", "10")
-    assert res.returncode == 0, res.stderr
-    assert "step     10/20 | loss" in res.stdout and "done: step 20" in res.stdout
-    return out
+    def build(tmp: Path) -> None:
+        from dynaformer.data.corpus import generated_stories
+
+        data = tmp / "text.txt"
+        data.write_text(generated_stories(30_000))
+        res = run_cli("train", *TINY, "--data", str(data), "--out", str(tmp / "run"), "--max_steps", "20",
+                      "--tokenizer", "char", "--log_interval", "10")
+        assert res.returncode == 0, res.stderr
+        assert "step     10/20 | loss" in res.stdout and "done: step 20" in res.stdout
+
+    return shared_dir(tmp_path_factory, "cli-run", build) / "run"
 
 
 def test_train_outputs(trained_run):
@@ -47,37 +49,38 @@ def test_train_outputs(trained_run):
     assert info["tokenizer"] == "char" and info["env"]["torch"]
 
 
-def test_eval_and_generate(trained_run):
-    res = run_cli("eval", str(trained_run), "--json")
+def test_eval_and_generate(trained_run, capsys):
+    res = _run_in_process(capsys, "eval", str(trained_run), "--json")
     assert res.returncode == 0, res.stderr
     result = json.loads(res.stdout)
     assert result["loss"] > 0 and result["bpb"] > 0 and result["tokens"] > 0
-    res = run_cli("generate", str(trained_run), "--prompt", "Ada went", "--max_new_tokens", "40", "--seed", "1")
+    res = _run_in_process(capsys, "generate", str(trained_run), "--prompt", "Ada went", "--max_new_tokens", "40",
+                          "--seed", "1")
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("Ada went") and len(res.stdout) >= 40
-    res2 = run_cli("generate", str(trained_run), "--prompt", "Ada went", "--max_new_tokens", "40", "--seed", "1",
-                   "--no_cache")
+    res2 = _run_in_process(capsys, "generate", str(trained_run), "--prompt", "Ada went", "--max_new_tokens", "40",
+                           "--seed", "1", "--no_cache")
     assert res2.stdout == res.stdout
 
 
-def test_help_on_each_verb():
+def test_help_on_each_verb(capsys):
     for verb in ("train", "eval", "generate", "bench"):
-        res = run_cli(verb, "--help")
+        res = _run_in_process(capsys, verb, "--help")
         assert res.returncode == 0 and "usage:" in res.stdout
 
 
-def test_top_level_help_and_version():
+def test_top_level_help_and_version(capsys):
     import platform
 
     import torch
 
     from dynaformer import __version__
 
-    res = run_cli("--help")
+    res = _run_in_process(capsys, "--help")
     assert res.returncode == 0 and "attention span" in res.stdout and "examples:" in res.stdout
     for verb in ("train", "compare", "report", "generate", "export-hf"):
         assert verb in res.stdout
-    res = run_cli("--version")
+    res = _run_in_process(capsys, "--version")
     assert res.returncode == 0
     want = f"dynaformer {__version__} (torch {torch.__version__}, Python {platform.python_version()})"
     assert res.stdout.strip() == want
@@ -132,26 +135,26 @@ def test_resume_from_a_checkpoint_of_another_shape(trained_run, tmp_path, text_f
     assert not out.exists()
 
 
-def test_existing_run_with_other_config(trained_run):
+def test_existing_run_with_other_config(trained_run, capsys):
     before = sorted(p.name for p in trained_run.iterdir())
-    res = run_cli("train", *TINY, "--out", str(trained_run), "--max_steps", "30", "--tokenizer", "char")
+    res = _run_in_process(capsys, "train", *TINY, "--out", str(trained_run), "--max_steps", "30", "--tokenizer", "char")
     _assert_user_error(res, "different config")
     assert sorted(p.name for p in trained_run.iterdir()) == before
 
 
-def test_bad_checkpoint_and_prompt(trained_run, tmp_path):
-    res = run_cli("generate", str(trained_run), "--prompt", "a" * 40, "--max_new_tokens", "1")
+def test_bad_checkpoint_and_prompt(trained_run, tmp_path, capsys):
+    res = _run_in_process(capsys, "generate", str(trained_run), "--prompt", "a" * 40, "--max_new_tokens", "1")
     _assert_user_error(res, "prompt has 40 tokens")
     not_ours = tmp_path / "step-5"
     not_ours.mkdir()
     (not_ours / "model.safetensors").write_bytes(b"garbage")
-    _assert_user_error(run_cli("eval", str(not_ours)), "not a dynaformer checkpoint")
+    _assert_user_error(_run_in_process(capsys, "eval", str(not_ours)), "not a dynaformer checkpoint")
     (tmp_path / "empty_run").mkdir()
-    _assert_user_error(run_cli("eval", str(tmp_path / "empty_run")), "no complete checkpoint")
-    _assert_user_error(run_cli("eval", str(tmp_path / "missing")), "does not exist")
+    _assert_user_error(_run_in_process(capsys, "eval", str(tmp_path / "empty_run")), "no complete checkpoint")
+    _assert_user_error(_run_in_process(capsys, "eval", str(tmp_path / "missing")), "does not exist")
 
 
-def test_ctrl_c_saves_and_resumes(tmp_path, text_file):
+def test_ctrl_c_saves_and_resumes(tmp_path, text_file, capsys):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "dynaformer.cli", "train", *TINY, "--data", str(text_file), "--out", str(out),
            "--max_steps", "400", "--log_interval", "5"]
@@ -167,29 +170,31 @@ def test_ctrl_c_saves_and_resumes(tmp_path, text_file):
     assert len(ckpts) == 1
     step = int(ckpts[0].name.split("-")[1])
     assert 0 < step < 400
-    res = run_cli("train", *TINY, "--data", str(text_file), "--out", str(out), "--max_steps", "400",
-                  "--log_interval", "5", "--resume", "auto")
+    res = _run_in_process(capsys, "train", *TINY, "--data", str(text_file), "--out", str(out), "--max_steps", "400",
+                          "--log_interval", "5", "--resume", "auto")
     assert res.returncode == 0, res.stderr
     assert f"resumed from {ckpts[0]} (step {step})" in res.stderr
     steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 400 and steps == sorted(steps)
 
 
-def test_bench_prints_json_lines():
-    res = run_cli("bench", "generate", "--config", "tiny-cpu", "--prompt_len", "4", "--new_tokens", "4", "--json")
+def test_bench_prints_json_lines(capsys):
+    res = _run_in_process(capsys, "bench", "generate", "--config", "tiny-cpu", "--prompt_len", "4", "--new_tokens", "4",
+                          "--json")
     assert res.returncode == 0, res.stderr
     record = json.loads(res.stdout.strip().splitlines()[-1])
     assert {"cached_tok_s", "uncached_tok_s", "cache_speedup"} <= set(record)
-    res = run_cli("bench", "train", "--config", "tiny-cpu", "--batch_size", "2", "--context", "16", "--steps", "1",
-                  "--json")
+    res = _run_in_process(capsys, "bench", "train", "--config", "tiny-cpu", "--batch_size", "2", "--context", "16",
+                          "--steps", "1", "--json")
     assert res.returncode == 0, res.stderr
     record = json.loads(res.stdout.strip().splitlines()[-1])
     assert record["fp32_ms"] > 0 and record["bf16_ms"] > 0
 
 
 @pytest.mark.parametrize("extra", [[], ["--encoder"]])
-def test_bench_attention_reports_the_issue_fields(extra):
-    res = run_cli("bench", "attention", "--seq", "300", "--span", "40", "--repeats", "1", "--json", *extra)
+def test_bench_attention_reports_the_issue_fields(extra, capsys):
+    res = _run_in_process(capsys, "bench", "attention", "--seq", "300", "--span", "40", "--repeats", "1", "--json",
+                          *extra)
     assert res.returncode == 0, res.stderr
     record = json.loads(res.stdout.strip().splitlines()[-1])
     assert record["dense_ms"] > 0 and record["span_ms"] > 0

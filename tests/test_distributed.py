@@ -13,7 +13,7 @@ import pytest
 
 from dynaformer.train.metrics import read_metrics
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, shared_dir
 
 ARGS = ["--n_layer", "2", "--n_head", "2", "--d_model", "32", "--context_len", "32", "--max_steps", "20",
         "--log_interval", "1", "--eval_interval", "10", "--eval_tokens", "512", "--progress_bar", "false",
@@ -27,20 +27,37 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
 
 
+def _one_process(*args: str) -> subprocess.CompletedProcess:
+    """`train` on one process, in this one (its exit paths are a subprocess's; only torchrun needs new ones)."""
+    import contextlib
+    import io
+
+    from dynaformer.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return subprocess.CompletedProcess(args, rc, "", err.getvalue())
+
+
 def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, ) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("dist")
-    data = tmp / "text.txt"
-    from dynaformer.data.corpus import generated_stories
+def single(tmp_path_factory) -> tuple[Path, Path]:
+    """(text file, the one-process run of batch 8 on it), built once per session."""
 
-    data.write_text(generated_stories(50_000))
-    res = run_cli("train", *ARGS, "--data", str(data), "--batch_size", "8", "--out", str(tmp / "single"))
-    assert res.returncode == 0, res.stderr
-    return data, tmp / "single"
+    def build(tmp: Path) -> None:
+        from dynaformer.data.corpus import generated_stories
+
+        (tmp / "text.txt").write_text(generated_stories(50_000))
+        res = _one_process("train", *ARGS, "--data", str(tmp / "text.txt"), "--batch_size", "8", "--out",
+                           str(tmp / "single"))
+        assert res.returncode == 0, res.stderr
+
+    tmp = shared_dir(tmp_path_factory, "dist-single", build)
+    return tmp / "text.txt", tmp / "single"
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -80,7 +97,7 @@ def _check_dcp_resume(data: Path, want: dict[int, float], run: Path) -> None:
         shutil.copytree(run, where)
         shutil.rmtree(where / "step-20")
         args = [*ARGS, "--data", str(data), "--parallel", "fsdp", "--out", str(where), "--resume", "auto"]
-        res = (run_cli("train", *args, "--batch_size", "8") if ranks == 1
+        res = (_one_process("train", *args, "--batch_size", "8") if ranks == 1
                else _torchrun("train", *args, "--batch_size", "4"))
         assert res.returncode == 0, res.stderr[-3000:]
         assert "resumed from" in res.stderr and "step-10" in res.stderr
@@ -135,8 +152,8 @@ def _check_damaged_shards(data: Path, run: Path) -> None:
         if name != "misshapen":  # checksums catch it before anything is read (the trainer resumes the same way)
             assert latest_checkpoint(where, warn=False) == where / "step-10"
             continue
-        res = run_cli("train", *ARGS, "--data", str(data), "--batch_size", "8", "--out", str(where),
-                      "--resume", "auto")
+        res = _one_process("train", *ARGS, "--data", str(data), "--batch_size", "8", "--out", str(where),
+                           "--resume", "auto")
         assert res.returncode == 0, (name, res.stderr[-2000:])
         assert "warning: skipping" in res.stderr and "step-20" in res.stderr, (name, res.stderr[-2000:])
         assert f"resumed from {where / 'step-10'}" in res.stderr, (name, res.stderr[-2000:])
@@ -149,7 +166,7 @@ def test_fsdp_with_muon_matches_one_process_and_resumes(single, tmp_path):
 
     data, _ = single
     args = [*ARGS, "--data", str(data), "--optimizer", "muon"]
-    res = run_cli("train", *args, "--batch_size", "8", "--out", str(tmp_path / "one"))
+    res = _one_process("train", *args, "--batch_size", "8", "--out", str(tmp_path / "one"))
     assert res.returncode == 0, res.stderr[-3000:]
     res = _torchrun("train", *args, "--batch_size", "4", "--parallel", "fsdp", "--out", str(tmp_path / "fsdp"))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -162,7 +179,7 @@ def test_fsdp_with_muon_matches_one_process_and_resumes(single, tmp_path):
         shutil.copytree(tmp_path / "fsdp", where)
         shutil.rmtree(where / "step-20")
         again = [*args, "--parallel", "fsdp", "--out", str(where), "--resume", "auto"]
-        res = (run_cli("train", *again, "--batch_size", "8") if ranks == 1
+        res = (_one_process("train", *again, "--batch_size", "8") if ranks == 1
                else _torchrun("train", *again, "--batch_size", "4"))
         assert res.returncode == 0 and "step-10" in res.stderr, res.stderr[-3000:]
         resumed = _losses(where)

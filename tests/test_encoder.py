@@ -18,7 +18,7 @@ from dynaformer.model import Transformer
 from dynaformer.model.classifier import SequenceClassifier
 from dynaformer.train.finetune import FinetuneConfig, finetune
 
-from .conftest import RESIDUALS, SPANS, run_cli, tiny_config
+from .conftest import RESIDUALS, SPANS, cli_in_process, tiny_config
 
 
 def _reference_hidden(model: Transformer, idx: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
@@ -108,13 +108,13 @@ def test_masking_statistics():
     assert (inputs[chosen & ~masked] < 256).all()
 
 
-def test_mlm_pretraining_runs_and_learns(tmp_path, text_file):
+def test_mlm_pretraining_runs_and_learns(tmp_path, text_file, capsys):
     out = tmp_path / "mlm"
     args = ["train", "--causal", "false", "--objective", "mlm", "--n_layer", "2", "--n_head", "2", "--d_model", "48",
             "--context_len", "64", "--batch_size", "16", "--max_steps", "120", "--lr", "3e-3", "--warmup_steps",
             "10", "--eval_interval", "120", "--eval_tokens", "4096", "--log_interval", "10", "--data", str(text_file),
             "--out", str(out), "--progress_bar", "false", "--threads", "1"]
-    res = run_cli(*args)
+    res = cli_in_process(capsys, *args)
     assert res.returncode == 0, res.stderr
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in records if "val_loss" in r]
@@ -133,11 +133,11 @@ def test_finetune_beats_chance(tmp_path):
     assert (tmp_path / "ft" / "step-240" / "model.safetensors").exists()
 
 
-def test_finetune_from_pretrained_run(tmp_path, text_file):
+def test_finetune_from_pretrained_run(tmp_path, text_file, capsys):
     pre = tmp_path / "pre"
-    res = run_cli("train", "--causal", "false", "--objective", "mlm", "--n_layer", "1", "--n_head", "2", "--d_model",
-                  "32", "--context_len", "32", "--max_steps", "5", "--data", str(text_file), "--out", str(pre),
-                  "--progress_bar", "false", "--eval_tokens", "512")
+    res = cli_in_process(capsys, "train", "--causal", "false", "--objective", "mlm", "--n_layer", "1", "--n_head", "2",
+                         "--d_model", "32", "--context_len", "32", "--max_steps", "5", "--data", str(text_file),
+                         "--out", str(pre), "--progress_bar", "false", "--eval_tokens", "512")
     assert res.returncode == 0, res.stderr
     cfg = FinetuneConfig(task="keyword", n_train=64, n_val=32, init=str(pre), out=str(tmp_path / "ft"), max_steps=3,
                          batch_size=8, eval_interval=3, progress_bar=False)
@@ -174,7 +174,7 @@ def test_metrics():
     assert r["accuracy"] == pytest.approx(2 / 3) and r["accuracy_by_distance"] == {"0": 1.0, "2-3": 1.0, "8-15": 0.0}
 
 
-def test_jsonl_errors(tmp_path):
+def test_jsonl_errors(tmp_path, capsys):
     good = tmp_path / "good.jsonl"
     good.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
     no_label = tmp_path / "bad.jsonl"
@@ -185,7 +185,7 @@ def test_jsonl_errors(tmp_path):
         load_jsonl_task(str(no_label), str(good))
     with pytest.raises(DynaformerError, match="label sets"):
         load_jsonl_task(str(good), str(other))
-    res = run_cli("finetune", "--task", "jsonl", "--train_file", str(good), "--val_file", str(no_label),
+    res = cli_in_process(capsys, "finetune", "--task", "jsonl", "--train_file", str(good), "--val_file", str(no_label),
                   "--out", str(tmp_path / "ft"))
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "no \"label\"" in res.stderr
     assert not (tmp_path / "ft").exists()
@@ -316,7 +316,7 @@ def test_finetune_resumes_bit_exactly_after_an_interrupt(tmp_path, monkeypatch):
     assert finetune(_ft_cfg(tmp_path / "b"), _ft_model())["accuracy"] == result["accuracy"]
 
 
-def test_finetune_refuses_a_folder_holding_another_run(tmp_path):
+def test_finetune_refuses_a_folder_holding_another_run(tmp_path, capsys):
     finetune(_ft_cfg(tmp_path / "r", max_steps=2, eval_interval=2), _ft_model())
     with pytest.raises(DynaformerError, match=r"different run \(finetune.lr"):
         finetune(_ft_cfg(tmp_path / "r", max_steps=2, eval_interval=2, lr=5e-4), _ft_model())
@@ -324,6 +324,6 @@ def test_finetune_refuses_a_folder_holding_another_run(tmp_path):
         finetune(_ft_cfg(tmp_path / "r", max_steps=2, eval_interval=2, resume="none"), _ft_model())
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    res = run_cli("finetune", "--task", "keyword", "--out", str(tmp_path / "other"), "--max_steps", "2")
+    res = cli_in_process(capsys, "finetune", "--task", "keyword", "--out", str(tmp_path / "other"), "--max_steps", "2")
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "not a finetune run" in res.stderr
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"

@@ -25,7 +25,7 @@ from dynaformer.train.metrics import read_metrics
 from dynaformer.train.rundir import open_run
 from dynaformer.train.trainer import Trainer
 
-from .conftest import ROOT
+from .conftest import ROOT, cli_in_process, shared_dir
 
 ARGS = ["--n_layer", "1", "--n_head", "2", "--d_model", "32", "--context_len", "32", "--batch_size", "4",
         "--max_steps", "150", "--log_interval", "1", "--eval_interval", "50", "--eval_tokens", "256",
@@ -40,8 +40,38 @@ def _losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
 
 
-def test_kill_9_ten_times_then_resume_matches(tmp_path, text_file):
-    ref = subprocess.run(_cmd(text_file, tmp_path / "ref"), capture_output=True, text=True, timeout=300, cwd=ROOT)
+def _train(capsys, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`_cmd`'s training in this process: where no signal is sent, a new interpreter adds only its start-up."""
+    return cli_in_process(capsys, "train", *ARGS, "--data", str(data), "--out", str(out), *extra)
+
+
+@pytest.fixture(scope="module")
+def nine_steps(tmp_path_factory) -> tuple[Path, Path]:
+    """(text file, a 9-step run on it with checkpoints at steps 6 and 9), built once per session: tests damage
+    a copy of the run and resume it on the same file."""
+
+    def build(folder: Path) -> None:
+        from dynaformer.cli import main
+        from dynaformer.data.corpus import generated_stories
+
+        (folder / "text.txt").write_text(generated_stories(40_000, seed=1))
+        assert main(["train", *ARGS, "--data", str(folder / "text.txt"), "--out", str(folder / "run"),
+                     "--max_steps", "9"]) == 0
+
+    folder = shared_dir(tmp_path_factory, "faults-nine-steps", build)
+    return folder / "text.txt", folder / "run"
+
+
+def _copy_run(nine_steps: tuple[Path, Path], to: Path) -> tuple[Path, Path]:
+    import shutil
+
+    data, run = nine_steps
+    shutil.copytree(run, to)
+    return data, to
+
+
+def test_kill_9_ten_times_then_resume_matches(tmp_path, text_file, capsys):
+    ref = _train(capsys, text_file, tmp_path / "ref")  # the uninterrupted reference
     assert ref.returncode == 0, ref.stderr
     rng = random.Random(0)
     out = tmp_path / "killed"
@@ -172,33 +202,29 @@ def _flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_damaged_final_checkpoint_is_rewritten_on_resume(tmp_path, text_file):
-    run = tmp_path / "run"
-    assert subprocess.run(_cmd(text_file, run, "--max_steps", "9"), capture_output=True).returncode == 0
+def test_a_damaged_final_checkpoint_is_rewritten_on_resume(tmp_path, nine_steps, capsys):
+    data, run = _copy_run(nine_steps, tmp_path / "run")
     final = run / "step-9"
     want = (final / "model.safetensors").read_bytes()
     _flip_byte(final / "model.safetensors")
-    res = subprocess.run(_cmd(text_file, run, "--max_steps", "9", "--resume", "auto"), capture_output=True, text=True)
+    res = _train(capsys, data, run, "--max_steps", "9", "--resume", "auto")
     assert res.returncode == 0, res.stderr
     assert "rewriting" in res.stderr and "step-6" in res.stderr  # resumed from the last good one
     verify_checkpoint(final)  # healed: it verifies again, and holds the same model (bit-exact resume)
     assert (final / "model.safetensors").read_bytes() == want
 
 
-def test_when_every_checkpoint_is_damaged_nothing_restarts_silently(tmp_path, text_file):
-    run = tmp_path / "run"
-    assert subprocess.run(_cmd(text_file, run, "--max_steps", "9"), capture_output=True).returncode == 0
+def test_when_every_checkpoint_is_damaged_nothing_restarts_silently(tmp_path, nine_steps, capsys):
+    data, run = _copy_run(nine_steps, tmp_path / "run")
     for c in list_checkpoints(run):
         _flip_byte(c / "trainer.pt")
     names = sorted(p.name for p in run.iterdir())
     metrics = (run / "metrics.jsonl").read_text()
-    res = subprocess.run(_cmd(text_file, run, "--max_steps", "9", "--resume", "auto"), capture_output=True,
-                         text=True)
+    res = _train(capsys, data, run, "--max_steps", "9", "--resume", "auto")
     assert res.returncode == 2 and "--resume restart" in res.stderr and "Traceback" not in res.stderr
     assert sorted(p.name for p in run.iterdir()) == names and (run / "metrics.jsonl").read_text() == metrics
     # The explicit flag trains again from step 0; the damaged checkpoints are kept aside, never deleted.
-    res = subprocess.run(_cmd(text_file, run, "--max_steps", "9", "--resume", "restart"), capture_output=True,
-                         text=True)
+    res = _train(capsys, data, run, "--max_steps", "9", "--resume", "restart")
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in run.glob("set-aside-step-*")) == ["set-aside-step-6", "set-aside-step-9"]
     assert [c.name for c in list_checkpoints(run)] == ["step-6", "step-9"]  # the new run's, verified
@@ -222,7 +248,7 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
     assert latest_checkpoint(run, warn=False).name == "step-4"
 
 
-def test_one_trainer_per_run_folder(tmp_path, text_file):
+def test_one_trainer_per_run_folder(tmp_path, text_file, capsys):
     """A second `train --out X` (new or --resume auto) while X is being trained exits 2 naming the holder,
     and leaves the first run whole: no duplicate metrics, no stale temporaries, the lock released."""
     run = tmp_path / "run"
@@ -235,7 +261,7 @@ def test_one_trainer_per_run_folder(tmp_path, text_file):
             time.sleep(0.05)
         assert (run / ".lock").read_text().endswith(f":{first.pid}")
         for extra in ((), ("--resume", "auto")):
-            res = subprocess.run(_cmd(text_file, run, *long, *extra), capture_output=True, text=True)
+            res = _train(capsys, text_file, run, *long, *extra)  # (here, a second process: this one)
             assert res.returncode == 2 and "in use by" in res.stderr and str(first.pid) in res.stderr, res.stderr
             assert len(res.stderr.strip().splitlines()) == 1
     finally:
@@ -247,30 +273,29 @@ def test_one_trainer_per_run_folder(tmp_path, text_file):
     assert not list(run.glob(".tmp-*")) and not (run / ".lock").exists()
 
 
-def test_a_stale_lock_is_taken_over(tmp_path, text_file):
+def test_a_stale_lock_is_taken_over(tmp_path, text_file, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / ".lock").write_text(f"{__import__('socket').gethostname()}:999999")  # its process is gone
-    res = subprocess.run(_cmd(text_file, run, "--max_steps", "3"), capture_output=True, text=True)
+    res = _train(capsys, text_file, run, "--max_steps", "3")
     assert res.returncode == 0, res.stderr
     assert [s for s, _ in _losses(run)] == [1, 2, 3] and not (run / ".lock").exists()
 
 
-def test_damaged_token_files_are_refused(tmp_path, text_file):
-    run = tmp_path / "run"
-    assert subprocess.run(_cmd(text_file, run, "--max_steps", "3"), capture_output=True).returncode == 0
+def test_damaged_token_files_are_refused(tmp_path, nine_steps, capsys):
+    text, run = _copy_run(nine_steps, tmp_path / "run")
     val = run / "data" / "val.bin"
     data = bytearray(val.read_bytes())
     data[10] = (data[10] + 1) % 256  # still a plausible byte token: only the checksum can tell
     val.write_bytes(bytes(data))
-    for argv in (["eval", str(run)], ["train", *ARGS, "--data", str(text_file), "--out", str(run), "--max_steps", "3",
+    for argv in (["eval", str(run)], ["train", *ARGS, "--data", str(text), "--out", str(run), "--max_steps", "9",
                                       "--resume", "auto"]):
-        res = subprocess.run([sys.executable, "-m", "dynaformer.cli", *argv], capture_output=True, text=True)
+        res = cli_in_process(capsys, *argv)
         assert res.returncode == 2 and "does not match the checksum" in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
 
 
-def test_sigterm_during_setup_is_one_line_and_exit_130(tmp_path):
+def test_sigterm_during_setup_is_one_line_and_exit_130(tmp_path, capsys):
     big = tmp_path / "big.txt"
     from dynaformer.data.corpus import generated_stories
 
@@ -286,23 +311,22 @@ def test_sigterm_during_setup_is_one_line_and_exit_130(tmp_path):
     if rc == 0:
         pytest.skip("setup finished before the signal arrived")
     assert rc == 130 and "stopped by SIGTERM" in err and "Traceback" not in err, (rc, err)
-    assert subprocess.run(_cmd(big, run, "--max_steps", "3"), capture_output=True).returncode == 0  # redone
+    assert _train(capsys, big, run, "--max_steps", "3").returncode == 0  # redone
 
 
-def test_a_refused_trainer_state_falls_back_to_the_previous_checkpoint(tmp_path, text_file):
+def test_a_refused_trainer_state_falls_back_to_the_previous_checkpoint(tmp_path, nine_steps, capsys):
     import json
     import pickle
 
     from dynaformer.train.checkpoint import _sha256
 
-    run = tmp_path / "run"
-    assert subprocess.run(_cmd(text_file, run, "--max_steps", "9"), capture_output=True).returncode == 0
+    data, run = _copy_run(nine_steps, tmp_path / "run")
     ckpt = run / "step-9"
     (ckpt / "trainer.pt").write_bytes(pickle.dumps({"step": 9, "code": print}))  # not plain data
     manifest = json.loads((ckpt / "manifest.json").read_text())
     manifest["files"]["trainer.pt"] = _sha256(ckpt / "trainer.pt")  # the checksums still match
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
-    res = subprocess.run(_cmd(text_file, run, "--max_steps", "9", "--resume", "auto"), capture_output=True, text=True)
+    res = _train(capsys, data, run, "--max_steps", "9", "--resume", "auto")
     assert res.returncode == 0 and "plain-data" in res.stderr and "(step 6)" in res.stderr, res.stderr
     from dynaformer.train.checkpoint import load_trainer_state
 
@@ -345,7 +369,7 @@ def test_disk_full_while_saving_says_so_and_keeps_the_last_good_checkpoint(tmp_p
     assert latest_checkpoint(out).name == "step-12"
 
 
-def test_a_really_full_disk_is_one_line_and_loses_nothing(tmp_path, text_file):
+def test_a_really_full_disk_is_one_line_and_loses_nothing(tmp_path, text_file, capsys):
     """The disk fills up while training runs (a small tmpfs; skipped where mounting is not allowed): one line
     saying so, exit 2, every visible checkpoint verifies; once space is freed, resuming completes the run
     with no step lost or repeated."""
@@ -376,13 +400,13 @@ def test_a_really_full_disk_is_one_line_and_loses_nothing(tmp_path, text_file):
         assert good and not list(out.glob(".tmp-*"))
         for c in good:
             verify_checkpoint(c)
-        again = subprocess.run([*cmd, "--resume", "auto"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        again = cli_in_process(capsys, *cmd[3:], "--resume", "auto")  # the same command, in this process
         assert again.returncode == 2 and "the disk is full" in again.stderr, again.stderr  # still full
         *info, last = again.stderr.strip().splitlines()  # "resumed from …", then the error
         assert "disk is full" in last and all(ln.startswith("resumed from") for ln in info), again.stderr
         assert list_checkpoints(out) == good and "Traceback" not in again.stderr
         (mnt / "ballast").unlink()
-        done = subprocess.run([*cmd, "--resume", "auto"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        done = cli_in_process(capsys, *cmd[3:], "--resume", "auto")
         assert done.returncode == 0, done.stderr
         assert latest_checkpoint(out).name == "step-60" and [s for s, _ in _losses(out)] == list(range(1, 61))
     finally:

@@ -18,7 +18,7 @@ from dynaformer.model import ModelConfig, Transformer
 from dynaformer.model.residual import DynamicResidual, cait_layerscale_init, residual_modules, residual_stats
 from dynaformer.train.optim import no_weight_decay
 
-from .conftest import RESIDUALS, run_cli, tiny_config
+from .conftest import RESIDUALS, cli_in_process, tiny_config
 
 FACTORS = ("dyn_gain", "dyn_step", "dyn_position", "dyn_content")
 
@@ -390,7 +390,7 @@ def test_deepnorm_needs_its_depth():
 def test_bad_residual_cli_exits_2(tmp_path, capsys):
     from dynaformer.cli import main
 
-    res = run_cli("train", "--residual", "nonsense", "--out", str(tmp_path / "r"), "--max_steps", "1")
+    res = cli_in_process(capsys, "train", "--residual", "nonsense", "--out", str(tmp_path / "r"), "--max_steps", "1")
     assert res.returncode == 2 and "model.residual" in res.stderr and "Traceback" not in res.stderr
     assert len([ln for ln in res.stderr.splitlines() if ln.strip()]) == 1
     for args, needle in ((["--residual", "layerscale", "--layerscale_init", "-1"], "model.layerscale_init"),

@@ -16,7 +16,7 @@ from dynaformer.model.generate import generate
 from dynaformer.model.span import paid_span
 from dynaformer.model.span_stats import span_stats
 
-from .conftest import output_and_grads, run_cli, tiny_config
+from .conftest import cli_in_process, output_and_grads, tiny_config
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -210,9 +210,9 @@ def test_bad_span_config_names_the_field(field, value):
         from_dict(ModelConfig, {"span": "per_head", field: value}, "model")
 
 
-def test_cli_bad_span_exits_2(tmp_path):
-    res = run_cli("train", "--span", "per_head", "--span_ramp", "0", "--out", str(tmp_path / "r"),
-                  "--max_steps", "1")
+def test_cli_bad_span_exits_2(tmp_path, capsys):
+    res = cli_in_process(capsys, "train", "--span", "per_head", "--span_ramp", "0", "--out", str(tmp_path / "r"),
+                         "--max_steps", "1")
     assert res.returncode == 2 and "span_ramp" in res.stderr and "Traceback" not in res.stderr
 
 
