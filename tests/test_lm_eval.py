@@ -107,6 +107,30 @@ def trained_run(tmp_path_factory):
     return run
 
 
+@pytest.fixture
+def lm_eval_in_process(monkeypatch):
+    """For lm-eval's command line run in this process. It indexes its ~15,000 built-in task files (15-20 s on a
+    2-core machine) before anything else; tests that name only tasks on their own task paths index those paths
+    alone, since what they check does not depend on the built-in tasks. Its log handler, bound to the stderr of
+    the test that first ran it, is removed afterwards, so later tests never write to a closed stream."""
+    import logging
+
+    from lm_eval import tasks as lm_tasks
+    from lm_eval import utils as lm_utils
+
+    class LocalTaskManager(lm_tasks.TaskManager):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "include_defaults": False})
+
+    monkeypatch.setattr(lm_tasks, "TaskManager", LocalTaskManager)
+    monkeypatch.setattr(lm_utils, "_LOGGING_CONFIGURED", getattr(lm_utils, "_LOGGING_CONFIGURED", False))
+    logger = logging.getLogger("lm_eval")
+    saved = list(logger.handlers), logger.propagate, logger.level
+    yield
+    logger.handlers[:], logger.propagate = saved[0], saved[1]
+    logger.setLevel(saved[2])
+
+
 def _cli_offline(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "dynaformer.cli", *args], capture_output=True, text=True,
@@ -205,10 +229,10 @@ def _samples(out_dir, task: str) -> dict:
     return {r["doc_id"]: r["filtered_resps"] for r in map(json.loads, path.read_text().splitlines())}
 
 
-def test_lm_eval_chain_offline(tmp_path):
-    """`lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True` (lm-eval's own command)
-    scores local tasks on an exported folder and agrees with our model run through `dynaformer lm-eval`
-    (within 1e-5) and through `dynaformer eval --lm-eval --include_path`."""
+def test_lm_eval_chain_offline(tmp_path, capsys, monkeypatch, lm_eval_in_process):
+    """`lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True` (lm-eval's own command, in its
+    own process) scores local tasks on an exported folder and agrees with our model run through `dynaformer
+    lm-eval` (within 1e-5) and through `dynaformer eval --lm-eval --include_path` (both in this process)."""
     from dynaformer.cli import main
 
     bin_dir = os.path.dirname(sys.executable)
@@ -237,11 +261,14 @@ def test_lm_eval_chain_offline(tmp_path):
                          *common, "--output_path", str(tmp_path / "out-hf")],
                         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert hf.returncode == 0, hf.stderr[-3000:]
-    ours = subprocess.run([sys.executable, "-m", "dynaformer.cli", "lm-eval", "--model_args", f"pretrained={run}",
-                           *common, "--output_path", str(tmp_path / "out-ours")],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-    assert ours.returncode == 0, ours.stderr[-3000:]
-    assert "CUDA is not available" in ours.stderr  # lm-eval asks for cuda:0 by default: our model falls back
+    for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(k, "1")
+    capsys.readouterr()
+    # lm-eval asks for cuda:0 by default: our model falls back to the CPU, and says so
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        rc = main(["lm-eval", "--model_args", f"pretrained={run}", *common, "--output_path",
+                   str(tmp_path / "out-ours")])
+    assert rc == 0, capsys.readouterr().err[-3000:]
     a, b = _results(tmp_path / "out-hf"), _results(tmp_path / "out-ours")
     assert set(a) == set(b) == {"local_where", "local_text", "local_gen"}
     for task in a:
@@ -252,10 +279,11 @@ def test_lm_eval_chain_offline(tmp_path):
     gen_a, gen_b = _samples(tmp_path / "out-hf", "local_gen"), _samples(tmp_path / "out-ours", "local_gen")
     assert gen_a == gen_b and len(gen_a) == 6 and any(gen_a.values())
     # the same tasks through `dynaformer eval --lm-eval --include_path`
-    res = _cli_offline("eval", str(run), "--lm-eval", "local_where,local_text", "--include_path", str(tasks_dir),
-                       "--json")
-    assert res.returncode == 0, res.stderr[-3000:]
-    mine = json.loads(res.stdout.strip().splitlines()[-1])["results"]
+    capsys.readouterr()
+    rc = main(["eval", str(run), "--lm-eval", "local_where,local_text", "--include_path", str(tasks_dir), "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-3000:]
+    mine = json.loads(out.out.strip().splitlines()[-1])["results"]
     assert mine["local_text"]["bits_per_byte"] == pytest.approx(a["local_text"]["bits_per_byte"], rel=1e-5)
     assert mine["local_where"]["acc"] == a["local_where"]["acc"]
 
@@ -277,7 +305,7 @@ def test_device_falls_back_to_cpu(trained_run):
     assert lm.device.type == "cpu" and lm.batch_size == 16
 
 
-def test_lm_eval_command_with_a_missing_run_is_one_line(tmp_path, capsys):
+def test_lm_eval_command_with_a_missing_run_is_one_line(tmp_path, capsys, lm_eval_in_process):
     """`dynaformer lm-eval` runs lm-eval's CLI in-process; our model's own errors still end as one line, exit 2."""
     from dynaformer.cli import main
 
