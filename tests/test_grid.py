@@ -23,6 +23,8 @@ from dynaformer.study.render import Image
 from dynaformer.study.report import build, collect, write_report
 from dynaformer.study.stats import t_sf2, welch
 
+from .conftest import shared_dir
+
 
 def run_cli(*argv: str):
     """The CLI in this process (its exit paths are the same as a subprocess's, without the start-up)."""
@@ -61,10 +63,13 @@ def _stable(r: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def grid_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("grid") / "out"
-    status = run_grid(grid_from_dict(GRID), out, workers=0, progress=False)
-    assert len(status["done"]) == 4 and not status["failed"]
-    return out
+    """The fixture grid, trained once per session (tests copy it to change it)."""
+
+    def build(folder: Path) -> None:
+        status = run_grid(grid_from_dict(GRID), folder / "out", workers=0, progress=False)
+        assert len(status["done"]) == 4 and not status["failed"]
+
+    return shared_dir(tmp_path_factory, "grid", build) / "out"
 
 
 def test_compare_resume_equals_uninterrupted(grid_dir, tmp_path):

@@ -22,7 +22,7 @@ from dynaformer.study.cost import crossover, measure_cost
 from dynaformer.study.grid import grid_from_dict
 from dynaformer.study.report import write_report
 
-from .conftest import assert_user_error, cli_in_process, tiny_config
+from .conftest import assert_user_error, cli_in_process, shared_dir, tiny_config
 
 STUDY = {
     "name": "study",
@@ -45,10 +45,13 @@ STUDY = {
 
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("study") / "out"
-    status = run_grid(grid_from_dict(STUDY), out, workers=0, progress=False)
-    assert not status["failed"] and len(status["done"]) == 6, status
-    return out
+    """The study grid, trained once per session (tests copy it to change it)."""
+
+    def build(folder: Path) -> None:
+        status = run_grid(grid_from_dict(STUDY), folder / "out", workers=0, progress=False)
+        assert not status["failed"] and len(status["done"]) == 6, status
+
+    return shared_dir(tmp_path_factory, "study", build) / "out"
 
 
 def test_fixed_window_control_matches_the_learned_reach(study_dir):
