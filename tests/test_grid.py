@@ -355,7 +355,9 @@ def test_fine_tuning_cells_fail_cleanly_when_their_pretraining_fails(tmp_path):
 
 def test_two_compares_on_one_wall_clock_grid_agree(tmp_path):
     """Both processes share one calibration (taken under the grid's lock): grid.json and every cell.json
-    agree, every cell runs once, and a rerun resumes instead of failing on a different config."""
+    agree, every cell runs once, and a rerun resumes instead of failing on a different config. (Each trains its
+    cells in its own process, --workers 0: cell processes add only their start-up here; test_two_hosts_share_one_grid
+    [wall_clock] and test_encoder_pretraining_feeds_fine_tuning_across_workers run them.)"""
     import subprocess
     import sys
 
@@ -366,7 +368,7 @@ def test_two_compares_on_one_wall_clock_grid_agree(tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump(raw))
     out = tmp_path / "o"
-    cmd = [sys.executable, "-m", "dynaformer.cli", "compare", str(path), "--out", str(out), "--workers", "1"]
+    cmd = [sys.executable, "-m", "dynaformer.cli", "compare", str(path), "--out", str(out), "--workers", "0"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), results
@@ -378,7 +380,7 @@ def test_two_compares_on_one_wall_clock_grid_agree(tmp_path):
     # status.json describes the folder, not whichever process finished last (each saw the other's cell busy).
     status = json.loads((out / "status.json").read_text())
     assert sorted(status["done"]) == ["big/seed0", "small/seed0"] and status["busy"] == [], status
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    again = run_cli(*cmd[3:])  # the same command again, in this process
     assert again.returncode == 0, again.stderr
 
 
@@ -440,7 +442,9 @@ def test_compare_bad_devices_is_one_line(tmp_path, monkeypatch):
 def test_two_hosts_share_one_grid(tmp_path, match):
     """Two compare processes that are two hosts to the lock files (DYNAFORMER_HOST) on one grid folder, as
     on two nodes of a shared filesystem: every cell runs exactly once, by one of them, none is taken over
-    (another host's lock never looks stale), and the grid ends complete."""
+    (another host's lock never looks stale), and the grid ends complete. The cells run in cell processes
+    (--workers 1) for wall_clock, in the compare processes themselves (--workers 0) for tokens: a cell's lock then
+    names the compare process rather than the cell process, and both must hold the other host off."""
     import os
     import subprocess
     import sys
@@ -454,7 +458,8 @@ def test_two_hosts_share_one_grid(tmp_path, match):
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump(raw))
     out = tmp_path / "o"
-    cmd = [sys.executable, "-m", "dynaformer.cli", "compare", str(path), "--out", str(out), "--workers", "1"]
+    cmd = [sys.executable, "-m", "dynaformer.cli", "compare", str(path), "--out", str(out), "--workers",
+           "1" if match == "wall_clock" else "0"]
     procs = {h: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                  env={**os.environ, "DYNAFORMER_HOST": h, "OMP_NUM_THREADS": "1"})
              for h in ("node-a", "node-b")}

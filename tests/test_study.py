@@ -54,6 +54,14 @@ def study_dir(tmp_path_factory) -> Path:
     return shared_dir(tmp_path_factory, "study", build) / "out"
 
 
+@pytest.fixture(scope="module")
+def study_report(study_dir, tmp_path_factory) -> dict[str, Path]:
+    """The study grid's report (report.json, .md, .html, cost.json), written once per session; tests copy it to
+    change it."""
+    folder = shared_dir(tmp_path_factory, "study-report", lambda f: write_report([study_dir], f / "rep")) / "rep"
+    return {"json": folder / "report.json", "markdown": folder / "report.md", "html": folder / "report.html"}
+
+
 def test_fixed_window_control_matches_the_learned_reach(study_dir):
     dyn = json.loads((study_dir / "cells" / "dyn_span" / "seed0" / "result.json").read_text())
     fixed = json.loads((study_dir / "cells" / "fixed_window" / "seed0" / "result.json").read_text())
@@ -78,8 +86,11 @@ def test_matched_window_is_the_smallest_that_does_the_work():
         assert work[0] < keys <= work[1]
 
 
-def test_report_json_schema_and_rendering(study_dir, tmp_path):
-    rep = write_report([study_dir], tmp_path / "rep")
+def test_report_json_schema_and_rendering(study_dir, study_report, tmp_path):
+    import shutil
+
+    shutil.copytree(study_report["json"].parent, tmp_path / "rep")
+    rep = {k: tmp_path / "rep" / p.name for k, p in study_report.items()}
     data = json.loads(Path(rep["json"]).read_text())
     assert {"verdicts", "variants", "longrange", "cost"} <= set(data)
     assert len(data["verdicts"]) == 10
@@ -307,7 +318,7 @@ def test_passkey_key_length_and_evaluation_with_training_parameters(digits):
         make_task("passkey", digits=0)
 
 
-def test_report_html_renders_in_a_browser(study_dir, tmp_path):
+def test_report_html_renders_in_a_browser(study_report, tmp_path):
     """The HTML as a reader sees it: every embedded plot is a valid PNG, the Answers block comes first, and a
     headless Chromium renders the first screen (skipped where no Chromium is installed)."""
     import base64
@@ -315,7 +326,7 @@ def test_report_html_renders_in_a_browser(study_dir, tmp_path):
     import shutil
     import subprocess
 
-    rep = write_report([study_dir], tmp_path / "rep")
+    rep = study_report
     html = Path(rep["html"]).read_text()
     assert html.index("Answers at a glance") < html.index("<h2>Verdicts</h2>")
     assert 'class="supported"' in html or 'class="inconclusive"' in html or 'class="contradicted"' in html
