@@ -33,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # `dtype: auto` picks bf16 on CPUs where it pays; the suite's tolerances (DDP vs one process within 1e-5, ...)
 # are fp32's, so every test and every CLI it starts trains in fp32 unless it sets this itself (tests/test_dtype.py).
 os.environ.setdefault("DYNAFORMER_DTYPE_PROBE", "fp32")
+# One thread in every process a test starts (the CLI's `threads: 0` is torch's default, which reads this): the
+# workers already fill the cores, and a process whose threads wait for a busy core runs several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_addoption(parser):
@@ -49,7 +52,9 @@ def pytest_collection_modifyitems(config, items):
             items[:] = [it for it in items if not it.get_closest_marker("slow")]
             config._dynaformer_slow_deselected = len(slow)
     first = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda it: first.get(it.nodeid.split("[")[0], len(first)))  # stable: the rest keep their order
+    # Stable: the rest keep their order. The scheduler hands out one test at a time (--maxschedchunk 1 in
+    # pyproject.toml), so these spread over the workers instead of queuing on the first.
+    items.sort(key=lambda it: (not it.get_closest_marker("slow"), first.get(it.nodeid.split("[")[0], len(first))))
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -58,8 +63,23 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(f"{n} slow test(s) deselected; `--slow` runs them too (as .ci/run does)")
 
 
-# The tests that take longest, longest first (seconds of CPU each; `--durations` shows the current figures).
+# The tests that take longest (10-30 s of CPU each on a 2-core AVX-512 machine), longest first, after any slow
+# ones; `--durations` shows the current figures. A name no longer here is ignored.
 LONGEST_FIRST = (
+    "tests/test_lm_eval.py::test_lm_eval_chain_offline",
+    "tests/test_distributed.py::test_fsdp_with_muon_matches_one_process_and_resumes",
+    "tests/test_distributed.py::test_two_ranks_match_one_process",
+    "tests/test_grid.py::test_encoder_pretraining_feeds_fine_tuning_across_workers",
+    "tests/test_grid.py::test_two_hosts_share_one_grid",
+    "tests/test_hf.py::test_export_loads_without_dynaformer",
+    "tests/test_grid.py::test_two_compares_on_one_wall_clock_grid_agree",
+    "tests/test_study.py::test_report_json_schema_and_rendering",
+    "tests/test_data_fingerprint.py::test_clone_with_and_without_shared_trains_on_identical_data",
+    "tests/test_grid.py::test_encoder_cells_run_resume_and_reach_the_report",
+    "tests/test_faults.py::test_kill_9_ten_times_then_resume_matches",
+    "tests/test_encoder.py::test_finetune_beats_chance",
+    "tests/test_lm_eval.py::test_bundled_task_offline",
+    "tests/test_grid.py::test_report_has_every_plot_and_full_verdict_table",
 )
 
 
