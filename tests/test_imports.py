@@ -155,7 +155,6 @@ def test_importing_the_cli_loads_no_cycle():
     assert not any(m.startswith(("dynaformer.study", "dynaformer.bench")) or m == "dynaformer.runs" for m in loaded)
 
 
-@pytest.mark.slow
 def test_presets_ship_in_a_wheel(tmp_path):
     """A wheel built from the source holds every preset, and `preset()` finds them from the installed copy."""
     import shutil
