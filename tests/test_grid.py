@@ -51,7 +51,7 @@ GRID = {
     "variants": {"baseline": {}, "dyn_span": {"span": "dynamic"}},  # a mechanism variant, unchanged harness
     "seeds": 2,
     "eval": {"n_per_distance": 4, "text_tokens": 1024, "diag_windows": 2, "multiples": [1, 2],
-             "fractions": [0.25, 0.75]},
+             "fractions": [0.25, 0.75], "cost_lengths": [256], "cost_repeats": 1},  # the report times one length
     "questions": {"residual": "dyn_span", "span": "dyn_span", "size_matched": "dyn_span"},
 }
 VOLATILE = {"elapsed_s", "compute", "summary", "curve"}  # timings differ between runs; everything else must not
