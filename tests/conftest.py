@@ -80,6 +80,7 @@ LONGEST_FIRST = (
     "tests/test_encoder.py::test_finetune_beats_chance",
     "tests/test_lm_eval.py::test_bundled_task_offline",
     "tests/test_grid.py::test_report_has_every_plot_and_full_verdict_table",
+    "tests/test_residual.py::test_depth_48_layers",
 )
 
 
