@@ -214,8 +214,10 @@ def test_readme_commands_without_shared_data(tmp_path):
         (clone / f).write_bytes((ROOT / f).read_bytes())  # the working tree's version, committed or not
     # This interpreter's environment as it is: a reinstall would point its editable install at the clone.
     env = {**os.environ, "DYNAFORMER_VENV": sys.prefix, "DYNAFORMER_NO_INSTALL": "1"}
+    # WORKERS=0: the script's compare trains the 12 cells in its own process instead of 12 new ones (≈ 4 s of
+    # start-up each; cell processes are tested in test_grid.py).
     res = subprocess.run(["bash", "scripts/experiment.sh", "tests/fixtures/grid-tiny.yaml", "runs/e"], cwd=clone,
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env={**env, "WORKERS": "0"}, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads((clone / "runs/e/report/report.json").read_text())
     assert len(data["verdicts"]) == 10 and data["cost"]["lengths"] == [128, 256]
