@@ -63,7 +63,7 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(f"{n} slow test(s) deselected; `--slow` runs them too (as .ci/run does)")
 
 
-# The tests that take longest (10-30 s of CPU each on a 2-core AVX-512 machine), longest first, after any slow
+# The tests that take longest (5-20 s of CPU each on a 2-core AVX-512 machine), longest first, after any slow
 # ones; `--durations` shows the current figures. A name no longer here is ignored.
 LONGEST_FIRST = (
     "tests/test_lm_eval.py::test_lm_eval_chain_offline",
