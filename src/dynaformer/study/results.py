@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 from collections import defaultdict
 from pathlib import Path
 
@@ -286,16 +285,6 @@ def question_text_records() -> dict:
             for q in QUESTIONS}
 
 
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
 def provenance_record(col) -> dict:
     """What produced these results: when the report was made and by what command, the code (the report's git
     commit and the cells' own), the CPU (its kind as torch dispatches to it: AVX2, AVX512, ...), the grids and
@@ -309,6 +298,7 @@ def provenance_record(col) -> dict:
 
     import torch
 
+    from ..train.device import cpu_model
     from ..train.rundir import environment
 
     dirs = [d for ds in col.dirs.values() for d in ds]
@@ -337,7 +327,7 @@ def provenance_record(col) -> dict:
             "cells_git_commit": sorted(c for c in commits if c) or None,
             "cells_cpu_capability": sorted(c for c in cpus if c) or None, "dynaformer": env.get("dynaformer"),
             "torch": env.get("torch"), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_model": _cpu_model(), "grids": col.grids, "context_len": contexts[-1] if contexts else None,
+            "cpu_model": cpu_model(), "grids": col.grids, "context_len": contexts[-1] if contexts else None,
             "cells": len(dirs), "cells_train_s": sum(train) if train else None,
             "span_s": (max(ends) - min(starts)) if starts and ends else None}
 
