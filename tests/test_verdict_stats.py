@@ -183,3 +183,19 @@ def test_the_questions_are_in_the_report_word_for_word():
         del v["marked_correct"], v["decided_by"]
     rows = answer_rows(old)
     assert [r[1] for r in rows] == [r[1] for r in answer_rows(data)]
+
+
+def test_an_accuracy_mde_above_one_reads_not_detectable():
+    """Two seeds per arm with a wide spread: the far-distance MDE exceeds 1, more than any accuracy difference can
+    be. The answers and the data-can-tell sentence say no difference is detectable instead of printing it."""
+    from dynaformer.study.report import mde_text
+    assert mde_text(1.7, True) == "> 1 (not detectable)" and mde_text(0.4, True) == "0.4"
+    assert mde_text(1.7, False) == "1.7" and mde_text(None, True) == "—"  # bits per byte have no such bound
+    data = report_data(fake_collected(_arms([0.1, 0.7], [0.0, 0.6])))
+    fam = data["families"]["residual"]
+    assert fam["mde"]["far_acc"] > 1
+    s = resolution_sentence(data, "residual")
+    assert "No accuracy difference at all can be detected in far-distance exact match" in s
+    assert "in far-distance exact match cannot" not in s and f"{fam['mde']['far_acc']:.2g} in far" not in s
+    row = next(r for r in answer_rows(data) if r[0] == "residual" and r[1].startswith("3"))
+    assert "MDE > 1 (not detectable)" in row[4]

@@ -54,6 +54,10 @@ class VerdictRow:
                 self.evidence, self.verdict, self.vs_size_matched, self.vs_controls]
 
 
+def _mde_clause(e: dict) -> str:
+    return f", MDE {mde_text(e['mde'], is_accuracy(e.get('metric') or ''))}" if e.get("mde") is not None else ""
+
+
 def verdict_rows(data: dict) -> list[VerdictRow]:
     rows = []
     for v in data["verdicts"]:
@@ -63,7 +67,7 @@ def verdict_rows(data: dict) -> list[VerdictRow]:
                                    f"not tested: {v['why']}", "—", "—"))
             continue
         evidence = "; ".join(("* " if e.get("decisive") else "") + f"{e['test']}: Δ={_fmt(e['diff'])}, "
-                             f"{_p(e)}" + (f", MDE {_fmt(e['mde'], 2)}" if e.get("mde") is not None else "")
+                             f"{_p(e)}" + _mde_clause(e)
                              + f" → {e['verdict']}" + (f" ({e['note']})" if e["note"] else "") for e in v["evidence"])
         controls = ", ".join(f"{c}: {x}" for c, x in v["vs_controls"].items()) or "—"
         rows.append(VerdictRow(v["question"], opt, v["claim"], v["metric_label"],
@@ -207,7 +211,9 @@ def _wall_clock(data: dict) -> list[Block]:
                              "MDE", "reading"],
                             [[r["metric"], _pm(r["variant_mean"], r["variant_sd"], r["n"]),
                               _pm(r["reference_mean"], r["reference_sd"], r["reference_n"]), _fmt(r["diff"], 3),
-                              f"{_fmt(r['p'], 2)} ({_fmt(r['p_holm'], 2)})", _fmt(r["mde"], 2), f"**{r['verdict']}**"]
+                              f"{_fmt(r['p'], 2)} ({_fmt(r['p_holm'], 2)})",
+                              mde_text(r["mde"], r["metric"].startswith("val_exact")),
+                              f"**{r['verdict']}**"]
                              for r in q["readings"]]))
         tokens = {v["option"]: v for v in data["verdicts"] if v["question"] == key}
         rows = []
@@ -281,6 +287,16 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
+def mde_text(x: float | None, accuracy: bool) -> str:
+    """An MDE for display. An accuracy lies in [0, 1], so an MDE of 1 or more means that no difference it could
+    show is detectable at these seeds: say so rather than print an effect size no accuracy can have."""
+    if x is None:
+        return "—"
+    if accuracy and x >= 1:
+        return "> 1 (not detectable)"
+    return _fmt(x, 2)
+
+
 
 
 def _pm(mean, sd, n=None) -> str:
@@ -314,7 +330,7 @@ def part_text(e: dict, verdict: bool = True) -> str:
         nums.append(_p(e))
     metric = e.get("metric") or ""
     if is_accuracy(metric) and e.get("mde") is not None:
-        nums.append(f"MDE {_fmt(e['mde'], 2)}")
+        nums.append(f"MDE {mde_text(e['mde'], True)}")
     if e.get("note"):
         nums.append(e["note"])
     test = e["test"].removeprefix(WALL_CLOCK)
@@ -346,7 +362,8 @@ def parts_text(v: dict) -> str:
         return ""
     by: dict[str, list[str]] = {}
     for e in ev:
-        size = f" (MDE {_fmt(e['mde'], 2)})" if is_accuracy(e.get("metric") or "") and e.get("mde") is not None else ""
+        accuracy = is_accuracy(e.get("metric") or "") and e.get("mde") is not None
+        size = f" (MDE {mde_text(e['mde'], True)})" if accuracy else ""
         by.setdefault(e["verdict"], []).append(e["test"].removeprefix(WALL_CLOCK) + size)
     order = ["supported", "contradicted", "inconclusive"]
     return "; ".join(f"{'held (supported)' if w == 'supported' else w}: {', '.join(by[w])}"
@@ -384,16 +401,20 @@ def resolution_sentence(data: dict, key: str) -> str:
     fam = data["families"][key]
     mdes = {m: x for m, x in fam["mde"].items() if x is not None}
     ordered = sorted(mdes, key=lambda m: (not is_accuracy(m), m))
-    sizes = ", ".join(f"{_fmt(mdes[m], 2)} in {_words(m)}" for m in ordered)
+    sizes = ", ".join(f"{_fmt(mdes[m], 2)} in {_words(m)}" for m in ordered if not (is_accuracy(m) and mdes[m] >= 1))
+    blind = [_words(m) for m in ordered if is_accuracy(m) and mdes[m] >= 1]
     none = [_words(m) for m, x in fam["mde"].items() if x is None]
     seeds = f"{fam['n_variant']} seeds of '{fam['variant']}' and {fam['n_reference']} of '{fam['reference']}'"
+    blind_text = (f" No accuracy difference at all can be detected in {', '.join(blind)} (its MDE exceeds 1, the "
+                  f"whole range of an accuracy)." if blind else "")
     if not sizes:
         return (f"**What the {key} question's data can tell.** With {seeds}, no difference can be told apart from "
-                f"seed noise (one seed per arm, or no spread to scale by).")
+                f"seed noise (one seed per arm, or no spread to scale by)." if not blind else
+                f"**What the {key} question's data can tell.** With {seeds}, nothing.{blind_text}")
     tail = f" ({', '.join(none)}: no seed spread, so any difference shows)" if none else ""
     return (f"**What the {key} question's data can tell.** With {seeds}, true differences smaller than {sizes} "
             f"cannot be told apart from seed noise (80% power, two-sided at Holm's α/m = {_fmt(fam['alpha_m'], 2)}, "
-            f"m = {fam['size']}); larger ones would be found{tail}.")
+            f"m = {fam['size']}); larger ones would be found{tail}.{blind_text}")
 
 
 def correction_text(data: dict) -> str:
