@@ -118,6 +118,12 @@ def test_report_json_schema_and_rendering(study_dir, study_report, tmp_path):
     for rec in cost["variants"].values():
         assert len(rec["train_ms"]) == 2 and all(x > 0 for x in rec["train_ms"] + rec["decode_ms"])
     assert set(cost["crossover"]) == {"fixed_window", "dyn_span", "static_residual"}
+    # Every cell's training steps are timed side by side at their shapes, and the equal-time reading uses them.
+    raw_cost = json.loads((tmp_path / "rep" / "cost.json").read_text())
+    for key, rec in raw_cost["models"].items():
+        assert len(rec["stage_ms"]) == len(rec["stages"]) >= 1 and all(x > 0 for x in rec["stage_ms"]), key
+    for q in data["wall_clock"]["questions"].values():
+        assert q.get("why") or q["clock"] == ["side_by_side"]
     controls = {(c["variant"], c["control"]) for c in data["controls"]}
     assert controls == {("dyn_span", "fixed_window"), ("fixed_window", "baseline")}
     # The Markdown is rendered from report.json: every verdict of it appears in the document.

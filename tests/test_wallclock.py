@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dynaformer.study.report import build
@@ -150,3 +151,59 @@ def test_a_time_before_the_first_evaluation_has_no_reading(tmp_path):
     assert {r["verdict"] for r in span["readings"]} == {"not read"}
     md = "\n".join(b.text for b in build(col, plots=False, data=data) if hasattr(b, "text"))
     assert "3 of 6 cells have no reading (t* comes before their first evaluation" in md
+
+
+def test_training_stages_from_a_cells_config():
+    from dynaformer.study.cost import train_stages
+
+    staged = {"batch_size": 4, "max_steps": 2000, "short_context": 128, "short_steps": 900}
+    assert train_stages(staged, 1024) == [(900, 32, 128), (1100, 4, 1024)]  # as many tokens per step
+    assert train_stages({"batch_size": 8, "max_steps": 800, "grad_accum": 2}, 128) == [(800, 16, 128)]
+    assert train_stages({**staged, "short_steps": 5000}, 1024) == [(2000, 32, 128)]  # never leaves the first
+
+
+def test_the_side_by_side_clock_ignores_the_load_a_cell_trained_beside(tmp_path):
+    """The reference logged 100 ms/step because it trained beside other work; timed side by side with the span,
+    both take 50 ms/step. On the logs' clock the span looks twice as fast; on the side-by-side clock the arms are
+    read at the same step, and the clock says which was used. Stages are charged piecewise."""
+    col, curves = _study(tmp_path)
+    for v in ("baseline", "dyn_span", "dyn_residual"):
+        for r in col.results[v]:
+            r["cost"] = {"stages": [[400, 32, 128], [400, 4, 1024]], "stage_ms": [10.0, 90.0]}
+    wc = wall_clock_records(col)
+    span = wc["questions"]["span"]
+    assert span["clock"] == ["side_by_side"]
+    assert span["t_star_s"] == pytest.approx(400 * 0.010 + 400 * 0.090)
+    for arm in ("variant", "reference"):
+        assert all(c["steps_read"] == [800] for c in span["cells"][arm])
+    qa = next(r for r in span["readings"] if r["metric"] == "val_exact_storyqa")
+    assert qa["verdict"] != "better"
+    # Stage clock of one cell: the evaluation at step 400 has spent the short stage only.
+    from dynaformer.study.wallclock import cell_curve
+
+    c = cell_curve(tmp_path / "cells" / "baseline" / "seed0", col.results["baseline"][0], "side_by_side")
+    assert [e["train_s"] for e in c.evals] == [pytest.approx(4.0), pytest.approx(40.0)]
+    assert c.total == pytest.approx(40.0)
+    # A cell without stage timings sends both arms back to the logs' clock.
+    del col.results["baseline"][1]["cost"]
+    assert wall_clock_records(col)["questions"]["span"]["clock"] == ["ms_step"]
+
+
+def test_stage_timing_leaves_the_weights_and_threads_as_they_were():
+    import torch
+
+    from dynaformer.model import ModelConfig, Transformer
+    from dynaformer.study.cost import measure_stages
+
+    torch.manual_seed(0)
+    models = {k: Transformer(ModelConfig(vocab_size=64, context_len=32, n_layer=1, n_head=2, d_model=16, span=span))
+              for k, span in (("a", "none"), ("b", "dynamic"))}
+    before = {k: [p.detach().clone() for p in m.parameters()] for k, m in models.items()}
+    threads = torch.get_num_threads()
+    text = np.arange(500) % 64
+    out = measure_stages(models, text, {"a": [(3, 4, 8), (2, 1, 32)], "b": [(5, 1, 32)]}, threads=1, repeats=1)
+    assert len(out["a"]) == 2 and len(out["b"]) == 1 and all(x > 0 for v in out.values() for x in v)
+    assert torch.get_num_threads() == threads
+    for k, m in models.items():
+        assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before[k], strict=True))
+        assert all(p.grad is None for p in m.parameters())

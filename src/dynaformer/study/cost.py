@@ -96,6 +96,62 @@ def _train_fn(model: Transformer, seq: torch.Tensor):
     return step
 
 
+def train_stages(train: dict, context_len: int) -> list[tuple[int, int, int]]:
+    """The shapes a cell trained on, as (steps, rows, length) per stage: with staged context the first
+    `short_steps` steps take rows of `short_context` tokens, as many tokens per step as the full rows
+    (data/dataset.py StagedSampler); micro-batches (grad_accum) count as rows."""
+    B = int(train["batch_size"]) * int(train.get("grad_accum") or 1)
+    total = int(train["max_steps"])
+    short, S = int(train.get("short_context") or 0), int(train.get("short_steps") or 0)
+    stages = []
+    if short and S:
+        stages.append((min(S, total), B * context_len // short, short))
+    if total > S or not stages:
+        stages.append((total - (S if stages else 0), B, context_len))
+    return stages
+
+
+def _step_fn(model: Transformer, text: np.ndarray, rows: int, T: int):
+    """One training step at a stage's shape: forward + backward (span penalty included) of (rows, T) held-out
+    tokens and an AdamW update at learning rate 0 (the arithmetic runs, the weights stay as trained)."""
+    seq = _tokens(text, rows * (T + 1) - 1, model.cfg.vocab_size).view(rows, T + 1)
+    x, y = seq[:, :-1], seq[:, 1:]
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)
+
+    def step():
+        model.train()
+        _, loss = model(x, y)
+        (loss + model.aux_loss()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure_stages(models: dict[str, Transformer], text: np.ndarray, stages: dict[str, list[tuple[int, int, int]]],
+                   threads: int, repeats: int = 3, warmup: int = 1) -> dict[str, list[float]]:
+    """ms per training step of every model at each of its stages' shapes, interleaved round-robin over the
+    models and timed with the threads the cells trained with. This is the study's side-by-side training clock:
+    the ms/step a cell logged depends on whatever else ran on the machine meanwhile, these do not."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        out: dict[str, list[float]] = {k: [] for k in models}
+        n = max(len(v) for v in stages.values())
+        for i in range(n):
+            fns = {k: _step_fn(m, text, stages[k][i][1], stages[k][i][2]) for k, m in models.items()
+                   if i < len(stages[k])}
+            for k, sec in time_interleaved(fns, repeats, warmup).items():
+                out[k].append(1000 * sec)
+            del fns
+    finally:
+        torch.set_num_threads(before)
+        for m in models.values():
+            m.zero_grad(set_to_none=True)
+            m.eval()
+    return out
+
+
 def _decode_fn(model: Transformer, seq: torch.Tensor, calls: int):
     """A prefilled cache and a function that decodes DECODE_TOKENS greedy tokens per call."""
     T = seq.shape[1] - 1

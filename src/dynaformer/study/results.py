@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cost import crossover, measure_cost
+from .cost import crossover, measure_cost, measure_stages, train_stages
 from .stats import mde, mean_sd
 from .verdicts import (
     ALPHA,
@@ -81,8 +81,11 @@ def attach_cost(col, lengths: list[int], repeats: int, cache_path: Path | None =
             cached = json.loads(cache_path.read_text())
         except ValueError:
             cached = None
+    stages = {key: train_stages(r["train"], int(r["model"]["context_len"])) if r.get("train") else []
+              for key, (_, r, _) in zip(keys, cells, strict=True)}
     if cached and cached.get("lengths") == lengths and sorted(cached.get("models", {})) == sorted(keys) \
-            and cached.get("repeats") == repeats:
+            and cached.get("repeats") == repeats and all(
+                cached["models"][k].get("stages") == [list(s) for s in stages[k]] for k in keys):
         cost = cached
     else:
         models, text = {}, None
@@ -91,6 +94,14 @@ def attach_cost(col, lengths: list[int], repeats: int, cache_path: Path | None =
             if text is None:
                 text = np.asarray(open_splits(d / "run" / "data").val)
         cost = measure_cost(models, text, lengths, repeats)
+        timed = {k: m for k, m in models.items() if stages[k]}
+        if timed:
+            threads = max(int(r["train"].get("threads") or 1) for _, r, _ in cells if r.get("train"))
+            per_stage = measure_stages(timed, text, {k: stages[k] for k in timed}, threads, repeats)
+            cost["stage_threads"] = threads
+            for k in timed:
+                cost["models"][k]["stages"] = [list(s) for s in stages[k]]
+                cost["models"][k]["stage_ms"] = per_stage[k]
         del models
         if cache_path is not None:
             from .cell import write_json

@@ -5,7 +5,12 @@ trained for less time. For each question this module puts each cell's evaluation
 training time alone, takes t* = the shorter of the two arms' mean training times, reads every cell's curve at
 t*, and judges the options' accuracy and perplexity parts again on those readings:
 
-- training time: the sum over the log rows of ms_step × (steps since the previous log row). The trainer's ms_step
+- training time, side by side (preferred): when the report has timed every cell's trained model at the shapes
+  of its training stages (study/cost.py measure_stages, interleaved round-robin, with the threads the cells
+  trained with), step s costs the sum of its stages' ms/step. This clock does not see what else ran on the machine
+  while a cell trained (cells of one grid train at different times, beside different loads).
+- training time from the logs (when the cost step did not run): the sum over the log rows of ms_step × (steps
+  since the previous log row). The trainer's ms_step
   is the mean time of the steps since its last log, evaluation or checkpoint, timed from when that pause ended,
   so the sum leaves evaluation and checkpoint time out. The first log window also holds one-off start-up (kernel
   compilation on first use): when it is slower than the next window its steps are timed at the next window's
@@ -50,10 +55,14 @@ CURVE_FOR = {"val_bpb": "val_bpb", "qa_acc": "val_exact_storyqa", "summary_rouge
              "far_acc": "val_exact_passkey"}
 
 HOW = {
-    "clock": "Σ over the log rows of ms_step × the steps since the previous log row, so evaluation and checkpoint "
-             "pauses are left out; the first log window, which also holds one-off start-up (kernel compilation on "
-             "first use), at the next window's rate when it is slower; elapsed_s, which includes all of these, only "
-             "where a log has no ms_step",
+    "clock": "side by side where the report timed the cells' training steps (side_by_side): each step at the "
+             "ms/step of its stage's shape, timed in the report step for every trained model interleaved "
+             "round-robin, with the threads the cells trained with (forward, backward and an AdamW update), so "
+             "that what else ran on the machine while a cell trained does not enter; otherwise the cells' own "
+             "logs (ms_step): Σ over the log rows of ms_step × the steps since the previous log row, evaluation "
+             "and checkpoint pauses left out, the first log window (which also holds one-off start-up such as "
+             "kernel compilation) at the next window's rate when it is slower; elapsed_s only where a log has no "
+             "ms_step",
     "t_star": "the shorter of the two arms' mean training times",
     "reading": "linear interpolation in training time between the two evaluations around t*; a cell that finished "
                "before t* is read at its last evaluation; none before a cell's first evaluation",
@@ -114,11 +123,39 @@ def read_at(points: list[tuple[float, float]], t: float) -> tuple[float | None, 
     return None, []  # unreachable: t lies within the points, or on the last one
 
 
-def cell_curve(cell_dir: Path) -> Curve | None:
+def stage_curve(rows: list[dict], cost: dict, steps: int) -> Curve:
+    """A run's evaluations on the side-by-side clock: the training time of step s is the sum over its stages of
+    the steps taken in that stage × that stage's ms/step as the report timed it for this model (study/cost.py
+    measure_stages). Steps redone after an interruption are not counted: they are the machine's, not the
+    variant's."""
+    stages = [(int(n), float(ms) / 1000) for (n, _, _), ms in zip(cost["stages"], cost["stage_ms"], strict=True)]
+
+    def at(step: int) -> float:
+        t, left = 0.0, step
+        for n, rate in stages:
+            take = min(left, n)
+            t, left = t + take * rate, left - take
+        return t + left * stages[-1][1]
+
+    evals = [{**r, "train_s": at(int(r["step"]))} for r in rows if "val_loss" in r and "step" in r]
+    return Curve(evals, at(steps), "side_by_side", 0.0)
+
+
+def cell_curve(cell_dir: Path, result: dict | None = None, clock: str = "ms_step") -> Curve | None:
+    """The cell's evaluations on `clock`: "side_by_side" (the report's stage timings in result["cost"]) or the
+    ms/step the cell logged."""
     path = Path(cell_dir) / "run" / "metrics.jsonl"
     if not path.exists():
         return None
-    return eval_curve(read_metrics(path))
+    rows = read_metrics(path)
+    if clock == "side_by_side":
+        return stage_curve(rows, result["cost"], int(result.get("steps") or rows[-1].get("step", 0)))
+    return eval_curve(rows)
+
+
+def _has_stage_times(r: dict) -> bool:
+    c = r.get("cost") or {}
+    return bool(c.get("stage_ms")) and len(c["stage_ms"]) == len(c.get("stages") or ())
 
 
 def curve_metrics(curves: list[Curve]) -> list[str]:
@@ -164,7 +201,10 @@ def wall_clock_records(col) -> dict:
         if var not in col.results or ref not in col.results or var == ref:
             continue
         arms = {"variant": (var, col.dirs[var]), "reference": (ref, col.dirs[ref])}
-        curves = {k: [cell_curve(d) for d in dirs] for k, (_, dirs) in arms.items()}
+        both = [r for name, _ in arms.values() for r in col.results[name]]
+        clock = "side_by_side" if both and all(_has_stage_times(r) for r in both) else "ms_step"
+        curves = {k: [cell_curve(d, r, clock) for d, r in zip(dirs, col.results[name], strict=True)]
+                  for k, (name, dirs) in arms.items()}
         missing = [str(d) for k, (_, dirs) in arms.items() for d, c in zip(dirs, curves[k], strict=True)
                    if c is None or c.total is None]
         if missing:
