@@ -20,7 +20,7 @@ import re
 import shutil
 import sys
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -135,9 +135,12 @@ def verify_checkpoint(ckpt: Path) -> dict:
         if not path.is_file() or _sha256(path) != digest:
             raise CheckpointError(f"checkpoint '{ckpt}': {name} is missing, truncated or corrupt (checksum mismatch)")
     try:
-        return json.loads((ckpt / "config.json").read_text())
+        config = json.loads((ckpt / "config.json").read_text())
     except ValueError:
         raise CheckpointError(f"checkpoint '{ckpt}': config.json is not valid JSON") from None
+    if manifest.get("layout") == "dcp":
+        _read_dcp_metadata(ckpt)  # plain data only, every shard inside the folder: else the step is damaged
+    return config
 
 
 def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
@@ -272,10 +275,36 @@ class _MetadataUnpickler(pickle.Unpickler):
 def _read_dcp_metadata(ckpt: Path):
     try:
         data = (ckpt / DCP_DIR / ".metadata").read_bytes()
-        return _MetadataUnpickler(io.BytesIO(data)).load()
+        meta = _MetadataUnpickler(io.BytesIO(data)).load()
     except Exception as e:  # missing, truncated or refused: a damaged checkpoint like any other
         raise CheckpointError(f"checkpoint '{ckpt}': {DCP_DIR}/.metadata is unreadable or not plain data "
                               f"({type(e).__name__}: {e})") from None
+    _check_shard_paths(ckpt, meta)
+    return meta
+
+
+def _check_shard_paths(ckpt: Path, meta: Any) -> None:
+    """Every shard the metadata names lies inside ckpt/dcp: a relative path without '..' that does not leave the
+    folder through a symlink, with a non-negative offset and length. Checked before any shard is read, so a
+    forged checkpoint cannot make us read another file."""
+    root = (ckpt / DCP_DIR).resolve()
+    entries = getattr(meta, "storage_data", None)
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"checkpoint '{ckpt}': {DCP_DIR}/.metadata has no shard table")
+    for info in entries.values():
+        rel = getattr(info, "relative_path", None)
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        path = PurePosixPath(rel) if isinstance(rel, str) and rel and "\\" not in rel and "\0" not in rel else None
+        inside = path is not None and not path.is_absolute() and ".." not in path.parts
+        if inside:
+            target = (root / path).resolve()
+            inside = target != root and target.is_relative_to(root)
+        if not inside:
+            raise CheckpointError(f"checkpoint '{ckpt}': {DCP_DIR}/.metadata names a shard outside its folder "
+                                  f"({str(rel)[:100]!r}); refused")
+        if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and length >= 0):
+            raise CheckpointError(f"checkpoint '{ckpt}': {DCP_DIR}/.metadata gives shard {rel!r} a bad offset or "
+                                  f"length ({offset!r}, {length!r})")
 
 
 def _dcp_model_entries(ckpt: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
