@@ -1,7 +1,7 @@
 """Per-digit accuracy of a trained run on the passkey task, by distance.
 
 Tells retrieval from ordering: a model that finds the key but not its order gets the first digit (after the
-unique ":") right and the later ones only partly (benchmarks/RESULTS.md, "Main experiment").
+unique ":") right and the later ones only partly (benchmarks/RESULTS.md, "Choosing the tasks").
 
     python benchmarks/passkey_digits.py RUN [--digits 5] [--n 200] [--distances 12 32 64 112]
 """

@@ -7,7 +7,7 @@ chunk's own keys). Two implementations compute the same function:
 - compiled (band_native.py, csrc/band_span.cpp), the default where a C++ compiler is found: one parallel
   loop over (row, run of chunks) tasks, each task's GEMMs single-threaded, threads pulling tasks as they
   free up; the softmax runs only over each query's visible columns. It holds up when another process takes
-  a core (benchmarks/RESULTS.md, "contention").
+  a core (benchmarks/RESULTS.md, "Attention forward and backward").
 - Python (`_BandSpanAttention`): problems with the same E are batched and run as explicit score tiles:
   S = Q·Kᵀ over the windows in one batched GEMM, the ramp applied only to the window's leading columns, the
   causal cut only to its last C, softmax in place, O = P·V. The backward keeps P and costs four batched

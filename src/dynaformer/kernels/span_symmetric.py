@@ -9,7 +9,7 @@ with key padding (padding keys are hidden; every query keeps its own key, so no 
 - `band_symmetric_span_attention`: the CPU band kernel. Queries are cut into chunks of C; a chunk of a
   (batch, head) row touches only the window of E keys on either side of it plus its own C keys, where E is
   the row's largest reach (rounded up to 32). Rows with the same E are batched into explicit score tiles,
-  as in the causal band kernel (kernels/span.py): S = Q·Kᵀ in one batched GEMM, softmax as
+  as in the causal band kernel (kernels/band.py): S = Q·Kᵀ in one batched GEMM, softmax as
   m·exp(S − max) / Σ, O = P·V, and a backward of four GEMMs plus the span gradient
   ∂L/∂z_i = Σ_j dS_ij / (R m_ij) over the ramp (0 < m < 1). Above 256 MiB of score tiles per call only
   each row's log-sum-exp is kept and the backward recomputes P.
