@@ -412,3 +412,42 @@ def test_a_really_full_disk_is_one_line_and_loses_nothing(tmp_path, text_file, c
     finally:
         shutil.rmtree(mnt / "r", ignore_errors=True)
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_non_finite_weights_are_never_written_or_read(tmp_path, text_file, capsys):
+    """Weights that turned non-finite stop training with one line naming the step; the last good checkpoint
+    stays the newest (no step-N with NaN is published). A checkpoint whose weights are NaN anyway (written by
+    something else, checksums fixed) is refused by every reader with one line."""
+    trainer = _trainer(tmp_path, text_file, ckpt_interval=4, max_steps=12)
+    real = trainer.optimizer.step
+
+    def poisoning_step(*a, **k):
+        out = real(*a, **k)
+        if trainer.step == 6:  # the update of step 7 leaves an inf in the weights (the loss was finite)
+            with torch.no_grad():
+                next(trainer.model.parameters()).view(-1)[0] = float("inf")
+        return out
+
+    trainer.optimizer.step = poisoning_step
+    with pytest.raises(DynaformerError, match=r"step 8: the model's weights are not finite .*step-4 stays the newest"):
+        trainer.fit()
+    run = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(run)] == ["step-4"] and latest_checkpoint(run).name == "step-4"
+    # A forged NaN checkpoint: eval refuses it in one line, exit 2.
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from dynaformer.files import sha256_file
+
+    ckpt = run / "step-4"
+    tensors = load_file(ckpt / "model.safetensors")
+    name = next(iter(tensors))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "dynaformer"})
+    m = json.loads((ckpt / "manifest.json").read_text())
+    m["files"]["model.safetensors"] = sha256_file(ckpt / "model.safetensors")
+    (ckpt / "manifest.json").write_text(json.dumps(m))
+    verify_checkpoint(ckpt)  # the checksums hold: only reading the weights can tell
+    res = cli_in_process(capsys, "eval", str(run))
+    assert res.returncode == 2 and "weights are not finite" in res.stderr and len(res.stderr.strip().splitlines()) == 1

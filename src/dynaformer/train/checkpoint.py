@@ -220,10 +220,14 @@ def load_model_state(ckpt: Path, model: torch.nn.Module) -> None:
     if checkpoint_layout(ckpt) == "dcp":  # straight into the model's own tensors: no second copy
         check_fits(ckpt, model, read_model_shapes(ckpt))
         load_dcp(ckpt, {"model": _dedup_keys(model.state_dict(), ckpt)})
-        return
-    tensors = read_model_tensors(ckpt)
-    check_fits(ckpt, model, tensors)
-    model.load_state_dict(tensors, strict=False)  # strict=False only for the tied head, checked above
+    else:
+        tensors = read_model_tensors(ckpt)
+        check_fits(ckpt, model, tensors)
+        model.load_state_dict(tensors, strict=False)  # strict=False only for the tied head, checked above
+    bad = next((n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())),
+               None)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint '{ckpt}': its weights are not finite ({bad} holds NaN or inf)")
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from ..configtools import to_dict
 from ..data import BatchSampler, eval_windows
 from ..data.dataset import StagedSampler
 from ..data.masking import mask_tokens, step_generator
-from ..errors import CheckpointError, Interrupted
+from ..errors import CheckpointError, DynaformerError, Interrupted
 from ..eval.diagnostics import layer_grad_norms
 from ..eval.perplexity import evaluate_mlm, evaluate_windows
 from ..model import Transformer
@@ -266,6 +266,13 @@ class Trainer:
     def save(self) -> Path:
         """Every rank takes part. Under torchrun each rank writes its own shards (DCP); otherwise, or with
         ckpt_format=full, the full state is gathered (FSDP) and rank 0 writes safetensors."""
+        bad = self._nonfinite_weight()
+        if bad is not None:  # never publish weights no reader could use; the last good step stays the newest
+            good = latest_checkpoint(self.run_info.dir, warn=False)
+            kept = f"{good.name} stays the newest checkpoint" if good else "no checkpoint was written before"
+            raise DynaformerError(f"step {self.step}: the model's weights are not finite ({bad}); step-{self.step} "
+                                  f"was not written and {kept}. Lower --lr or raise --warmup_steps and resume "
+                                  f"with --resume auto")
         config = self.workload.config_record()
         if self.dist.enabled and self.cfg.ckpt_format == "auto":
             tensors, param_groups = sharded_state(self.model, self.optimizer)
@@ -280,6 +287,15 @@ class Trainer:
             path = save_checkpoint(self.run_info.dir, self.step, weights, config, state, keep_last=self.cfg.keep_last)
         barrier(self.dist)
         return path
+
+    def _nonfinite_weight(self) -> str | None:
+        """The name of a parameter holding NaN or ±inf on any rank (the same answer on every rank), else None."""
+        bad = next((n for n, p in self.model.named_parameters()
+                    if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())), None)
+        ok = torch.tensor(0.0 if bad else 1.0, device=next(self.model.parameters()).device)
+        if float(all_reduce_mean(ok, self.dist)) < 1.0:
+            return bad or "on another rank"
+        return None
 
     def _load(self, ckpt: Path) -> None:
         if checkpoint_layout(ckpt) == "dcp":  # resharded by DCP to this world size (1 included)
