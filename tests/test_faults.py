@@ -451,3 +451,24 @@ def test_non_finite_weights_are_never_written_or_read(tmp_path, text_file, capsy
     verify_checkpoint(ckpt)  # the checksums hold: only reading the weights can tell
     res = cli_in_process(capsys, "eval", str(run))
     assert res.returncode == 2 and "weights are not finite" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_trainer_state_without_its_optimizer_falls_back(tmp_path, nine_steps, capsys):
+    """Plain data, checksums fixed, but no optimizer state: refused like any damaged state (not a KeyError), the
+    run resumes from the previous checkpoint, and no torch warning is printed beside the one line."""
+    import json
+
+    from dynaformer.train.checkpoint import _sha256, load_trainer_state
+
+    data, run = _copy_run(nine_steps, tmp_path / "run")
+    ckpt = run / "step-9"
+    state = load_trainer_state(ckpt)
+    del state["optimizer"]
+    torch.save(state, ckpt / "trainer.pt")
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["trainer.pt"] = _sha256(ckpt / "trainer.pt")
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    res = _train(capsys, data, run, "--max_steps", "9", "--resume", "auto")
+    assert res.returncode == 0 and "lacks optimizer" in res.stderr and "(step 6)" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and "UserWarning" not in res.stderr
+    assert "optimizer" in load_trainer_state(ckpt)  # rewritten whole when the run reached step 9 again

@@ -230,12 +230,23 @@ def load_model_state(ckpt: Path, model: torch.nn.Module) -> None:
         raise CheckpointError(f"checkpoint '{ckpt}': its weights are not finite ({bad} holds NaN or inf)")
 
 
+_TRAINER_KEYS = ("step", "elapsed_s", "sampler", "torch_rng")  # + "optimizer" (full layout) / "param_groups" (DCP)
+
+
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     try:
-        return torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a refused foreign pickle is our one line, not torch's warning too
+            warnings.simplefilter("ignore")
+            state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything that is not plain data
         raise CheckpointError(
             f"checkpoint '{ckpt}': trainer.pt is not a plain-data trainer state ({type(e).__name__})") from None
+    need = (*_TRAINER_KEYS, "param_groups" if checkpoint_layout(ckpt) == "dcp" else "optimizer")
+    missing = [k for k in need if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint '{ckpt}': trainer.pt lacks {', '.join(missing)} (a damaged or foreign "
+                              f"trainer state)")
+    return state
 
 
 # --- DCP (torch.distributed.checkpoint) layout ---------------------------------------------------------
