@@ -100,6 +100,8 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
         (train + ["--warmup_steps", "-1"], "warmup_steps"), (train + ["--keep_last", "-1"], "keep_last"),
         (train + ["--dtype", "fp8"], "dtype"), (train + ["--tokenizer", "word"], "tokenizer"),
         (train + ["--tokenizer", "bpe"], "tokenizer_file"), (train + ["--objective", "mlm"], "objective"),
+        (train + ["--tokenizer", "bpe", "--tokenizer_file", str(w / "latin1.txt")], "not UTF-8"),
+        (train + ["--lr", "-1e-3"], "train.lr: must be > 0"), (train + ["--lr", "-inf"], "train.lr"),
         (train + ["--device", "tpu"], "device"), (train + ["--device", "cuda"], "CUDA"),
         (train + ["--parallel", "zero"], "parallel"), (train + ["--resume", "yes-please"], "train.resume"),
         (train + ["--optimizer", "lion"], "muon"), (train + ["--muon_lr_ratio", "0"], "muon_lr_ratio"),
@@ -148,7 +150,10 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
         (["generate", run, "--top_k", "0"], "top_k"), (["generate", run, "--top_p", "0"], "top_p"),
         (["generate", run, "--top_p", "1.5"], "top_p"), (["generate", run, "--max_new_tokens", "-1"],
                                                         "max_new_tokens"),
-        (["generate", run, "--max_len", "-3"], "max_len"), (["generate", run, "--prompt", "ZZZ€"], "vocabulary"),
+        (["generate", run, "--max_len", "-3"], "max_len must be a positive"),
+        (["generate", run, "--temperature", "inf"], "finite temperature"),
+        (["generate", run, "--temperature", "-1e-2"], "finite temperature"),
+        (["generate", run, "--prompt", "ZZZ€"], "vocabulary"),
         (["generate", str(w / "missing")], "does not exist"),
         (["eval", str(w / "huge_vocab")], "GiB available"), (["generate", str(w / "huge_vocab")], "GiB available"),
         (["eval", str(w / "wide")], "does not fit"), (["export-hf", str(w / "huge_vocab"), out], "GiB available"),
@@ -159,6 +164,7 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
         (["export-hf", run, f"{run}/hf"], "run folder"), (["export-hf", run, text], "not a folder"),
         (["export-hf", str(w / "missing"), out], "does not exist"),
         (["export-hf", run, out, "--tokenizer", str(w / "missing.json")], "missing.json"),
+        (["export-hf", run, out, "--tokenizer", str(w / "latin1.txt")], "not UTF-8"),
         # finetune
         (["finetune", "--task", "nope", "--out", out], "task"),
         (["finetune", "--task", "keyword", "--max_steps", "0", "--out", out], "max_steps"),
@@ -195,7 +201,7 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
     return cases
 
 
-N_CASES = 139
+N_CASES = 145
 
 
 def test_the_catalogue_is_complete():

@@ -93,6 +93,8 @@ def load_bpe_file(path: str | Path) -> BPETokenizer:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise DynaformerError(f"tokenizer file '{p}': cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise DynaformerError(f"tokenizer file '{p}' is not UTF-8 text (a tokenizers JSON is)") from None
     try:
         spec = json.loads(text)
     except ValueError:

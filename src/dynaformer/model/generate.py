@@ -7,6 +7,8 @@ the cached path then re-reads that window, which keeps the two paths equal.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import DynaformerError
@@ -44,6 +46,8 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
              use_cache: bool = True, max_len: int | None = None,
              eos_id: int | None = None) -> torch.Tensor:
     """prompt: (B, T0) token ids → (B, T0 + n) with n ≤ max_new_tokens new tokens."""
+    if max_len is not None and max_len < 1:
+        raise DynaformerError(f"generate: max_len must be a positive number of tokens, got {max_len}")
     max_len = max_len or model.cfg.context_len
     if prompt.dim() != 2 or prompt.size(1) == 0:
         raise DynaformerError("generate: the prompt must hold at least one token")
@@ -51,8 +55,9 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
         raise DynaformerError(
             f"generate: the prompt has {prompt.size(1)} tokens but the model takes at most {max_len} "
             f"(its context_len; pass a larger max_len to extrapolate)")
-    if not temperature >= 0 or (top_k is not None and top_k <= 0) or (top_p is not None and not 0 < top_p <= 1):
-        raise DynaformerError("generate: need temperature ≥ 0, top_k > 0 and 0 < top_p ≤ 1")
+    bad_top = (top_k is not None and top_k <= 0) or (top_p is not None and not 0 < top_p <= 1)
+    if not 0 <= temperature < math.inf or bad_top:
+        raise DynaformerError("generate: need a finite temperature ≥ 0, top_k > 0 and 0 < top_p ≤ 1")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
