@@ -102,6 +102,9 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
         (train + ["--tokenizer", "bpe"], "tokenizer_file"), (train + ["--objective", "mlm"], "objective"),
         (train + ["--tokenizer", "bpe", "--tokenizer_file", str(w / "latin1.txt")], "not UTF-8"),
         (train + ["--lr", "-1e-3"], "train.lr: must be > 0"), (train + ["--lr", "-inf"], "train.lr"),
+        # sizes refused before anything is allocated or created
+        (train + ["--batch_size", "1000000000"], "GiB available"), (train + ["--d_model", "1000000"], "GiB available"),
+        (train + ["--n_layer", "1000000"], "GiB available"),
         (train + ["--device", "tpu"], "device"), (train + ["--device", "cuda"], "CUDA"),
         (train + ["--parallel", "zero"], "parallel"), (train + ["--resume", "yes-please"], "train.resume"),
         (train + ["--optimizer", "lion"], "muon"), (train + ["--muon_lr_ratio", "0"], "muon_lr_ratio"),
@@ -152,6 +155,7 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
                                                         "max_new_tokens"),
         (["generate", run, "--max_len", "-3"], "max_len must be a positive"),
         (["generate", run, "--temperature", "inf"], "finite temperature"),
+        (["generate", run, "--max_new_tokens", "1000000000000"], "GiB available"),
         (["generate", run, "--temperature", "-1e-2"], "finite temperature"),
         (["generate", run, "--prompt", "ZZZ€"], "vocabulary"),
         (["generate", str(w / "missing")], "does not exist"),
@@ -179,6 +183,9 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
         (["finetune", "--task", "keyword", "--out", run], "run"),
         # data
         (["data", "tokenizer", "--vocab", "100", text, "--out", str(w / "tok.json")], "vocab"),
+        (["data", "tokenizer", "--vocab", "1000000000000", text, "--out", str(w / "tok.json")], "must be ≤"),
+        (["data", "tokenizer", "/dev/zero", "--out", str(w / "tok.json")], "not a regular file"),
+        (train + ["--data", "/dev/zero"], "not a regular file"),
         (["data", "tokenizer", str(w / "missing.txt"), "--out", str(w / "tok.json")], "does not exist"),
         (["data", "tokenizer", text, "--out", text], "exists"),
         # compare and report
@@ -201,7 +208,7 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
     return cases
 
 
-N_CASES = 145
+N_CASES = 152
 
 
 def test_the_catalogue_is_complete():

@@ -65,10 +65,12 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import distributed
+    from .train.config import check_train_memory
     from .train.rundir import locked_run
     from .train.trainer import Trainer, resolve_device
 
     model_cfg, train_cfg = build_configs(args)
+    check_train_memory(model_cfg, train_cfg)
     dist = distributed.init_distributed(resolve_device(train_cfg.device))
     try:
         with locked_run(model_cfg, train_cfg, dist) as run:

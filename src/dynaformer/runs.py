@@ -21,6 +21,7 @@ from .eval.diagnostics import diagnose, plot_diagnostics, plot_training
 from .eval.perplexity import evaluate_windows
 from .model import ModelConfig, Transformer
 from .model.generate import generate
+from .model.memory import BYTES, param_bound
 from .resources import check_fits_in_memory
 from .train.checkpoint import check_fits, latest_checkpoint, load_model_state, read_model_shapes, verify_checkpoint
 
@@ -47,10 +48,8 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, Byte
         tokenizer = tokenizer_from_dict(config["tokenizer"])
     except (KeyError, ConfigError) as e:
         raise CheckpointError(f"checkpoint '{ckpt}': config.json does not describe a dynaformer model ({e})") from None
-    # Size first, from the config alone (a config.json may ask for 10⁶ layers or 10¹² tokens): an upper
-    # bound of the parameters (attention 4·d², MLP ≤ 12·d² per layer, embeddings V·d, untied head V·d).
-    d, L, V = model_cfg.d_model, model_cfg.n_layer, model_cfg.vocab_size
-    check_fits_in_memory(4 * (16 * L * d * d + 2 * V * d), f"the model of '{ckpt}'")
+    # Size first, from the config alone (a config.json may ask for 10⁶ layers or 10¹² tokens).
+    check_fits_in_memory(BYTES * param_bound(model_cfg), f"the model of '{ckpt}'")
     with torch.device("meta"):  # then the shapes, on the meta device: nothing is allocated
         shell = Transformer(model_cfg)
     check_fits(ckpt, shell, read_model_shapes(ckpt))

@@ -17,6 +17,7 @@ from ..errors import DynaformerError
 
 EOT = "<|endoftext|>"
 MIN_VOCAB = 257  # 256 bytes + <|endoftext|>
+MAX_VOCAB = 2**20
 
 
 def _tokenizers():
@@ -76,6 +77,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
     """Train byte-level BPE on `texts` (an iterable of documents) to at most `vocab_size` tokens."""
     if vocab_size < MIN_VOCAB:
         raise DynaformerError(f"tokenizer: --vocab must be ≥ {MIN_VOCAB} (256 bytes + {EOT}), got {vocab_size}")
+    if vocab_size > MAX_VOCAB:  # the trainer sizes tables by it before it learns a single merge
+        raise DynaformerError(f"tokenizer: --vocab must be ≤ {MAX_VOCAB:,} (larger than any byte-level BPE "
+                              f"vocabulary in use), got {vocab_size:,}")
     tk = _tokenizers()
     tok = tk.Tokenizer(tk.models.BPE())
     tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

@@ -9,6 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import DynaformerError
+from ..resources import check_fits_in_memory
 
 BUILTIN_PREFIX = "builtin:"
 # Packaged with dynaformer (data/corpora/README.md: source, licence), so `builtin:default` is the same bytes
@@ -114,6 +115,10 @@ def read_text(source: str, context_len: int | None = None) -> tuple[str, str]:
 
 
 def _read_file(path: Path) -> str:
+    if not path.is_file():  # a device such as /dev/zero or a FIFO can be endless
+        raise DynaformerError(f"data: '{path}' is not a regular file")
+    # The text, its tokens (int64) and the token files' bytes: about 24 bytes per byte of text at most.
+    check_fits_in_memory(24 * path.stat().st_size, f"data: reading '{path}'")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

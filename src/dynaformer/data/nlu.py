@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DynaformerError
+from ..resources import check_fits_in_memory
 
 _NAMES = ["Ada", "Bruno", "Chiara", "Dev", "Elif", "Farid", "Greta", "Hugo", "Ines", "Jonas"]
 _PLACES = ["kitchen", "garden", "library", "harbour", "attic", "market", "station", "orchard"]
@@ -103,8 +104,11 @@ def generate_task(name: str, n_train: int, n_val: int, seed: int = 0, distance: 
 def read_jsonl(path: str | Path) -> list[Example]:
     """One {"text": str, "label": str|int} object per line; an optional "distance" (int)."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise DynaformerError(f"data: '{p}' does not exist")
+    if not p.is_file():
+        raise DynaformerError(f"data: '{p}' is not a regular file")
+    check_fits_in_memory(24 * p.stat().st_size, f"data: reading '{p}'")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:

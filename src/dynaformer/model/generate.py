@@ -12,7 +12,9 @@ import math
 import torch
 
 from ..errors import DynaformerError
+from ..resources import check_fits_in_memory
 from .cache import KVCache
+from .memory import generate_bytes
 from .transformer import Transformer
 
 
@@ -49,6 +51,8 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
     if max_len is not None and max_len < 1:
         raise DynaformerError(f"generate: max_len must be a positive number of tokens, got {max_len}")
     max_len = max_len or model.cfg.context_len
+    check_fits_in_memory(generate_bytes(model.cfg, prompt.size(0), prompt.size(1) + max_new_tokens, max_len),
+                         f"generate: {max_new_tokens} new tokens")
     if prompt.dim() != 2 or prompt.size(1) == 0:
         raise DynaformerError("generate: the prompt must hold at least one token")
     if prompt.size(1) > max_len:

@@ -23,20 +23,11 @@ import torch
 
 from ..errors import ConfigError
 from ..model import ModelConfig, Transformer
+from ..model.memory import step_bytes
 from ..resources import available_memory
 from ..timing import time_interleaved
 
 DECODE_TOKENS = 8  # greedy steps per timed decoding call
-
-
-def step_bytes(cfg: ModelConfig, T: int) -> int:
-    """A generous estimate of the peak memory of one forward + backward at length T, batch 1 (fp32):
-    the saved activations (≈ 24 floats per channel per layer), the logits three times (logits, their
-    float copy, the gradient), and the attention scores a quadratic kernel would hold."""
-    act = 24 * T * cfg.d_model * cfg.n_layer
-    logits = 3 * T * cfg.vocab_size
-    scores = 3 * T * T * cfg.n_head if cfg.span_impl in ("masked", "reference") else 0
-    return 4 * (act + logits + scores)
 
 
 def check_lengths(lengths: Sequence[int], cfgs: Sequence[ModelConfig] = ()) -> None:

@@ -135,6 +135,26 @@ def check_compatible(model_causal: bool, objective: str, context_len: int | None
                           "(use train.objective=mlm)")
 
 
+def check_train_memory(model_cfg, train_cfg: TrainConfig) -> None:
+    """Refuse, before any folder or tensor exists, a model and batch whose training would not fit in this
+    machine's available memory (weights, gradients, optimizer state, one micro-batch's activations; the staged
+    context's shorter, wider batch too). Training on a GPU is not checked against the host's memory."""
+    import torch
+
+    from ..model.memory import train_bytes
+    from ..resources import check_fits_in_memory
+
+    if train_cfg.device.startswith("cuda") or (train_cfg.device == "auto" and torch.cuda.is_available()):
+        return
+    C = model_cfg.context_len
+    check_fits_in_memory(train_bytes(model_cfg, train_cfg.batch_size),
+                         f"training this model (batch {train_cfg.batch_size} × context {C})")
+    if train_cfg.short_context:
+        rows = train_cfg.batch_size * C // train_cfg.short_context
+        check_fits_in_memory(train_bytes(model_cfg, rows, train_cfg.short_context),
+                             f"training this model at the staged context (batch {rows} × {train_cfg.short_context})")
+
+
 def split_sections(overrides: dict, where: str) -> dict[str, dict]:
     """Flat field names or `model:` / `train:` sections → {"model": {...}, "train": {...}}; unknown keys
     are a ConfigError naming them (used by --config files and by compare grids)."""
