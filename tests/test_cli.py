@@ -227,3 +227,29 @@ def test_readme_commands_without_shared_data(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (clone / "runs/q/sample.txt").read_text().startswith("The ")
+
+
+def test_the_disk_full_line_names_resume_only_for_training(monkeypatch, capsys):
+    """ENOSPC anywhere in a command is one line, exit 2; only train and finetune are told about --resume auto."""
+    import errno
+
+    from dynaformer import cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/x/out")
+
+    for command, resume in (("export-hf", False), ("train", True)):
+        parser = cli.make_parser()
+        real = parser.parse_args
+
+        def parse(argv, real=real, command=command):
+            ns = real(["eval", "r"])
+            ns.command, ns.func = command, full
+            return ns
+
+        monkeypatch.setattr(parser, "parse_args", parse)
+        monkeypatch.setattr(cli, "make_parser", lambda parser=parser: parser)
+        assert cli.main([command]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "the disk is full writing '/x/out'" in err[0]
+        assert ("--resume auto" in err[0]) == resume, err

@@ -304,7 +304,8 @@ def make_parser() -> Parser:
     p.add_argument("--limit", type=float, default=None, help="lm-eval: documents per task (or a fraction)")
     p.add_argument("--num_fewshot", type=int, default=None, help="lm-eval: few-shot examples")
     p.add_argument("--include_path", metavar="DIR", default=None,
-                   help="lm-eval: a folder of your own task YAMLs (used with --lm-eval)")
+                   help="lm-eval: a folder of your own task YAMLs (used with --lm-eval). lm-eval runs the Python "
+                        "that a task's `!function` names from this folder: pass only folders you trust")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export-hf", help="export a run's newest checkpoint as a transformers model folder",
@@ -435,8 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         if not is_disk_full(e):
             raise
         where = f" writing '{e.filename}'" if getattr(e, "filename", None) else ""
+        resume = " (training continues with --resume auto)" if args.command in ("train", "finetune") else ""
         print(f"dynaformer {args.command}: error: the disk is full{where}; files written before are intact. "
-              f"Free space and run the command again (training continues with --resume auto)", file=sys.stderr)
+              f"Free space and run the command again{resume}", file=sys.stderr)
         return 2
     finally:
         if previous is not None:
