@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.residual import DynamicResidual, residual_modules, residual_stats
+from ..plotting import pyplot
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -223,20 +224,9 @@ def diagnose(model: nn.Module, windows: torch.Tensor, grad_windows: int = 8) -> 
 
 # --- plots -----------------------------------------------------------------------------------
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_diagnostics(diag: dict, path: Path) -> Path | None:
     """Bar charts of the per-layer numbers of `diagnose`. None when matplotlib is not installed."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     panels = [("gradient norm per layer", diag["layer_grad_norm"], "layer", True),
@@ -262,7 +252,7 @@ def plot_diagnostics(diag: dict, path: Path) -> Path | None:
 def plot_training(metrics_path: Path, path: Path) -> Path | None:
     """Per-layer gradient norms and residual coefficients over training, from metrics.jsonl.
     None when matplotlib is missing or the log holds neither."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None or not metrics_path.exists():
         return None
     records = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]

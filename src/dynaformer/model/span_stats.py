@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..kernels import band_flops
+from ..plotting import pyplot
 
 
 def _last_spans(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
@@ -75,12 +76,8 @@ def plot_span_heatmap(records: list[dict], path: Path) -> Path | None:
     recs = [r for r in records if "span_mean" in r]
     if not recs:
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     steps = [r["step"] for r in recs]
     grid = torch.tensor([[x for layer in r["span_mean"] for x in layer] for r in recs]).T  # (L·H, steps)

@@ -13,19 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..plotting import pyplot
 from .collect import Collected
 from .stats import mean_sd
-
-
-def pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
 
 
 def png(fig) -> bytes:

@@ -20,9 +20,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..plotting import pyplot
 from .collect import Collected, collect
 from .encoder_report import encoder_blocks
-from .figures import FIGURES, colors_for, pyplot
+from .figures import FIGURES, colors_for
 from .render import Block, Document, Heading, Image, Paragraph, Table, write_document
 from .results import report_data
 from .verdicts import METRICS, THRESHOLDS, WALL_CLOCK, is_accuracy
