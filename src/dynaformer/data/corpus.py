@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import DynaformerError
 from ..resources import check_fits_in_memory
+from .formats import file_kind, is_datasets_folder, read_datasets_folder, read_jsonl, read_parquet
 
 BUILTIN_PREFIX = "builtin:"
 # Packaged with dynaformer (data/corpora/README.md: source, licence), so `builtin:default` is the same bytes
@@ -80,10 +81,11 @@ def generated_stories(n_chars: int, seed: int = 0) -> str:
     return "".join(parts)[:n_chars]
 
 
-def read_text(source: str, context_len: int | None = None) -> tuple[str, str]:
-    """Return (text, description) for a data source: FILE, FOLDER (all files, sorted, joined by
-    newlines), `builtin:default` = `builtin:shakespeare` (the packaged tiny-shakespeare), `builtin:stories`
-    (generated), or a `task:` spec (data/tasks.py: its `text=` source, or
+def read_text(source: str, context_len: int | None = None, text_field: str = "text") -> tuple[str, str]:
+    """Return (text, description) for a data source: a text FILE; a `.jsonl` or `.parquet` file or a `datasets`
+    folder (`save_to_disk`), read as the `text_field` of every record (data/formats.py); a FOLDER of files of one
+    kind (sorted, joined by newlines); `builtin:default` = `builtin:shakespeare` (the packaged
+    tiny-shakespeare), `builtin:stories` (generated), or a `task:` spec (data/tasks.py: its `text=` source, or
     rendered task examples of length `len` or `context_len`)."""
     if source.startswith("task:"):
         from .tasks import check_task_data, parse_task_spec, render_text
@@ -104,14 +106,33 @@ def read_text(source: str, context_len: int | None = None) -> tuple[str, str]:
         raise DynaformerError(f"data: unknown built-in source '{source}' (known: {known})")
     path = Path(source)
     if path.is_dir():
+        if is_datasets_folder(path):
+            return read_datasets_folder(path, text_field), f"{source} (datasets folder, field '{text_field}')"
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         if not files:
             raise DynaformerError(f"data: folder '{source}' holds no files")
-        texts = [_read_file(p) for p in files]
+        kinds = {p: file_kind(p) for p in files}
+        if len(set(kinds.values())) > 1:
+            first = {k: p for p, k in reversed(kinds.items())}
+            raise DynaformerError(f"data: folder '{source}' mixes kinds of files ("
+                                  + ", ".join(f"{k}: {first[k].name}" for k in sorted(first))
+                                  + "); give it files of one kind")
+        texts = [_read_any(p, kinds[p], text_field) for p in files]
         return "\n".join(texts), f"{source} ({len(files)} files)"
     if not path.exists():
         raise DynaformerError(f"data: '{source}' does not exist")
-    return _read_file(path), str(path)
+    kind = file_kind(path)
+    return _read_any(path, kind, text_field), str(path) + (f" (field '{text_field}')" if kind != "text" else "")
+
+
+def _read_any(path: Path, kind: str, text_field: str) -> str:
+    if not path.is_file():
+        raise DynaformerError(f"data: '{path}' is not a regular file")
+    if kind == "jsonl":
+        return read_jsonl(path, text_field)
+    if kind == "parquet":
+        return read_parquet(path, text_field)
+    return _read_file(path)
 
 
 def _read_file(path: Path) -> str:

@@ -13,6 +13,7 @@ from ..resources import check_threads
 @dataclass
 class TrainConfig:
     data: str = "builtin:default"  # FILE, FOLDER, builtin:default (packaged tiny-shakespeare) or builtin:stories
+    text_field: str = "text"  # the field that holds the text in .jsonl / .parquet / datasets-folder data
     tokenizer: Literal["byte", "char", "bpe"] = "byte"
     tokenizer_file: str = ""  # bpe: a tokenizer JSON from `dynaformer data tokenizer`
     objective: Literal["clm", "mlm"] = "clm"  # next-token (causal LM) or masked-LM (needs model.causal=false)

@@ -173,7 +173,7 @@ def _reopen_run(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -
 def _create_run(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> Run:
     """A new folder: tokenizer, token files, then run.json last (its presence marks a finished setup)."""
     precision = _precision(train_cfg)  # before anything is written: bf16 where it cannot run is an error
-    text, source = read_text(train_cfg.data, model_cfg.context_len)
+    text, source = read_text(train_cfg.data, model_cfg.context_len, train_cfg.text_field)
     if train_cfg.tokenizer == "bpe":
         from ..data.bpe import load_bpe_file
 
