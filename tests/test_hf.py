@@ -327,6 +327,14 @@ if job.get("text"):
     assert batched == alone, (batched, alone)
     out["text/ids"] = tok(prompts[0], return_tensors="pt").input_ids
     out["text/pipeline"] = [b[0]["generated_text"] for b in batched]
+if job.get("card"):  # the model card's first snippet, as a user pastes it (stdin closed: a prompt would fail)
+    import contextlib, io, pathlib
+    card = pathlib.Path(job["card"], "README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(snippet, {})
+    out["card/printed"] = printed.getvalue()
 leaked = sorted(m for m in sys.modules if m == "dynaformer" or m.startswith("dynaformer."))
 assert not leaked, leaked
 torch.save(out, job["out"])
@@ -379,11 +387,11 @@ def test_export_loads_without_dynaformer(tmp_path, text_file, capsys):
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     job = {"folders": list(models), "ids": ids.tolist(), "mask": mask.tolist(), "plain": 11, "pad": 0,
-           "text": "cli-export", "out": str(tmp_path / "child.pt")}
+           "text": "cli-export", "card": "cli-export", "out": str(tmp_path / "child.pt")}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(tmp_path / "hf-modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     res = subprocess.run([_python_without_dynaformer(tmp_path), "-c", _CHILD, json.dumps(job)], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert res.returncode == 0, "\n".join(ln for ln in res.stderr.splitlines() if "it/s]" not in ln)[-3000:]
     theirs = torch.load(tmp_path / "child.pt", weights_only=True)
     for name, model in models.items():
@@ -395,3 +403,7 @@ def test_export_loads_without_dynaformer(tmp_path, text_file, capsys):
         assert torch.equal(theirs[name + "/generate"], ours), name
     _, our_tok, _ = load_model(run)
     assert theirs["text/ids"][0].tolist() == our_tok.encode("Ada went to the")
+    assert theirs["card/printed"].strip()  # the card's snippet ran unattended and printed its generation
+    card = (tmp_path / "cli-export" / "README.md").read_text()
+    assert "tags: [dynaformer, custom_code, residual-dynamic, span-dynamic]" in card and "val_bpb" in card
+    assert "license: not set by the export" in card and str(text_file) in card

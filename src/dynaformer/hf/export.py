@@ -24,19 +24,22 @@ from .tokenization import to_hf_tokenizer
 
 _CARD = """---
 library_name: transformers
-tags: [dynaformer]
+pipeline_tag: text-generation
+tags: [dynaformer, custom_code, residual-{residual}, span-{span}]
+# license: not set by the export. Fill it in with the licence of these weights and of their training data.
 ---
 # {name}
 
 A dynaformer language model exported from `{ckpt}` (step {step}).
 
-With only `transformers`, `torch` and `safetensors` installed (the model code ships in this folder):
+With only `transformers`, `torch` and `safetensors` installed (the model code ships in this folder, hence
+`trust_remote_code=True` on both calls; without it on the tokenizer too, transformers stops to ask):
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
-tok = AutoTokenizer.from_pretrained("{name}")
+tok = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)
 ids = tok("Once upon a time", return_tensors="pt").input_ids
 print(tok.decode(model.generate(ids, max_new_tokens=50, do_sample=False)[0]))
 ```
@@ -54,7 +57,23 @@ Batches may be padded on either side (`tok.padding_side = "left"` for generation
 row's first real token and padded keys are masked, so a padded row gives the tokens it gives alone. The pad
 token is `{pad}`.
 
-Model config (`config.json` → `dynaformer`): {summary}. Tokenizer: {tokenizer} ({vocab} tokens).
+## Model
+
+{summary}. Tokenizer: {tokenizer} ({vocab} tokens). Every setting is in `config.json` → `dynaformer`.
+
+- Residual connections: {residual_text}
+- Attention span: {span_text}
+
+## Training
+
+- Data: {data}
+- Steps: {step}; {tokens}
+- Held-out evaluation at the last checkpoint: {val}
+
+## Licence
+
+Not set by the export: add a `license:` line to the front matter above with the licence of these weights and
+of the data they were trained on.
 """
 
 
@@ -112,6 +131,52 @@ def save_self_contained(hf_model: DynaformerForCausalLM, folder: Path) -> None:
     cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _mechanism_texts(cfg) -> tuple[str, str]:
+    if cfg.residual == "dynamic":
+        terms = [t for t, on in (("training progress", cfg.dyn_step), ("position", cfg.dyn_position),
+                                 ("content", cfg.dyn_content)) if on]
+        residual = f"dynamic: each block's update weighted by {', '.join(terms) or 'a learned gain alone'}"
+    else:
+        residual = cfg.residual
+    span = {"none": "dense causal attention over the whole context",
+            "fixed": f"a fixed window of {cfg.span_window} keys",
+            "per_head": f"one learned span per head, up to {cfg.span_max} tokens (ramp {cfg.span_ramp})",
+            "dynamic": f"a learned span per head and token, from its content, up to {cfg.span_max} tokens "
+                       f"(ramp {cfg.span_ramp})"}.get(cfg.span, cfg.span)
+    return residual, span
+
+
+def model_card(model, ckpt: Path, name: str, step, tokenizer, pad: str) -> str:
+    """README.md of an export: a snippet that runs on a transformers-only machine, and front matter and sections
+    with what the run recorded (mechanisms, data, tokens, held-out loss); the licence is left to the user."""
+    from ..train.checkpoint import load_trainer_state
+
+    cfg = model.cfg
+    try:
+        run = json.loads((ckpt.parent / "run.json").read_text())
+    except (OSError, ValueError):
+        run = {}
+    data = run.get("data") or {}
+    source = data.get("source") or (run.get("train") or {}).get("data") or "not recorded"
+    size = (f" ({data['n_train']:,} training and {data.get('n_val', 0):,} validation tokens)"
+            if data.get("n_train") else "")
+    train = run.get("train") or {}
+    tokens = (f"{int(step) * int(train['batch_size']) * int(train.get('grad_accum') or 1) * cfg.context_len:,} "
+              f"tokens seen" if step and train.get("batch_size") else "tokens seen not recorded")
+    try:
+        last = load_trainer_state(ckpt).get("last_val") or {}
+    except DynaformerError:
+        last = {}
+    val = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k in ("val_loss", "val_bpb", "val_ppl")
+                    and isinstance(v, float)) or "not recorded"
+    residual_text, span_text = _mechanism_texts(cfg)
+    summary = f"{cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, context {cfg.context_len}"
+    return _CARD.format(name=name, ckpt=ckpt, step=step, summary=summary, tokenizer=tokenizer.kind,
+                        vocab=tokenizer.vocab_size, pad=pad, residual=cfg.residual, span=cfg.span,
+                        residual_text=residual_text, span_text=span_text, data=f"{source}{size}", tokens=tokens,
+                        val=val)
+
+
 def export_hf(run: str | Path, out: str | Path, tokenizer_file: str | None = None, force: bool = False) -> dict:
     model, tokenizer, ckpt = load_model(run)
     if not model.cfg.causal:
@@ -143,12 +208,7 @@ def export_hf(run: str | Path, out: str | Path, tokenizer_file: str | None = Non
         tc["tokenizer_class"] = "PreTrainedTokenizerFast"
         tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False))
         step = json.loads((ckpt / "config.json").read_text()).get("step")
-        cfg = model.cfg
-        summary = (f"{cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, context {cfg.context_len}, "
-                   f"residual '{cfg.residual}', span '{cfg.span}'")
-        (tmp / "README.md").write_text(_CARD.format(name=out.name, ckpt=ckpt, step=step, summary=summary,
-                                                    tokenizer=tokenizer.kind, vocab=tokenizer.vocab_size,
-                                                    pad=hf_tok.pad_token))
+        (tmp / "README.md").write_text(model_card(model, ckpt, out.name, step, tokenizer, hf_tok.pad_token))
         (tmp / EXPORT_MARKER).write_text(json.dumps({"checkpoint": str(ckpt.resolve()), "step": step}) + "\n")
         if out.exists():  # empty, or a previous export (check_out): move it aside, publish, then delete it
             old = out.parent / f".{out.name}.old-{os.getpid()}"
