@@ -36,7 +36,7 @@ def test_cached_decode_equals_reference_greedy_and_seeded(residual, span):
 
 @pytest.mark.parametrize("span", SPANS)
 def test_cached_decode_of_a_left_padded_batch_equals_each_row_alone(span):
-    """Padded rows go through the same cached decode step (attention_mask over every key so far)."""
+    """Padded rows go through the same cached decode step (key_padding_mask over every key so far)."""
     torch.manual_seed(2)
     model = Transformer(tiny_config(residual="dynamic", span=span, span_max=12, span_init=6.0)).eval()
     rows = [torch.randint(1, 64, (n,)) for n in (9, 4)]
@@ -46,12 +46,12 @@ def test_cached_decode_of_a_left_padded_batch_equals_each_row_alone(span):
         ids[b, 9 - len(r):], mask[b, 9 - len(r):] = r, 1
     with torch.no_grad():
         cache = model.new_cache(2, 30)
-        logits, _ = model(ids, cache=cache, attention_mask=mask)
+        logits, _ = model(ids, cache=cache, key_padding_mask=mask)
         tok = logits[:, -1:].argmax(-1)
         got = [tok]
         for _ in range(12):
             mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-            logits, _ = model(tok, cache=cache, attention_mask=mask)
+            logits, _ = model(tok, cache=cache, key_padding_mask=mask)
             tok = logits[:, -1:].argmax(-1)
             got.append(tok)
     got = torch.cat(got, 1)

@@ -397,7 +397,7 @@ def test_export_loads_without_dynaformer(tmp_path, text_file, capsys):
     for name, model in models.items():
         with torch.no_grad():
             assert torch.equal(theirs[name + "/logits"], model(ids)[0]), name  # bit-identical
-            assert torch.equal(theirs[name + "/padded"], model(ids, attention_mask=mask)[0]), name
+            assert torch.equal(theirs[name + "/padded"], model(ids, key_padding_mask=mask)[0]), name
         ours = DynaformerForCausalLM.from_dynaformer(model).eval().generate(
             ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(theirs[name + "/generate"], ours), name

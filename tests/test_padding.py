@@ -1,6 +1,7 @@
-"""Padded batches (attention_mask) for every residual × span kind: a padded row gives, logit for logit and token
-for token, what it gives alone — in the plain forward, through the KV cache (including span-bounded caches that
-compact), and in transformers' generate (greedy and beam, cached and uncached). Bad masks are one clear error."""
+"""Padded batches (key_padding_mask; transformers' attention_mask) for every residual × span kind: a padded row
+gives, logit for logit and token for token, what it gives alone — in the plain forward, through the KV cache
+(including span-bounded caches that compact), and in transformers' generate (greedy and beam, cached and
+uncached). Bad masks are one clear error."""
 
 from __future__ import annotations
 
@@ -42,14 +43,14 @@ def test_padded_forward_and_cache_equal_single_rows(residual, span):
     rows = [torch.randint(0, 64, (n,)) for n in LENGTHS]
     ids, mask = _left_padded(rows, pad=5)
     T = ids.shape[1]
-    full, _ = model(ids, attention_mask=mask)
+    full, _ = model(ids, key_padding_mask=mask)
     cache = model.new_cache(len(rows), T + 8)
-    prefill, _ = model(ids, cache=cache, attention_mask=mask)
+    prefill, _ = model(ids, cache=cache, key_padding_mask=mask)
     steps = torch.randint(0, 64, (len(rows), 8))
     decoded = []
     for t in range(8):  # one token at a time, the mask growing with the cache
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        decoded.append(model(steps[:, t : t + 1], cache=cache, attention_mask=mask)[0])
+        decoded.append(model(steps[:, t : t + 1], cache=cache, key_padding_mask=mask)[0])
     decoded = torch.cat(decoded, dim=1)
     for b, r in enumerate(rows):
         alone, _ = model(torch.cat([r, steps[b]])[None])  # (1, n + 8, V), no padding, no cache
@@ -67,13 +68,13 @@ def test_padded_long_prefill_and_right_padding(span):
     model = _trained_like("dynamic", span, context_len=128)
     rows = [torch.randint(0, 64, (n,)) for n in (100, 70)]
     ids, mask = _left_padded(rows)
-    out, _ = model(ids, attention_mask=mask)
+    out, _ = model(ids, key_padding_mask=mask)
     right = torch.zeros_like(ids)
     rmask = torch.zeros_like(mask)
     for b, r in enumerate(rows):
         right[b, : len(r)] = r
         rmask[b, : len(r)] = 1
-    rout, _ = model(right, attention_mask=rmask)
+    rout, _ = model(right, key_padding_mask=rmask)
     for b, r in enumerate(rows):
         alone, _ = model(r[None])
         torch.testing.assert_close(out[b, ids.shape[1] - len(r):], alone[0], rtol=0, atol=2e-5)
@@ -84,7 +85,7 @@ def test_unpadded_mask_is_exactly_no_mask():
     model = _trained_like("dynamic", "dynamic")
     x = torch.randint(0, 64, (2, 20))
     with torch.no_grad():
-        assert torch.equal(model(x, attention_mask=torch.ones_like(x))[0], model(x)[0])
+        assert torch.equal(model(x, key_padding_mask=torch.ones_like(x))[0], model(x)[0])
 
 
 def test_padded_batch_trains():
@@ -93,7 +94,7 @@ def test_padded_batch_trains():
     rows = [torch.randint(0, 64, (n,)) for n in (12, 5)]
     ids, mask = _left_padded(rows)
     targets = ids.roll(-1, dims=1).masked_fill(mask == 0, -100)
-    _, loss = model(ids, targets=targets, attention_mask=mask)
+    _, loss = model(ids, targets=targets, key_padding_mask=mask)
     loss.backward()
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.parameters() if p.requires_grad]
@@ -109,10 +110,10 @@ def test_padded_batch_trains():
     (torch.full((2, 8), 2), "only 0"),
     (torch.ones(2, 8, 1, dtype=torch.long), "shape"),
 ])
-def test_bad_attention_mask_is_one_clear_error(bad, match):
+def test_bad_padding_mask_is_one_clear_error(bad, match):
     model = _trained_like("prenorm", "none")
     with pytest.raises(ValueError, match=match):
-        model(torch.randint(0, 64, (2, 8)), attention_mask=bad)
+        model(torch.randint(0, 64, (2, 8)), key_padding_mask=bad)
 
 
 def test_cache_mask_must_cover_the_cached_tokens():
@@ -120,7 +121,7 @@ def test_cache_mask_must_cover_the_cached_tokens():
     cache = model.new_cache(1, 16)
     model(torch.randint(0, 64, (1, 5)), cache=cache)
     with pytest.raises(ValueError, match=r"\(1, 6\)"):
-        model(torch.randint(0, 64, (1, 1)), cache=cache, attention_mask=torch.ones(1, 1, dtype=torch.long))
+        model(torch.randint(0, 64, (1, 1)), cache=cache, key_padding_mask=torch.ones(1, 1, dtype=torch.long))
 
 
 # --- transformers: generate and pipeline on padded batches -------------------------------------------

@@ -298,8 +298,8 @@ def test_plan_picks_each_kernel_where_it_applies():
     p = plan("auto", mixed, 300, 300, grad=True)
     assert p.kernel == "split" and p.cover.tolist() == [True, False, False, False]
     # FlexAttention is unverified: auto never picks it, on CUDA the masked SDPA runs
-    assert plan("auto", short, 300, 300, cuda=True, grad=True).kernel == "masked"
-    assert plan("flex", short, 300, 300, cuda=True).kernel == "flex"
+    assert plan("auto", short, 300, 300, device="cuda", grad=True).kernel == "masked"
+    assert plan("flex", short, 300, 300, device="cuda").kernel == "flex"
 
 
 def test_band_flops_counts_the_kernel_that_runs(monkeypatch):

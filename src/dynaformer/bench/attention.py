@@ -16,7 +16,15 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from ..kernels import band_flops, band_native, band_span_attention, span_attention, symmetric_span_attention
+from ..kernels import (
+    SPAN_IMPLS,
+    band_flops,
+    band_span_attention,
+    keys_reached,
+    span_attention,
+    symmetric_span_attention,
+)
+from ..kernels.plan import uses_native
 from ..model import ModelConfig, Transformer
 from ..model.span_stats import span_stats
 from .common import time_interleaved
@@ -35,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head_dim", type=int, default=64)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--impl", default="auto", help="auto | band | masked | dense | reference")
+    p.add_argument("--impl", default="auto", choices=SPAN_IMPLS, help="the span kernel (kernels/plan.py)")
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--recompute", action="store_true",
                    help="band kernel: keep only the log-sum-exp and recompute P in the backward (the mode "
@@ -148,8 +156,7 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
 
     def span():
         if args.encoder:
-            impl = {"auto": "auto", "band": "band"}.get(args.impl, "dense")
-            out = symmetric_span_attention(q, k, v, z, args.ramp, hard, impl=impl, chunk=args.chunk)
+            out = symmetric_span_attention(q, k, v, z, args.ramp, hard, impl=args.impl, chunk=args.chunk)
         elif args.recompute:
             out = band_span_attention(q, k, v, z, args.ramp, hard, chunk=args.chunk, keep_scores=False)
         else:
@@ -165,9 +172,9 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
                "dense_ms": round(1000 * times["dense"], 2), "span_ms": round(1000 * times["span"], 2),
                "speedup": round(times["dense"] / times["span"], 3), **contention_fields(times, loaded)}
         return
-    computed, dense_pairs = band_flops(z.expand(B, H, T), T, T, args.ramp, hard, chunk=args.chunk)
+    computed, dense_pairs = band_flops(z.expand(B, H, T), T, T, args.ramp, hard, chunk=args.chunk, dtype=dtype)
     zz = z.detach().expand(B, H, T)
-    reach = (zz.floor() + 1) if hard else torch.ceil(zz + args.ramp)
+    reach = keys_reached(zz, args.ramp, hard)
     needed = int(torch.minimum(reach, torch.arange(1, T + 1).float()).sum())
     yield {"bench": "attention", "kind": args.kind, "seq": T, "span": args.span, "long_heads": args.long_heads,
            "ramp": args.ramp, "batch": B,
@@ -178,4 +185,4 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
            "speedup": round(times["dense"] / times["span"], 3),
            "dense_pairs": dense_pairs, "computed_pairs": computed, "needed_pairs": needed,
            "floor_speedup": round(dense_pairs / needed, 2), "band_pair_speedup": round(dense_pairs / computed, 2),
-           "kernel": "compiled" if band_native.available() else "python", **contention_fields(times, loaded)}
+           "kernel": "compiled" if uses_native(dtype) else "python", **contention_fields(times, loaded)}

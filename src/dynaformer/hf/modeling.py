@@ -9,8 +9,9 @@ builds), wrapped in `DynaformerCache`, a thin `transformers.Cache`. It remembers
 attention mask), so operations that our cache does not implement (growing past its capacity, beam reordering,
 cropping for assisted decoding) are done by re-reading those tokens: always exact, never a silent mismatch.
 
-Padded batches: `attention_mask` (left or right padding) gives each row its own positions and masks padded keys
-inside the Transformer (model/context.py), so a padded row computes what it computes alone.
+Padded batches: `attention_mask` (left or right padding; the Transformer's `key_padding_mask`) gives each row its
+own positions and masks padded keys inside the Transformer (model/context.py), so a padded row computes what it
+computes alone.
 
 This module is also shipped inside exported folders (hf/bundle.py rewrites its imports), so it may import only
 the standard library, torch, transformers and the dynaformer modules the bundle carries.
@@ -127,11 +128,11 @@ class DynaformerCache(Cache):
             if L + T > self.capacity:
                 self.capacity = max(2 * (L + T), model.cfg.context_len)
             self.inner = model.new_cache(B, self.capacity)
-            h = model.hidden(history, cache=self.inner, attention_mask=mask, states=states)[:, -T:]
+            h = model.hidden(history, cache=self.inner, key_padding_mask=mask, states=states)[:, -T:]
             if states is not None:
                 states[:] = [s[:, -T:] for s in states]
         else:
-            h = model.hidden(ids, cache=self.inner, attention_mask=mask, states=states)
+            h = model.hidden(ids, cache=self.inner, key_padding_mask=mask, states=states)
         self.tokens, self.mask = history, mask
         return h
 
@@ -270,7 +271,7 @@ class DynaformerForCausalLM(DynaformerPreTrainedModel, GenerationMixin):
                 cache = DynaformerCache()
             h = cache.forward(self.model, input_ids, attention_mask, states)
         else:
-            h = self.model.hidden(input_ids, attention_mask=attention_mask, states=states)
+            h = self.model.hidden(input_ids, key_padding_mask=attention_mask, states=states)
             cache = None
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h = h[:, -logits_to_keep:]

@@ -43,6 +43,8 @@ from ._tiles import (
 from .band_native import available as native_available
 from .band_native import load as load_native
 from .band_native import unavailable_reason as native_unavailable_reason
+from .plan import uses_native
+from .reach import keys_reached
 
 # ----------------------------------------------------------------------------------------------------
 # Which keys each chunk needs
@@ -60,7 +62,7 @@ def _chunk_reach(z: torch.Tensor, Tq: int, Tk: int, ramp: float, hard: bool, chu
     if hard:
         zp = zp.floor()
     i = torch.arange(C, device=z.device, dtype=z.dtype)
-    reach = (zp + 1) if hard else torch.ceil(zp + ramp)  # keys with m > 0, counting the query itself
+    reach = keys_reached(zp, ramp, hard)  # keys with m > 0, counting the query itself
     E = round_up((reach - 1 - i).amax(-1).clamp_min(0).long(), gran)  # (BH, nC)
     c0 = o + torch.arange(nC, device=z.device) * C
     Ecl = torch.minimum(E, c0.expand_as(E))
@@ -438,19 +440,13 @@ class _NativeBand(torch.autograd.Function):
         return dq.to(dout.dtype), dk.to(dout.dtype), dv.to(dout.dtype), dz, None, None, None, None
 
 
-def uses_native(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
-    """Whether `band_span_attention` runs the compiled kernel for these inputs (fp64, used by the gradient
-    checks, and non-CPU tensors take the Python kernel)."""
-    return torch.device(device).type == "cpu" and dtype != torch.float64 and native_available()
-
-
 def band_span_attention(q, k, v, z, ramp: float, hard: bool = False, chunk: int = 64, box_waste: float = 0.15,
                         keep_scores: bool | None = None, native: bool | None = None):
     """CPU band kernel (see module doc). q: (B, H, Tq, D); k, v: (B, H, Tk, D); z broadcastable to (B, H, Tq)
     with size-1 dims kept as such (the span gradient is summed over them). keep_scores: keep P for the
     backward (True), recompute it there (False), or decide by size (None: keep up to 256 MiB per call).
-    native: the compiled kernel (True), the Python one (False), or the compiled one where it runs (None);
-    box_waste tunes the Python kernel's batching only."""
+    native: the compiled kernel (True), the Python one (False), or as `plan()` decides for q (None: compiled
+    where it runs, kernels/plan.py `uses_native`); box_waste tunes the Python kernel's batching only."""
     B, H, Tq, _ = q.shape
     if z.dim() != 3:
         raise ValueError(f"z must be 3-d (B|1, H|1, Tq|1), got {tuple(z.shape)}")
@@ -464,12 +460,11 @@ def band_span_attention(q, k, v, z, ramp: float, hard: bool = False, chunk: int 
     return _BandSpanAttention.apply(q, k, v, zf, float(ramp), hard, chunk, box_waste, keep_scores)
 
 
-def band_pairs(z: torch.Tensor, Tq: int, Tk: int, ramp: float, hard: bool, chunk: int = 64,
-               box_waste: float = 0.15, native: bool | None = None) -> int:
+def band_pairs(z: torch.Tensor, Tq: int, Tk: int, ramp: float, hard: bool, native: bool, chunk: int = 64,
+               box_waste: float = 0.15) -> int:
     """Query·key pairs the band kernel computes for z (B, H, Tq): every chunk's window × its C queries (the
-    compiled kernel), or the windows of the Python kernel's batches (boxes run at their rows' largest E)."""
-    if native is None:
-        native = native_available()
+    compiled kernel, `native`), or the windows of the Python kernel's batches (boxes run at their rows'
+    largest E)."""
     if native:
         return int((window_extents(z.detach().float(), Tq, Tk, ramp, hard, chunk) + chunk).sum()) * chunk
     sets, E = band_sets(z.detach().float(), Tq, Tk, ramp, hard, chunk, box_waste)

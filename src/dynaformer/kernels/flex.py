@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reach import keys_reached
+
 _FLEX_COMPILED = None
 
 
@@ -29,7 +31,7 @@ def flex_span_attention(q, k, v, z, ramp: float, hard: bool = False, block: int 
         zp = F.pad(zf, (0, nq * block - Tq), value=0.0).view(B, H, nq, block)
         i = torch.arange(block, device=q.device)
         qpos0 = o + torch.arange(nq, device=q.device) * block  # first query position of each q tile
-        reach = (zp.floor() + 1) if hard else torch.ceil(zp + ramp)
+        reach = keys_reached(zp, ramp, hard)
         lo = (qpos0[:, None] + i - reach + 1).amin(-1).clamp_min(0).long()  # first key any row needs
         hi = (qpos0 + block - 1).clamp_max(Tk - 1)  # last causal key of the tile
         lo_t, hi_t = lo // block, hi // block  # (B, H, nq), (nq,)

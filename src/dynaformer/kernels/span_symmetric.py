@@ -4,8 +4,8 @@
 
 with key padding (padding keys are hidden; every query keeps its own key, so no row is empty).
 
-- `reference_symmetric_span_attention`: dense masked SDPA, O(T²). The fallback for short sequences and
-  spans that cover the sequence, and the reference of the tests.
+- `reference_symmetric_span_attention`: dense masked SDPA, O(T²): the encoder's `masked` kernel (the fallback
+  for short sequences and spans that cover the sequence) and the reference of the tests.
 - `band_symmetric_span_attention`: the CPU band kernel. Queries are cut into chunks of C; a chunk of a
   (batch, head) row touches only the window of E keys on either side of it plus its own C keys, where E is
   the row's largest reach (rounded up to 32). Rows with the same E are batched into explicit score tiles,
@@ -13,6 +13,7 @@ with key padding (padding keys are hidden; every query keeps its own key, so no 
   m·exp(S − max) / Σ, O = P·V, and a backward of four GEMMs plus the span gradient
   ∂L/∂z_i = Σ_j dS_ij / (R m_ij) over the ramp (0 < m < 1). Above 256 MiB of score tiles per call only
   each row's log-sum-exp is kept and the backward recomputes P.
+`symmetric_span_attention` runs the one `plan()` (kernels/plan.py) picks.
 """
 
 from __future__ import annotations
@@ -34,15 +35,10 @@ from ._tiles import (
     round_up,
     span_grad,
 )
+from .attention import padding_bias
+from .plan import plan
+from .reach import keys_reached
 from .span import span_log_mask
-
-
-def _padding_bias(T: int, key_padding_mask: torch.Tensor | None, dtype, device) -> torch.Tensor | None:
-    """(B, 1, T, T) additive mask: −inf at padding keys except each query's own key; None without padding."""
-    if key_padding_mask is None:
-        return None
-    keep = key_padding_mask[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=device)
-    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, NEG_INF)
 
 
 def reference_symmetric_span_attention(q, k, v, z, ramp: float, hard: bool = False,
@@ -53,15 +49,9 @@ def reference_symmetric_span_attention(q, k, v, z, ramp: float, hard: bool = Fal
     pos = torch.arange(T, device=q.device, dtype=torch.float32)
     d = (pos[:, None] - pos[None, :]).abs()
     bias = span_log_mask(d, z.unsqueeze(-1), ramp, hard).to(q.dtype)  # (B, H, T, T)
-    pad = _padding_bias(T, key_padding_mask, q.dtype, q.device)
-    if pad is not None:
-        bias = bias + pad
+    if key_padding_mask is not None:  # (every query keeps its own key, so no row is empty)
+        bias = bias + padding_bias(key_padding_mask, T, T, q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-
-
-def symmetric_reach(z: torch.Tensor, ramp: float, hard: bool) -> torch.Tensor:
-    """Keys on one side with m > 0, counting the query itself: z + 1 (hard) or ⌈z + R⌉."""
-    return (z.floor() + 1) if hard else torch.ceil(z + ramp)
 
 
 class _SymmetricBand(torch.autograd.Function):
@@ -82,7 +72,7 @@ class _SymmetricBand(torch.autograd.Function):
         # E per (row, chunk): the farthest key any query of the chunk reaches past its edge, on either side
         i = torch.arange(C, device=q.device, dtype=cdt)
         edge = torch.minimum(i, C - 1 - i)  # distance to the nearer chunk edge
-        E_rc = (symmetric_reach(zc, ramp, hard) - 1 - edge).amax(-1).clamp(0, T)
+        E_rc = (keys_reached(zc, ramp, hard) - 1 - edge).amax(-1).clamp(0, T)
         E_rc = round_up(E_rc.long(), 32).clamp_max(int(round_up(torch.tensor(T), 32)))  # (BH, nC)
         Emax = int(E_rc.max())
         L = Emax + nC * C + Emax  # padded key length: the windows of the first and last chunks fit
@@ -332,16 +322,12 @@ def band_symmetric_span_attention(q, k, v, z, ramp: float, hard: bool = False,
 def symmetric_span_attention(q, k, v, z, ramp: float, hard: bool = False,
                              key_padding_mask: torch.Tensor | None = None, impl: str = "auto",
                              chunk: int = 64) -> torch.Tensor:
-    """Encoder span attention. impl: auto | band | dense (masked, reference and flex mean dense here). auto
-    takes the band kernel on CPU when the spans leave a good part of the sequence out, else dense masked SDPA."""
+    """Encoder span attention: the band kernel or the masked SDPA, as `plan()` decides for `impl` (one of
+    `SPAN_IMPLS`: auto takes the band off CUDA when the spans leave a good part of the sequence out)."""
     T = q.shape[-2]
-    if impl == "auto":
-        impl = "dense"
-        if not q.is_cuda and T > 2 * chunk:
-            reach = float(symmetric_reach(z.detach().float(), ramp, hard).max())
-            impl = "band" if 2 * reach + chunk < 0.75 * T else "dense"
-    if impl == "band":
+    p = plan(impl, z, T, T, device=q.device, dtype=q.dtype, causal=False, ramp=ramp, hard=hard, chunk=chunk)
+    if p.kernel == "band":
         return band_symmetric_span_attention(q, k, v, z, ramp, hard, key_padding_mask, chunk)
-    if impl in ("dense", "masked", "reference", "flex"):
+    if p.kernel == "masked":
         return reference_symmetric_span_attention(q, k, v, z, ramp, hard, key_padding_mask)
-    raise ValueError(f"unknown symmetric span attention impl {impl!r}")
+    raise ValueError(f"plan() chose {p.kernel!r}, which the encoder's span attention does not run")

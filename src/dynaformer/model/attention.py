@@ -50,30 +50,30 @@ class Attention(nn.Module):
             return bidirectional_attention(q, k, v, ctx.key_padding_mask, p)
         if ctx.cache is not None:  # a dense cache answers one group: every head, every key so far (B, H, L, D)
             (_, k, v), = ctx.cache.layers[self.layer_idx].append(k, v)
-        return causal_attention(q, k, v, p, key_mask=ctx.key_mask)  # (B, H, T, D)
+        return causal_attention(q, k, v, ctx.key_padding_mask, p)  # (B, H, T, D)
 
     def _span_attention(self, x, q, k, v, ctx: ForwardContext) -> torch.Tensor:
         """Span attention (no attention-probability dropout). With a span-bounded cache, each group of heads
         gets its own key window: only the keys those heads can still reach."""
         z = self.span(x, ctx)  # (1, H, 1) or (B, H, T) spans in tokens
         ctx.outputs.spans[self.layer_idx] = z.detach() if z.requires_grad else z
-        impl, ramp, hard, km = self.span_impl, self.span.ramp, self.span.hard, ctx.key_mask
+        impl, ramp, hard, km = self.span_impl, self.span.ramp, self.span.hard, ctx.key_padding_mask
         if not ctx.causal:  # encoder: the same ramp on both sides
-            return symmetric_span_attention(q, k, v, z, ramp, hard, ctx.key_padding_mask, impl=impl)
+            return symmetric_span_attention(q, k, v, z, ramp, hard, km, impl=impl)
         check_span_impl(impl, q)
         if ctx.cache is None:
-            return span_attention(q, k, v, z, ramp, hard, impl=impl, key_mask=km)
+            return span_attention(q, k, v, z, ramp, hard, km, impl=impl)
         groups = ctx.cache.layers[self.layer_idx].append(k, v)
         if len(groups) == 1:  # one bound for every head: no per-group split
             kg, vg = groups[0].k, groups[0].v
-            return span_attention(q, kg, vg, z, ramp, hard, impl=impl, key_mask=_last_keys(km, kg.shape[-2]))
+            return span_attention(q, kg, vg, z, ramp, hard, _last_keys(km, kg.shape[-2]), impl=impl)
         y = torch.empty_like(q)
         for heads, kg, vg in groups:  # (B, G, L_g, D) each, ending at the newest position
-            y[:, heads] = span_attention(q[:, heads], kg, vg, z[:, heads], ramp, hard, impl=impl,
-                                         key_mask=_last_keys(km, kg.shape[-2]))
+            y[:, heads] = span_attention(q[:, heads], kg, vg, z[:, heads], ramp, hard, _last_keys(km, kg.shape[-2]),
+                                         impl=impl)
         return y
 
 
-def _last_keys(key_mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+def _last_keys(key_padding_mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """The padding mask (B, n) of the last n keys, or None for an unpadded batch."""
-    return None if key_mask is None else key_mask[:, -n:]
+    return None if key_padding_mask is None else key_padding_mask[:, -n:]

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..errors import ConfigError
+from ..kernels.plan import SpanImpl
 
 ResidualKind = Literal["prenorm", "postnorm", "rezero", "layerscale", "deepnorm", "dynamic"]
-SpanKind = Literal["none", "fixed", "per_head", "dynamic"]
+SpanKind = Literal["none", "fixed", "per_head", "dynamic"]  # "none" and the kinds of model/span.py's SPANS
 
 
 @dataclass
@@ -48,7 +49,7 @@ class ModelConfig:
     span_penalty: float = 2e-5  # weight of the L1 penalty on the tile-quantised span (per layer, in tokens)
     span_tile: int = 64  # the penalty charges spans rounded up to this tile (what the kernels pay for)
     span_max_start: int | None = None  # growth: the max span rises linearly from this to span_max over training
-    span_impl: Literal["auto", "band", "masked", "reference", "flex"] = "auto"  # kernel (auto: see kernels/span.py)
+    span_impl: SpanImpl = "auto"  # the span kernel, kernels/plan.py's SPAN_IMPLS (auto: plan() decides)
 
     @property
     def head_dim(self) -> int:

@@ -26,28 +26,29 @@ class ForwardContext:
     progress: torch.Tensor  # training progress τ ∈ [0, 1], a scalar buffer of the model
     cache: KVCache | None = None
     causal: bool = True
-    key_padding_mask: torch.Tensor | None = None  # (B, T) bool, True = a real token (encoder batches)
-    # Padded causal batches (`attention_mask`); both None for unpadded input, which keeps the fast kernels.
-    pos: torch.Tensor | None = None  # (B, T) long: each token's position counted from its row's first real token
-    key_mask: torch.Tensor | None = None  # (B, start + T) bool over every key so far, True = a real token
+    # Padded batches; None for unpadded input, which keeps the fast kernels. (B, start + T) bool over every key
+    # so far, True = a real token (an encoder has no cache: (B, T)).
+    key_padding_mask: torch.Tensor | None = None
+    pos: torch.Tensor | None = None  # padded causal batches: (B, T) long, positions from each row's first real token
     outputs: ForwardOutputs = field(default_factory=ForwardOutputs)
 
 
-def padding_from_mask(attention_mask: torch.Tensor, batch: int, start: int,
+def padding_from_mask(key_padding_mask: torch.Tensor, batch: int, start: int,
                       length: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(pos (B, T), key_mask (B, start + T)) from a transformers-style attention_mask over every token so far
-    (cached ones first): 1 = real token, 0 = padding, padding only before and/or after a row's real tokens.
-    (None, None) when nothing is padded, so unpadded batches run exactly as without a mask.
+    """(pos (B, T), key_padding_mask (B, start + T) bool) of a causal call from its padding mask over every
+    token so far (cached ones first; transformers' attention_mask convention): 1 or True = a real token, 0 or
+    False = padding, padding only before and/or after a row's real tokens. (None, None) when nothing is
+    padded, so unpadded batches run exactly as without a mask.
 
     Positions count from each row's first real token, so a left-padded row sees the positions (rotary, the
     dynamic residual's p) it would see alone; padded keys are masked out in every attention kind."""
     L = start + length
-    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, L):
-        raise ValueError(f"attention_mask must have shape (batch, cached + new tokens) = ({batch}, {L}), got "
-                         f"{tuple(attention_mask.shape)}")
-    m = attention_mask.to(torch.long)
+    if key_padding_mask.dim() != 2 or tuple(key_padding_mask.shape) != (batch, L):
+        raise ValueError(f"key_padding_mask must have shape (batch, cached + new tokens) = ({batch}, {L}), got "
+                         f"{tuple(key_padding_mask.shape)}")
+    m = key_padding_mask.to(torch.long)
     if bool(((m != 0) & (m != 1)).any()):
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (a real token)")
+        raise ValueError("key_padding_mask must hold only 0 (padding) and 1 (a real token)")
     if bool(m.all()):
         return None, None
     # A row may be padded on the left, on the right or both, but its real tokens must be contiguous:
@@ -55,7 +56,7 @@ def padding_from_mask(attention_mask: torch.Tensor, batch: int, start: int,
     steps = (m[:, 1:] > m[:, :-1]).sum(1) + m[:, 0]
     if bool((steps > 1).any()):
         row = int((steps > 1).nonzero()[0, 0])
-        raise ValueError(f"attention_mask row {row} has padding between real tokens; only left or right "
+        raise ValueError(f"key_padding_mask row {row} has padding between real tokens; only left or right "
                          f"padding is supported (each row's real tokens must be contiguous)")
     left = (m.cumsum(1) == 0).sum(1)  # (B,) leading padding
     idx = torch.arange(start, L, device=m.device)

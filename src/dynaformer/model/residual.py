@@ -12,18 +12,19 @@ Kinds (`ModelConfig.residual`), with F the branch and N an RMSNorm:
     deepnorm    x ← N(α·x + F(x)),         α = (2L)^¼, branch init gain β = (8L)^-¼   Wang et al. 2022
     dynamic     x ← x + c·s(τ)·m(p, x)·F(N(x))                    this project (docs/design.md §3)
 
-Every kind reports its learned coefficients through `coefficients(progress)` (floats, for metrics.jsonl; {} for
-kinds that learn none; progress τ is used by the kinds whose coefficients depend on it);
-`residual_stats(model)` gathers them over all sub-layers. `additive` tells diagnostics whether the
-new stream is `x + update` (so update = output − input) or a normalised sum; `skip_scale` is the
-weight on the skip path.
+Every kind offers what `Residual` writes down and is listed in `RESIDUALS` (its name is also a `ResidualKind`
+of the config): it reports its learned coefficients through `coefficients(progress)` (floats, for
+metrics.jsonl; {} for kinds that learn none; progress τ is used by the kinds whose coefficients depend on it),
+which `residual_stats(model)` gathers over all sub-layers; `additive` tells diagnostics whether the new stream
+is `x + update` (so update = output − input) or a normalised sum; `skip_scale` is the weight on the skip path;
+`init_branch` rescales the branch's initial weights (DeepNorm's β; a no-op for the other kinds).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,27 @@ from .context import ForwardContext
 from .layers import RMSNorm
 
 Branch = Callable[[torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class Residual(Protocol):
+    """What a residual kind offers the block (the new stream), the initialisation, the diagnostics and the
+    metrics."""
+
+    additive: bool  # the new stream is x + update (update = output − input), else a normalised sum
+    skip_scale: float  # the weight on the skip path
+
+    def __call__(self, x: torch.Tensor, branch: Branch, ctx: ForwardContext) -> torch.Tensor:
+        """The new stream from x (B, T, C) and the sub-layer `branch`; the module owns the sub-layer's norm."""
+        ...
+
+    def coefficients(self, progress: torch.Tensor | None = None) -> dict[str, float]:
+        """The learned coefficients as floats ({} for kinds that learn none)."""
+        ...
+
+    def init_branch(self, branch: nn.Module) -> None:
+        """Called by Transformer.reset_parameters after the default init of the branch's weights."""
+        ...
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
@@ -65,6 +87,9 @@ class PreNormResidual(nn.Module):
     def coefficients(self, progress: torch.Tensor | None = None) -> dict[str, float]:
         return {}
 
+    def init_branch(self, branch: nn.Module) -> None:
+        pass  # the default init stands
+
 
 class PostNormResidual(nn.Module):
     """x ← N(x + F(x)): the original transformer (Vaswani et al. 2017). The norm sits on the skip
@@ -81,6 +106,9 @@ class PostNormResidual(nn.Module):
 
     def coefficients(self, progress: torch.Tensor | None = None) -> dict[str, float]:
         return {}
+
+    def init_branch(self, branch: nn.Module) -> None:
+        pass  # the default init stands
 
 
 class DeepNormResidual(PostNormResidual):
@@ -130,6 +158,9 @@ class ReZeroResidual(nn.Module):
     def coefficients(self, progress: torch.Tensor | None = None) -> dict[str, float]:
         return {"alpha": float(_host(self.alpha))}
 
+    def init_branch(self, branch: nn.Module) -> None:
+        pass  # the default init stands
+
 
 def cait_layerscale_init(depth: int) -> float:
     """CaiT's ε by depth (Touvron et al. 2021, "Going deeper with Image Transformers", §2):
@@ -155,6 +186,9 @@ class LayerScaleResidual(nn.Module):
     def coefficients(self, progress: torch.Tensor | None = None) -> dict[str, float]:
         scale = _host(self.scale)
         return {"scale_mean": float(scale.mean()), "scale_absmax": float(scale.abs().max())}
+
+    def init_branch(self, branch: nn.Module) -> None:
+        pass  # the default init stands
 
 
 class _Frozen(NamedTuple):
@@ -345,8 +379,11 @@ class DynamicResidual(nn.Module):
             out["w_norm"] = float(_host(self.content_proj.norm()))
         return out
 
+    def init_branch(self, branch: nn.Module) -> None:
+        pass  # the default init stands
 
-RESIDUALS: dict[str, type[nn.Module]] = {
+
+RESIDUALS: dict[str, type[Residual]] = {
     "prenorm": PreNormResidual,
     "postnorm": PostNormResidual,
     "rezero": ReZeroResidual,
@@ -356,12 +393,12 @@ RESIDUALS: dict[str, type[nn.Module]] = {
 }
 
 
-def make_residual(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+def make_residual(cfg: ModelConfig, layer_idx: int) -> Residual:
     """One residual module for sub-layer `layer_idx` (0 .. 2·n_layer-1: attention, MLP, attention, ...)."""
     return RESIDUALS[cfg.residual](cfg, layer_idx)
 
 
-def residual_modules(model: nn.Module) -> list[nn.Module]:
+def residual_modules(model: nn.Module) -> list[Residual]:
     """The residual modules of a model in sub-layer order (attention, MLP, attention, ...)."""
     return [m for m in model.modules() if isinstance(m, tuple(RESIDUALS.values()))]
 

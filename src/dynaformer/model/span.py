@@ -8,18 +8,46 @@ A query at distance d = i − j ≥ 0 from a key weights it by m(d) = clamp((R +
 S may grow linearly from `span_max_start` to `span_max` over training (τ = progress; frozen at inference).
 Learned kinds add an L1 penalty on the span *as the kernels pay for it*: per tile of queries the largest
 reach z + R, rounded up to the tile (straight-through), averaged over heads and tiles.
+
+Every kind offers what `SpanModule` writes down and is listed in `SPANS` (its name is also a `SpanKind` of
+the config): adding a kind touches this module and the config.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import keys_reached
 from .config import ModelConfig
 from .context import ForwardContext
+
+
+@runtime_checkable
+class SpanModule(Protocol):
+    """What a span kind offers the attention layer (the spans and how the kernels read them), the KV cache
+    (how far back any query can see) and the statistics."""
+
+    hard: bool  # m(d) = [d ≤ z]: a hard window without ramp or span gradient; else the soft ramp of width R
+    ramp: float  # R
+
+    def __call__(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x: (B, T, C) the attention input → spans z in tokens (fp32), (1, H, 1) per head or (B, H, T) per
+        token and head. May add a penalty to ctx.outputs.aux_losses in training."""
+        ...
+
+    def reach(self, progress: float) -> list[int]:
+        """Per head: how many keys back (counting the query itself) any query can see at training progress τ."""
+        ...
+
+
+def _reach(z: torch.Tensor, ramp: float, hard: bool) -> list[int]:
+    """Per head keys reached (kernels/reach.py) by the largest spans z (H,), in float64 (exact for fp32 z)."""
+    return [int(r) for r in keys_reached(z.double(), ramp, hard)]
 
 
 class FixedSpan(nn.Module):
@@ -36,9 +64,9 @@ class FixedSpan(nn.Module):
         return x.new_full((1, self.n_head, 1), float(self.window - 1), dtype=torch.float32)
 
     def reach(self, progress: float) -> list[int]:
-        """Per head: how many keys back (counting the query itself) any future query can see; the window does
-        not depend on training progress."""
-        return [self.window] * self.n_head
+        """Per head: how many keys back (counting the query itself) any future query can see (the window:
+        ⌊w − 1⌋ + 1); it does not depend on training progress."""
+        return _reach(torch.full((self.n_head,), float(self.window - 1)), self.ramp, self.hard)
 
 
 class LearnedSpan(nn.Module):
@@ -81,9 +109,8 @@ class LearnedSpan(nn.Module):
         """Per head: how many keys back (counting the query itself) any future query can see."""
         S = float(self.max_span(progress))
         if self.v is None:
-            z = S * torch.sigmoid(self.a.detach().float())
-            return [int(math.ceil(float(zh) + self.ramp)) for zh in z]
-        return [int(math.ceil(S + self.ramp))] * self.n_head  # content decides: any span up to S can occur
+            return _reach(S * torch.sigmoid(self.a.detach().float()), self.ramp, self.hard)
+        return _reach(torch.full((self.n_head,), S, dtype=torch.float64), self.ramp, self.hard)  # content decides
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -100,15 +127,34 @@ def paid_span(z: torch.Tensor, ramp: float, tile: int) -> torch.Tensor:
     return reach + (torch.ceil(reach.detach() / tile) * tile - reach.detach())
 
 
-def make_span(cfg: ModelConfig) -> nn.Module | None:
-    if cfg.span == "none":
-        return None
-    if cfg.span == "fixed":
-        return FixedSpan(cfg)
-    return LearnedSpan(cfg, dynamic=cfg.span == "dynamic")
+class PerHeadSpan(LearnedSpan):
+    """z_h = S·σ(a_h): one learned span per head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg, dynamic=False)
 
 
-def span_cache_bound(span: nn.Module | None, progress: float, slack: int = 1) -> list[int] | None:
+class DynamicSpan(LearnedSpan):
+    """z_{t,h} = S·σ(a_h + v_hᵀx_t): a span per token and head, predicted from the token's own input."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg, dynamic=True)
+
+
+# Every span kind but "none" (dense attention, no module): config name → module class.
+SPANS: dict[str, type[nn.Module]] = {
+    "fixed": FixedSpan,
+    "per_head": PerHeadSpan,
+    "dynamic": DynamicSpan,
+}
+
+
+def make_span(cfg: ModelConfig) -> SpanModule | None:
+    """The span module of one attention layer, None for dense attention (span: none)."""
+    return None if cfg.span == "none" else SPANS[cfg.span](cfg)
+
+
+def span_cache_bound(span: SpanModule | None, progress: float, slack: int = 1) -> list[int] | None:
     """Per-head number of keys a span-bounded KV cache keeps (reach + slack), None for dense attention."""
     if span is None:
         return None

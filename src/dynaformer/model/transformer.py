@@ -67,8 +67,7 @@ class Transformer(nn.Module):
             nn.init.normal_(p, mean=0.0, std=std * scale)
         for block in self.blocks:  # residual kinds with their own branch init (DeepNorm's β)
             for res, branch in ((block.attn_res, block.attn), (block.mlp_res, block.mlp)):
-                if hasattr(res, "init_branch"):
-                    res.init_branch(branch)
+                res.init_branch(branch)
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -88,27 +87,25 @@ class Transformer(nn.Module):
         losses = self.last_outputs.aux_losses if self.last_outputs is not None else []
         return torch.stack(losses).sum() if losses else torch.zeros((), device=self.embed.weight.device)
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None,
-               key_padding_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, key_padding_mask: torch.Tensor | None = None,
                states: list[torch.Tensor] | None = None) -> torch.Tensor:
         """idx: (B, T) token ids → final normed hidden states (B, T, C).
 
-        attention_mask (causal models): (B, cached + T), 1 = real token, 0 = left or right padding (see
-        context.padding_from_mask); a padded row then gives what it gives alone. `states`, when given, receives
-        the embeddings and each block's output (the last one normed), transformers' `hidden_states`."""
+        key_padding_mask: 1 or True = a real token, 0 or False = padding. Causal models: (B, cached + T), left or
+        right padding (see context.padding_from_mask); a padded row then gives what it gives alone. Encoders:
+        (B, T) bool. `states`, when given, receives the embeddings and each block's output (the last one normed),
+        transformers' `hidden_states`."""
         B, T = idx.shape
         if cache is not None and not self.cfg.causal:
             raise ValueError("a bidirectional encoder (causal=False) has no KV cache")
         start = cache.length if cache is not None else 0
-        pos = key_mask = None
-        if attention_mask is not None:
-            if not self.cfg.causal:
-                raise ValueError("a bidirectional encoder takes key_padding_mask, not attention_mask")
-            pos, key_mask = padding_from_mask(attention_mask.to(idx.device), B, start, T)
-            if key_mask is not None:  # padded positions hold arbitrary ids (often out of range): never read
-                idx = idx.masked_fill(~key_mask[:, start:], 0)
+        pos = None
+        if key_padding_mask is not None and self.cfg.causal:
+            pos, key_padding_mask = padding_from_mask(key_padding_mask.to(idx.device), B, start, T)
+            if key_padding_mask is not None:  # padded positions hold arbitrary ids (often out of range): never read
+                idx = idx.masked_fill(~key_padding_mask[:, start:], 0)
         ctx = ForwardContext(start=start, length=T, progress=self.progress, cache=cache, causal=self.cfg.causal,
-                             key_padding_mask=key_padding_mask, pos=pos, key_mask=key_mask)
+                             key_padding_mask=key_padding_mask, pos=pos)
         x = self.embed(idx)  # (B, T, C)
         if states is not None:
             states.append(x)
@@ -123,11 +120,11 @@ class Transformer(nn.Module):
         return x
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) token ids → logits (B, T, V) and, with targets (B, T), the mean cross-entropy
         over targets ≠ -100. With a cache, idx holds only the new tokens and follows what it stores.
-        attention_mask: (B, cached + T) for padded batches (see `hidden`); mark padded targets -100."""
-        logits = self.head(self.hidden(idx, cache, attention_mask=attention_mask))  # (B, T, V)
+        key_padding_mask: (B, cached + T) for padded batches (see `hidden`); mark padded targets -100."""
+        logits = self.head(self.hidden(idx, cache, key_padding_mask))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
