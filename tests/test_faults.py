@@ -472,3 +472,33 @@ def test_a_trainer_state_without_its_optimizer_falls_back(tmp_path, nine_steps, 
     assert res.returncode == 0 and "lacks optimizer" in res.stderr and "(step 6)" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr and "UserWarning" not in res.stderr
     assert "optimizer" in load_trainer_state(ckpt)  # rewritten whole when the run reached step 9 again
+
+
+def _wait_until_catching_sigterm(pid: int, timeout: float = 30.0) -> None:
+    """Until the process has a SIGTERM handler (Linux: bit 15 of SigCgt in /proc/PID/status)."""
+    import time
+
+    status = Path(f"/proc/{pid}/status")
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        caught = next((ln.split()[1] for ln in status.read_text().splitlines() if ln.startswith("SigCgt:")), "0")
+        if int(caught, 16) & (1 << (signal.SIGTERM - 1)):
+            return
+        time.sleep(0.002)
+    raise AssertionError("the command never set up its SIGTERM handling")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_command_starts_is_one_line_and_exit_130(tmp_path, sig):
+    """The `dynaformer` program (entry.py) handles stop signals before torch is imported: one line, exit 130,
+    no traceback, nothing created."""
+    proc = subprocess.Popen([sys.executable, "-m", "dynaformer.entry", "train", *ARGS, "--data", "builtin:stories",
+                             "--out", str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _wait_until_catching_sigterm(proc.pid)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err, err
