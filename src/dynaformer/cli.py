@@ -104,7 +104,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .extras import require
 
         require("lm_eval", "eval")
-        from .eval.lm_eval_model import run_lm_eval
+        from .lmeval.adapter import run_lm_eval
 
         out = run_lm_eval(args.run, args.lm_eval, limit=args.limit, num_fewshot=args.num_fewshot,
                           batch_size=args.batch_size, include_path=args.include_path)
@@ -421,7 +421,7 @@ def cmd_lm_eval(argv: list[str]) -> int:
 
     try:
         require("lm_eval", "eval")
-        from .eval.lm_eval_model import lm_eval_cli
+        from .lmeval.adapter import lm_eval_cli
     except DynaformerError as e:
         print(f"dynaformer lm-eval: error: {e}", file=sys.stderr)
         return 2
