@@ -76,6 +76,9 @@ def _train_defaults() -> TrainConfig:
 
 @dataclass
 class FinetuneConfig:
+    """A fine-tuning run: the training loop's config (fields outside TRAIN_DEFAULTS stay as fine-tuning sets them)
+    and the task section."""
+
     train: TrainConfig = field(default_factory=_train_defaults)
     task: TaskConfig = field(default_factory=TaskConfig)
 
@@ -283,8 +286,8 @@ def finetune(cfg: FinetuneConfig, model_cfg: ModelConfig, load_backbone: Callabl
         torch.set_num_threads(cfg.train.threads)
     data = load_task(cfg)
     torch.manual_seed(cfg.train.seed)
-    # the backbone is read after seeding: building it draws from the generator, and so the head's initialisation
-    # depends on it (as it always has)
+    # After seeding: loading a backbone builds a model, whose initialisation draws from the generator that the
+    # classifier head's then continues (so the head a run starts with depends on it).
     model_cfg, tokenizer, init_tensors = _backbone(cfg, model_cfg, load_backbone)
     info = {"kind": "finetune", "finetune": flat_record(cfg), "model": to_dict(model_cfg), "labels": data.labels,
             "tokenizer": tokenizer.to_dict(), "n_train": len(data.train), "n_val": len(data.val)}
