@@ -42,7 +42,7 @@ def ws(tmp_path_factory) -> Path:
         _crafted(w / "run" / "step-2", w / name / "step-2", change)
     for name, change in {
         "seeds_abc": {"seeds": "abc"}, "seeds_float": {"seeds": 1.5}, "seeds_zero": {"seeds": 0},
-        "eval_tasks_str": {"eval": {"tasks": "passkey"}}, "eval_nper": {"eval": {"n_per_distance": "many"}},
+        "eval_tasks_map": {"eval": {"tasks": {"passkey": 1}}}, "eval_nper": {"eval": {"n_per_distance": "many"}},
         "eval_batch": {"eval": {"batch_size": 0}}, "eval_fractions": {"eval": {"fractions": [0, 2]}},
         "eval_multiples": {"eval": {"multiples": [1.5]}}, "cost_neg": {"eval": {"cost_lengths": [-4]}},
         "cost_huge": {"eval": {"cost_lengths": [10**11]}}, "eval_key": {"eval": {"taskz": ["passkey"]}},
@@ -162,7 +162,7 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
         (["eval", str(w / "huge_vocab")], "GiB available"), (["generate", str(w / "huge_vocab")], "GiB available"),
         (["eval", str(w / "wide")], "does not fit"), (["export-hf", str(w / "huge_vocab"), out], "GiB available"),
         (train + ["--threads", "100000"], "train.threads"),
-        (["finetune", "--task", "keyword", "--threads", "100000", "--out", out], "finetune.threads"),
+        (["finetune", "--task", "keyword", "--threads", "100000", "--out", out], "train.threads"),
         # export-hf
         (["export-hf", run, run, "--force"], "run folder"), (["export-hf", run, str(w), "--force"], "run folder"),
         (["export-hf", run, f"{run}/hf"], "run folder"), (["export-hf", run, text], "not a folder"),
@@ -197,7 +197,7 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
         (["report", run, "--cost_lengths", "0"], "cost_lengths"),
     ]
     for name, needle in [("seeds_abc", "seeds"), ("seeds_float", "seeds"), ("seeds_zero", "seeds"),
-                         ("eval_tasks_str", "grid.eval.tasks"), ("eval_nper", "n_per_distance"),
+                         ("eval_tasks_map", "grid.eval.tasks"), ("eval_nper", "n_per_distance"),
                          ("eval_batch", "batch_size"), ("eval_fractions", "fractions"), ("eval_multiples", "multiples"),
                          ("cost_neg", "cost_lengths"), ("cost_huge", "cost_lengths"), ("eval_key", "taskz"),
                          ("match", "match"), ("wall", "wall_clock_s"), ("variant_field", "n_layerz"),

@@ -16,7 +16,8 @@ from dynaformer.eval.classification import classification_report, macro_f1
 from dynaformer.kernels.span import span_log_mask
 from dynaformer.model import Transformer
 from dynaformer.model.classifier import SequenceClassifier
-from dynaformer.train.finetune import FinetuneConfig, finetune
+from dynaformer.runs import load_backbone
+from dynaformer.train.finetune import FinetuneConfig, finetune, read_finetune
 
 from .conftest import RESIDUALS, SPANS, cli_in_process, tiny_config
 
@@ -125,8 +126,8 @@ def test_mlm_pretraining_runs_and_learns(tmp_path, text_file, capsys):
 
 def test_finetune_beats_chance(tmp_path):
     # 240 steps reach 0.965–0.99 on AVX2 and AVX-512 CPUs alike (seeds 0, 1); 120 stopped at 0.625 on AVX-512.
-    cfg = FinetuneConfig(task="keyword", n_train=800, n_val=200, distance=8, out=str(tmp_path / "ft"), max_steps=240,
-                         batch_size=32, lr=2e-3, eval_interval=120, progress_bar=False, threads=1)
+    cfg = read_finetune(dict(task="keyword", n_train=800, n_val=200, distance=8, out=str(tmp_path / "ft"),
+                             max_steps=240, batch_size=32, lr=2e-3, eval_interval=120, progress_bar=False, threads=1))
     result = finetune(cfg, tiny_config(causal=False, n_layer=2, d_model=64, context_len=64))
     assert result["accuracy"] > 0.7 and result["chance"] == 0.5, result
     assert set(result["accuracy_by_distance"]) <= {"0", "1-1", "2-3", "4-7", "8-15"}
@@ -139,9 +140,9 @@ def test_finetune_from_pretrained_run(tmp_path, text_file, capsys):
                          "--d_model", "32", "--context_len", "32", "--max_steps", "5", "--data", str(text_file),
                          "--out", str(pre), "--progress_bar", "false", "--eval_tokens", "512")
     assert res.returncode == 0, res.stderr
-    cfg = FinetuneConfig(task="keyword", n_train=64, n_val=32, init=str(pre), out=str(tmp_path / "ft"), max_steps=3,
-                         batch_size=8, eval_interval=3, progress_bar=False)
-    result = finetune(cfg, tiny_config())
+    cfg = read_finetune(dict(task="keyword", n_train=64, n_val=32, init=str(pre), out=str(tmp_path / "ft"),
+                             max_steps=3, batch_size=8, eval_interval=3, progress_bar=False))
+    result = finetune(cfg, tiny_config(), load_backbone)
     assert 0 <= result["accuracy"] <= 1
 
 
@@ -273,8 +274,8 @@ def test_encoder_residual_position_signal_is_the_sequence_length():
 
 
 def _ft_cfg(out, **kw) -> FinetuneConfig:
-    return FinetuneConfig(**{**dict(task="keyword", n_train=200, n_val=50, out=str(out), max_steps=12, batch_size=8,
-                                    eval_interval=4, progress_bar=False), **kw})
+    return read_finetune({**dict(task="keyword", n_train=200, n_val=50, out=str(out), max_steps=12, batch_size=8,
+                                 eval_interval=4, progress_bar=False), **kw})
 
 
 def _ft_model():

@@ -25,7 +25,7 @@ from dynaformer.train.metrics import read_metrics
 from dynaformer.train.rundir import open_run
 from dynaformer.train.trainer import Trainer
 
-from .conftest import ROOT, cli_in_process, shared_dir
+from .conftest import ROOT, assert_user_error, cli_in_process, shared_dir
 
 ARGS = ["--n_layer", "1", "--n_head", "2", "--d_model", "32", "--context_len", "32", "--batch_size", "4",
         "--max_steps", "150", "--log_interval", "1", "--eval_interval", "50", "--eval_tokens", "256",
@@ -271,6 +271,34 @@ def test_one_trainer_per_run_folder(tmp_path, text_file, capsys):
     steps = [s for s, _ in _losses(run)]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 0  # once each: nobody else wrote
     assert not list(run.glob(".tmp-*")) and not (run / ".lock").exists()
+
+
+FINETUNE = ["finetune", "--task", "keyword", "--n_train", "64", "--n_val", "16", "--n_layer", "1", "--n_head", "2",
+            "--d_model", "32", "--context_len", "64", "--batch_size", "4", "--progress_bar", "false", "--threads", "1"]
+
+
+def test_one_finetune_per_run_folder(tmp_path, capsys):
+    """Fine-tuning takes the run folder's lock too: a second `finetune --out X` (the same command) while X is being
+    fine-tuned exits 2 in one line naming the holder and changes nothing in X; the first stops cleanly and
+    releases the lock."""
+    run = tmp_path / "ft"
+    args = [*FINETUNE, "--max_steps", "1000000", "--eval_interval", "5", "--out", str(run)]  # runs until stopped
+    first = subprocess.Popen([sys.executable, "-m", "dynaformer.cli", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list(run.glob("step-*")) and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert (run / ".lock").read_text().endswith(f":{first.pid}")
+        before = (run / "run.json").read_text()
+        res = cli_in_process(capsys, *args)
+        assert_user_error(res, "in use by", str(first.pid))
+        assert (run / "run.json").read_text() == before
+    finally:
+        first.send_signal(signal.SIGTERM)  # saves a checkpoint and exits 130
+        rc = first.wait(timeout=120)
+    assert rc == 130, first.stderr.read()
+    assert not (run / ".lock").exists() and verify_checkpoint(latest_checkpoint(run, warn=False))
 
 
 def test_a_stale_lock_is_taken_over(tmp_path, text_file, capsys):

@@ -1,7 +1,8 @@
 """Imports run one way (docs/design.md §1): no dynaformer module imports, at module level, a module that imports
-it back, and the packages and top-level modules form no cycle either. Function-local imports are the
-deliberate, lazy way up (the command line imports its verbs' modules when a verb runs) and do not count.
-ruff has no rule for import cycles, so this walks the source with `ast`.
+it back, and the packages and top-level modules form no cycle either. Between packages, function-local imports
+count too: a lazy import (the command line importing a verb's modules when it runs) only ever reaches down, and
+every import follows the layers of the design's table. ruff has no rule for import cycles, so this walks the
+source with `ast`.
 
 Also: the presets ship inside the package, so a non-editable install finds them."""
 
@@ -24,10 +25,11 @@ def module_name(path: Path, src: Path = SRC) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def module_level_imports(path: Path, modules: set[str], src: Path = SRC) -> set[str]:
+def module_level_imports(path: Path, modules: set[str], src: Path = SRC, lazy: bool = False) -> set[str]:
     """The dynaformer modules `path` imports when it is imported: statements outside functions and classes'
     methods, and outside `if TYPE_CHECKING:`. `from X import a` names X.a where that is a module (X's __init__
-    need not have finished: `from . import sub` inside a package is no cycle), and X itself for anything else."""
+    need not have finished: `from . import sub` inside a package is no cycle), and X itself for anything else.
+    lazy=True: also the imports inside functions and methods (those that run when they are called)."""
     name = module_name(path, src)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
@@ -56,15 +58,19 @@ def module_level_imports(path: Path, modules: set[str], src: Path = SRC) -> set[
             elif isinstance(node, ast.With):
                 visit(node.body)
             elif isinstance(node, ast.ClassDef):  # a class body runs at import; its methods do not
-                visit([s for s in node.body if not isinstance(s, ast.FunctionDef | ast.AsyncFunctionDef)])
+                visit([s for s in node.body if lazy or not isinstance(s, ast.FunctionDef | ast.AsyncFunctionDef)])
+            elif lazy and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                visit(node.body)
+            elif isinstance(node, ast.For | ast.AsyncFor | ast.While | ast.AsyncWith):
+                visit(node.body + getattr(node, "orelse", []))
 
     visit(ast.parse(path.read_text(encoding="utf-8")).body)
     return {m for m in out if m in modules and m != name}
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(lazy: bool = False) -> dict[str, set[str]]:
     files = {module_name(p): p for p in PKG.rglob("*.py")}
-    return {m: module_level_imports(p, set(files)) for m, p in files.items()}
+    return {m: module_level_imports(p, set(files), lazy=lazy) for m, p in files.items()}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -122,6 +128,8 @@ def test_walker_sees_cycles_and_ignores_function_imports(tmp_path):
             "dynaformer.t", "dynaformer.s"}
     assert module_level_imports(src, mods, tmp_path) == {"dynaformer.y", "dynaformer.z", "dynaformer.s",
                                                          "dynaformer.u"}
+    assert module_level_imports(src, mods, tmp_path, lazy=True) == {"dynaformer.y", "dynaformer.z", "dynaformer.s",
+                                                                    "dynaformer.u", "dynaformer.v", "dynaformer.t"}
 
 
 def test_no_module_is_in_an_import_cycle():
@@ -130,17 +138,41 @@ def test_no_module_is_in_an_import_cycle():
     assert cycles(graph) == []
 
 
-def test_packages_import_one_way():
-    """Package level: eval/ measures models and is used by train/ (evaluation while training); runs.py,
-    above both, loads checkpoints for eval, generate and diagnostics; the study uses timing.py, not bench/."""
-    graph = import_graph()
+def unit_graph(lazy: bool) -> dict[str, set[str]]:
+    graph = import_graph(lazy)
     units: dict[str, set[str]] = {}
     for m, deps in graph.items():
         units.setdefault(unit(m), set()).update(unit(d) for d in deps if unit(d) != unit(m))
+    return units
+
+
+def test_packages_import_one_way():
+    """Package level: eval/ measures models and is used by train/ (evaluation while training); runs.py,
+    above both, loads checkpoints for eval, generate, diagnostics and fine-tuning's backbone; the study uses
+    timing.py, not bench/."""
+    units = unit_graph(lazy=False)
     units.pop("dynaformer", None)  # the package's own __init__ re-exports the model
     assert cycles(units) == []
     assert "train" not in units["eval"] and "eval" in units["train"]
     assert "bench" not in units["study"] and "cli" not in units["bench"]
+
+
+# The layers of docs/design.md §1, lowest first: a package or top-level module imports (at module level or
+# inside a function) only from layers below its own.
+LAYERS = [{"errors"}, {"extras", "timing", "plotting", "configtools", "resources", "locks"}, {"files"},
+          {"kernels", "data"}, {"model"}, {"eval"}, {"train"}, {"runs", "presets"}, {"hf", "lmeval"},
+          {"study", "bench"}, {"cli"}]
+
+
+def test_no_import_runs_upward_function_local_included():
+    units = unit_graph(lazy=True)
+    # the package's __init__ re-exports the model (and `__version__`, which train/ and cli.py read)
+    assert units.pop("dynaformer") == {"model"}
+    assert cycles({u: deps - {"dynaformer"} for u, deps in units.items()}) == []
+    rank = {u: i for i, layer in enumerate(LAYERS) for u in layer}
+    assert set(rank) == set(units), "a new package or top-level module: give it its layer here and in design §1"
+    upward = sorted(f"{u} → {d}" for u, deps in units.items() for d in deps - {"dynaformer"} if rank[d] >= rank[u])
+    assert upward == []
 
 
 def test_importing_the_cli_loads_no_cycle():

@@ -24,7 +24,7 @@ pytest.importorskip("lm_eval", reason="needs the [eval] extra: pip install 'dyna
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from dynaformer.eval.lm_eval_model import DynaformerLM  # noqa: E402
+from dynaformer.lmeval.adapter import DynaformerLM  # noqa: E402
 
 CHARS = sorted(set(generated_stories(20_000)))
 

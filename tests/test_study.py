@@ -278,7 +278,7 @@ def test_cost_measurement_and_crossover():
     ({"eval": {"tasks": ["passkey", "nosuchtask"]}}, "unknown task 'nosuchtask'"),
     ({"eval": {"multiples": [1, 0]}}, "grid.eval.multiples"),
     ({"eval": {"cost_lengths": [1024, 10**10]}}, "grid.eval.cost_lengths: length 10000000000"),
-    ({"eval": {"cost_length": [1024]}}, "unknown key 'cost_length'"),
+    ({"eval": {"cost_length": [1024]}}, "unknown config key 'grid.eval.cost_length'"),
     ({"variants": {"baseline": {}, "fx": {"span": "fixed", "match_reach": "nope"}}}, "match_reach names 'nope'"),
     ({"variants": {"dyn_span": {"span": "dynamic"}, "fx": {"match_reach": "dyn_span"}}}, "add span: fixed"),
     ({"variants": {"baseline": {}, "fx": {"span": "fixed", "match_reach": "baseline"}}}, "learned-span variant"),

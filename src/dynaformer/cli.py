@@ -7,7 +7,6 @@ Every user error is one line on stderr and exit code 2; an interrupted training 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import signal
@@ -16,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .configtools import field_types, from_dict
+from .configtools import field_defaults, field_types, from_dict
 from .errors import DynaformerError, Interrupted, is_disk_full
 from .model import ModelConfig
 from .presets import load_yaml_config
@@ -38,18 +37,24 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _help_for(cls: type, name: str, tp: Any) -> str:
-    default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+def _help_for(default: Any, tp: Any) -> str:
     tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
     return f"{tname} (default: {default})"
 
 
-def add_fields(parser: argparse.ArgumentParser, cls: type, section: str) -> None:
+def add_fields(parser: argparse.ArgumentParser, cls: type, section: str, defaults: dict[str, Any] | None = None,
+               alias: str | None = None) -> None:
+    """--name and --section.name for each field of `cls` (those in `defaults`, at those defaults, when given);
+    `alias`: a second section prefix that also names them."""
+    defaults = defaults if defaults is not None else field_defaults(cls)
     group = parser.add_argument_group(f"{section} options ({cls.__name__})")
     for name, tp in field_types(cls).items():
-        group.add_argument(f"--{name}", f"--{section}.{name}", dest=f"{section}.{name}", default=argparse.SUPPRESS,
-                           metavar="V", nargs="?" if tp is bool else None, const="true" if tp is bool else None,
-                           help=_help_for(cls, name, tp))
+        if name not in defaults:
+            continue
+        flags = [f"--{name}", f"--{section}.{name}"] + ([f"--{alias}.{name}"] if alias else [])
+        group.add_argument(*flags, dest=f"{section}.{name}", default=argparse.SUPPRESS, metavar="V",
+                           nargs="?" if tp is bool else None, const="true" if tp is bool else None,
+                           help=_help_for(defaults[name], tp))
 
 
 def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
@@ -99,7 +104,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .extras import require
 
         require("lm_eval", "eval")
-        from .eval.lm_eval_model import run_lm_eval
+        from .lmeval.adapter import run_lm_eval
 
         out = run_lm_eval(args.run, args.lm_eval, limit=args.limit, num_fewshot=args.num_fewshot,
                           batch_size=args.batch_size, include_path=args.include_path)
@@ -168,18 +173,28 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    from .train.finetune import FinetuneConfig, finetune
+def build_finetune_configs(args: argparse.Namespace):
+    """(FinetuneConfig, ModelConfig) of `finetune`'s flags: the train and task sections, and a from-scratch model
+    (an encoder unless --causal true; --config's model: section, then model flags)."""
+    from .train.finetune import FinetuneConfig
 
-    values: dict[str, dict] = {"model": {"causal": False}, "finetune": {}}  # from scratch: an encoder
+    values: dict[str, dict] = {"model": {"causal": False}, "train": {}, "task": {}}
     if args.config:
         values["model"].update(load_yaml_config(args.config)["model"])
     for dest, value in vars(args).items():
         if "." in dest:
             section, name = dest.split(".", 1)
             values[section][name] = value
-    cfg = from_dict(FinetuneConfig, values["finetune"], "finetune")
-    result = finetune(cfg, from_dict(ModelConfig, values["model"], "model"))
+    return (from_dict(FinetuneConfig, {"train": values["train"], "task": values["task"]}),
+            from_dict(ModelConfig, values["model"], "model"))
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .runs import load_backbone
+    from .train.finetune import finetune
+
+    cfg, model_cfg = build_finetune_configs(args)
+    result = finetune(cfg, model_cfg, load_backbone)
     print(json.dumps(result) if args.json else
           f"done: val accuracy {result['accuracy']:.3f} (chance {result['chance']:.3f}) | macro-F1 "
           f"{result['macro_f1']:.3f} | by distance {result['accuracy_by_distance']} | outputs in {result['run_dir']}")
@@ -277,14 +292,16 @@ def make_parser() -> Parser:
         add_fields(p, cls, section)
     p.set_defaults(func=cmd_train)
 
-    from .train.finetune import FinetuneConfig
+    from .train.finetune import TRAIN_DEFAULTS, TaskConfig
 
     p = sub.add_parser("finetune", help="fine-tune a classifier (encoder by default) on a classification task",
-                       description="Fine-tune a sequence classifier on a generated task (entail, listops) or "
-                       "JSONL files, from a pretrained run (--init RUN) or from scratch (model flags).")
+                       description="Fine-tune a sequence classifier on a generated task (entail, keyword, listops) "
+                       "or JSONL files, from a pretrained run (--init RUN) or from scratch (model flags). The "
+                       "training options are train's, at fine-tuning's defaults.")
     p.add_argument("--config", metavar="FILE", help="YAML whose model: section sets a from-scratch model")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_fields(p, FinetuneConfig, "finetune")
+    add_fields(p, TaskConfig, "task", alias="finetune")
+    add_fields(p, TrainConfig, "train", defaults=TRAIN_DEFAULTS, alias="finetune")
     add_fields(p, ModelConfig, "model")
     p.set_defaults(func=cmd_finetune)
 
@@ -404,7 +421,7 @@ def cmd_lm_eval(argv: list[str]) -> int:
 
     try:
         require("lm_eval", "eval")
-        from .eval.lm_eval_model import lm_eval_cli
+        from .lmeval.adapter import lm_eval_cli
     except DynaformerError as e:
         print(f"dynaformer lm-eval: error: {e}", file=sys.stderr)
         return 2

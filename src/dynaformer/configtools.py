@@ -1,7 +1,12 @@
 """Strict dataclass configs: unknown keys, wrong types and bad values are errors that name the field.
 
-Every config in the project (model, training, generation) is a dataclass; this module turns dicts
-(YAML, JSON, CLI overrides) into them and back, with type coercion from the annotations.
+Every config in the project (model, training, fine-tuning, a grid's settings) is a dataclass; this module turns
+dicts (YAML, JSON, CLI overrides) into them and back, with type coercion from the annotations. A field whose
+type is a dataclass is a section (`FinetuneConfig.train`): read from a mapping that sets some of its fields,
+the rest keep the section's default.
+
+`first_difference` is the one answer to "is this the same run?": a run folder, a fine-tuning folder and a grid
+cell each compare the config record they wrote with the one about to run through it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import importlib
 import math
 import types
 import typing
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -48,6 +54,11 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
         if value in choices:
             return value
         raise ConfigError(f"{name}: expected one of {', '.join(map(str, choices))}; got {value!r}")
+    if origin is dict or tp is dict:  # a mapping of overrides, its values kept as written
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        args = get_args(tp)
+        return {str(k): coerce(v, args[1], f"{name}.{k}") if args else v for k, v in value.items()}
     if origin in (list, tuple):
         (inner, *_) = get_args(tp) or (Any,)
         if isinstance(value, str):
@@ -82,6 +93,8 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
         raise ConfigError(f"{name}: expected a string, got {value!r}")
     if tp is Any:
         return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, name)
     raise ConfigError(f"{name}: unsupported field type {tp}")
 
 
@@ -132,7 +145,12 @@ def from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T:
     unknown = sorted(set(data) - set(types_))
     if unknown:
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(types_))})")
-    kwargs = {k: coerce(v, types_[k], prefix + k) for k, v in data.items()}
+    defaults = field_defaults(cls)
+    kwargs = {}
+    for k, v in data.items():
+        if dataclasses.is_dataclass(types_[k]) and isinstance(v, dict) and k in defaults:
+            v = {**to_dict(defaults[k]), **v}  # a section given in part: the rest keep the section's default
+        kwargs[k] = coerce(v, types_[k], prefix + k)
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate is not None:
@@ -140,9 +158,26 @@ def from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T:
     return obj
 
 
+def field_defaults(cls: type) -> dict[str, Any]:
+    """Each field's default value (a new object for fields with a default factory); fields without one are left
+    out."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
-    d = dataclasses.asdict(obj)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    """A config as JSON-ready data: sections become mappings, tuples lists."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return [plain(x) for x in v] if isinstance(v, list | tuple) else v
+
+    return plain(dataclasses.asdict(obj))
 
 
 def replace(obj: T, **changes: Any) -> T:
@@ -167,3 +202,32 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{what}: '{path}' must hold a mapping")
     return raw
+
+
+def first_difference(old: Mapping[str, Any], new: Mapping[str, Any], defaults: Mapping[str, Mapping[str, Any]],
+                     may_change: Mapping[str, Collection[str]] | None = None,
+                     same: Callable[[str, Any, Any], bool] | None = None) -> str | None:
+    """Whether `old` (the record a folder holds of the run it was made for) and `new` (the record of the run about
+    to use it) describe the same run: None when they do, else the first difference, "section.field: OLD in the
+    folder, NEW now".
+
+    Keys named in `defaults` are config sections compared field by field: a field missing from `old` was added by
+    a newer dynaformer and counts as equal when the new value is its default (folders survive an upgrade that adds
+    fields without changing what runs); fields in `may_change[section]` may differ (where and how a run is
+    continued, not what it computes). Other keys compare whole. `same(field, a, b)` replaces == for fields
+    (run folders compare paths by where they lead)."""
+    may_change = may_change or {}
+    same = same or (lambda _key, a, b: a == b)
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if key not in defaults:
+            if a != b:
+                return f"{key}: {a!r} in the folder, {b!r} now"
+            continue
+        a, b, skip = a or {}, b or {}, set(may_change.get(key, ()))
+        for name in sorted((set(a) | set(b)) - skip):
+            if name not in a and b.get(name) == defaults[key].get(name):
+                continue
+            if not same(name, a.get(name), b.get(name)):
+                return f"{key}.{name}: {a.get(name)!r} in the folder, {b.get(name)!r} now"
+    return None

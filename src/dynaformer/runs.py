@@ -1,5 +1,5 @@
 """A trained run put to use: load the model and tokenizer of a run folder's newest verified checkpoint (or of a
-step-N folder), and evaluate it on text, sample from it or diagnose it.
+step-N folder), and evaluate it on text, sample from it, diagnose it, or hand its backbone to fine-tuning.
 
 This sits above both `train/` (it reads checkpoints with train/checkpoint.py) and `eval/` (it measures with
 it), so that the trainer can evaluate with eval/ while nothing in eval/ imports train/.
@@ -23,7 +23,14 @@ from .model import ModelConfig, Transformer
 from .model.generate import generate
 from .model.memory import BYTES, param_bound
 from .resources import check_fits_in_memory
-from .train.checkpoint import check_fits, latest_checkpoint, load_model_state, read_model_shapes, verify_checkpoint
+from .train.checkpoint import (
+    check_fits,
+    latest_checkpoint,
+    load_model_state,
+    read_model_shapes,
+    read_model_tensors,
+    verify_checkpoint,
+)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -57,6 +64,13 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[Transformer, Byte
     model = Transformer(model_cfg)
     load_model_state(ckpt, model)
     return model.to(device).eval(), tokenizer, ckpt
+
+
+def load_backbone(path: str | Path) -> tuple[ModelConfig, ByteTokenizer | CharTokenizer, dict[str, torch.Tensor]]:
+    """(model config, tokenizer, weights) of a pretrained run for `finetune(..., load_backbone=...)`: the
+    model of its newest verified checkpoint (or of a step-N folder), checked as `load_model` checks it."""
+    model, tokenizer, ckpt = load_model(path)
+    return model.cfg, tokenizer, read_model_tensors(ckpt)
 
 
 def evaluate_run(path: str | Path, data: str | None = None, max_tokens: int = 262_144, batch_size: int = 32) -> dict:

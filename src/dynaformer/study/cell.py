@@ -143,11 +143,12 @@ def run_encoder_cell(cell_dir: Path, spec: dict, progress_bar: bool = False) -> 
     """Fine-tune a bidirectional classifier on the cell's task, from scratch or from the pretraining cell's
     encoder (`finetune.init`), resuming from its newest checkpoint; record accuracy, macro-F1 and accuracy
     by distance."""
-    from ..train.finetune import FinetuneConfig, finetune
+    from ..runs import load_backbone
+    from ..train.finetune import finetune, read_finetune
 
-    fcfg = from_dict(FinetuneConfig, {**spec["finetune"], "out": str(cell_dir / "run"), "resume": "auto",
-                                      "progress_bar": progress_bar}, "finetune")
-    res = finetune(fcfg, from_dict(ModelConfig, spec["model"], "model"))
+    fcfg = read_finetune({**spec["finetune"], "out": str(cell_dir / "run"), "resume": "auto",
+                          "progress_bar": progress_bar})
+    res = finetune(fcfg, from_dict(ModelConfig, spec["model"], "model"), load_backbone)
     metrics = read_metrics(cell_dir / "run" / "metrics.jsonl")
     result = {"kind": "encoder", "variant": spec["variant"], "seed": spec["seed"], "task": spec["task"],
               "status": "ok", "accuracy": res["accuracy"], "macro_f1": res["macro_f1"],

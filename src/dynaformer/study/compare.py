@@ -20,7 +20,6 @@ share a grid on a shared filesystem by running the same command: cells are claim
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..configtools import first_difference, to_dict
 from ..errors import DynaformerError
 from ..locks import holder, hostname, try_lock, unlock
 from .cell import last_step, run_cell, write_json
@@ -210,27 +210,15 @@ def _config_defaults() -> dict[str, dict]:
     """Defaults of the config sections a cell.json holds (a field added after a cell ran has its default)."""
     from ..model.config import ModelConfig
     from ..train.config import TrainConfig
-    from ..train.finetune import FinetuneConfig
+    from ..train.finetune import FinetuneConfig, flat_record
 
-    return {name: {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-            for name, cls in (("model", ModelConfig), ("train", TrainConfig), ("finetune", FinetuneConfig))}
+    return {"model": to_dict(ModelConfig()), "train": to_dict(TrainConfig()), "finetune": flat_record(FinetuneConfig())}
 
 
 def same_cell(old: dict, new: dict) -> bool:
-    """Whether a cell folder's cell.json describes the cell about to run. A config field that a newer
-    dynaformer added (absent from the old file) counts as the same when the new value is its default, so
-    grid folders survive an upgrade that adds fields without changing what the cells compute."""
-    if old.keys() != new.keys():
-        return False
-    defaults = _config_defaults()
-    for key, value in new.items():
-        before = old[key]
-        if key in defaults and isinstance(value, dict) and isinstance(before, dict):
-            added = {k: defaults[key][k] for k in value.keys() - before.keys() if k in defaults[key]}
-            before = {**added, **before}
-        if before != value:
-            return False
-    return True
+    """Whether a cell folder's cell.json describes the cell about to run (configtools.first_difference: a field
+    that a newer dynaformer added counts as the same when the new value is its default)."""
+    return first_difference(old, new, _config_defaults()) is None
 
 
 # --- devices -------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@
                 controls: {residual: [static_residual], span: [fixed_window, per_head]}}
     encoder:                                      # optional: the understanding study (seed 000's NLU tasks)
       model: {n_layer: 2, context_len: 256}       # overrides of the base model (causal is set false)
-      finetune: {n_train: 1500, max_steps: 200}   # FinetuneConfig fields shared by every encoder cell
+      finetune: {n_train: 1500, max_steps: 200}   # fine-tuning fields (task and train, flat) of every encoder cell
       tasks: {keyword: {distance: 16}, entail: {}}  # generated tasks (a list, or name → finetune overrides)
       variants: [baseline, dyn_residual, dyn_span, both]  # grid variants whose model overrides apply
       pretrain: {data: "builtin:stories", max_steps: 600}  # optional: masked-LM pretraining (train fields)
@@ -37,6 +37,10 @@ step would not fit in this machine's memory is refused before anything trains.
 A variant whose overrides do not validate against the installed ModelConfig/TrainConfig (e.g. a
 residual kind this build does not have) is an error naming the variant — or, with skip_invalid, a
 skipped cell that the report lists with the reason.
+
+The `eval`, `questions` and `encoder` sections are dataclasses read through configtools (GridEval,
+GridQuestions, GridEncoder), so a bad value is an error naming its field (`grid.eval.n_per_distance: ...`); the
+Grid keeps each as the plain record grid.json and the cells hold.
 """
 
 from __future__ import annotations
@@ -47,20 +51,104 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..configtools import from_dict, read_yaml_mapping, to_dict
-from ..data.tasks import check_task_data, is_task_spec
+from ..data.tasks import TASKS, check_task_data, is_task_spec
 from ..errors import ConfigError, DynaformerError
 from ..model import ModelConfig
 from ..train.config import TrainConfig, split_sections
+from ..train.finetune import FinetuneConfig, flat_record, read_finetune
 
-EVAL_DEFAULTS: dict[str, Any] = {"tasks": ["passkey", "mqar", "selcopy", "storyqa", "summary"],
-                                 "n_per_distance": 40, "fractions": [1 / 16, 1 / 8, 1 / 4, 1 / 2, 7 / 8],
-                                 "text_tokens": 16384, "multiples": [1, 2, 4], "diag_windows": 8, "batch_size": 16,
-                                 "cost_lengths": [1024, 2048, 4096], "cost_repeats": 3}
-QUESTION_DEFAULTS = {"reference": "baseline", "residual": "dyn_residual", "span": "dyn_span",
-                     "size_matched": "baseline_large", "controls": {}}
+
+@dataclass
+class GridEval:
+    """`eval:` — how every trained cell is evaluated (study/cell.py), and the lengths its cost is timed at."""
+
+    tasks: list[str] = field(default_factory=lambda: ["passkey", "mqar", "selcopy", "storyqa", "summary"])
+    n_per_distance: int = 40  # long-range examples per distance
+    fractions: list[float] = field(default_factory=lambda: [1 / 16, 1 / 8, 1 / 4, 1 / 2, 7 / 8])  # of the context
+    text_tokens: int = 16384  # held-out tokens for bits per byte
+    multiples: list[int] = field(default_factory=lambda: [1, 2, 4])  # of the training context, for long text
+    diag_windows: int = 8
+    batch_size: int = 16
+    cost_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])  # study/cost.py
+    cost_repeats: int = 3
+
+    def validate(self) -> None:
+        """Evaluation settings that would fail after training fail now."""
+        for t in self.tasks:
+            if t not in TASKS:
+                raise ConfigError(f"grid.eval.tasks: unknown task '{t}' (known: {', '.join(TASKS)})")
+        for name in ("tasks", "multiples", "cost_lengths", "fractions"):
+            if not getattr(self, name):
+                raise ConfigError(f"grid.eval.{name}: must not be empty")
+        for name in ("multiples", "cost_lengths"):
+            if any(v <= 0 for v in getattr(self, name)):
+                raise ConfigError(f"grid.eval.{name}: expected positive integers, got {getattr(self, name)}")
+        for name in ("n_per_distance", "text_tokens", "diag_windows", "batch_size", "cost_repeats"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"grid.eval.{name}: must be > 0, got {getattr(self, name)}")
+        if not all(0 < f <= 1 for f in self.fractions):
+            raise ConfigError(f"grid.eval.fractions: expected fractions of the context in (0, 1], got "
+                              f"{self.fractions}")
+
+
+@dataclass
+class GridQuestions:
+    """`questions:` — the variants that answer the study's questions, and their controls. A question whose variant
+    the grid lacks is reported as not tested; a control must be a variant of the grid (checked by the grid)."""
+
+    reference: str | None = "baseline"
+    residual: str | None = "dyn_residual"
+    span: str | None = "dyn_span"
+    size_matched: str | None = "baseline_large"
+    controls: dict[str, list[str] | None] | None = field(default_factory=dict)  # residual: [...], span: [...]
+
+    def __post_init__(self) -> None:
+        self.controls = {k: list(v or []) for k, v in (self.controls or {}).items()}
+
+    def validate(self) -> None:
+        if any(k not in ("residual", "span") for k in self.controls):
+            raise ConfigError("grid.questions.controls: expected {residual: [variants], span: [variants]}")
+
+
+ENCODER_TASKS = ("keyword", "entail", "listops")
+_ENCODER_VARIANTS = ("baseline", "dyn_residual", "dyn_span", "both")  # encoder.variants' default, where present
+
+
+@dataclass
+class GridEncoder:
+    """`encoder:` — the understanding study. Its model, finetune and pretrain mappings are overrides, checked when
+    each cell's config is resolved (resolve_encoder, resolve_pretrain)."""
+
+    model: dict | None = None  # overrides of the base model (causal is set false)
+    finetune: dict | None = None  # fine-tuning fields (flat: task and train) shared by every encoder cell
+    tasks: list[str] | dict[str, dict | None] | None = None  # a list, or name → its fine-tuning overrides
+    variants: list[str] | None = None  # grid variants whose model overrides apply (default: _ENCODER_VARIANTS)
+    pretrain: dict | None = None  # masked-LM pretraining first (train fields); none: fine-tune from scratch
+
+    def __post_init__(self) -> None:
+        self.model, self.finetune = dict(self.model or {}), dict(self.finetune or {})
+        tasks = self.tasks or ["keyword"]
+        self.tasks = ({str(t): {} for t in tasks} if isinstance(tasks, list)
+                      else {str(k): dict(v or {}) for k, v in tasks.items()})
+
+    def validate(self) -> None:
+        for t in self.tasks:
+            if t not in ENCODER_TASKS:
+                raise ConfigError(f"grid.encoder.tasks: unknown task '{t}' (generated tasks: "
+                                  f"{', '.join(ENCODER_TASKS)})")
+
+    def record(self) -> dict:
+        """As grid.json and the grid's fingerprint hold it: `pretrain` only when given."""
+        out = to_dict(self)
+        if out["pretrain"] is None:
+            del out["pretrain"]
+        return out
+
+
+EVAL_DEFAULTS = to_dict(GridEval())
+QUESTION_DEFAULTS = to_dict(GridQuestions())
 HARNESS_KEYS = ("match_reach", "seeds")  # variant keys the harness resolves itself (not ModelConfig/TrainConfig fields)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -98,7 +186,7 @@ class Grid:
     wall_clock_s: float | None = None
     eval: dict = field(default_factory=lambda: dict(EVAL_DEFAULTS))
     questions: dict = field(default_factory=lambda: dict(QUESTION_DEFAULTS))
-    encoder: dict | None = None  # {model, finetune, tasks: {name: overrides}, variants: [...], pretrain}
+    encoder: dict | None = None  # GridEncoder.record(): {model, finetune, tasks: {name: overrides}, variants, pretrain}
 
     def to_dict(self) -> dict:
         return {"name": self.name, "base": self.base, "variants": self.variants, "harness": self.harness,
@@ -156,7 +244,7 @@ class Grid:
                     out += [Cell(name, s, None, None, error=str(e), task=task, kind="encoder") for s in self.seeds]
                     continue
                 for s in self.seeds:
-                    f = {**to_dict(fcfg), "seed": int(s)}
+                    f = {**flat_record(fcfg), "seed": int(s)}
                     out.append(Cell(name, int(s), to_dict(mcfg), None, task=task, finetune=f, kind="encoder"))
         return pre + out
 
@@ -174,16 +262,14 @@ def resolve(base: dict[str, dict], overrides: dict[str, dict], variant: str) -> 
 
 
 def resolve_encoder(base: dict[str, dict], encoder: dict, variant_overrides: dict[str, dict], task: str,
-                    task_overrides: dict, variant: str):
+                    task_overrides: dict, variant: str) -> tuple[ModelConfig, FinetuneConfig]:
     """(ModelConfig, FinetuneConfig) of an encoder cell: base model + encoder model + the variant's model
     overrides, bidirectional; the encoder's finetune fields + the task's."""
-    from ..train.finetune import FinetuneConfig
-
     m = {**base.get("model", {}), **encoder.get("model", {}), **variant_overrides.get("model", {}), "causal": False}
     f = {**encoder.get("finetune", {}), **task_overrides, "task": task}
     try:
         mcfg = from_dict(ModelConfig, m, "model")
-        fcfg = from_dict(FinetuneConfig, f, "finetune")
+        fcfg = read_finetune(f, "finetune")
     except ConfigError as e:
         raise ConfigError(f"encoder variant '{variant}', task '{task}': {e}") from None
     return mcfg, fcfg
@@ -200,34 +286,17 @@ def resolve_pretrain(base: dict[str, dict], encoder: dict, variant_overrides: di
         raise ConfigError(f"encoder pretraining of variant '{variant}': {e}") from None
 
 
-ENCODER_TASKS = ("keyword", "entail", "listops")
-
-
-def _parse_encoder(raw, variants: dict) -> dict | None:
+def _parse_encoder(raw, variants: set[str]) -> dict | None:
     if raw is None:
         return None
-    if not isinstance(raw, dict):
-        raise ConfigError("grid.encoder: expected a mapping with model, finetune, tasks, variants")
-    unknown = sorted(set(raw) - {"model", "finetune", "tasks", "variants", "pretrain"})
-    if unknown:
-        raise ConfigError(f"grid.encoder: unknown key '{unknown[0]}' (known: finetune, model, pretrain, tasks, "
-                          f"variants)")
-    pretrain = raw.get("pretrain")
-    if pretrain is not None and not isinstance(pretrain, dict):
-        raise ConfigError("grid.encoder.pretrain: expected a mapping of training fields (data, max_steps, ...)")
-    tasks = raw.get("tasks") or ["keyword"]
-    if isinstance(tasks, list):
-        tasks = {str(t): {} for t in tasks}
-    else:
-        tasks = {str(k): dict(v or {}) for k, v in tasks.items()}
-    for t in tasks:
-        if t not in ENCODER_TASKS:
-            raise ConfigError(f"grid.encoder.tasks: unknown task '{t}' (generated tasks: {', '.join(ENCODER_TASKS)})")
-    names = raw.get("variants") or [v for v in ("baseline", "dyn_residual", "dyn_span", "both") if v in variants]
-    if not isinstance(names, list) or not names:
+    enc = from_dict(GridEncoder, raw, "grid.encoder")
+    enc.variants = enc.variants or [v for v in _ENCODER_VARIANTS if v in variants]
+    if not enc.variants:
         raise ConfigError("grid.encoder.variants: expected a list of grid variant names")
-    return {"model": dict(raw.get("model") or {}), "finetune": dict(raw.get("finetune") or {}), "tasks": tasks,
-            "variants": [str(n) for n in names], **({} if pretrain is None else {"pretrain": dict(pretrain)})}
+    missing = [v for v in enc.variants if v not in variants]
+    if missing:
+        raise ConfigError(f"grid.encoder.variants: '{missing[0]}' is not a variant of this grid")
+    return enc.record()
 
 
 def load_grid(path: str | Path, variants: list[str] | None = None, seeds: int | list[int] | None = None) -> Grid:
@@ -254,18 +323,9 @@ def grid_from_dict(raw: dict, name: str = "grid", variants: list[str] | None = N
         parsed = _select(parsed, harness, variants)
     seed_list = _parse_seeds(raw.get("seeds", 3) if seeds is None else seeds)
     match, wall = _parse_match(raw)
-    ev = dict(EVAL_DEFAULTS)
-    for k, v in (raw.get("eval") or {}).items():
-        if k not in EVAL_DEFAULTS:
-            raise ConfigError(f"grid.eval: unknown key '{k}' (known: {', '.join(EVAL_DEFAULTS)})")
-        ev[k] = v
-    _check_eval(ev)
+    ev = to_dict(from_dict(GridEval, raw.get("eval") or {}, "grid.eval"))
     qs = _parse_questions(raw.get("questions"), all_names)
     encoder = _parse_encoder(raw.get("encoder"), all_names)
-    if encoder:
-        missing = [v for v in encoder["variants"] if v not in all_names]
-        if missing:
-            raise ConfigError(f"grid.encoder.variants: '{missing[0]}' is not a variant of this grid")
     grid = Grid(str(raw.get("name", name)), base, parsed, seed_list, {v: harness[v] for v in parsed if harness[v]},
                 match, wall, ev, qs, encoder)
     resolve(base, {}, "(base)")  # the base itself must validate
@@ -376,47 +436,8 @@ def _parse_match(raw: dict) -> tuple[str, float | None]:
     return match, wall
 
 
-def _positive_ints(ev: dict, key: str) -> list[int]:
-    vals = ev[key]
-    if not isinstance(vals, list) or not vals or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                                         for v in vals):
-        raise ConfigError(f"grid.eval.{key}: expected a non-empty list of positive integers, got {vals!r}")
-    return vals
-
-
-def _check_eval(ev: dict) -> None:
-    """Evaluation settings that would fail after training fail now, naming the key."""
-    from ..data.tasks import TASKS
-
-    if not isinstance(ev["tasks"], list):
-        raise ConfigError(f"grid.eval.tasks: expected a list of task names, got {ev['tasks']!r}")
-    for t in ev["tasks"]:
-        if t not in TASKS:
-            raise ConfigError(f"grid.eval.tasks: unknown task '{t}' (known: {', '.join(TASKS)})")
-    _positive_ints(ev, "multiples")
-    _positive_ints(ev, "cost_lengths")
-    for key in ("n_per_distance", "text_tokens", "diag_windows", "batch_size", "cost_repeats"):
-        if not (isinstance(ev[key], int) and not isinstance(ev[key], bool) and ev[key] > 0):
-            raise ConfigError(f"grid.eval.{key}: expected a positive integer, got {ev[key]!r}")
-    fr = ev["fractions"]
-    if not isinstance(fr, list) or not fr or not all(isinstance(f, int | float) and 0 < f <= 1 for f in fr):
-        raise ConfigError(f"grid.eval.fractions: expected fractions of the context in (0, 1], got {fr!r}")
-
-
 def _parse_questions(raw, names: set[str]) -> dict:
-    """questions: {reference, residual, span, size_matched, controls: {residual: [...], span: [...]}}. A
-    question whose variant the grid lacks is reported as not tested; a control must exist."""
-    if raw is not None and not isinstance(raw, dict):
-        raise ConfigError("grid.questions: expected a mapping")
-    raw = dict(raw or {})
-    unknown = sorted(set(raw) - set(QUESTION_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"grid.questions: unknown key '{unknown[0]}' (known: {', '.join(QUESTION_DEFAULTS)})")
-    qs = {**QUESTION_DEFAULTS, **raw}
-    controls = qs["controls"] or {}
-    if not isinstance(controls, dict) or any(k not in ("residual", "span") for k in controls):
-        raise ConfigError("grid.questions.controls: expected {residual: [variants], span: [variants]}")
-    qs["controls"] = {k: [v] if isinstance(v, str) else list(v or []) for k, v in controls.items()}
+    qs = to_dict(from_dict(GridQuestions, raw or {}, "grid.questions"))
     for q, cs in qs["controls"].items():  # a typo would silently drop the control rows
         for c in cs:
             if c not in names:

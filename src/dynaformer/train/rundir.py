@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..configtools import to_dict
+from ..configtools import first_difference, to_dict
 from ..data import ByteTokenizer, CharTokenizer, load_tokenizer, open_splits, read_text, save_tokenizer, write_splits
 from ..data.dataset import TokenSplits
 from ..errors import DynaformerError
@@ -80,17 +80,10 @@ def _same(key: str, a, b) -> bool:
 
 
 def _first_difference(old: dict, new: dict) -> str | None:
-    defaults = {"model": to_dict(ModelConfig()), "train": to_dict(TrainConfig())}
-    for section in ("model", "train"):
-        a, b = old.get(section, {}), new.get(section, {})
-        if section == "train":
-            a = {k: v for k, v in a.items() if k not in RESUMABLE_CHANGES}
-        for key in sorted(set(a) | set(b)):
-            if key not in a and b.get(key) == defaults[section].get(key):
-                continue  # a field added since the folder was written, at the default it had implicitly
-            if not _same(key, a.get(key), b.get(key)):
-                return f"{section}.{key}: {a.get(key)!r} in the folder, {b.get(key)!r} now"
-    return None
+    """The first field in which the folder's run identity `old` differs from `new` (configtools.first_difference),
+    the fields a resumed run may change left out."""
+    return first_difference(old, new, {"model": to_dict(ModelConfig()), "train": to_dict(TrainConfig())},
+                            may_change={"train": RESUMABLE_CHANGES}, same=_same)
 
 
 def environment() -> dict:

@@ -5,7 +5,7 @@
 
     dynaformer eval runs/x --lm-eval dynaformer_story_qa,dynaformer_stories_ppl
 
-Bundled tasks (lm_tasks/, generated at run time, fully offline): `dynaformer_story_qa` (multiple choice:
+Bundled tasks (tasks/, generated at run time, fully offline): `dynaformer_story_qa` (multiple choice:
 where is a character, the supporting fact 4 sentences before the question), `dynaformer_story_qa_far`
 (the same at 24 sentences), `dynaformer_story_qa_gen` (the same, generated answer, exact match) and
 `dynaformer_stories_ppl` (rolling log-likelihood: word/byte perplexity, bits per byte); the tag
@@ -29,6 +29,7 @@ from ..errors import DynaformerError
 from ..extras import require
 from ..model import Transformer
 from ..model.generate import sample_next
+from ..runs import load_model
 
 require("lm_eval", "eval")
 
@@ -36,7 +37,7 @@ from lm_eval.api.model import TemplateLM  # noqa: E402
 from lm_eval.api.registry import register_model  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
-TASKS_DIR = Path(__file__).parent / "lm_tasks"
+TASKS_DIR = Path(__file__).parent / "tasks"
 
 
 def resolve_device(device: str | None) -> str:
@@ -67,8 +68,6 @@ class DynaformerLM(TemplateLM):
             if run is None:
                 raise DynaformerError("lm-eval: pass model=... and tokenizer=..., or model_args run=RUN "
                                       "(or pretrained=RUN)")
-            from ..runs import load_model
-
             model, tokenizer, _ = load_model(run, device=resolve_device(device))
             if not model.cfg.causal:
                 raise DynaformerError(f"lm-eval: '{run}' holds a bidirectional encoder (model.causal=false)")
@@ -194,8 +193,6 @@ def run_lm_eval(run: str, tasks: str, limit: float | None = None, num_fewshot: i
     Returns {task: {metric: value}}."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
-
-    from ..runs import load_model
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
