@@ -119,6 +119,7 @@ def _scanned_files() -> list[Path]:
         p = ROOT / top
         cands = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
         files += [q for q in cands if q.suffix in SUFFIXES and "__pycache__" not in q.parts
+                  and not any(part.endswith(".egg-info") for part in q.parts)  # a build's copy of the README
                   and q.resolve() != Path(__file__).resolve()]
     return files
 
