@@ -253,3 +253,14 @@ def test_the_disk_full_line_names_resume_only_for_training(monkeypatch, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "the disk is full writing '/x/out'" in err[0]
         assert ("--resume auto" in err[0]) == resume, err
+
+
+def test_a_vocab_size_the_tokenizer_overrides_is_said(tmp_path, capsys):
+    """--vocab_size with a char tokenizer: the tokenizer decides the vocabulary, and the command says so."""
+    data = tmp_path / "t.txt"
+    data.write_text("abcab cab bca " * 300)
+    res = _run_in_process(capsys, "train", "--n_layer", "1", "--n_head", "2", "--d_model", "32", "--context_len", "32",
+                         "--batch_size", "2", "--max_steps", "1", "--eval_tokens", "64", "--progress_bar", "false",
+                         "--tokenizer", "char", "--vocab_size", "77", "--data", str(data), "--out", str(tmp_path / "r"))
+    assert res.returncode == 0, res.stderr
+    assert "--vocab_size 77 is not used: the char tokenizer gives this model 4 tokens" in res.stderr

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,7 +174,11 @@ def _create_run(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -
         tokenizer = load_bpe_file(train_cfg.tokenizer_file)
     else:
         tokenizer = CharTokenizer.fit(text) if train_cfg.tokenizer == "char" else ByteTokenizer()
-    model_cfg.vocab_size = model_vocab_size(tokenizer, train_cfg)
+    vocab = model_vocab_size(tokenizer, train_cfg)
+    if model_cfg.vocab_size not in (vocab, ModelConfig().vocab_size):  # set by the user, and not what it will be
+        print(f"warning: --vocab_size {model_cfg.vocab_size} is not used: the {tokenizer.kind} tokenizer gives "
+              f"this model {vocab} tokens", file=sys.stderr)
+    model_cfg.vocab_size = vocab
     n_tokens = len(tokenizer.encode_array(text))
     n_val = int(round(n_tokens * train_cfg.val_fraction))
     need = model_cfg.context_len + 2
