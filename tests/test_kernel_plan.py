@@ -215,3 +215,16 @@ def test_the_library_calls_the_padding_mask_key_padding_mask():
 def test_every_kernel_takes_the_mask_right_after_its_inputs(fn, before):
     params = list(inspect.signature(fn).parameters)
     assert params[: len(before) + 1] == before + ["key_padding_mask"], fn.__name__
+
+
+def test_while_exporting_auto_takes_the_masked_kernel(monkeypatch):
+    """A traced graph cannot branch on the spans' values: auto plans the masked SDPA while exporting (causal and
+    encoder), and a kernel asked for by name is still honoured."""
+    from dynaformer.kernels.plan import plan
+
+    z = torch.full((1, 2, 1), 1e6)  # spans covering every key: eager auto takes dense
+    assert plan("auto", z, 200, 200).kernel == "dense"
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert plan("auto", z, 200, 200).kernel == "masked"
+    assert plan("auto", torch.full((1, 2, 200), 3.0), 200, 200, causal=False, ramp=4.0).kernel == "masked"
+    assert plan("reference", z, 200, 200).kernel == "reference"

@@ -138,6 +138,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .deploy import export_onnx
+
+    out = export_onnx(args.run, args.out, max_len=args.max_len, force=args.force)
+    print(json.dumps(out) if args.json else
+          f"exported {out['checkpoint']} → {out['out']} ({out['bytes'] / 2**20:.1f} MiB; input idx (batch, T ≤ "
+          f"{out['max_len']}) int64, output logits (batch, T, {out['vocab_size']}); {out['tokenizer']} tokenizer)")
+    return 0
+
+
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from .extras import require
 
@@ -336,6 +346,17 @@ def make_parser() -> Parser:
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("export-onnx", help="export a run's newest checkpoint as an ONNX file (logits of token ids)",
+                       description="Write OUT, an ONNX graph from token ids (int64, batch × T) to logits, for every "
+                                   "residual and span kind, without a KV cache (needs the [onnx] extra).")
+    p.add_argument("run", help="run folder or one of its step-N folders")
+    p.add_argument("out", help="the .onnx file to write")
+    p.add_argument("--max_len", type=int, default=None, help="longest sequence the graph takes (default: the "
+                   "model's context_len)")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_export_onnx)
 
     p = sub.add_parser("data", help="data tools (tokenizer training)")
     data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=Parser)

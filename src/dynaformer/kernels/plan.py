@@ -82,6 +82,10 @@ def plan(impl: str, z: torch.Tensor, Tq: int, Tk: int, *, device: torch.device |
     if impl not in SPAN_IMPLS:
         raise ValueError(f"unknown span attention impl {impl!r}; choose one of {', '.join(SPAN_IMPLS)}")
     device = torch.device(device)
+    if impl == "auto" and torch.compiler.is_exporting():
+        # torch.export / ONNX: a graph cannot branch on the spans' values (which heads cover all keys, how far
+        # they reach), so the exported model takes the masked SDPA, exact for every span and length.
+        return SpanPlan("masked")
     if not causal:
         return _encoder_plan(impl, z, Tq, device, ramp, hard, chunk)
     few = Tq <= DECODE_QUERIES and not grad
