@@ -61,3 +61,23 @@ def test_export_onnx_command_matches_onnxruntime(tmp_path, text_file, capsys):
         with torch.no_grad():
             want = model(x)[0]
         torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # 16 ONNX exports: ≈ 50 s of two cores; the default loop keeps the trained run's export above
+@pytest.mark.parametrize("residual,span", MATRIX)
+def test_onnx_matches_over_the_matrix(tmp_path, residual, span):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    from dynaformer.deploy import _prepared
+
+    model = _model(residual, span, context=160)
+    module, example, dims = _prepared(model, None)
+    with torch.no_grad():
+        prog = torch.onnx.export(module, example, dynamo=True, dynamic_shapes=dims, input_names=["idx"],
+                                 output_names=["logits"], verbose=False)
+    prog.save(str(tmp_path / "m.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randint(0, 64, (2, T_LONG))
+    (got,) = sess.run(None, {"idx": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x)[0], rtol=1e-4, atol=1e-4)
