@@ -205,10 +205,50 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
                          ("controls", "ghost"), ("questions_key", "answer"), ("task_len", "len"),
                          ("task_huge", "len"), ("encoder_task", "nope")]:
         cases.append((["compare", str(w / f"{name}.yaml"), "--out", out], needle))
+    return cases + _typed_flag_cases(train)
+
+
+def _typed_flag_cases(train: list[str]) -> list[tuple[list[str], str]]:
+    """Every typed field of the model and training configs given a value of the wrong kind: one line naming
+    `section.field`, whatever the field (generated, so a new field is covered the day it is added)."""
+    import typing
+
+    from dynaformer.configtools import field_types
+    from dynaformer.model import ModelConfig
+    from dynaformer.train.config import TrainConfig
+
+    wrong = {int: "twelve", float: "one-half", bool: "maybe"}
+    cases = []
+    for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        for name, tp in field_types(cls).items():
+            args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+            if typing.get_origin(tp) is typing.Literal:
+                value = "no-such-choice"
+            elif args[0] in wrong:
+                value = wrong[args[0]]
+            else:
+                continue  # free text (paths, data sources): checked where it is used
+            cases.append((train + [f"--{name}", value], f"{section}.{name}"))
+    # Fine-tuning: its task section and the training fields it takes, by the same rule.
+    from dynaformer.train.finetune import TRAIN_DEFAULTS, TaskConfig
+
+    ft = ["finetune", "--task", "keyword", "--out", train[train.index("--out") + 1]]
+    kinds = {"task": field_types(TaskConfig), "train": {k: field_types(TrainConfig)[k] for k in TRAIN_DEFAULTS}}
+    for section, types_ in kinds.items():
+        for name, tp in types_.items():
+            args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+            if args[0] in wrong and name != "seed":
+                cases.append((ft + [f"--{name}", wrong[args[0]]], f"{section}.{name}"))
+    # Numbers of the other commands (argparse's own check: one line naming the flag).
+    run = train[train.index("--data") + 1].replace("text.txt", "run")
+    for flag in ("--max_len", "--max_new_tokens", "--seed", "--temperature", "--top_k", "--top_p"):
+        cases.append((["generate", run, flag, "twelve"], flag))
+    for flag in ("--batch_size", "--tokens", "--limit", "--num_fewshot"):
+        cases.append((["eval", run, flag, "twelve"], flag))
     return cases
 
 
-N_CASES = 152
+N_CASES = 244
 
 
 def test_the_catalogue_is_complete():
