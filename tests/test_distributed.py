@@ -146,9 +146,31 @@ def _check_damaged_shards(data: Path, run: Path) -> None:
         dcp.save(state, checkpoint_id=ckpt / "dcp", no_dist=True)
         _rehash(ckpt)
 
-    cases = {"missing": lambda c: (c / "dcp" / "__0_0.distcp").unlink(), "corrupt": flip, "misshapen": misshape}
+    def outside(ckpt: Path) -> None:  # .metadata naming a shard outside the checkpoint, checksums made to match
+        import dataclasses
+        import pickle
+
+        meta_file = ckpt / "dcp" / ".metadata"
+        meta = pickle.loads(meta_file.read_bytes())  # noqa: S301 (our own file, in a test)
+        meta.storage_data = {k: dataclasses.replace(v, relative_path="../../../outside.distcp")
+                             for k, v in meta.storage_data.items()}
+        meta_file.write_bytes(pickle.dumps(meta))
+        _rehash(ckpt)
+
+    cases = {"missing": lambda c: (c / "dcp" / "__0_0.distcp").unlink(), "corrupt": flip, "misshapen": misshape,
+             "outside": outside}
     for name, harm in cases.items():
         where = damaged(name, harm)
+        if name == "outside":  # refused before any read: readers fall back, resuming under torchrun rewrites it
+            assert latest_checkpoint(where, warn=False) == where / "step-10"
+            res = _one_process("eval", str(where))
+            assert res.returncode == 0 and "outside its folder" in res.stderr, res.stderr[-2000:]
+            res = _torchrun("train", *ARGS, "--data", str(data), "--batch_size", "4", "--parallel", "fsdp",
+                            "--out", str(where), "--resume", "auto")
+            assert res.returncode == 0, res.stderr[-3000:]
+            assert f"resumed from {where / 'step-10'}" in res.stderr, res.stderr[-2000:]
+            assert latest_checkpoint(where, warn=False) == where / "step-20"  # rewritten whole
+            continue
         if name != "misshapen":  # checksums catch it before anything is read (the trainer resumes the same way)
             assert latest_checkpoint(where, warn=False) == where / "step-10"
             continue
