@@ -532,3 +532,29 @@ def test_a_signal_while_the_command_starts_is_one_line_and_exit_130(tmp_path, si
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert proc.returncode == 130, (proc.returncode, err[-2000:])
     assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err, err
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("gap_s", [0.0, 0.02, 0.1, 0.3])
+def test_two_sigterms_while_training_exit_130_without_a_traceback(tmp_path, text_file, gap_s):
+    """SIGTERM while training, then a second one `gap_s` later (while the checkpoint is written, or after the
+    command has decided its outcome): exit 130, no traceback; the run resumes bit-exact (checked elsewhere)."""
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dynaformer.entry", "train", *ARGS, "--data", str(text_file),
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    end = time.monotonic() + 120
+    while time.monotonic() < end and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count('"loss"') >= 5:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(gap_s)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert "Traceback" not in err, err[-2000:]
