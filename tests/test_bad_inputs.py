@@ -42,6 +42,7 @@ def ws(tmp_path_factory) -> Path:
         _crafted(w / "run" / "step-2", w / name / "step-2", change)
     for name, change in {
         "seeds_abc": {"seeds": "abc"}, "seeds_float": {"seeds": 1.5}, "seeds_zero": {"seeds": 0},
+        "seeds_huge": {"seeds": 10**9},
         "eval_tasks_map": {"eval": {"tasks": {"passkey": 1}}}, "eval_nper": {"eval": {"n_per_distance": "many"}},
         "eval_batch": {"eval": {"batch_size": 0}}, "eval_fractions": {"eval": {"fractions": [0, 2]}},
         "eval_multiples": {"eval": {"multiples": [1.5]}}, "cost_neg": {"eval": {"cost_lengths": [-4]}},
@@ -197,6 +198,7 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
         (["report", run, "--cost_lengths", "0"], "cost_lengths"),
     ]
     for name, needle in [("seeds_abc", "seeds"), ("seeds_float", "seeds"), ("seeds_zero", "seeds"),
+                         ("seeds_huge", "at most 1,000 seeds"),
                          ("eval_tasks_map", "grid.eval.tasks"), ("eval_nper", "n_per_distance"),
                          ("eval_batch", "batch_size"), ("eval_fractions", "fractions"), ("eval_multiples", "multiples"),
                          ("cost_neg", "cost_lengths"), ("cost_huge", "cost_lengths"), ("eval_key", "taskz"),
@@ -248,7 +250,7 @@ def _typed_flag_cases(train: list[str]) -> list[tuple[list[str], str]]:
     return cases
 
 
-N_CASES = 244
+N_CASES = 245
 
 
 def test_the_catalogue_is_complete():

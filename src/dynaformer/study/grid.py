@@ -414,7 +414,12 @@ def _select(parsed: dict[str, dict], harness: dict[str, dict], variants: list[st
     return {v: parsed[v] for v in variants + [n for n in needed if n not in variants]}
 
 
+MAX_SEEDS = 1000  # seeds per grid: a grid's cells are variants × seeds, each a training run
+
+
 def _parse_seeds(s) -> list[int]:
+    if isinstance(s, int) and not isinstance(s, bool) and s > MAX_SEEDS:  # before a list of them is built
+        raise ConfigError(f"grid.seeds: at most {MAX_SEEDS:,} seeds (each is one training run per variant), got {s:,}")
     if isinstance(s, int) and not isinstance(s, bool) and s >= 1:
         seed_list = list(range(s))
     elif isinstance(s, list) and s and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in s):
@@ -423,6 +428,9 @@ def _parse_seeds(s) -> list[int]:
         raise ConfigError(f"grid.seeds: expected a number of seeds (≥ 1) or a list of seeds (integers ≥ 0), got {s!r}")
     if not seed_list:
         raise ConfigError("grid.seeds: need at least one seed")
+    if len(seed_list) > MAX_SEEDS:
+        raise ConfigError(f"grid.seeds: at most {MAX_SEEDS:,} seeds (each is one training run per variant), got "
+                          f"{len(seed_list):,}")
     return seed_list
 
 
