@@ -158,7 +158,7 @@ def test_shipped_grids_parse_to_the_same_values(roomy):
     gpu = load_grid(ROOT / "configs" / "grid-gpu.yaml")
     assert gpu.eval["tasks"] == EVAL_DEFAULTS["tasks"] and gpu.eval["cost_repeats"] == 3
     assert gpu.encoder["pretrain"]["max_steps"] == 3000
-    cell = next(c for c in full.cells() if c.kind == "encoder")
+    cell = next(c for c in full.cells() if c.kind.name == "encoder")
     assert cell.finetune == {**flat_record(read_finetune({**full.encoder["finetune"], "task": cell.task,
                                                           **full.encoder["tasks"][cell.task]})), "seed": cell.seed}
 

@@ -15,9 +15,10 @@ import torch
 from dynaformer.errors import ConfigError, DynaformerError
 from dynaformer.eval.compute import flops_per_token, kv_cache_bytes
 from dynaformer.eval.text import position_buckets
+from dynaformer.locks import try_lock, unlock
 from dynaformer.model import ModelConfig, Transformer
 from dynaformer.study import verdicts as V
-from dynaformer.study.compare import run_grid, try_lock, unlock
+from dynaformer.study.compare import run_grid
 from dynaformer.study.grid import grid_from_dict
 from dynaformer.study.render import Image
 from dynaformer.study.report import build, collect, write_report
@@ -48,7 +49,7 @@ GRID = {
     "train": {"max_steps": 12, "batch_size": 4, "eval_interval": 6, "eval_tokens": 1024, "log_interval": 3,
               "ckpt_interval": 6, "warmup_steps": 2, "data": "task:suite?text=builtin:stories&frac=0.5",
               "threads": 1, "progress_bar": False},
-    "variants": {"baseline": {}, "dyn_span": {"span": "dynamic"}},  # a mechanism variant, unchanged harness
+    "variants": {"baseline": {}, "dyn_span": {"span": "dynamic"}},  # a mechanism variant beside the reference
     "seeds": 2,
     "eval": {"n_per_distance": 4, "text_tokens": 1024, "diag_windows": 2, "multiples": [1, 2],
              "fractions": [0.25, 0.75], "cost_lengths": [256], "cost_repeats": 1},  # the report times one length
@@ -329,7 +330,7 @@ def test_encoder_pretraining_feeds_fine_tuning_across_workers(tmp_path):
     raw = {**ENC_GRID, "variants": {"baseline": {}}, "seeds": 1,
            "encoder": {**ENC_GRID["encoder"], "pretrain": PRETRAIN}}
     grid = grid_from_dict(raw)
-    assert [c.kind for c in grid.cells()] == ["lm", "encoder_pretrain", "encoder", "encoder"]
+    assert [c.kind.name for c in grid.cells()] == ["lm", "encoder_pretrain", "encoder", "encoder"]
     out = tmp_path / "out"
     status = run_grid(grid, out, workers=2, progress=False)  # subprocesses: fine-tuning waits for pretraining
     assert len(status["done"]) == 4 and not status["failed"], status
@@ -391,8 +392,9 @@ def test_workers_are_pinned_to_gpus(tmp_path, monkeypatch):
     import types
 
     from dynaformer.study import compare as C
+    from dynaformer.study import runner, slots
 
-    monkeypatch.setattr(C, "visible_gpus", lambda: 4)
+    monkeypatch.setattr(slots, "visible_gpus", lambda: 4)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert C.parse_devices(None) == [0, 1, 2, 3] and C.parse_devices("3,1") == [3, 1]
     assert [C.slot_env(i, [0, 1, 2, 3])["CUDA_VISIBLE_DEVICES"] for i in range(6)] == ["0", "1", "2", "3", "0", "1"]
@@ -415,8 +417,8 @@ def test_workers_are_pinned_to_gpus(tmp_path, monkeypatch):
         launched.append((cmd, env.get("CUDA_VISIBLE_DEVICES")))
         return types.SimpleNamespace(pid=999999, returncode=0, poll=lambda: None if len(launched) < 2 else 0)
 
-    monkeypatch.setattr(C.subprocess, "Popen", fake_popen)
-    monkeypatch.setattr(C.time, "sleep", lambda s: None)
+    monkeypatch.setattr(runner.subprocess, "Popen", fake_popen)
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
     raw = {**GRID, "seeds": 1, "variants": {"a": {}, "b": {}}}
     C.run_grid(grid_from_dict(raw), tmp_path / "o", workers=2, progress=False, devices="1,3", nproc_per_cell=2)
     assert [env for _, env in launched] == ["1,3", "1,3"]  # both slots wrap round the two GPUs
@@ -428,9 +430,9 @@ def test_workers_are_pinned_to_gpus(tmp_path, monkeypatch):
 def test_compare_bad_devices_is_one_line(tmp_path, monkeypatch):
     import yaml
 
-    from dynaformer.study import compare as C
+    from dynaformer.study import slots
 
-    monkeypatch.setattr(C, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(slots, "visible_gpus", lambda: 2)
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump(GRID))
     res = run_cli("compare", str(path), "--out", str(tmp_path / "o"), "--devices", "2")

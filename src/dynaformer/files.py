@@ -3,6 +3,7 @@
 `write_text_atomic` / `write_json_atomic` are the one way a small file of the run folder or the study is
 replaced: the bytes go to a temporary name unique to this host and process, are fsynced, and `os.replace`
 publishes them, so a reader (or a crash) sees the old file or the new one, never a part (docs/design.md §6).
+`write_json_strict` is `write_json_atomic` for the study's records, whose numbers are read back.
 """
 
 from __future__ import annotations
@@ -49,3 +50,18 @@ def write_json_atomic(path: Path, obj: Any, **dumps: Any) -> None:
     """Replace `path` by `obj` as JSON (json.dumps keywords pass through; indent 2 unless given)."""
     dumps.setdefault("indent", 2)
     write_text_atomic(path, json.dumps(obj, **dumps))
+
+
+def write_json_strict(path: Path, obj: Any) -> None:
+    """`write_json_atomic` for records whose numbers are read back (the study's grid.json, cell.json, result.json,
+    status.json, report.json): indent 1, a NaN or infinity refused (ValueError: clean it first), a numpy scalar
+    written as its Python value."""
+    write_json_atomic(path, obj, indent=1, allow_nan=False, default=_numpy_scalar)
+
+
+def _numpy_scalar(o: Any) -> Any:
+    import numpy as np  # only for objects json cannot write itself
+
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(type(o))

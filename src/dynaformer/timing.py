@@ -1,7 +1,7 @@
 """Timing side by side: the median time per call of several functions, called round-robin.
 
 Used by `dynaformer bench`, by the study's cost measurement (study/cost.py) and by its wall-clock
-calibration (study/compare.py). The machines are noisy, so read ratios of one call's numbers.
+calibration (study/calibrate.py). The machines are noisy, so read ratios of one call's numbers.
 """
 
 from __future__ import annotations

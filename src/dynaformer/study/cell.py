@@ -1,7 +1,8 @@
 """One grid cell: train (resuming if a checkpoint is there), evaluate, write result.json atomically.
 
 Runs in its own process (`python -m dynaformer.study.cell CELL_DIR`) so that peak memory is the
-cell's own and a crash stays in its cell; `run_cell` is also callable in-process (tests).
+cell's own and a crash stays in its cell; `run_cell` is also callable in-process (tests). The cell's
+kind (study/kinds.py) picks what runs: run_lm_cell, run_pretrain_cell or run_encoder_cell.
 
     CELL_DIR/cell.json    what to run (model, train, eval plan), written by `compare`
     CELL_DIR/run/         the run folder (dynaformer train layout)
@@ -27,22 +28,13 @@ from ..eval.diagnostics import attention_ablation, block_grad_norms
 from ..eval.longrange import evaluate_longrange
 from ..eval.perplexity import evaluate_windows
 from ..eval.text import evaluate_text
-from ..files import write_json_atomic
+from ..files import write_json_strict
 from ..locks import hostname
 from ..model import ModelConfig
 from ..train.config import TrainConfig
 from ..train.metrics import read_metrics
+from .kinds import ENCODER, ENCODER_PRETRAIN, kind_of
 from .recorded import recorded_diagnostics
-
-
-def write_json(path: Path, obj: dict) -> None:
-    write_json_atomic(path, obj, indent=1, allow_nan=False, default=_clean)
-
-
-def _clean(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(type(o))
 
 
 def _finite(x):
@@ -69,36 +61,53 @@ def last_step(cell_dir: Path) -> int:
 
 
 def run_cell(cell_dir: Path, progress_bar: bool = False) -> dict:
+    """Run the cell that cell_dir/cell.json describes, by its kind."""
     spec = json.loads((cell_dir / "cell.json").read_text())
-    if spec.get("kind") == "encoder":
-        return run_encoder_cell(cell_dir, spec, progress_bar)
-    run_dir = cell_dir / "run"
-    if run_dir.exists() and not (run_dir / "run.json").is_file():
-        shutil.rmtree(run_dir)  # killed while the run folder was being created: start it again
-    train = {**spec["train"], "out": str(run_dir), "resume": "auto", "progress_bar": progress_bar}
+    return kind_of(spec).run(cell_dir, spec, progress_bar)
+
+
+def run_lm_cell(cell_dir: Path, spec: dict, progress_bar: bool = False) -> dict:
+    """Train the language model (its fixed window first matched to the reach of its match_reach cell), then
+    evaluate it on the grid's eval plan."""
     model = dict(spec["model"])
     matched = None
     if spec.get("match_reach"):
         model["span_window"] = matched = matched_window_of(Path(spec["match_reach"]["cell"]),
                                                            int(model["context_len"]))
-    mcfg = from_dict(ModelConfig, model, "model")
-    tcfg = from_dict(TrainConfig, train, "train")
-    trainer, summary = _train(mcfg, tcfg)
+    trainer, summary = _train_cell(cell_dir, model, spec["train"], progress_bar)
     if trainer is None:  # a rank other than 0 of a torchrun cell: rank 0 evaluates and writes the result
         return {}
-    if spec.get("kind") == "encoder_pretrain":  # masked-LM pretraining: its product is the run folder
-        result = {"kind": "encoder_pretrain", "variant": spec["variant"], "seed": spec["seed"], "status": "ok",
-                  "summary": summary, "val_loss": summary.get("val_loss"), "steps": trainer.step,
-                  "elapsed_s": trainer.elapsed(), "model": spec["model"], "train": spec["train"]}
-        write_json(cell_dir / "result.json", _finite(result))
-        return result
     result = evaluate_trained(trainer, spec["eval"])
     result.update({"variant": spec["variant"], "seed": spec["seed"], "status": "ok", "summary": summary,
                    "host": hostname(), "model": model, "train": spec["train"]})
     if matched is not None:
         result["matched_window"] = {"window": matched, "from": spec["match_reach"]["variant"]}
-    write_json(cell_dir / "result.json", _finite(result))
+    write_json_strict(cell_dir / "result.json", _finite(result))
     return result
+
+
+def run_pretrain_cell(cell_dir: Path, spec: dict, progress_bar: bool = False) -> dict:
+    """Masked-LM pretraining: its product is the run folder, which the encoder cells fine-tune from."""
+    trainer, summary = _train_cell(cell_dir, dict(spec["model"]), spec["train"], progress_bar)
+    if trainer is None:
+        return {}
+    result = {"kind": ENCODER_PRETRAIN.name, "variant": spec["variant"], "seed": spec["seed"], "status": "ok",
+              "summary": summary, "val_loss": summary.get("val_loss"), "steps": trainer.step,
+              "elapsed_s": trainer.elapsed(), "model": spec["model"], "train": spec["train"]}
+    write_json_strict(cell_dir / "result.json", _finite(result))
+    return result
+
+
+def _train_cell(cell_dir: Path, model: dict, train: dict, progress_bar: bool):
+    """Train the cell's run folder (cell_dir/run), resuming from its newest checkpoint: (trainer, summary), or
+    (None, {}) on a rank other than 0."""
+    run_dir = cell_dir / "run"
+    if run_dir.exists() and not (run_dir / "run.json").is_file():
+        shutil.rmtree(run_dir)  # killed while the run folder was being created: start it again
+    mcfg = from_dict(ModelConfig, model, "model")
+    tcfg = from_dict(TrainConfig, {**train, "out": str(run_dir), "resume": "auto", "progress_bar": progress_bar},
+                     "train")
+    return _train(mcfg, tcfg)
 
 
 def _train(mcfg: ModelConfig, tcfg: TrainConfig):
@@ -150,14 +159,14 @@ def run_encoder_cell(cell_dir: Path, spec: dict, progress_bar: bool = False) -> 
                           "progress_bar": progress_bar})
     res = finetune(fcfg, from_dict(ModelConfig, spec["model"], "model"), load_backbone)
     metrics = read_metrics(cell_dir / "run" / "metrics.jsonl")
-    result = {"kind": "encoder", "variant": spec["variant"], "seed": spec["seed"], "task": spec["task"],
+    result = {"kind": ENCODER.name, "variant": spec["variant"], "seed": spec["seed"], "task": spec["task"],
               "status": "ok", "accuracy": res["accuracy"], "macro_f1": res["macro_f1"],
               "accuracy_by_distance": res["accuracy_by_distance"], "chance": res["chance"], "params": res["params"],
               "steps": res["step"], "elapsed_s": metrics[-1]["elapsed_s"] if metrics else None,
               "curve": [[r["step"], r["val_accuracy"]] for r in metrics if "val_accuracy" in r],
               "pretrained": bool(spec["finetune"].get("init")),
               "model": spec["model"], "finetune": spec["finetune"]}
-    write_json(cell_dir / "result.json", _finite(result))
+    write_json_strict(cell_dir / "result.json", _finite(result))
     return result
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import DynaformerError
 from .cell import last_step
 from .grid import QUESTION_DEFAULTS
+from .kinds import KINDS, kind_of
 
 
 @dataclass
@@ -29,13 +30,7 @@ class Collected:
     encoder_pretrain: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
 
     def add(self, r: dict, d: Path) -> None:
-        if r.get("kind") == "encoder":
-            self.encoder[r["task"]][r["variant"]].append(r)
-        elif r.get("kind") == "encoder_pretrain":
-            self.encoder_pretrain[r["variant"]].append(r)
-        else:
-            self.results[r["variant"]].append(r)
-            self.dirs[r["variant"]].append(d)
+        kind_of(r).collect(self, r, d)
 
 
 def read_result(d: Path) -> tuple[dict | None, str | None]:
@@ -45,8 +40,8 @@ def read_result(d: Path) -> tuple[dict | None, str | None]:
         if (run / "metrics.jsonl").exists():
             try:
                 spec = json.loads((d / "cell.json").read_text())
-                total = (spec.get("train") or spec["finetune"])["max_steps"]
-            except (OSError, ValueError, KeyError):
+                total = kind_of(spec).spec_steps(spec)
+            except (OSError, ValueError, KeyError, TypeError, DynaformerError):
                 total = "?"
             step = last_step(d)
             if step == total:
@@ -83,9 +78,7 @@ def collect(paths: list[str | Path]) -> Collected:
                     col.skipped.append((s["cell"], f"config invalid on this build: {s['reason']}"))
             except (OSError, ValueError):
                 pass
-            cells = sorted(q.parent for q in (p / "cells").glob("*/seed*/cell.json"))
-            cells += sorted(q.parent for q in (p / "encoder-pretrain").glob("*/seed*/cell.json"))
-            cells += sorted(q.parent for q in (p / "encoder").glob("*/*/seed*/cell.json"))
+            cells = [d for kind in KINDS for d in sorted(q.parent for q in p.glob(kind.pattern()))]
             n_ok = 0
             for d in cells:
                 r, why = read_result(d)

@@ -24,8 +24,9 @@ Encoder cells fine-tune a bidirectional classifier on each task, for every liste
 from scratch, or, with `pretrain`, from that variant and seed's masked-LM pretrained encoder (one
 pretraining cell feeds every task); the report compares their accuracy with the reference variant's.
 
-Two variant keys are the harness's own, not config fields. `seeds: N` runs only the grid's first N
-seeds for that variant (controls may take fewer seeds than the variants the questions test).
+Two variant keys are options the study resolves itself, not config fields (VARIANT_OPTIONS). `seeds: N`
+runs only the grid's first N seeds for that variant (controls may take fewer seeds than the variants the
+questions test).
 `match_reach: V` makes a `fixed` window control of equal attention work: each seed's cell waits for
 variant V's cell of the same seed and sets `span_window` to the window whose keys per query equal
 those V's trained model attends on held-out windows (model/span_stats.py).
@@ -58,13 +59,14 @@ from ..errors import ConfigError, DynaformerError
 from ..model import ModelConfig
 from ..train.config import TrainConfig, split_sections
 from ..train.finetune import FinetuneConfig, flat_record, read_finetune
+from .kinds import ENCODER, ENCODER_PRETRAIN, LM, CellKind
 
 
 @dataclass
 class GridEval:
     """`eval:` — how every trained cell is evaluated (study/cell.py), and the lengths its cost is timed at."""
 
-    tasks: list[str] = field(default_factory=lambda: ["passkey", "mqar", "selcopy", "storyqa", "summary"])
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # every long-range task of the registry
     n_per_distance: int = 40  # long-range examples per distance
     fractions: list[float] = field(default_factory=lambda: [1 / 16, 1 / 8, 1 / 4, 1 / 2, 7 / 8])  # of the context
     text_tokens: int = 16384  # held-out tokens for bits per byte
@@ -149,7 +151,7 @@ class GridEncoder:
 
 EVAL_DEFAULTS = to_dict(GridEval())
 QUESTION_DEFAULTS = to_dict(GridQuestions())
-HARNESS_KEYS = ("match_reach", "seeds")  # variant keys the harness resolves itself (not ModelConfig/TrainConfig fields)
+VARIANT_OPTIONS = ("match_reach", "seeds")  # variant keys the study resolves itself (not model or train fields)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -162,17 +164,20 @@ class Cell:
     error: str | None = None
     task: str | None = None  # encoder cells: the classification task and the fine-tuning config
     finetune: dict | None = None
-    kind: str = "lm"  # lm | encoder_pretrain (masked-LM, feeds the encoder cells) | encoder (fine-tuning)
-    match_reach: str | None = None  # lm cells: the variant whose trained keys per query set span_window
+    kind: CellKind = LM  # LM | ENCODER_PRETRAIN (masked-LM, feeds the encoder cells) | ENCODER (study/kinds.py)
+    match_reach: str | None = None  # LM cells: the variant whose trained keys per query set span_window
 
     @property
     def key(self) -> str:
-        prefix = {"lm": "", "encoder_pretrain": "encoder-pretrain/", "encoder": f"encoder-{self.task}/"}[self.kind]
-        return f"{prefix}{self.variant}/seed{self.seed}"
+        return self.kind.key(self)
 
     @property
     def steps(self) -> int:
-        return int((self.finetune if self.kind == "encoder" else self.train)["max_steps"])
+        return self.kind.steps(self)
+
+    def folder(self, out: Path) -> Path:
+        """This cell's folder in the grid folder `out`."""
+        return self.kind.folder(out, self)
 
 
 @dataclass
@@ -181,7 +186,7 @@ class Grid:
     base: dict[str, dict]
     variants: dict[str, dict[str, dict]]
     seeds: list[int]
-    harness: dict[str, dict] = field(default_factory=dict)  # variant → its HARNESS_KEYS
+    variant_options: dict[str, dict] = field(default_factory=dict)  # variant → its VARIANT_OPTIONS, where it has any
     match: str = "tokens"
     wall_clock_s: float | None = None
     eval: dict = field(default_factory=lambda: dict(EVAL_DEFAULTS))
@@ -189,15 +194,15 @@ class Grid:
     encoder: dict | None = None  # GridEncoder.record(): {model, finetune, tasks: {name: overrides}, variants, pretrain}
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "base": self.base, "variants": self.variants, "harness": self.harness,
-                "seeds": self.seeds,
-                "match": self.match, "wall_clock_s": self.wall_clock_s, "eval": self.eval,
-                "questions": self.questions, "encoder": self.encoder}
+        return {"name": self.name, "base": self.base, "variants": self.variants,
+                "variant_options": self.variant_options, "seeds": self.seeds, "match": self.match,
+                "wall_clock_s": self.wall_clock_s, "eval": self.eval, "questions": self.questions,
+                "encoder": self.encoder}
 
     def fingerprint(self) -> str:
         """What every cell shares (variants and seeds may be added to a grid folder later)."""
         shared = {k: v for k, v in self.to_dict().items()
-                  if k not in ("variants", "harness", "seeds", "questions", "name")}
+                  if k not in ("variants", "variant_options", "seeds", "questions", "name")}
         return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
 
     def cells(self, skip_invalid: bool = False) -> list[Cell]:
@@ -210,11 +215,11 @@ class Grid:
                     raise
                 out += [Cell(name, s, None, None, error=str(e)) for s in self.seeds]
                 continue
-            for s in self.seeds[: self.harness.get(name, {}).get("seeds", len(self.seeds))]:
+            for s in self.seeds[: self.variant_options.get(name, {}).get("seeds", len(self.seeds))]:
                 t = to_dict(tcfg)
                 t["seed"] = int(s)
                 out.append(Cell(name, int(s), to_dict(mcfg), t,
-                                match_reach=self.harness.get(name, {}).get("match_reach")))
+                                match_reach=self.variant_options.get(name, {}).get("match_reach")))
         return out + self.encoder_cells(skip_invalid)
 
     def encoder_cells(self, skip_invalid: bool = False) -> list[Cell]:
@@ -231,21 +236,21 @@ class Grid:
                 except ConfigError as e:
                     if not skip_invalid:
                         raise
-                    pre += [Cell(name, s, None, None, error=str(e), kind="encoder_pretrain") for s in self.seeds]
+                    pre += [Cell(name, s, None, None, error=str(e), kind=ENCODER_PRETRAIN) for s in self.seeds]
                 else:
                     pre += [Cell(name, int(s), to_dict(mcfg), {**to_dict(tcfg), "seed": int(s)},
-                                 kind="encoder_pretrain") for s in self.seeds]
+                                 kind=ENCODER_PRETRAIN) for s in self.seeds]
             for task, overrides in self.encoder["tasks"].items():
                 try:
                     mcfg, fcfg = resolve_encoder(self.base, self.encoder, self.variants[name], task, overrides, name)
                 except ConfigError as e:
                     if not skip_invalid:
                         raise
-                    out += [Cell(name, s, None, None, error=str(e), task=task, kind="encoder") for s in self.seeds]
+                    out += [Cell(name, s, None, None, error=str(e), task=task, kind=ENCODER) for s in self.seeds]
                     continue
                 for s in self.seeds:
                     f = {**flat_record(fcfg), "seed": int(s)}
-                    out.append(Cell(name, int(s), to_dict(mcfg), None, task=task, finetune=f, kind="encoder"))
+                    out.append(Cell(name, int(s), to_dict(mcfg), None, task=task, finetune=f, kind=ENCODER))
         return pre + out
 
 
@@ -316,17 +321,17 @@ def grid_from_dict(raw: dict, name: str = "grid", variants: list[str] | None = N
         raise ConfigError(f"grid: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
     base = split_sections({k: raw.get(k, {}) or {} for k in ("model", "train")}, "grid base")
     vs = raw.get("variants") or {"baseline": {}}
-    parsed, harness = _parse_variants(vs)
+    parsed, options = _parse_variants(vs)
     all_names = set(vs)
-    _check_harness_keys(base, parsed, harness, all_names)
+    _check_variant_options(base, parsed, options, all_names)
     if variants:
-        parsed = _select(parsed, harness, variants)
+        parsed = _select(parsed, options, variants)
     seed_list = _parse_seeds(raw.get("seeds", 3) if seeds is None else seeds)
     match, wall = _parse_match(raw)
     ev = to_dict(from_dict(GridEval, raw.get("eval") or {}, "grid.eval"))
     qs = _parse_questions(raw.get("questions"), all_names)
     encoder = _parse_encoder(raw.get("encoder"), all_names)
-    grid = Grid(str(raw.get("name", name)), base, parsed, seed_list, {v: harness[v] for v in parsed if harness[v]},
+    grid = Grid(str(raw.get("name", name)), base, parsed, seed_list, {v: options[v] for v in parsed if options[v]},
                 match, wall, ev, qs, encoder)
     resolve(base, {}, "(base)")  # the base itself must validate
     from .cost import check_lengths, check_study_memory
@@ -372,23 +377,23 @@ def _check_tasks_fit(variant: str, mcfg: ModelConfig, tcfg: TrainConfig, ev: dic
 
 
 def _parse_variants(vs) -> tuple[dict[str, dict[str, dict]], dict[str, dict]]:
-    """name → config overrides in sections, and name → the harness's own keys (HARNESS_KEYS) taken out of them."""
+    """name → config overrides in sections, and name → the study's own options (VARIANT_OPTIONS) taken out of them."""
     if not isinstance(vs, dict):
         raise ConfigError("grid.variants: expected a mapping name → overrides")
-    parsed, harness = {}, {}
+    parsed, options = {}, {}
     for vname, ov in vs.items():
         if not _NAME_RE.match(str(vname)):
             raise ConfigError(f"grid.variants: bad variant name '{vname}' (letters, digits, _ . - only)")
         ov = dict(ov or {})
-        harness[str(vname)] = {k: ov.pop(k) for k in HARNESS_KEYS if k in ov}
+        options[str(vname)] = {k: ov.pop(k) for k in VARIANT_OPTIONS if k in ov}
         parsed[str(vname)] = split_sections(ov, f"variant '{vname}'")
-    return parsed, harness
+    return parsed, options
 
 
-def _check_harness_keys(base: dict[str, dict], parsed: dict[str, dict], harness: dict[str, dict],
-                        names: set) -> None:
+def _check_variant_options(base: dict[str, dict], parsed: dict[str, dict], options: dict[str, dict],
+                           names: set) -> None:
     """`seeds: N` is a positive count; `match_reach: V` sits on a fixed window and names a learned-span variant."""
-    for vname, h in harness.items():
+    for vname, h in options.items():
         n = h.get("seeds")
         if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
             raise ConfigError(f"variant '{vname}': seeds must be a positive integer (the first N of the grid's seeds), "
@@ -405,12 +410,12 @@ def _check_harness_keys(base: dict[str, dict], parsed: dict[str, dict], harness:
             raise ConfigError(f"variant '{vname}': match_reach needs a learned-span variant, '{src}' has none")
 
 
-def _select(parsed: dict[str, dict], harness: dict[str, dict], variants: list[str]) -> dict[str, dict]:
+def _select(parsed: dict[str, dict], options: dict[str, dict], variants: list[str]) -> dict[str, dict]:
     """The variants asked for (`compare --variants`), and those whose reach a kept fixed window matches."""
     missing = [v for v in variants if v not in parsed]
     if missing:
         raise ConfigError(f"unknown variant '{missing[0]}' (grid has: {', '.join(parsed)})")
-    needed = [h["match_reach"] for v, h in harness.items() if v in variants and "match_reach" in h]
+    needed = [h["match_reach"] for v, h in options.items() if v in variants and "match_reach" in h]
     return {v: parsed[v] for v in variants + [n for n in needed if n not in variants]}
 
 

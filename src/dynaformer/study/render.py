@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cell import write_json
+from ..files import write_json_strict
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Document:
 def write_document(doc: Document, out: Path) -> dict[str, str]:
     """report.json, report.md, report.html and plots/ in `out`; returns their paths."""
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    write_json(out / "report.json", doc.data)
+    write_json_strict(out / "report.json", doc.data)
     for b in doc.blocks:
         if isinstance(b, Image) and b.png:
             (out / image_path(b)).write_bytes(b.png)

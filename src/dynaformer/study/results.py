@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import write_json_strict
 from .cost import crossover, measure_cost, measure_stages, train_stages
 from .stats import mde, mean_sd
 from .verdicts import (
@@ -104,10 +105,8 @@ def attach_cost(col, lengths: list[int], repeats: int, cache_path: Path | None =
                 cost["models"][k]["stage_ms"] = per_stage[k]
         del models
         if cache_path is not None:
-            from .cell import write_json
-
             cache_path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(cache_path, cost)
+            write_json_strict(cache_path, cost)
     for key, (_, r, _) in zip(keys, cells, strict=True):
         r["cost"] = {"lengths": cost["lengths"], **cost["models"][key]}
     return cost
