@@ -199,3 +199,23 @@ def test_grid_sections_read_like_every_config():
     assert g.questions["controls"] == {"span": ["baseline"], "residual": []}
     assert g.encoder == {"model": {}, "finetune": {}, "tasks": {"keyword": {}}, "variants": ["baseline"]}
     assert grid_from_dict(GRID).eval == {**EVAL_DEFAULTS, "tasks": ["passkey"], "cost_lengths": [128]}
+
+
+def test_the_grids_top_level_and_variant_options_are_typed_fields():
+    """match, wall_clock_s and a variant's seeds are read through configtools like every config: the error names
+    the field; a whole number of seconds is kept as written (grid fingerprints hash it so)."""
+    import pytest
+
+    from dynaformer.errors import ConfigError
+    from dynaformer.study.grid import grid_from_dict
+
+    base = {"model": {"n_layer": 1, "n_head": 2, "d_model": 32, "context_len": 128},
+            "train": {"max_steps": 2, "batch_size": 2, "data": "task:passkey?text=builtin:stories&frac=0.5"},
+            "variants": {"baseline": {}}, "seeds": 1, "eval": {"tasks": ["passkey"], "cost_lengths": [256]}}
+    for change, needle in (({"match": "steps"}, "grid.match: expected one of tokens, wall_clock"),
+                           ({"match": "wall_clock", "wall_clock_s": "long"}, "grid.wall_clock_s: expected float"),
+                           ({"variants": {"baseline": {"seeds": "two"}}}, "variant 'baseline'.seeds: expected int")):
+        with pytest.raises(ConfigError, match=needle):
+            grid_from_dict({**base, **change}, "g")
+    grid = grid_from_dict({**base, "match": "wall_clock", "wall_clock_s": 30}, "g")
+    assert grid.wall_clock_s == 30 and isinstance(grid.wall_clock_s, int)

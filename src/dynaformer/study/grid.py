@@ -50,8 +50,9 @@ import copy
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 from ..configtools import from_dict, read_yaml_mapping, to_dict
 from ..data.tasks import TASKS, check_task_data, is_task_spec
@@ -60,6 +61,23 @@ from ..model import ModelConfig
 from ..train.config import TrainConfig, split_sections
 from ..train.finetune import FinetuneConfig, flat_record, read_finetune
 from .kinds import ENCODER, ENCODER_PRETRAIN, LM, CellKind
+
+
+@dataclass
+class GridMatch:
+    """How cells are matched: `tokens` (every cell the same steps) or `wall_clock` (steps calibrated so each
+    variant trains about `wall_clock_s` seconds)."""
+
+    match: Literal["tokens", "wall_clock"] = "tokens"
+    wall_clock_s: float | None = None
+
+
+@dataclass
+class VariantOptions:
+    """A variant's keys that the study resolves itself (VARIANT_OPTIONS), not config fields."""
+
+    seeds: int | None = None  # only the grid's first N seeds for this variant
+    match_reach: str | None = None  # a fixed window sized to this learned-span variant's trained reach
 
 
 @dataclass
@@ -151,7 +169,7 @@ class GridEncoder:
 
 EVAL_DEFAULTS = to_dict(GridEval())
 QUESTION_DEFAULTS = to_dict(GridQuestions())
-VARIANT_OPTIONS = ("match_reach", "seeds")  # variant keys the study resolves itself (not model or train fields)
+VARIANT_OPTIONS = tuple(sorted(f.name for f in fields(VariantOptions)))  # keys the study resolves itself
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -394,6 +412,7 @@ def _check_variant_options(base: dict[str, dict], parsed: dict[str, dict], optio
                            names: set) -> None:
     """`seeds: N` is a positive count; `match_reach: V` sits on a fixed window and names a learned-span variant."""
     for vname, h in options.items():
+        from_dict(VariantOptions, h, f"variant '{vname}'")  # types, each error naming variant and key
         n = h.get("seeds")
         if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
             raise ConfigError(f"variant '{vname}': seeds must be a positive integer (the first N of the grid's seeds), "
@@ -440,13 +459,11 @@ def _parse_seeds(s) -> list[int]:
 
 
 def _parse_match(raw: dict) -> tuple[str, float | None]:
-    match = raw.get("match", "tokens")
-    if match not in ("tokens", "wall_clock"):
-        raise ConfigError(f"grid.match: expected tokens or wall_clock, got {match!r}")
-    wall = raw.get("wall_clock_s")
-    if match == "wall_clock" and not (isinstance(wall, int | float) and wall > 0):
+    top = from_dict(GridMatch, {k: raw[k] for k in ("match", "wall_clock_s") if k in raw}, "grid")
+    if top.match == "wall_clock" and not (top.wall_clock_s is not None and top.wall_clock_s > 0):
         raise ConfigError("grid.wall_clock_s: match: wall_clock needs a positive number of seconds per cell")
-    return match, wall
+    # The number as written (an int stays an int): grid fingerprints of existing folders hash it that way.
+    return top.match, raw.get("wall_clock_s")
 
 
 def _parse_questions(raw, names: set[str]) -> dict:
