@@ -149,6 +149,11 @@ SPANS: dict[str, type[nn.Module]] = {
 }
 
 
+def learns_span(kind: str) -> bool:
+    """Whether a span kind learns its spans (and so has a trained reach to match): the LearnedSpan kinds."""
+    return kind in SPANS and issubclass(SPANS[kind], LearnedSpan)
+
+
 def make_span(cfg: ModelConfig) -> SpanModule | None:
     """The span module of one attention layer, None for dense attention (span: none)."""
     return None if cfg.span == "none" else SPANS[cfg.span](cfg)

@@ -58,6 +58,7 @@ from ..configtools import from_dict, read_yaml_mapping, to_dict
 from ..data.tasks import TASKS, check_task_data, is_task_spec
 from ..errors import ConfigError, DynaformerError
 from ..model import ModelConfig
+from ..model.span import learns_span
 from ..train.config import TrainConfig, split_sections
 from ..train.finetune import FinetuneConfig, flat_record, read_finetune
 from .kinds import ENCODER, ENCODER_PRETRAIN, LM, CellKind
@@ -425,7 +426,7 @@ def _check_variant_options(base: dict[str, dict], parsed: dict[str, dict], optio
                               f"grid")
         if resolve(base, parsed[vname], vname)[0].span != "fixed":
             raise ConfigError(f"variant '{vname}': match_reach sets a fixed window; add span: fixed")
-        if resolve(base, parsed[src], src)[0].span in ("none", "fixed"):
+        if not learns_span(resolve(base, parsed[src], src)[0].span):
             raise ConfigError(f"variant '{vname}': match_reach needs a learned-span variant, '{src}' has none")
 
 
