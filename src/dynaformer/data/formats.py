@@ -9,7 +9,9 @@ as text.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..errors import DynaformerError
 from ..extras import require
@@ -45,27 +47,38 @@ def _size_check(paths: list[Path], what: str) -> None:
     check_fits_in_memory(24 * sum(p.stat().st_size for p in paths), f"data: reading {what}")
 
 
-def read_jsonl(path: Path, field: str) -> str:
-    """The `field` of every line's object, joined as documents; a line without it, or not an object, is an error
-    naming the line. Blank lines are skipped."""
-    _size_check([path], f"'{path}'")
-    docs = []
+def jsonl_records(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line of a JSON Lines file; a missing, non-regular, too large
+    or non-UTF-8 file, or a line that is not JSON, is one error naming it."""
+    p = Path(path)
+    if not p.exists():
+        raise DynaformerError(f"data: '{p}' does not exist")
+    if not p.is_file():
+        raise DynaformerError(f"data: '{p}' is not a regular file")
+    _size_check([p], f"'{p}'")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(p, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    rec = json.loads(line)
+                    yield i, json.loads(line)
                 except ValueError:
-                    raise DynaformerError(f"data: '{path}' line {i} is not JSON") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                    got = f"keys {sorted(rec)[:6]}" if isinstance(rec, dict) else type(rec).__name__
-                    raise DynaformerError(f"data: '{path}' line {i} has no text field '{field}' ({got}); choose "
-                                          f"the field with --text_field")
-                docs.append(rec[field])
+                    raise DynaformerError(f"data: '{p}' line {i} is not JSON") from None
     except UnicodeDecodeError:
-        raise DynaformerError(f"data: '{path}' is not UTF-8 text") from None
+        raise DynaformerError(f"data: '{p}' is not UTF-8 text") from None
+
+
+def read_jsonl(path: Path, field: str) -> str:
+    """The `field` of every line's object, joined as documents; a line without it, or not an object, is an error
+    naming the line. Blank lines are skipped."""
+    docs = []
+    for i, rec in jsonl_records(path):
+        if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
+            got = f"keys {sorted(rec)[:6]}" if isinstance(rec, dict) else type(rec).__name__
+            raise DynaformerError(f"data: '{path}' line {i} has no text field '{field}' ({got}); choose the field "
+                                  f"with --text_field")
+        docs.append(rec[field])
     return _joined(docs, f"'{path}'")
 
 

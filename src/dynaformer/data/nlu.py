@@ -11,13 +11,12 @@ Generated tasks:
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DynaformerError
-from ..resources import check_fits_in_memory
+from .formats import jsonl_records
 
 _NAMES = ["Ada", "Bruno", "Chiara", "Dev", "Elif", "Farid", "Greta", "Hugo", "Ines", "Jonas"]
 _PLACES = ["kitchen", "garden", "library", "harbour", "attic", "market", "station", "orchard"]
@@ -104,23 +103,8 @@ def generate_task(name: str, n_train: int, n_val: int, seed: int = 0, distance: 
 def read_jsonl(path: str | Path) -> list[Example]:
     """One {"text": str, "label": str|int} object per line; an optional "distance" (int)."""
     p = Path(path)
-    if not p.exists():
-        raise DynaformerError(f"data: '{p}' does not exist")
-    if not p.is_file():
-        raise DynaformerError(f"data: '{p}' is not a regular file")
-    check_fits_in_memory(24 * p.stat().st_size, f"data: reading '{p}'")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DynaformerError(f"data: '{p}' is not UTF-8 text") from None
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            raise DynaformerError(f"data: {p}:{n} is not valid JSON") from None
+    for n, obj in jsonl_records(p):
         if not isinstance(obj, dict) or "text" not in obj or "label" not in obj:
             missing = "text" if not isinstance(obj, dict) or "text" not in obj else "label"
             raise DynaformerError(f"data: {p}:{n} has no \"{missing}\" field")
