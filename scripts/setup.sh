@@ -7,7 +7,7 @@ VENV="${DYNAFORMER_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 # The optional integrations (transformers, lm-eval, TensorBoard) are installed by default so their tests run;
 # DYNAFORMER_EXTRAS=test gives a lean environment in which those tests are skipped with the reason.
-EXTRAS="${DYNAFORMER_EXTRAS:-test,hf,eval,tensorboard,data,onnx}"
+EXTRAS="${DYNAFORMER_EXTRAS:-test,hf,eval,tensorboard,data,onnx,serve}"
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV" >&2
   "$PY" -m venv "$VENV"
@@ -27,7 +27,7 @@ elif [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing dynaformer[$EXTRAS]" >&2
   "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[$EXTRAS]" 2>&1 | grep -v "^WARNING: Location" || true
   "$VENV/bin/python" -c "import dynaformer, torch" || { echo "setup: installation failed" >&2; exit 1; }
-  for pair in hf:transformers hf:tokenizers eval:lm_eval tensorboard:tensorboard data:pyarrow data:datasets onnx:onnxscript onnx:onnxruntime; do
+  for pair in hf:transformers hf:tokenizers eval:lm_eval tensorboard:tensorboard data:pyarrow data:datasets onnx:onnxscript onnx:onnxruntime serve:uvicorn serve:starlette; do
     case ",$EXTRAS," in *",${pair%%:*},"*)
       "$VENV/bin/python" -c "import ${pair#*:}" 2>/dev/null \
         || { echo "setup: extra [${pair%%:*}] did not install (${pair#*:} missing)" >&2; exit 1; } ;;
