@@ -199,3 +199,36 @@ def test_an_accuracy_mde_above_one_reads_not_detectable():
     assert "in far-distance exact match cannot" not in s and f"{fam['mde']['far_acc']:.2g} in far" not in s
     row = next(r for r in answer_rows(data) if r[0] == "residual" and r[1].startswith("3"))
     assert "MDE > 1 (not detectable)" in row[4]
+
+
+def _lr(far: dict[str, float], chance: float = 0.1, length: int = 128) -> dict:
+    """A run's long-range record: each task read at a near and a far distance (the far one carries `far`)."""
+    tasks = {n: {"distance": [8, length // 2], "exact": [1.0, a], "chance": chance} for n, a in far.items()}
+    mean_far = sum(far.values()) / len(far)
+    return {"longrange": {"length": length, "tasks": tasks, "far_exact": mean_far}}
+
+
+def test_far_accuracy_leaves_out_tasks_at_floor_or_ceiling_in_both_arms():
+    # passkey at the ceiling in both arms and selcopy at the floor in both: only storyqa can tell them apart.
+    # Averaged over all three, its 0.3-point gap shrinks to 0.1 and stays under the noise; on storyqa alone it
+    # is a clear gain.
+    V_ = [_lr({"passkey": 1.0, "selcopy": 0.0, "storyqa": a}) for a in (0.80, 0.82, 0.78)]
+    R_ = [_lr({"passkey": 1.0, "selcopy": 0.0, "storyqa": a}) for a in (0.50, 0.52, 0.48)]
+    e = V.judge_test(V.BETTER_FAR, V_, R_, "v", "r")
+    assert e.v[0] == pytest.approx(0.80) and e.r[0] == pytest.approx(0.50)
+    assert e.verdict == V.SUPPORTED
+    assert "passkey" in e.note and "selcopy" in e.note and "storyqa" not in e.note
+    # The floor is read against each task's chance: 0.12 on a task with chance 0.1 is at the floor.
+    V_ = [_lr({"passkey": 1.0, "storyqa": 0.12}) for _ in range(3)]
+    R_ = [_lr({"passkey": 1.0, "storyqa": 0.11}) for _ in range(3)]
+    e = V.judge_test(V.BETTER_FAR, V_, R_, "v", "r")
+    assert e.verdict == V.INCONCLUSIVE and "nothing to tell apart" in e.note and e.v is None
+    # A task that one arm solves and the other does not is kept (not a shared ceiling).
+    V_ = [_lr({"passkey": 1.0, "storyqa": 0.5}) for _ in range(3)]
+    R_ = [_lr({"passkey": a, "storyqa": 0.5}) for a in (0.2, 0.25, 0.3)]
+    e = V.judge_test(V.BETTER_FAR, V_, R_, "v", "r")
+    assert e.note == "" and e.v[0] == pytest.approx(0.75) and e.r[0] == pytest.approx(0.375)
+    # Runs without per-task readings fall back to the all-task mean.
+    e = V.judge_test(V.BETTER_FAR, [{"longrange": {"far_exact": x}} for x in (0.7, 0.72, 0.71)],
+                     [{"longrange": {"far_exact": x}} for x in (0.5, 0.52, 0.51)], "v", "r")
+    assert e.verdict == V.SUPPORTED and e.v[0] == pytest.approx(0.71)

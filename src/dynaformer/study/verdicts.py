@@ -108,7 +108,8 @@ METRICS = {
     "val_bpb": ("held-out bits per byte (training context)", lambda r: r.get("val_bpb")),
     "gen_gap": ("generalisation gap: val − train loss (nats)", lambda r: r.get("gen_gap")),
     "grad_ratio": ("log₁₀ first/last-layer gradient norm", _grad_ratio),
-    "far_acc": ("long-range exact match at distance ≥ context/2 (all tasks)",
+    "far_acc": ("long-range exact match at distance ≥ context/2 (in a comparison: the tasks not at floor or "
+                "ceiling in both arms)",
                 lambda r: _get(r, "longrange", "far_exact")),
     "qa_acc": ("story QA exact match (all distances)", lambda r: _task_mean(r, "storyqa")),
     "summary_rouge": ("summary ROUGE-L of the greedy answer (all distances)", _summary_score),
@@ -255,6 +256,43 @@ def _values(results: list[dict], metric: str) -> list[float] | None:
     return None if not vals or any(v is None for v in vals) else vals
 
 
+def _far_by_task(r: dict) -> dict[str, tuple[float, float]] | None:
+    """One run's (mean exact match over the distances ≥ half the evaluated length, chance) per long-range task."""
+    lr = _get(r, "longrange") or {}
+    length, tasks = lr.get("length"), lr.get("tasks")
+    if not length or not tasks:
+        return None
+    out = {}
+    for name, rec in tasks.items():
+        far = [e for d, e in zip(rec.get("distance", []), rec.get("exact", []), strict=False) if d >= length / 2]
+        if far:
+            out[name] = (sum(far) / len(far), float(rec.get("chance") or 0.0))
+    return out or None
+
+
+def _far_pair(V: list[dict], R: list[dict]) -> tuple[list[float], list[float], list[str]] | None:
+    """far_acc of a comparison over the tasks that can tell its two arms apart: a task on which both arms stay
+    below chance + the accuracy threshold (floor) or both above 1 − threshold (ceiling) is left out, so that a
+    difference on one task is not averaged away by tasks that say nothing. None: the per-task readings are
+    missing in some run (the all-task mean is used), or the runs evaluated different tasks."""
+    va, ra = [_far_by_task(r) for r in V], [_far_by_task(r) for r in R]
+    if not va or not ra or any(x is None for x in va + ra) or len({frozenset(x) for x in va + ra}) != 1:
+        return None
+    names = sorted(va[0])
+    kept, dropped = [], []
+    for n in names:
+        mv, mr = (sum(x[n][0] for x in arm) / len(arm) for arm in (va, ra))
+        chance = va[0][n][1]
+        (dropped if max(mv, mr) < chance + D_ACC or min(mv, mr) > 1 - D_ACC else kept).append(n)
+    if not kept:
+        return [], [], dropped
+
+    def mean(x: dict) -> float:
+        return sum(x[n][0] for n in kept) / len(kept)
+
+    return [mean(x) for x in va], [mean(x) for x in ra], dropped
+
+
 def is_floor(e: Evidence) -> bool:
     """Both arms of an accuracy test below the accuracy threshold: the task is too hard at this scale."""
     return is_accuracy(e.metric) and e.v is not None and e.r is not None and max(e.v[0], e.r[0]) < D_ACC
@@ -265,6 +303,13 @@ def judge_test(t: Test, V: list[dict], R: list[dict], vname: str, rname: str,
     """One simple claim. With a family, "supported" needs the Holm-adjusted p < α and the minimum detectable
     effect is taken at the family's α/m; without one, the test's own p and α."""
     a, b = _values(V, t.metric), _values(R, t.metric)
+    task_note = ""
+    if t.metric == "far_acc" and (pair := _far_pair(V, R)) is not None:
+        a, b, dropped = pair
+        if not a:
+            return Evidence(t.describe(), t.metric, vname, rname, None, None, None, None, INCONCLUSIVE,
+                            "every long-range task at the floor or the ceiling in both arms: nothing to tell apart")
+        task_note = f"tasks at floor or ceiling in both arms left out: {', '.join(dropped)}" if dropped else ""
     if a is None or b is None:
         return Evidence(t.describe(), t.metric, vname, rname, None, None, None, None, INCONCLUSIVE,
                         "no reading at equal training time in every run" if t.metric.startswith(WALL_CLOCK)
@@ -279,6 +324,7 @@ def judge_test(t: Test, V: list[dict], R: list[dict], vname: str, rname: str,
         size = None
 
     def ev(verdict: str, note: str = "", p_shown=p) -> Evidence:
+        note = "; ".join(x for x in (note, task_note) if x)
         return Evidence(t.describe(), t.metric, vname, rname, (ma, sa, len(a)), (mb, sb, len(b)), w.diff, p_shown,
                         verdict, note, None if family is None or p_shown is None else p_decides, size)
 
