@@ -146,7 +146,8 @@ def test_shipped_grids_parse_to_the_same_values(roomy):
                         "diag_windows": 8, "batch_size": 16, "cost_lengths": [1024, 2048, 4096], "cost_repeats": 3}
     assert cpu.questions == {"reference": "baseline", "residual": "dyn_residual", "span": "dyn_span",
                              "size_matched": "baseline_large",
-                             "controls": {"residual": ["static_residual"], "span": ["fixed_window", "per_head"]}}
+                             "controls": {"residual": ["static_residual"], "span": ["fixed_window", "per_head"]},
+                             "relatives": {}}
     assert cpu.encoder is None
     full = load_grid(ROOT / "configs" / "grid-cpu-full.yaml")
     assert full.encoder == {"model": {"n_layer": 2, "d_model": 64, "n_head": 4, "context_len": 192},

@@ -515,3 +515,12 @@ def test_a_cell_folder_from_before_a_new_config_field_still_matches():
     assert not same_cell(old, {**new, "train": {"lr": 1e-3, "optimizer": "muon"}})  # not the default: differs
     assert not same_cell(old, {**new, "train": {"lr": 2e-3, "optimizer": "adamw"}})
     assert not same_cell({**old, "match_reach": {}}, new)
+
+
+def test_relatives_must_be_variants_of_the_grid():
+    grid = grid_from_dict({**GRID, "questions": {**GRID["questions"], "relatives": {"span": ["dyn_span"]}}})
+    assert grid.questions["relatives"] == {"span": ["dyn_span"]}
+    with pytest.raises(ConfigError, match="questions.relatives.span: 'fox' is not a variant"):
+        grid_from_dict({**GRID, "questions": {**GRID["questions"], "relatives": {"span": ["fox"]}}})
+    with pytest.raises(ConfigError, match="questions.relatives"):
+        grid_from_dict({**GRID, "questions": {**GRID["questions"], "relatives": {"depth": ["dyn_span"]}}})

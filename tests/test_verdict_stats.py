@@ -232,3 +232,38 @@ def test_far_accuracy_leaves_out_tasks_at_floor_or_ceiling_in_both_arms():
     e = V.judge_test(V.BETTER_FAR, [{"longrange": {"far_exact": x}} for x in (0.7, 0.72, 0.71)],
                      [{"longrange": {"far_exact": x}} for x in (0.5, 0.52, 0.51)], "v", "r")
     assert e.verdict == V.SUPPORTED and e.v[0] == pytest.approx(0.71)
+
+
+def test_relatives_are_read_against_the_mechanism_and_the_reference():
+    from dynaformer.study.render import Heading, Table
+    from dynaformer.study.report import build
+
+    def arm(name, **kw):
+        return [fake_result(name, s, **{k: v + 0.002 * s for k, v in kw.items()}) for s in range(3)]
+
+    col = fake_collected(
+        {"baseline": arm("baseline", ms=100.0, decode=10.0), "dyn_span": arm("dyn_span", ms=40.0, decode=12.0),
+         "fox": arm("fox", ms=20.0, decode=12.0), "sink_window": arm("sink_window", ms=40.0, decode=12.0)},
+        questions={"reference": "baseline", "residual": None, "span": "dyn_span",
+                   "relatives": {"span": ["fox", "sink_window", "not_trained"]}})
+    data = report_data(col)
+    rel = data["relatives"]["span"]
+    assert rel["arms"] == ["baseline", "dyn_span", "fox", "sink_window"] and rel["relatives"] == ["fox", "sink_window"]
+    assert rel["summary"]["fox"]["train_ms_long"]["mean"] == pytest.approx(20.002)
+    reading = {(c["relative"], c["against"], c["metric"]): c["verdict"] for c in rel["comparisons"]}
+    # fox trains at half the mechanism's time and a fifth of the reference's: better on both; the sink window
+    # costs what the mechanism costs (no difference) and decodes slower than the reference (worse).
+    assert reading[("fox", "dyn_span", "train_ms_long")] == "better"
+    assert reading[("fox", "baseline", "train_ms_long")] == "better"
+    assert reading[("sink_window", "dyn_span", "train_ms_long")] == "no difference shown"
+    assert reading[("sink_window", "baseline", "decode_ms_long")] == "worse"
+    assert {c["against"] for c in rel["comparisons"]} == {"dyn_span", "baseline"}
+    blocks = build(col, plots=False, data=data)
+    i = next(i for i, b in enumerate(blocks) if isinstance(b, Heading) and b.text == "Relatives")
+    table = next(b for b in blocks[i:] if isinstance(b, Table))
+    assert [row[0] for row in table.rows] == ["baseline (reference)", "dyn_span (mechanism)", "fox (relative)",
+                                              "sink_window (relative)"]
+    # A grid without relatives has no such section.
+    plain = report_data(fake_collected({"baseline": arm("baseline"), "dyn_span": arm("dyn_span")}))
+    assert plain["relatives"] == {}
+    assert not any(isinstance(b, Heading) and b.text == "Relatives" for b in build(col, plots=False, data=plain))

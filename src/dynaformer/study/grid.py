@@ -124,13 +124,18 @@ class GridQuestions:
     span: str | None = "dyn_span"
     size_matched: str | None = "baseline_large"
     controls: dict[str, list[str] | None] | None = field(default_factory=dict)  # residual: [...], span: [...]
+    # The newest methods that do the question's job another way (hyper-connections, forgetting attention, ...),
+    # each read against the question's mechanism and the reference in the report's "Relatives" section.
+    relatives: dict[str, list[str] | None] | None = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.controls = {k: list(v or []) for k, v in (self.controls or {}).items()}
+        self.relatives = {k: list(v or []) for k, v in (self.relatives or {}).items()}
 
     def validate(self) -> None:
-        if any(k not in ("residual", "span") for k in self.controls):
-            raise ConfigError("grid.questions.controls: expected {residual: [variants], span: [variants]}")
+        for name in ("controls", "relatives"):
+            if any(k not in ("residual", "span") for k in getattr(self, name)):
+                raise ConfigError(f"grid.questions.{name}: expected {{residual: [variants], span: [variants]}}")
 
 
 ENCODER_TASKS = ("keyword", "entail", "listops")
@@ -469,8 +474,9 @@ def _parse_match(raw: dict) -> tuple[str, float | None]:
 
 def _parse_questions(raw, names: set[str]) -> dict:
     qs = to_dict(from_dict(GridQuestions, raw or {}, "grid.questions"))
-    for q, cs in qs["controls"].items():  # a typo would silently drop the control rows
-        for c in cs:
-            if c not in names:
-                raise ConfigError(f"grid.questions.controls.{q}: '{c}' is not a variant of this grid")
+    for kind in ("controls", "relatives"):  # a typo would silently drop the rows
+        for q, cs in qs[kind].items():
+            for c in cs:
+                if c not in names:
+                    raise ConfigError(f"grid.questions.{kind}.{q}: '{c}' is not a variant of this grid")
     return qs

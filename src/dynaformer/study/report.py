@@ -87,7 +87,8 @@ def build(col: Collected, plots: bool = True, data: dict | None = None) -> list[
     plots=False only checks which figures have data (their Image.png is b"" or None; nothing is drawn)."""
     data = data if data is not None else report_data(col)
     blocks: list[Block] = [Heading(1, f"dynaformer report: {', '.join(col.grids) or 'runs'}"), _overview(col)]
-    blocks += _questions(data) + _answers(data) + _verdicts(data) + _controls(data) + _wall_clock(data)
+    blocks += _questions(data) + _answers(data) + _verdicts(data) + _controls(data) + _relatives(data)
+    blocks += _wall_clock(data)
     blocks += [Heading(2, "Cost at long lengths"), *cost_blocks(data)]
     blocks += _long_text(data) + _variants(data)
     enc_colors = colors_for(sorted({v for by in col.encoder.values() for v in by} | set(col.results)))
@@ -176,6 +177,64 @@ def _controls(data: dict) -> list[Block]:
         Table(["question", "comparison", "metric", "variant mean ± sd", "control mean ± sd", "p (Holm)", "reading"],
               control_rows(data)) if data["controls"] else
         Paragraph("No controls in this grid (questions.controls).")]
+
+
+def _relatives(data: dict) -> list[Block]:
+    rel = data.get("relatives") or {}
+    if not rel:
+        return []
+    blocks: list[Block] = [
+        Heading(2, "Relatives"),
+        Paragraph("The newest methods that do each question's job another way, trained with the same seeds and "
+                  "budget: each arm's means, then each relative read against the question's mechanism and against "
+                  "the reference on the control metrics and the costs at the longest measured length (faster is "
+                  "better). better / worse: Holm-corrected p < α within each pair's metrics and at least the "
+                  "threshold; floor: both below the accuracy threshold.")]
+    for q, r in rel.items():
+        head, rows = relative_summary_rows(r)
+        blocks += [Heading(3, f"{q} question: {r['mechanism']} and its relatives"), Table(head, rows)]
+        by_distance = relative_distance_rows(data, r)
+        for task, (dh, drows) in by_distance.items():
+            blocks += [Paragraph(f"{task}: exact match by distance (mean over seeds)."), Table(dh, drows)]
+        blocks.append(Table(["comparison", "metric", "relative mean ± sd", "against mean ± sd", "p (Holm)",
+                             "reading"], relative_comparison_rows(r)))
+    return blocks
+
+
+REL_HEAD = {"val_bpb": "val bpb", "long_bpb": "long-text bpb", "far_acc": "far exact", "qa_acc": "story QA",
+            "summary_rouge": "summary ROUGE-L", "train_ms_long": "train ms at L", "decode_ms_long": "decode ms at L",
+            "kv_bytes": "KV bytes"}
+
+
+def relative_summary_rows(r: dict) -> tuple[list[str], list[list[str]]]:
+    metrics = [m for m in REL_HEAD if any((r["summary"].get(a) or {}).get(m) for a in r["arms"])]
+    role = {r["reference"]: "reference", r["mechanism"]: "mechanism"}
+    rows = []
+    for a in r["arms"]:
+        cells = [(r["summary"][a] or {}).get(m) for m in metrics]
+        rows.append([f"{a} ({role.get(a, 'relative')})", *[_pm(c["mean"], c["sd"], c["n"]) if c else "—"
+                                                           for c in cells]])
+    return ["arm", *[REL_HEAD[m] for m in metrics]], rows
+
+
+def relative_distance_rows(data: dict, r: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """Per long-range task, the arms' exact match at each distance (the tasks every arm was evaluated on)."""
+    lr = data.get("longrange") or {}
+    tasks = set.intersection(*[set(lr.get(a) or {}) for a in r["arms"]]) if r["arms"] else set()
+    out = {}
+    for t in sorted(tasks):
+        dist = lr[r["arms"][0]][t]["distance"]
+        if any(lr[a][t]["distance"] != dist for a in r["arms"]):
+            continue
+        out[t] = (["arm", *[str(d) for d in dist]],
+                  [[a, *[_fmt(x, 2) for x in lr[a][t].get("exact", [])]] for a in r["arms"]])
+    return out
+
+
+def relative_comparison_rows(r: dict) -> list[list[str]]:
+    return [[f"{c['relative']} vs {c['against']}", c["metric_label"],
+             _pm(c["relative_mean"], c["relative_sd"], c["n"]), _pm(c["against_mean"], c["against_sd"], c["against_n"]),
+             f"{_fmt(c['p'], 2)} ({_fmt(c.get('p_holm'), 2)})", f"**{c['verdict']}**"] for c in r["comparisons"]]
 
 
 def _wall_clock(data: dict) -> list[Block]:

@@ -12,6 +12,8 @@ and HTML are renderings of it and other tools can read the results.
                     deciding part), floor, evidence: [{test, metric, means, sds, n, diff, p, p_holm, mde, verdict,
                     decisive}], vs_size_matched, vs_controls: {control: verdict}}],
      "controls":  [{question, variant, control, metric, verdict, variant_mean, ..., p, p_holm}],
+     "relatives": {question: {mechanism, reference, relatives, arms, summary: {arm: {metric: {mean, sd, n}}},
+                   comparisons: [{relative, against, metric, verdict, relative_mean, ..., p, p_holm}]}},
      "wall_clock": {how, alpha, questions: {question: {variant, reference, t_star_s, train_s, clock, cells,
                     readings: [...], family_size, options: [{option, claim, verdict, evidence, decided_by}]}}},
      "variants":  {name: {metric: {mean, sd, n}}},
@@ -40,11 +42,13 @@ from .stats import mde, mean_sd
 from .verdicts import (
     ALPHA,
     CONTROL_TESTS,
+    D_TIME,
     METRICS,
     POWER,
     QUESTIONS,
     THRESHOLDS,
     Family,
+    Test,
     compare_control,
     family,
     is_floor,
@@ -238,6 +242,56 @@ def control_records(col) -> list[dict]:
     return out
 
 
+# What a relative is read on against the question's mechanism and the reference: the control metrics, and the
+# costs at the longest measured length (faster is "better").
+RELATIVE_COST_TESTS = [Test("train_ms_long", -1, D_TIME, relative=True),
+                       Test("decode_ms_long", -1, D_TIME, relative=True)]
+RELATIVE_SUMMARY = ("val_bpb", "long_bpb", "far_acc", "qa_acc", "summary_rouge", "train_ms_long", "decode_ms_long",
+                    "kv_bytes")
+
+
+def relative_records(col) -> dict:
+    """The relatives of each question's mechanism (grid `questions.relatives`): per question, the arms (the
+    reference, the mechanism, each relative) with their mean ± sd of the summary metrics, and each relative read
+    two-sided against the mechanism and against the reference on the control metrics and the long-length costs,
+    Holm within each pair (as the controls are)."""
+    ref = col.questions.get("reference", "baseline")
+    out: dict = {}
+    for q, names in (col.questions.get("relatives") or {}).items():
+        var = col.questions.get(q)
+        arms = [a for a in dict.fromkeys([ref, var, *names]) if a in col.results]
+        if not any(n in col.results for n in names):
+            continue
+        summary = {}
+        for a in arms:
+            row = {}
+            for m in RELATIVE_SUMMARY:
+                vals = [x for x in (metric_value(r, m) for r in col.results[a]) if x is not None]
+                row[m] = ({"mean": float(np.mean(vals)), "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                           "n": len(vals)} if vals else None)
+            summary[a] = row
+        tests = CONTROL_TESTS[q] + RELATIVE_COST_TESTS
+        comparisons = []
+        for rel in names:
+            for other in (var, ref):
+                if rel not in col.results or other not in col.results or other == rel:
+                    continue
+                fam = family(tests, col.results[rel], col.results[other], rel, other)
+                for t in tests:
+                    e = compare_control(t, col.results[rel], col.results[other], rel, other, fam)
+                    rm, rsd, rn = _triple(e.v)
+                    om, osd, on = _triple(e.r)
+                    comparisons.append({"relative": rel, "against": other, "metric": t.metric,
+                                        "metric_label": metric_label(t.metric), "verdict": e.verdict,
+                                        "relative_mean": _num(rm), "relative_sd": _num(rsd), "n": rn,
+                                        "against_mean": _num(om), "against_sd": _num(osd), "against_n": on,
+                                        "diff": _num(e.diff), "p": _num(e.p), "p_holm": _num(e.p_holm),
+                                        "note": e.note})
+        out[q] = {"mechanism": var, "reference": ref, "relatives": [n for n in names if n in col.results],
+                  "arms": arms, "summary": summary, "comparisons": comparisons}
+    return out
+
+
 # --- per-variant tables ----------------------------------------------------------------------------
 
 def variant_records(col) -> dict:
@@ -348,7 +402,7 @@ def report_data(col, cost: dict | None = None) -> dict:
     return {"provenance": provenance_record(col), "grids": col.grids, "questions": col.questions,
             "question_text": question_text_records(), "thresholds": THRESHOLDS, "correction": correction_record(),
             "families": families, "verdicts": verdicts, "controls": control_records(col),
-            "wall_clock": wall_clock_records(col), "variants": variant_records(col),
+            "relatives": relative_records(col), "wall_clock": wall_clock_records(col), "variants": variant_records(col),
             "longrange": longrange_records(col), "text": text_records(col), "cost": summary,
             "skipped": [{"cell": c, "why": w} for c, w in col.skipped], "limits": limits_record(col, summary)}
 
