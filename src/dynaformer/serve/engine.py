@@ -128,6 +128,11 @@ class Engine:
         one, two = (reserved_bytes(model.new_cache(1, n)) for n in (1, 2))
         self._kv_per_position, self._kv_fixed = two - one, 2 * one - two
         model.new_cache(1, self.context_len)  # the position tables for the whole context, built now
+        with torch.no_grad():  # a first prefill and step now: a kernel built on first use delays no client
+            n = max(1, min(self.context_len - 1, 512))
+            cache = model.new_cache(1, n + 1)
+            model.hidden(torch.zeros(1, n, dtype=torch.long), cache)
+            model.hidden(torch.zeros(1, 1, dtype=torch.long), RaggedCache([cache]))
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
