@@ -160,8 +160,8 @@ def test_packages_import_one_way():
 # The layers of docs/design.md §1, lowest first: a package or top-level module imports (at module level or
 # inside a function) only from layers below its own.
 LAYERS = [{"errors"}, {"extras", "timing", "plotting", "configtools", "resources", "locks"}, {"files"},
-          {"kernels", "data"}, {"model"}, {"eval"}, {"train"}, {"runs", "presets", "nn"}, {"hf", "lmeval", "deploy"},
-          {"study", "bench"}, {"cli"}, {"entry"}]
+          {"kernels", "data"}, {"model"}, {"eval"}, {"train"}, {"runs", "presets", "nn"},
+          {"hf", "lmeval", "deploy", "serve"}, {"study", "bench"}, {"cli"}, {"entry"}]
 
 
 def test_no_import_runs_upward_function_local_included():

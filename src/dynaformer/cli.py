@@ -138,6 +138,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.config import ServeConfig
+    from .serve.server import serve
+
+    values = {dest.split(".", 1)[1]: v for dest, v in vars(args).items() if dest.startswith("serve.")}
+    return serve(args.source, from_dict(ServeConfig, values, "serve"))
+
+
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     from .deploy import export_onnx
 
@@ -382,6 +390,18 @@ def make_parser() -> Parser:
     p.add_argument("--max_len", type=int, default=None, help="longest context to condition on (default: context_len)")
     p.add_argument("--no_cache", action="store_true", help="recompute the whole window every token")
     p.set_defaults(func=cmd_generate)
+
+    from .serve.config import ServeConfig
+
+    p = sub.add_parser("serve", help="serve a run over HTTP: OpenAI-compatible completions, continuous batching",
+                       description="Serve SOURCE's newest checkpoint: POST /v1/completions (streaming with "
+                                   "server-sent events), GET /v1/models, /health and /metrics (Prometheus). "
+                                   "Sequences are admitted by KV-cache memory (--kv_budget_mb) and decoded together; "
+                                   "SIGTERM drains. The API key may come from $DYNAFORMER_API_KEY (needs the "
+                                   "[serve] extra).")
+    p.add_argument("source", help="run folder or one of its step-N folders")
+    add_fields(p, ServeConfig, "serve")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("compare", help="train and evaluate a grid of variants × seeds (resumable)",
                        description="Train every (variant, seed) cell of a grid YAML (configs/grid-cpu.yaml) into "

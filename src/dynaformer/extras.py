@@ -6,7 +6,8 @@ import importlib.util
 
 from .errors import DynaformerError
 
-EXTRAS = {"transformers": "hf", "tokenizers": "hf", "lm_eval": "eval", "tensorboard": "tensorboard"}
+EXTRAS = {"transformers": "hf", "tokenizers": "hf", "lm_eval": "eval", "tensorboard": "tensorboard",
+          "uvicorn": "serve", "starlette": "serve"}
 
 
 def require(module: str, extra: str | None = None) -> None:

@@ -17,6 +17,7 @@ from ..kernels import (
 from .config import ModelConfig
 from .context import ForwardContext
 from .layers import Rotary
+from .ragged import RaggedCache
 from .span import make_span
 
 
@@ -38,11 +39,17 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         q, k = self.rotary(qkv[:2], ctx.start, ctx.pos).unbind(0)  # rotate q and k in one pass; each (B, H, T, D)
         v = qkv[2]
-        if self.span is None:
-            y = self._dense_attention(q, k, v, ctx)
+        if isinstance(ctx.cache, RaggedCache):  # independent sequences: each row against its own cache
+            y = torch.cat([self._attend(x[b : b + 1], q[b : b + 1], k[b : b + 1], v[b : b + 1], row)
+                           for b, row in enumerate(ctx.cache.contexts(ctx))])
         else:
-            y = self._span_attention(x, q, k, v, ctx)
+            y = self._attend(x, q, k, v, ctx)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def _attend(self, x, q, k, v, ctx: ForwardContext) -> torch.Tensor:
+        if self.span is None:
+            return self._dense_attention(q, k, v, ctx)
+        return self._span_attention(x, q, k, v, ctx)
 
     def _dense_attention(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
         p = self.dropout if self.training else 0.0

@@ -19,6 +19,7 @@ from .cache import KVCache
 from .config import ModelConfig
 from .context import ForwardContext, ForwardOutputs, padding_from_mask
 from .layers import MLP, RMSNorm, Rotary
+from .ragged import RaggedCache
 from .residual import make_residual
 from .span import span_cache_bound
 
@@ -87,20 +88,26 @@ class Transformer(nn.Module):
         losses = self.last_outputs.aux_losses if self.last_outputs is not None else []
         return torch.stack(losses).sum() if losses else torch.zeros((), device=self.embed.weight.device)
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, key_padding_mask: torch.Tensor | None = None,
+    def hidden(self, idx: torch.Tensor, cache: KVCache | RaggedCache | None = None,
+               key_padding_mask: torch.Tensor | None = None,
                states: list[torch.Tensor] | None = None) -> torch.Tensor:
         """idx: (B, T) token ids → final normed hidden states (B, T, C).
 
         key_padding_mask: 1 or True = a real token, 0 or False = padding. Causal models: (B, cached + T), left or
         right padding (see context.padding_from_mask); a padded row then gives what it gives alone. Encoders:
         (B, T) bool. `states`, when given, receives the embeddings and each block's output (the last one normed),
-        transformers' `hidden_states`."""
+        transformers' `hidden_states`. A `RaggedCache` (model/ragged.py) decodes independent sequences together,
+        each at its own position against its own cache (no padding mask)."""
         B, T = idx.shape
         if cache is not None and not self.cfg.causal:
             raise ValueError("a bidirectional encoder (causal=False) has no KV cache")
         start = cache.length if cache is not None else 0
         pos = None
-        if key_padding_mask is not None and self.cfg.causal:
+        if isinstance(cache, RaggedCache):
+            if key_padding_mask is not None:
+                raise ValueError("a RaggedCache's rows are unpadded; pass no key_padding_mask")
+            pos = cache.begin(T, idx.device)
+        elif key_padding_mask is not None and self.cfg.causal:
             pos, key_padding_mask = padding_from_mask(key_padding_mask.to(idx.device), B, start, T)
             if key_padding_mask is not None:  # padded positions hold arbitrary ids (often out of range): never read
                 idx = idx.masked_fill(~key_padding_mask[:, start:], 0)
@@ -119,7 +126,8 @@ class Transformer(nn.Module):
         self.last_outputs = ctx.outputs
         return x
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | RaggedCache | None = None,
                 key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) token ids → logits (B, T, V) and, with targets (B, T), the mean cross-entropy
         over targets ≠ -100. With a cache, idx holds only the new tokens and follows what it stores.
