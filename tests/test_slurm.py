@@ -32,7 +32,7 @@ from .slurm_local import LocalSlurm, unavailable
 GRID = yaml.safe_load((ROOT / "tests" / "fixtures" / "grid-tiny.yaml").read_text())
 GRID.update(seeds=1, variants={k: GRID["variants"][k] for k in ("baseline", "dyn_span", "fixed_window")},
             questions={"reference": "baseline", "span": "dyn_span", "controls": {"span": ["fixed_window"]}})
-GRID["train"].update(max_steps=1000, ckpt_interval=20, log_interval=20, eval_interval=1000)
+GRID["train"].update(max_steps=400, ckpt_interval=20, log_interval=20, eval_interval=400)
 KEYS = ["baseline/seed0", "dyn_span/seed0", "fixed_window/seed0"]
 
 
@@ -164,11 +164,11 @@ def test_status_is_read_from_the_folder(tmp_path, capsys):
     assert res.returncode == 0, res.stderr
     st = json.loads(res.stdout)
     assert [(r["cell"], r["state"], r["step"]) for r in st["cells"]] == [
-        ("baseline/seed0", "done", 1000), ("dyn_span/seed0", "stopped", 40), ("fixed_window/seed0", "failed", 0)]
+        ("baseline/seed0", "done", 400), ("dyn_span/seed0", "stopped", 40), ("fixed_window/seed0", "failed", 0)]
     assert st["cells"][2]["job"] == "9_1" and st["counts"]["done"] == 1
     (cells / "dyn_span" / "seed0" / ".lock").write_text("h:1")
     lines = cli_in_process(capsys, "compare", str(out), "--status").stdout.splitlines()
-    assert re.match(r"dyn_span/seed0\s+running\s+40/1000 steps$", lines[1]), lines
+    assert re.match(r"dyn_span/seed0\s+running\s+40/400 steps$", lines[1]), lines
     assert lines[-1].endswith("1 done, 1 running, 0 stopped, 1 failed, 0 waiting")
     assert_user_error(cli_in_process(capsys, "compare", str(tmp_path), "--status"), "not a compare folder")
 
@@ -219,6 +219,19 @@ def _task_state(slurm, job: str) -> str | None:
     return None
 
 
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED"}
+
+
+def _ended(slurm, *jobs: str) -> bool:
+    """Every task of these jobs has ended for good (scontrol keeps ended jobs for MinJobAge, 600 s here)."""
+    for job in jobs:
+        text = slurm.run("scontrol", "show", "job", "--oneliner", job, check=False).stdout
+        states = re.findall(r"JobState=(\S+)", text)
+        if not states or not set(states) <= FINAL:
+            return False
+    return True
+
+
 def _runs(cell: Path) -> list[dict]:
     return json.loads((cell / "slurm.json").read_text())["runs"]
 
@@ -238,7 +251,7 @@ def test_grid_on_a_real_slurm(slurm, tmp_path, monkeypatch, capsys):
     (out / "notes.txt").write_text("mine")
     before = _listing(out)
     for bad, says in ((["--partition", "nope"], "invalid partition specified: nope"),
-                      (["--mem_per_cell", "999999G"], "Memory specification can not be satisfied"),
+                      (["--mem_per_cell", "999999G"], "Requested node configuration is not available"),
                       (["--sbatch_line=--no-such-option"], "unrecognized option")):
         assert_user_error(cli_in_process(capsys, *base, *bad), says)
         assert _listing(out) == before and slurm.queue() == []
@@ -251,7 +264,7 @@ def test_grid_on_a_real_slurm(slurm, tmp_path, monkeypatch, capsys):
     cells = {k: out / "cells" / k for k in KEYS}
     # the fixed window waits in the scheduler for the span cell of its seed (same index, second array)
     assert jobs["fixed_window/seed0"].split("_")[1] == jobs["dyn_span/seed0"].split("_")[1]
-    assert _task_state(slurm, jobs["fixed_window/seed0"]) == "PENDING Dependency"
+    _wait(lambda: _task_state(slurm, jobs["fixed_window/seed0"]) == "PENDING Dependency", 30, "the dependency")
 
     # once each has a checkpoint: cancel the baseline, preempt the span cell (SIGUSR1, as --signal sends it)
     for k in ("baseline/seed0", "dyn_span/seed0"):
@@ -268,14 +281,15 @@ def test_grid_on_a_real_slurm(slurm, tmp_path, monkeypatch, capsys):
     rep = json.loads(cli_in_process(capsys, *base, "--json").stdout)
     assert list(rep["submitted"]) == ["baseline/seed0"]
     assert sorted(rep["queued"]) == ["dyn_span/seed0", "fixed_window/seed0"]
-    _wait(lambda: slurm.queue() == [], 300, "the grid to finish")
+    all_jobs = {j.split("_")[0] for j in [*jobs.values(), *rep["submitted"].values()]}
+    _wait(lambda: _ended(slurm, *all_jobs), 300, "the grid to finish")
 
     for k, cell in cells.items():
         assert (cell / "result.json").is_file(), (cell / "cell.log").read_text()[-2000:]
         runs = _runs(cell)
         assert [r["exit"] for r in runs] == ([0] if k == "fixed_window/seed0" else [130, 0]), runs
         steps = [r["step"] for r in read_metrics(cell / "run" / "metrics.jsonl") if "loss" in r]
-        assert steps == list(range(20, 1001, 20)), k  # every step trained once
+        assert steps == list(range(20, 401, 20)), k  # every step trained once
     for k in ("baseline/seed0", "dyn_span/seed0"):  # stopped at a checkpoint, finished from it
         log = (cells[k] / "cell.log").read_text()
         n = _stop_step(log)
@@ -303,19 +317,20 @@ def test_multinode_template_resumes_from_its_dcp_checkpoint(slurm, tmp_path, mon
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     job = slurm.run("sbatch", "--parsable", "--nodes=1", "--cpus-per-task=2", f"--output={tmp_path}/%j.log",
                     str(ROOT / "scripts" / "slurm-train.sbatch"), "--n_layer", "2", "--n_head", "2",
-                    "--d_model", "32", "--context_len", "32", "--batch_size", "4", "--max_steps", "600",
-                    "--ckpt_interval", "20", "--log_interval", "20", "--eval_interval", "600",
+                    "--d_model", "32", "--context_len", "32", "--batch_size", "4", "--max_steps", "300",
+                    "--ckpt_interval", "20", "--log_interval", "20", "--eval_interval", "300",
                     "--eval_tokens", "512", "--progress_bar", "false", "--threads", "1",
                     "--data", "builtin:default", "--out", str(run)).stdout.strip()
     _wait(lambda: any(run.glob("step-*/dcp/.metadata")), 120, "a DCP checkpoint")
     slurm.run("scancel", "--batch", "--signal=USR1", job)
     _wait(lambda: _task_state(slurm, job) == "PENDING BeginTime", 60, "the requeue")
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
-    _wait(lambda: slurm.queue() == [], 240, "the job to finish")
+    _wait(lambda: _ended(slurm, job), 240, "the job to finish")
     log = (tmp_path / f"{job}.log").read_text()
+    assert "JobState=COMPLETED" in slurm.run("scontrol", "show", "job", job).stdout, log[-3000:]
     n = _stop_step(log)
     assert log.count(f"stopped by SIGTERM at step {n}; checkpoint saved") == 2  # both ranks, one step
-    assert f"resumed from {run / f'step-{n}'} (step {n})" in log
-    assert (run / "step-600" / "dcp" / ".metadata").is_file()
+    assert f"resumed from {run / f'step-{n}'} (step {n})" in log, log[-3000:]
+    assert (run / "step-300" / "dcp" / ".metadata").is_file()
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
-    assert steps == list(range(20, 601, 20))
+    assert steps == list(range(20, 301, 20))
