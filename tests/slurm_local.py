@@ -13,14 +13,15 @@ import subprocess
 import time
 from pathlib import Path
 
-COMMANDS = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontrol", "sinfo")
+COMMANDS = ("munged", "munge", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontrol", "sinfo", "pkill")
 
 
 def unavailable() -> str | None:
     """Why a local SLURM cannot start here (None: it can)."""
     missing = [c for c in COMMANDS if shutil.which(c) is None and not Path("/usr/sbin", c).exists()]
     if missing:
-        return f"SLURM and munge are not installed ({', '.join(missing)} missing; apt-get install slurm-wlm munge)"
+        return (f"SLURM and munge are not installed ({', '.join(missing)} missing; "
+                f"apt-get install slurm-wlm munge procps)")
     if os.geteuid() != 0:
         return "starting slurmd and munged needs root"
     try:

@@ -173,6 +173,45 @@ def test_status_is_read_from_the_folder(tmp_path, capsys):
     assert_user_error(cli_in_process(capsys, "compare", str(tmp_path), "--status"), "not a compare folder")
 
 
+def test_task_takes_over_its_previous_runs_locks_only(tmp_path, monkeypatch):
+    """A task's cell left locked by the cell's previous SLURM run (a node that died) is taken over, on any host;
+    a lock held by anyone else is respected; a done cell is not run again."""
+    from dynaformer.locks import hostname
+    from dynaformer.study import slurm_task
+    from dynaformer.study.folder import prepare
+
+    out = tmp_path / "out"
+    prepare(grid_from_dict(GRID), out, False)
+    manifest = tmp_path / "array-0.json"
+    manifest.write_text(json.dumps({"out": str(out), "nproc_per_cell": 1,
+                                    "cells": {"0": "cells/baseline/seed0", "3": "cells/dyn_span/seed0"}}))
+    ran = []
+
+    def fake_cell(d, nproc, distributed):  # the cell process: write its result
+        ran.append(d.name if d.name != "seed0" else d.parent.name)
+        return [sys.executable, "-c", f"open({str(d / 'result.json')!r}, 'w').write('{{}}')"]
+
+    monkeypatch.setattr(slurm_task, "process_command", fake_cell)
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "12")
+    cell = out / "cells" / "baseline" / "seed0"
+    (cell / "run").mkdir()
+    (cell / "slurm.json").write_text(json.dumps({"runs": [{"job": "11_0", "host": "deadnode", "pid": 7,
+                                                            "child": 8, "start": 0}]}))
+    (cell / ".lock").write_text("deadnode:7")
+    (cell / "run" / ".lock").write_text("deadnode:8")
+    assert slurm_task.run_task(manifest, 0) == 0 and ran == ["baseline"]
+    assert not (cell / ".lock").exists() and not (cell / "run" / ".lock").exists()
+    runs = json.loads((cell / "slurm.json").read_text())["runs"]
+    assert [(r["job"], r["host"], r.get("exit")) for r in runs] == [("11_0", "deadnode", None),
+                                                                     ("12_0", hostname(), 0)]
+    assert slurm_task.run_task(manifest, 0) == 0 and ran == ["baseline"]  # done: not run again
+    other = out / "cells" / "dyn_span" / "seed0"
+    (other / ".lock").write_text("elsewhere:99")  # a compare without the scheduler holds it
+    assert slurm_task.run_task(manifest, 3) == 1 and ran == ["baseline"]
+    assert (other / ".lock").read_text() == "elsewhere:99"
+    assert slurm_task.main([str(manifest), "5"]) == 2  # not in the array
+
+
 # --- on a real single-node SLURM -----------------------------------------------------------------------------
 
 def _wait(cond, timeout_s: float, what: str):

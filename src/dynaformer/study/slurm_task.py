@@ -93,14 +93,14 @@ def _run_locked(d: Path, rel: str, job: str, runs: list[dict], nproc: int) -> in
                                 stderr=subprocess.STDOUT)
     run = {"job": job, "host": hostname(), "pid": os.getpid(), "child": proc.pid, "start": time.time()}
     write_json_strict(d / "slurm.json", {"runs": [*runs, run]})
-    signal.signal(signal.SIGUSR1, _usr1)
-    signal.signal(signal.SIGTERM, lambda s, f: None)  # scancel / time limit: the cell has its own SIGTERM
-    while True:
-        try:
-            rc = proc.wait()
-            break
-        except InterruptedError:
-            continue
+    previous = {signal.SIGUSR1: signal.signal(signal.SIGUSR1, _usr1),
+                # scancel / the time limit signal the cell too: passed on, it would be its second SIGTERM
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda s, f: None)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
     run.update(end=time.time(), exit=rc, requeued=bool(requeue))
     write_json_strict(d / "slurm.json", {"runs": [*runs, run]})
     if rc != 0:
