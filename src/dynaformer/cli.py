@@ -235,8 +235,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .study.compare import run_grid
     from .study.grid import load_grid
 
+    if args.status:
+        return _compare_status(Path(args.out or args.grid), args.json)
     grid = load_grid(args.grid, variants=args.variants.split(",") if args.variants else None, seeds=args.seeds)
     out = args.out or f"runs/compare-{grid.name}"
+    if args.launcher == "slurm":
+        return _compare_slurm(args, grid, Path(out))
     status = run_grid(grid, Path(out), workers=args.workers, skip_invalid=args.skip_invalid,
                       progress=not args.no_progress, devices=args.devices, nproc_per_cell=args.nproc_per_cell)
     print(json.dumps(status) if args.json else
@@ -250,6 +254,40 @@ def cmd_compare(args: argparse.Namespace) -> int:
         rep = write_report([out], Path(out) / "report")
         print(f"report: {rep['markdown']} and {rep['html']}")
     return 1 if status["failed"] else 0
+
+
+def _compare_slurm(args: argparse.Namespace, grid, out: Path) -> int:
+    from .study.slurm import SlurmOptions, submit_grid
+
+    opts = SlurmOptions(partition=args.partition, account=args.account, time=args.time,
+                        cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell,
+                        mem_per_cell=args.mem_per_cell, max_parallel=args.max_parallel, signal_s=args.signal_s,
+                        extra=args.sbatch_line or [])
+    rep = submit_grid(grid, out, opts, skip_invalid=args.skip_invalid, nproc_per_cell=args.nproc_per_cell)
+    jobs = sorted({j.rsplit("_", 1)[0] for j in rep["submitted"].values()}, key=int)
+    print(json.dumps(rep) if args.json else
+          f"compare {grid.name}: {len(rep['submitted'])} cells submitted to SLURM"
+          f"{' (jobs ' + ', '.join(jobs) + ')' if jobs else ''}, {len(rep['queued'])} still queued, "
+          f"{len(rep['done'])} done, {len(rep['skipped'])} skipped | {out}; follow with "
+          f"`dynaformer compare {out} --status`")
+    for key in rep["held"]:
+        print(f"  held: {key} (its input cell is neither done nor submitted)", file=sys.stderr)
+    return 0
+
+
+def _compare_status(out: Path, as_json: bool) -> int:
+    from .study.progress import folder_status
+
+    st = folder_status(out)
+    if as_json:
+        print(json.dumps(st))
+        return 0
+    width = max((len(r["cell"]) for r in st["cells"]), default=4)
+    for r in st["cells"]:
+        job = f"  slurm {r['job']}" if "job" in r else ""
+        print(f"{r['cell']:<{width}}  {r['state']:<8} {r['step']:>6}/{r['steps']} steps{job}")
+    print(f"{out}: " + ", ".join(f"{n} {s}" for s, n in st["counts"].items()))
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -421,6 +459,23 @@ def make_parser() -> Parser:
     p.add_argument("--report", action="store_true", help="write OUT/report when the grid is done")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--status", action="store_true",
+                   help="show each cell's state and steps, read from the folder alone: compare DIR --status")
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="local: train here (--workers, --devices); slurm: submit the pending cells as job arrays "
+                        "and return (README, 'Running a grid')")
+    g = p.add_argument_group("SLURM options (--launcher slurm; each task runs one cell)")
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--time", help="time limit of one cell's task (sbatch --time)")
+    g.add_argument("--cpus_per_cell", type=int)
+    g.add_argument("--gpus_per_cell", type=int, help="GPUs per task (--gres=gpu:N)")
+    g.add_argument("--mem_per_cell", help="memory per task (sbatch --mem, e.g. 16G)")
+    g.add_argument("--max_parallel", type=int, help="tasks of one array running at once (--array=...%%N)")
+    g.add_argument("--signal_s", type=int, default=120,
+                   help="seconds before the time limit at which a cell checkpoints and requeues (0: never)")
+    g.add_argument("--sbatch_line", action="append", metavar="LINE",
+                   help="an extra #SBATCH line, e.g. --sbatch_line=--qos=high (repeatable)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="Markdown + HTML report with verdicts from compare folders",

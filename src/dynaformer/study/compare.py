@@ -16,7 +16,8 @@ step time × steps ≈ wall_clock_s (calibrated once, recorded in grid.json, reu
 Devices: worker slot i runs its cells on GPU i mod (visible GPUs), or on the GPUs of `--devices`, through
 CUDA_VISIBLE_DEVICES; with `--nproc_per_cell K` a cell is a torchrun job on K GPUs of its own. Several nodes
 share a grid on a shared filesystem by running the same command: cells are claimed through their lock files
-(host:pid; another host's lock is never taken over).
+(host:pid; another host's lock is never taken over). On a SLURM cluster `compare --launcher slurm` submits the
+pending cells as job arrays instead of running them (study/slurm.py, study/slurm_task.py).
 
 The parts, one concern each: the cell kinds (kinds.py), the grid folder, grid.json and each cell.json
 (folder.py), wall-clock calibration (calibrate.py), GPU slots (slots.py), the cell runner (runner.py), the

@@ -63,3 +63,59 @@ def write_status(out: Path, cells: list[Cell], report: dict) -> None:
                 and (c.folder(out) / ".lock").exists()]
         write_json_strict(out / "status.json", {"done": done, "failed": list(failures.values()), "busy": busy,
                                                 "skipped": report["skipped"]})
+
+
+def folder_status(out: Path) -> dict:
+    """Where each cell of a grid folder stands, read from the folder alone (no scheduler, no compare process):
+    done (result.json), running (its lock is held), stopped (trained part-way: a checkpoint or a logged step),
+    failed (its last run under SLURM exited with an error, or status.json names it), or waiting. Steps are
+    those its run logged; `job` is the SLURM task that last ran it, or else the one it was submitted as."""
+    from ..errors import DynaformerError
+    from .cell import last_step
+    from .kinds import KINDS
+
+    if not (out / "grid.json").is_file():
+        raise DynaformerError(f"'{out}' is not a compare folder (it has no grid.json)")
+    try:
+        failed = {f.split(": ", 1)[0]: f for f in json.loads((out / "status.json").read_text()).get("failed", [])}
+    except (OSError, ValueError, AttributeError):
+        failed = {}
+    try:
+        arrays = json.loads((out / "slurm" / "submitted.json").read_text())["arrays"]
+    except (OSError, ValueError, KeyError):
+        arrays = []
+    submitted = {key: f"{a['job']}_{i}" for a in arrays for i, key in a["cells"].items()}
+    cells = []
+    for kind in KINDS:
+        for spec_path in sorted(out.glob(kind.pattern())):
+            d = spec_path.parent
+            try:
+                spec = json.loads(spec_path.read_text())
+            except ValueError:
+                continue
+            key = Cell(spec["variant"], spec["seed"], None, None, task=spec.get("task"), kind=kind).key
+            total = kind.spec_steps(spec)
+            try:
+                runs = json.loads((d / "slurm.json").read_text())["runs"]
+            except (OSError, ValueError, KeyError):
+                runs = []
+            last = runs[-1] if runs else {}
+            if (d / "result.json").exists():
+                state, step = "done", total
+            elif (d / ".lock").exists():
+                state, step = "running", last_step(d)
+            elif last.get("exit") not in (None, 0, 130) and not last.get("requeued"):
+                state, step = "failed", last_step(d)
+            elif key in failed:
+                state, step = "failed", last_step(d)
+            else:
+                step = last_step(d)
+                state = "stopped" if step or any((d / "run").glob("step-*")) else "waiting"
+            row = {"cell": key, "state": state, "step": step, "steps": total}
+            job = submitted.get(key) or last.get("job")
+            if job:
+                row["job"] = job
+            cells.append(row)
+    counts = {s: sum(r["state"] == s for r in cells) for s in ("done", "running", "stopped", "failed", "waiting")}
+    return {"cells": cells, "counts": counts}
+

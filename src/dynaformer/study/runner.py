@@ -23,7 +23,12 @@ from .slots import slot_env
 def cell_command(d: Path, nproc_per_cell: int, cell: Cell) -> list[str]:
     """A cell process: `python -m dynaformer.study.cell D`, or a torchrun job of nproc_per_cell ranks where the
     cell's kind can be one."""
-    if nproc_per_cell > 1 and cell.kind.distributed:
+    return process_command(d, nproc_per_cell, cell.kind.distributed)
+
+
+def process_command(d: Path, nproc_per_cell: int, distributed: bool) -> list[str]:
+    """`cell_command` for a cell known by its folder (a SLURM task reads the kind from cell.json)."""
+    if nproc_per_cell > 1 and distributed:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                 str(nproc_per_cell), "-m", "dynaformer.study.cell", str(d)]
     return [sys.executable, "-m", "dynaformer.study.cell", str(d)]
