@@ -293,3 +293,20 @@ def test_sink_logits_train():
     x = torch.randint(0, 64, (2, 96))
     model(x, x)[1].backward()
     assert all(b.attn.span.sink_logit.grad.abs().sum() > 0 for b in model.blocks)
+
+
+@pytest.mark.parametrize("kind", ["fox", "sink_window"])
+def test_bench_attention_times_the_relatives_against_their_baselines(kind):
+    import argparse
+
+    from dynaformer.bench import attention
+
+    p = argparse.ArgumentParser()
+    attention.add_arguments(p)
+    args = p.parse_args(["--kind", kind, "--seq", "512", "--span", "32", "--heads", "2", "--head_dim", "16",
+                         "--repeats", "1"])
+    record = next(attention.run(args))
+    names = ("fox_unpruned", "fox_pruned", "dynamic_span") if kind == "fox" else ("sink_window", "window")
+    assert all(record[f"{n}_ms"] > 0 for n in names + ("dense",))
+    pruned = record["fox_pruned_pairs_frac" if kind == "fox" else "window_pairs_frac"]
+    assert 0 < pruned < 0.5  # reach ~32 of 512 keys: the band kernel computes a fraction of the triangle
