@@ -24,10 +24,12 @@ import torch
 from dynaformer.data.corpus import generated_stories
 from dynaformer.model import ModelConfig
 from dynaformer.model.config import ResidualKind, SpanKind
+from dynaformer.model.span import causal_only
 
 RESIDUALS = list(get_args(ResidualKind))
 SPANS = list(get_args(SpanKind))
 MATRIX = list(itertools.product(RESIDUALS, SPANS))
+ENCODER_SPANS = [s for s in SPANS if not causal_only(s)]  # fox and sink_window are causal mechanisms
 ROOT = Path(__file__).resolve().parents[1]
 
 # `dtype: auto` picks bf16 on CPUs where it pays; the suite's tolerances (DDP vs one process within 1e-5, ...)

@@ -121,6 +121,16 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
         (train + ["--span_ramp", "0"], "span_ramp"), (train + ["--dyn_rank", "9"], "dyn_rank"),
         (train + ["--dyn_p0", "0"], "dyn_p0"), (train + ["--dyn_gamma_init", "0"], "dyn_gamma_init"),
         (train + ["--mlp", "relu2"], "mlp"), (train + ["--dropout", "nan"], "dropout"),
+        # train: the span relatives (fox, sink_window)
+        (train + ["--span", "forgetting"], "model.span"),
+        (train + ["--span", "sink_window", "--span_window", "8", "--sink_tokens", "8"], "sink_tokens"),
+        (train + ["--span", "sink_window", "--span_window", "0"], "span_window"),
+        (train + ["--span", "sink_window", "--sink_tokens", "-1"], "sink_tokens"),
+        (train + ["--span", "fox", "--span_impl", "flex"], "model.span_impl: fox"),
+        (train + ["--span", "sink_window", "--span_impl", "flex"], "model.span_impl: sink_window"),
+        (train + ["--span", "fox", "--fox_prune", "-1"], "fox_prune"),
+        (train + ["--span", "fox", "--fox_prune", "inf"], "fox_prune"),
+        (train + ["--span", "fox", "--causal", "false"], "model.span: fox is a causal mechanism"),
         # train: data and files
         (["train", *TINY, "--data", str(w / "missing.txt"), "--out", out], "does not exist"),
         (["train", *TINY, "--data", str(w / "empty.txt"), "--out", out], "is empty"),
@@ -250,7 +260,7 @@ def _typed_flag_cases(train: list[str]) -> list[tuple[list[str], str]]:
     return cases
 
 
-N_CASES = 245
+N_CASES = 257
 
 
 def test_the_catalogue_is_complete():

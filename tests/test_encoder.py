@@ -19,7 +19,7 @@ from dynaformer.model.classifier import SequenceClassifier
 from dynaformer.runs import load_backbone
 from dynaformer.train.finetune import FinetuneConfig, finetune, read_finetune
 
-from .conftest import RESIDUALS, SPANS, cli_in_process, tiny_config
+from .conftest import ENCODER_SPANS, RESIDUALS, cli_in_process, tiny_config
 
 
 def _reference_hidden(model: Transformer, idx: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
@@ -49,7 +49,7 @@ def _reference_hidden(model: Transformer, idx: torch.Tensor, pad: torch.Tensor |
     return model.norm(x)
 
 
-@pytest.mark.parametrize("span", SPANS)
+@pytest.mark.parametrize("span", ENCODER_SPANS)
 @pytest.mark.parametrize("padded", [False, True])
 def test_bidirectional_matches_reference(padded, span):
     model = Transformer(tiny_config(causal=False, span=span, span_window=6, span_max=12, span_init=5, span_ramp=4))
@@ -205,7 +205,7 @@ def test_classifier_causal_uses_last_real_token():
     assert F.softmax(logits, -1).shape == (2, 3)
 
 
-@pytest.mark.parametrize("span", [s for s in SPANS if s != "none"])
+@pytest.mark.parametrize("span", [s for s in ENCODER_SPANS if s != "none"])
 def test_encoder_spans_are_symmetric_and_trainable(span):
     """One layer, span ≤ 6 + ramp 2: tokens further than that on either side cannot reach position 10;
     nearer ones on either side can; the span parameters get gradients."""

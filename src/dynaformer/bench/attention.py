@@ -24,7 +24,9 @@ from ..kernels import (
     span_attention,
     symmetric_span_attention,
 )
+from ..kernels.fox import augment, pruned_spans
 from ..kernels.plan import uses_native
+from ..kernels.sink import sink_window_attention
 from ..model import ModelConfig, Transformer
 from ..model.span_stats import span_stats
 from .common import time_interleaved
@@ -34,9 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq", type=int, default=4096, help="sequence length T")
     p.add_argument("--span", type=int, default=256, help="span z in tokens (the ramp R comes on top)")
     p.add_argument("--ramp", type=float, default=32.0)
-    p.add_argument("--kind", choices=["per_head", "dynamic", "fixed"], default="dynamic",
+    p.add_argument("--kind", choices=["per_head", "dynamic", "fixed", "fox", "sink_window"], default="dynamic",
                    help="per_head: z_h = span; dynamic: z_{t,h} ~ span·U(0.75, 1), a different span per "
-                        "token and head; fixed: a hard window of `span` keys (no span gradient)")
+                        "token and head; fixed: a hard window of `span` keys (no span gradient); fox: forget "
+                        "gates decaying --fox_prune nats over about `span` tokens, pruned, against its unpruned "
+                        "form and a dynamic span of the same reach; sink_window: a window of `span` keys plus "
+                        "--sinks first tokens with learned sink logits, against the plain window")
+    p.add_argument("--fox_prune", type=float, default=16.0, help="fox: the pruning threshold θ in nats")
+    p.add_argument("--sinks", type=int, default=4, help="sink_window: the number of sink tokens")
     p.add_argument("--long_heads", type=int, default=0,
                    help="per_head: this many heads get a span covering the whole sequence (the rest --span)")
     p.add_argument("--batch", type=int, default=1)
@@ -129,9 +136,76 @@ def run_model(args: argparse.Namespace) -> Iterator[dict]:
            "attn_pairs_frac": stats.get("attn_pairs_frac"), **contention_fields(times, loaded)}
 
 
+def run_relative(args: argparse.Namespace) -> Iterator[dict]:
+    """fox: pruned (the span kernels over the kept keys) vs unpruned (dense SDPA over the augmented q, k) vs a
+    dynamic span of the same reach vs dense SDPA; sink_window: sinks + window (band kernel and merged sinks)
+    vs the plain hard window vs dense SDPA. Forward + backward, gradients to the gates / sink logits too."""
+    torch.manual_seed(0)
+    B, H, T, D = args.batch, args.heads, args.seq, args.head_dim
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    backward = not args.no_backward
+    q, k, v = (torch.randn(B, H, T, D, dtype=dtype, requires_grad=backward) for _ in range(3))
+    go = torch.randn(B, H, T, D, dtype=dtype)
+    pos = torch.arange(T)[None]
+
+    def timed(fn):
+        def call():
+            out = fn()
+            if backward:
+                out.backward(go)
+        return call
+
+    fns = {"dense": timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))}
+    if args.kind == "fox":  # −log f ≈ θ/span per token (× U(0.75, 1.25)): the pruned reach is about `span`
+        step = (args.fox_prune / args.span) * (0.75 + 0.5 * torch.rand(B, H, T))
+        logf = (-step).requires_grad_(backward)
+        z_dyn = (args.span * (0.75 + 0.25 * torch.rand(B, H, T))).requires_grad_(backward)
+
+        def fox(prune: float):
+            u = -logf.cumsum(-1)
+            qa, ka, va = augment(q, k, v, u)
+            z = pruned_spans(u.detach(), u.detach(), prune) if prune > 0 else torch.full((1, H, 1), 2.0**30)
+            return span_attention(qa, ka, va, z, 1.0, True, impl=args.impl, chunk=args.chunk)[..., :D]
+
+        fns |= {"fox_unpruned": timed(lambda: fox(0.0)), "fox_pruned": timed(lambda: fox(args.fox_prune)),
+                "dynamic_span": timed(lambda: span_attention(q, k, v, z_dyn, args.ramp, impl=args.impl,
+                                                             chunk=args.chunk))}
+        with torch.no_grad():
+            u = -logf.cumsum(-1)
+            zf = pruned_spans(u, u, args.fox_prune)
+        pairs = {"fox_pruned": band_flops(zf, T, T, 1.0, True, chunk=args.chunk, dtype=dtype)[0],
+                 "dynamic_span": band_flops(z_dyn.detach(), T, T, args.ramp, False, chunk=args.chunk,
+                                            dtype=dtype)[0]}
+        base = "fox_unpruned"
+    else:
+        logit = torch.zeros(H, requires_grad=backward)
+        n, W = args.sinks, args.span
+        fns |= {"sink_window": timed(lambda: sink_window_attention(q, k, v, pos, pos, W, n, logit, impl=args.impl,
+                                                                   chunk=args.chunk)),
+                "window": timed(lambda: span_attention(q, k, v, torch.full((1, H, 1), W - 1.0), 1.0, True,
+                                                       impl=args.impl, chunk=args.chunk))}
+        zw = torch.full((B, H, T), W - 1.0)
+        pairs = {"window": band_flops(zw, T, T, 1.0, True, chunk=args.chunk, dtype=dtype)[0]}
+        pairs["sink_window"] = pairs["window"] + B * H * T * n
+        base = "window"
+    times, _ = measure(fns, args.repeats, False)
+    dense_pairs = B * H * T * (T + 1) // 2
+    yield {"bench": "attention_relative", "kind": args.kind, "seq": T, "span": args.span, "batch": B, "heads": H,
+           "head_dim": D, "dtype": args.dtype, "backward": backward, "impl": args.impl, "chunk": args.chunk,
+           "threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability(),
+           **({"fox_prune": args.fox_prune} if args.kind == "fox" else {"sinks": args.sinks}),
+           **{f"{name}_ms": round(1000 * t, 2) for name, t in times.items()},
+           **{f"{name}_over_{base}": round(times[name] / times[base], 3) for name in times if name != base},
+           "dense_pairs": dense_pairs, **{f"{name}_pairs_frac": round(c / dense_pairs, 4) for name, c in pairs.items()},
+           "kernel": "compiled" if uses_native(dtype) else "python"}
+
+
 def run(args: argparse.Namespace) -> Iterator[dict]:
     if args.model:
         yield from run_model(args)
+        return
+    if args.kind in ("fox", "sink_window"):
+        yield from run_relative(args)
         return
     torch.manual_seed(0)
     B, H, T, D = args.batch, args.heads, args.seq, args.head_dim

@@ -301,7 +301,8 @@ class _BandSpanAttention(torch.autograd.Function):
     row's log-sum-exp, and the backward recomputes P with one more GEMM per tile."""
 
     @staticmethod
-    def forward(ctx, q, k, v, z, ramp: float, hard: bool, chunk: int, box_waste: float, keep_scores: bool | None):
+    def forward(ctx, q, k, v, z, ramp: float, hard: bool, chunk: int, box_waste: float, keep_scores: bool | None,
+                with_lse: bool = False):
         B, H, Tq, D = q.shape
         Tk = k.shape[-2]
         C, BH, o = chunk, B * H, Tk - Tq
@@ -326,6 +327,7 @@ class _BandSpanAttention(torch.autograd.Function):
         if keep_scores is None:
             keep_scores = sum(piece_size(pc) * C * (pc.E + C) for pc in pieces) * 4 <= KEEP_BYTES
         saved = []
+        lse_all = torch.empty(BH, nC, C, dtype=f32, device=q.device) if with_lse else None
         for pc in pieces:
             Q, K, V, zs = _gather(pc, qc, kp, vp, zc, o, C, Tkp, D)
             m_r, m_d = _piece_ramps(pc, zs, ci, ramp, hard)
@@ -335,21 +337,28 @@ class _BandSpanAttention(torch.autograd.Function):
                 S = torch.bmm(Q, K.transpose(1, 2))  # rare: redo with the max over visible keys only
                 lse = _span_softmax_(S, pc.E, m_r, m_d, future, visible_max=True)
             _bmm_into(pc, out, S, V)
+            if lse_all is not None:
+                _scatter(pc, lse_all, lse.squeeze(-1))
             saved.append((pc, K, V, S, None) if keep_scores else (pc, K, V, None, lse))
         ctx.saved, ctx.future = saved, future
         ctx.save_for_backward(qc, kp, vp, zc, out)
         ctx.meta = (B, H, Tq, Tk, D, C, nC, pad, ramp, hard, scale)
         ctx.z_shape = z.shape
-        return out.view(B, H, nC * C, D)[:, :, :Tq].to(q.dtype)
+        y = out.view(B, H, nC * C, D)[:, :, :Tq].to(q.dtype)
+        if with_lse:
+            return y, lse_all.view(B, H, nC * C)[:, :, :Tq]
+        return y
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, dlse=None):
         B, H, Tq, Tk, D, C, nC, pad, ramp, hard, scale = ctx.meta
         qc, kp, vp, zc, out = ctx.saved_tensors
         BH, o, Tkp = B * H, Tk - Tq, Tk + pad
         f32 = compute_dtype(dout.dtype)
         doc = pad_rows(dout.to(f32), pad).reshape(BH, nC, C, D)
         delta = (doc * out).sum(-1)  # (BH, nC, C): dO_i·O_i
+        if dlse is not None:  # ∂lse_i/∂S_ij = P_ij: the lse's gradient enters dS as −δ does
+            delta = delta - F.pad(dlse.to(f32), (0, pad)).view(BH, nC, C)
         dq = torch.empty(BH, nC, C, D, dtype=f32, device=dout.device)
         dk = torch.zeros(BH, Tkp + C, D, dtype=f32, device=dout.device)  # + C: the fold's last tile may overhang
         dv = torch.zeros(BH, Tkp + C, D, dtype=f32, device=dout.device)
@@ -385,7 +394,7 @@ class _BandSpanAttention(torch.autograd.Function):
         dv = dv[:, :Tk].reshape(B, H, Tk, D)
         if dz is not None:
             dz = sum_to(dz.view(B, H, nC * C)[:, :, :Tq], ctx.z_shape)
-        return dq.to(dout.dtype), dk.to(dout.dtype), dv.to(dout.dtype), dz, None, None, None, None, None
+        return dq.to(dout.dtype), dk.to(dout.dtype), dv.to(dout.dtype), dz, None, None, None, None, None, None
 
 
 
@@ -402,7 +411,8 @@ class _NativeBand(torch.autograd.Function):
     """The compiled kernel (csrc/band_span.cpp) behind autograd: the same function as `_BandSpanAttention`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, z, ramp: float, hard: bool, chunk: int, keep_scores: bool | None):
+    def forward(ctx, q, k, v, z, ramp: float, hard: bool, chunk: int, keep_scores: bool | None,
+                with_lse: bool = False):
         B, H, Tq, D = q.shape
         Tk = k.shape[-2]
         C, BH = chunk, B * H
@@ -422,14 +432,20 @@ class _NativeBand(torch.autograd.Function):
                                                  hard, bool(keep_scores))
         ctx.save_for_backward(qc, kp, vp, zc, E, out, lse, P)
         ctx.meta = (B, H, Tq, Tk, D, C, nC, pad, float(ramp), hard, scale, z.shape)
-        return out.view(B, H, nC * C, D)[:, :, :Tq].to(q.dtype)
+        y = out.view(B, H, nC * C, D)[:, :, :Tq].to(q.dtype)
+        if with_lse:
+            return y, lse.view(B, H, nC * C)[:, :, :Tq].clone()
+        return y
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, dlse=None):
         B, H, Tq, Tk, D, C, nC, pad, ramp, hard, scale, z_shape = ctx.meta
         qc, kp, vp, zc, E, out, lse, P = ctx.saved_tensors
         doc = pad_rows(dout.float(), pad).reshape(B * H, nC * C, D).contiguous()
-        delta = (doc * out).sum(-1).contiguous()  # (BH, nC·C): dO_i·O_i
+        delta = (doc * out).sum(-1)  # (BH, nC·C): dO_i·O_i
+        if dlse is not None:  # ∂lse_i/∂S_ij = P_ij: the lse's gradient enters dS as −δ does
+            delta = delta - F.pad(dlse.float(), (0, pad)).view(B * H, nC * C)
+        delta = delta.contiguous()
         want_z = ctx.needs_input_grad[3] and not hard
         dq, dk, dv, dz = load_native().backward(qc, kp, vp, zc, E, doc, delta, lse, P, Tk - Tq, C,
                                                      _CHUNKS_PER_TASK, ramp, hard, want_z)
@@ -437,16 +453,18 @@ class _NativeBand(torch.autograd.Function):
         dk = dk[:, :Tk].reshape(B, H, Tk, D)
         dv = dv[:, :Tk].reshape(B, H, Tk, D)
         dz = sum_to(dz.view(B, H, nC * C)[:, :, :Tq], z_shape) if want_z else None
-        return dq.to(dout.dtype), dk.to(dout.dtype), dv.to(dout.dtype), dz, None, None, None, None
+        return dq.to(dout.dtype), dk.to(dout.dtype), dv.to(dout.dtype), dz, None, None, None, None, None
 
 
 def band_span_attention(q, k, v, z, ramp: float, hard: bool = False, chunk: int = 64, box_waste: float = 0.15,
-                        keep_scores: bool | None = None, native: bool | None = None):
+                        keep_scores: bool | None = None, native: bool | None = None, with_lse: bool = False):
     """CPU band kernel (see module doc). q: (B, H, Tq, D); k, v: (B, H, Tk, D); z broadcastable to (B, H, Tq)
     with size-1 dims kept as such (the span gradient is summed over them). keep_scores: keep P for the
     backward (True), recompute it there (False), or decide by size (None: keep up to 256 MiB per call).
     native: the compiled kernel (True), the Python one (False), or as `plan()` decides for q (None: compiled
-    where it runs, kernels/plan.py `uses_native`); box_waste tunes the Python kernel's batching only."""
+    where it runs, kernels/plan.py `uses_native`); box_waste tunes the Python kernel's batching only.
+    with_lse: also return each query's log-sum-exp log Σ_j m_ij·exp(q_i·k_j/√D) (B, H, Tq) fp32, differentiable,
+    so that a caller can merge this softmax with one over other keys (kernels/sink.py)."""
     B, H, Tq, _ = q.shape
     if z.dim() != 3:
         raise ValueError(f"z must be 3-d (B|1, H|1, Tq|1), got {tuple(z.shape)}")
@@ -456,8 +474,8 @@ def band_span_attention(q, k, v, z, ramp: float, hard: bool = False, chunk: int 
         raise RuntimeError(f"the compiled band kernel is unavailable: {native_unavailable_reason()}")
     zf = Expand.apply(z.to(compute_dtype(q.dtype)), (B, H, Tq))  # a view; the kernels reduce dz to z's shape
     if native:
-        return _NativeBand.apply(q, k, v, zf, float(ramp), hard, chunk, keep_scores)
-    return _BandSpanAttention.apply(q, k, v, zf, float(ramp), hard, chunk, box_waste, keep_scores)
+        return _NativeBand.apply(q, k, v, zf, float(ramp), hard, chunk, keep_scores, with_lse)
+    return _BandSpanAttention.apply(q, k, v, zf, float(ramp), hard, chunk, box_waste, keep_scores, with_lse)
 
 
 def band_pairs(z: torch.Tensor, Tq: int, Tk: int, ramp: float, hard: bool, native: bool, chunk: int = 64,

@@ -49,6 +49,8 @@ class Attention(nn.Module):
     def _attend(self, x, q, k, v, ctx: ForwardContext) -> torch.Tensor:
         if self.span is None:
             return self._dense_attention(q, k, v, ctx)
+        if hasattr(self.span, "attend"):  # the span relatives (model/span_relatives.py) run their own kernels
+            return self.span.attend(q, k, v, x, ctx, self.layer_idx, self.span_impl)
         return self._span_attention(x, q, k, v, ctx)
 
     def _dense_attention(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:

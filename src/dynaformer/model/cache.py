@@ -110,13 +110,15 @@ class BoundedLayerCache:
 
 
 class KVCache:
-    """keep: per layer, None (keep every key) or the per-head key bound of a span-bounded cache."""
+    """keep: per layer, None (keep every key), the per-head key bound of a span-bounded cache, or a layer cache
+    its span kind built (model/cache_relatives.py)."""
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
-                 dtype=torch.float32, device=None, keep: list[list[int] | None] | None = None) -> None:
+                 dtype=torch.float32, device=None, keep: list | None = None) -> None:
         keep = keep or [None] * n_layer
         self.layers = [LayerCache(batch, n_head, max_len, head_dim, dtype, device) if kl is None
-                       else BoundedLayerCache(batch, kl, head_dim, dtype, device) for kl in keep]
+                       else BoundedLayerCache(batch, kl, head_dim, dtype, device) if isinstance(kl, list)
+                       else kl for kl in keep]
         self.max_len = max_len
 
     @property

@@ -10,7 +10,7 @@ from ..errors import ConfigError
 from ..kernels.plan import SpanImpl
 
 ResidualKind = Literal["prenorm", "postnorm", "rezero", "layerscale", "deepnorm", "dynamic"]
-SpanKind = Literal["none", "fixed", "per_head", "dynamic"]  # "none" and the kinds of model/span.py's SPANS
+SpanKind = Literal["none", "fixed", "per_head", "dynamic", "fox", "sink_window"]  # "none" + model/span.py's SPANS
 
 
 @dataclass
@@ -50,6 +50,13 @@ class ModelConfig:
     span_tile: int = 64  # the penalty charges spans rounded up to this tile (what the kernels pay for)
     span_max_start: int | None = None  # growth: the max span rises linearly from this to span_max over training
     span_impl: SpanImpl = "auto"  # the span kernel, kernels/plan.py's SPAN_IMPLS (auto: plan() decides)
+    # sink_window (StreamingLLM): the window is span_window keys, plus the first sink_tokens tokens for every
+    # query; sink_logits adds a learned per-head logit to each softmax's denominator (gpt-oss).
+    sink_tokens: int = 4
+    sink_logits: bool = False
+    # fox (Forgetting Transformer): keys whose accumulated decay Σ log f is below −fox_prune nats are skipped
+    # (adaptive computation pruning); 0 keeps every key.
+    fox_prune: float = 0.0
 
     @property
     def head_dim(self) -> int:
@@ -89,7 +96,23 @@ class ModelConfig:
                               f"span_max={self.span_max}], got {self.span_max_start}")
         if self.norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("model.norm_eps and model.init_std must be > 0")
+        self._validate_span_relatives()
         self._validate_residual()
+
+    def _validate_span_relatives(self) -> None:
+        if self.sink_tokens < 0 or (self.span == "sink_window" and self.sink_tokens >= self.span_window):
+            raise ConfigError(f"model.sink_tokens: must be in [0, span_window={self.span_window}) (sinks are the "
+                              f"first tokens, outside the window), got {self.sink_tokens}")
+        if not (self.fox_prune >= 0 and math.isfinite(self.fox_prune)):
+            raise ConfigError(f"model.fox_prune: must be a finite number of nats ≥ 0 (0: no pruning), "
+                              f"got {self.fox_prune}")
+        if self.span in ("fox", "sink_window"):
+            if not self.causal:
+                raise ConfigError(f"model.span: {self.span} is a causal mechanism; an encoder (causal: false) "
+                                  f"takes none, fixed, per_head or dynamic")
+            if self.span_impl == "flex":
+                raise ConfigError(f"model.span_impl: {self.span} has no FlexAttention kernel; use auto, band, "
+                                  f"masked or reference")
 
     def _validate_residual(self) -> None:
         if self.residual_depth is not None and self.residual_depth <= 0:

@@ -10,7 +10,8 @@ Learned kinds add an L1 penalty on the span *as the kernels pay for it*: per til
 reach z + R, rounded up to the tile (straight-through), averaged over heads and tiles.
 
 Every kind offers what `SpanModule` writes down and is listed in `SPANS` (its name is also a `SpanKind` of
-the config): adding a kind touches this module and the config.
+the config): adding a kind touches this module and the config. The relatives `fox` (Forgetting Transformer)
+and `sink_window` (StreamingLLM) live in model/span_relatives.py.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from ..kernels import keys_reached
 from .config import ModelConfig
 from .context import ForwardContext
+from .span_relatives import ForgetSpan, SinkWindowSpan
 
 
 @runtime_checkable
@@ -141,12 +143,20 @@ class DynamicSpan(LearnedSpan):
         super().__init__(cfg, dynamic=True)
 
 
-# Every span kind but "none" (dense attention, no module): config name → module class.
+# Every span kind but "none" (dense attention, no module): config name → module class. The relatives
+# (model/span_relatives.py) attend themselves (`attend`) and bring their own KV cache (`new_layer_cache`).
 SPANS: dict[str, type[nn.Module]] = {
     "fixed": FixedSpan,
     "per_head": PerHeadSpan,
     "dynamic": DynamicSpan,
+    "fox": ForgetSpan,
+    "sink_window": SinkWindowSpan,
 }
+
+
+def causal_only(kind: str) -> bool:
+    """Whether a span kind exists only for causal models (the config refuses it for encoders)."""
+    return kind in SPANS and getattr(SPANS[kind], "causal_only", False)
 
 
 def learns_span(kind: str) -> bool:

@@ -79,9 +79,12 @@ class Transformer(nn.Module):
         one of those positions allocated now, so decoding allocates none of them per token."""
         p = self.embed.weight
         self.rotary.reserve(max_len, p.device)
-        keep = [span_cache_bound(b.attn.span, float(self.progress)) for b in self.blocks]
+        dtype = dtype or p.dtype
+        keep = [b.attn.span.new_layer_cache(batch, max_len, self.cfg.head_dim, dtype, p.device)
+                if hasattr(b.attn.span, "new_layer_cache")  # a cache of its own (model/span_relatives.py)
+                else span_cache_bound(b.attn.span, float(self.progress)) for b in self.blocks]
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_head, max_len, self.cfg.head_dim,
-                       dtype=dtype or p.dtype, device=p.device, keep=keep)
+                       dtype=dtype, device=p.device, keep=keep)
 
     def aux_loss(self) -> torch.Tensor:
         """Auxiliary losses recorded by the last training forward (the span penalty), to add to the loss."""
