@@ -16,7 +16,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dynaformer.eval.diagnostics import branch_stream_ratios
 from dynaformer.model import Transformer
