@@ -359,8 +359,8 @@ def test_a_few_training_steps_lower_the_loss(residual):
 
 
 def test_a_tiny_grid_with_a_relative_trains_and_reports(tmp_path):
-    """A grid with one relative beside the reference (mHC with the value residual) trains end to end, records
-    its residual coefficients and reaches the report, cost at a long length included."""
+    """A grid with one relative (mHC with the value residual) beside the reference and the dynamic residual trains
+    end to end, records its residual coefficients and reaches the report's Relatives section."""
     import json
 
     from dynaformer.study.compare import run_grid
@@ -372,17 +372,21 @@ def test_a_tiny_grid_with_a_relative_trains_and_reports(tmp_path):
             "train": {"max_steps": 4, "batch_size": 4, "eval_interval": 4, "eval_tokens": 512, "log_interval": 2,
                       "ckpt_interval": 4, "warmup_steps": 1, "data": "task:passkey?text=builtin:stories&frac=0.5",
                       "threads": 1, "progress_bar": False, "dtype": "fp32"},
-            "variants": {"baseline": {}, "mhc_vr": {"residual": "mhc", "value_residual": True, "n_layer": 2}},
+            "variants": {"baseline": {}, "dyn_residual": {"residual": "dynamic"},
+                         "mhc_vr": {"residual": "mhc", "value_residual": True, "n_layer": 2}},
             "seeds": 1,
             "eval": {"tasks": ["passkey"], "n_per_distance": 2, "text_tokens": 512, "diag_windows": 2,
                      "multiples": [1], "cost_lengths": [128], "cost_repeats": 1},
-            "questions": {"residual": "mhc_vr", "span": "mhc_vr"}}
+            "questions": {"residual": "dyn_residual", "span": "dyn_residual", "relatives": {"residual": ["mhc_vr"]}}}
     status = run_grid(grid_from_dict(grid), tmp_path / "out", workers=0, progress=False)
-    assert sorted(status["done"]) == ["baseline/seed0", "mhc_vr/seed0"] and not status["failed"]
+    assert sorted(status["done"]) == ["baseline/seed0", "dyn_residual/seed0", "mhc_vr/seed0"] and not status["failed"]
     result = json.loads((tmp_path / "out" / "cells" / "mhc_vr" / "seed0" / "result.json").read_text())
     assert result["steps"] == 4 and math.isfinite(result["val_loss"])
     assert len(result["diagnostics"]["grad_norm_layers"]) == 2
     metrics = (tmp_path / "out" / "cells" / "mhc_vr" / "seed0" / "run" / "metrics.jsonl").read_text()
     assert "res_mix_diag" in metrics  # mHC's coefficients are logged like the dynamic residual's
     rep = write_report([tmp_path / "out"], tmp_path / "rep")
-    assert "mhc_vr" in Path(rep["markdown"]).read_text()
+    md = Path(rep["markdown"]).read_text()
+    assert "Relatives" in md and "mhc_vr" in md
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["relatives"]["residual"]["relatives"] == ["mhc_vr"]
