@@ -40,12 +40,12 @@ from .layers import RMSNorm
 from .layers import gate_parameter as _gate
 from .layers import host_tensor as _host
 from .streams import (
-    AttentionResidual,
+    AttnResidual,
     DepthStack,
     HyperConnection,
+    HyperStaticConnection,
     HyperStreams,
-    ManifoldHyperConnection,
-    StaticHyperConnection,
+    MHCConnection,
 )
 
 Branch = Callable[[torch.Tensor], torch.Tensor]
@@ -407,9 +407,9 @@ RESIDUALS: dict[str, type[Residual]] = {
     "deepnorm": DeepNormResidual,
     "dynamic": DynamicResidual,
     "hyper": HyperConnection,
-    "hyper_static": StaticHyperConnection,
-    "mhc": ManifoldHyperConnection,
-    "attnres": AttentionResidual,
+    "hyper_static": HyperStaticConnection,
+    "mhc": MHCConnection,
+    "attnres": AttnResidual,
 }
 # The kinds whose stream is not one (B, T, C) tensor, and the module that expands and reduces it.
 STREAMS: dict[str, type[Stream]] = {

@@ -158,14 +158,14 @@ class HyperConnection(_MultiStream):
         return out
 
 
-class StaticHyperConnection(HyperConnection):
+class HyperStaticConnection(HyperConnection):
     """Static hyper-connections (SHC): the learned matrices alone, the same for every token."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx, dynamic=False)
 
 
-class ManifoldHyperConnection(_MultiStream):
+class MHCConnection(_MultiStream):
     """Manifold-constrained hyper-connections (mHC; Xie et al., arXiv 2512.24880): H_pre = σ(·), H_post = 2σ(·),
     the residual mixing projected onto the doubly stochastic matrices by `mhc_sinkhorn_iters` rounds of
     Sinkhorn-Knopp. See the module docstring for the equations and the init (which is not pre-norm)."""
@@ -229,7 +229,7 @@ class DepthStack(nn.Module):
         return depth_attention(state, self.query, self.eps)
 
 
-class AttentionResidual(nn.Module):
+class AttnResidual(nn.Module):
     """Attention Residuals, full form (Kimi Team, arXiv 2603.15031): the branch reads a softmax attention over
     the embedding and every earlier sub-layer's output, with a learned pseudo-query per sub-layer (zero at init:
     the mean, which the branch's norm makes the pre-norm input). See the module docstring."""
