@@ -131,6 +131,11 @@ def _cases(w: Path) -> list[tuple[list[str], str]]:
         (train + ["--span", "fox", "--fox_prune", "-1"], "fox_prune"),
         (train + ["--span", "fox", "--fox_prune", "inf"], "fox_prune"),
         (train + ["--span", "fox", "--causal", "false"], "model.span: fox is a causal mechanism"),
+        # train: the residual relatives (hyper, hyper_static, mhc, attnres, value residual)
+        (train + ["--residual", "hyperconnection"], "residual"), (train + ["--hc_streams", "0"], "hc_streams"),
+        (train + ["--residual", "mhc", "--hc_streams", "-4"], "hc_streams"),
+        (train + ["--residual", "mhc", "--mhc_sinkhorn_iters", "0"], "mhc_sinkhorn_iters"),
+        (train + ["--value_residual", "true", "--n_layer", "1"], "value_residual"),
         # train: data and files
         (["train", *TINY, "--data", str(w / "missing.txt"), "--out", out], "does not exist"),
         (["train", *TINY, "--data", str(w / "empty.txt"), "--out", out], "is empty"),
@@ -260,7 +265,7 @@ def _typed_flag_cases(train: list[str]) -> list[tuple[list[str], str]]:
     return cases
 
 
-N_CASES = 257
+N_CASES = 266
 
 
 def test_the_catalogue_is_complete():

@@ -29,11 +29,18 @@ from dynaformer.lmeval.adapter import DynaformerLM  # noqa: E402
 CHARS = sorted(set(generated_stories(20_000)))
 
 
-@pytest.fixture(scope="module")
-def lm() -> DynaformerLM:
+# The adapter over the baseline and over each residual-stream relative (model/streams.py; the value residual rides
+# along on two of them): the relatives carry more than one stream, which the adapter must never see.
+LM_KINDS = [("prenorm", False), ("hyper", True), ("hyper_static", False), ("mhc", False), ("attnres", True)]
+
+
+@pytest.fixture(scope="module", params=LM_KINDS, ids=lambda k: k[0] + ("+value_residual" if k[1] else ""))
+def lm(request) -> DynaformerLM:
+    residual, value_residual = request.param
     torch.manual_seed(0)
     tok = CharTokenizer(CHARS)
-    model = Transformer(tiny_config(vocab_size=tok.vocab_size, context_len=32)).eval()
+    model = Transformer(tiny_config(vocab_size=tok.vocab_size, context_len=32, residual=residual,
+                                    value_residual=value_residual)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))  # a peaked distribution, so greedy answers are not ties

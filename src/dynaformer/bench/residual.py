@@ -2,7 +2,11 @@
 side by side in one process: training step (forward, backward, AdamW) and cached generation tokens/s.
 
 Targets (issue #3): dynamic_ms / prenorm_ms ≤ 1.02 and dynamic generation tok/s ≥ 0.98 × prenorm (gen_ratio:
-whole generate() calls, prefill included; decode_ratio: the cached one-token step alone)."""
+whole generate() calls, prefill included; decode_ratio: the cached one-token step alone).
+
+The residual-stream relatives (model/streams.py: hyper, hyper_static, mhc, attnres; and `value_residual`, pre-norm
+with the value residual on) are timed in the same rounds (`--relatives`): `{kind}_ms`, `{kind}_ratio` (÷ prenorm_ms),
+`{kind}_gen_ratio` and `{kind}_decode_ratio` (their tok/s ÷ prenorm's), `{kind}_decode_tok_s`."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from .common import preset, time_interleaved
 from .generate import machine
 
 KINDS = ("prenorm", "dynamic")
+RELATIVES = ("hyper", "hyper_static", "mhc", "attnres", "value_residual")
 CONTROL = "prenorm_control"  # a second, identical pre-norm model: its ratio to prenorm is the noise floor
 
 
@@ -39,8 +44,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="wall: perf_counter; cpu: process CPU time (steadier on a shared machine; use --threads 1)")
     p.add_argument("--factors", default="gain,step,position,content",
                    help="factors of the dynamic model that are on (comma-separated; default: all four)")
+    p.add_argument("--relatives", default=",".join(RELATIVES),
+                   help=f"residual-stream relatives timed alongside (comma-separated, or 'none'; default: "
+                        f"{','.join(RELATIVES)})")
     p.add_argument("--no_control", action="store_true",
                    help="skip the A/A control (a second pre-norm model timed alongside, to show the noise floor)")
+
+
+def _relatives(args: argparse.Namespace) -> tuple[str, ...]:
+    names = tuple(k.strip() for k in args.relatives.split(",") if k.strip() and k.strip() != "none")
+    unknown = [k for k in names if k not in RELATIVES]
+    if unknown:
+        raise DynaformerError(f"bench residual: --relatives: unknown kind '{unknown[0]}' "
+                              f"(choose from {', '.join(RELATIVES)}, or none)")
+    return names
 
 
 def _models(args: argparse.Namespace) -> dict[str, Transformer]:
@@ -51,10 +68,11 @@ def _models(args: argparse.Namespace) -> dict[str, Transformer]:
         raise DynaformerError(f"bench residual: --factors: unknown factor '{sorted(unknown)[0]}' "
                               f"(choose from gain, step, position, content)")
     models = {}
-    for name in KINDS + (() if args.no_control else (CONTROL,)):
-        kind = "prenorm" if name == CONTROL else name
+    for name in KINDS + _relatives(args) + (() if args.no_control else (CONTROL,)):
+        kind = "prenorm" if name in (CONTROL, "value_residual") else name
         cfg = dataclasses.replace(base, residual=kind, dyn_gain="gain" in factors, dyn_step="step" in factors,
-                                  dyn_position="position" in factors, dyn_content="content" in factors)
+                                  dyn_position="position" in factors, dyn_content="content" in factors,
+                                  value_residual=name == "value_residual")
         torch.manual_seed(0)
         models[name] = Transformer(cfg).to(args.device)
         models[name].progress.fill_(0.5)
@@ -130,6 +148,13 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
         record[f"{kind}_decode_tok_s"] = round(1 / decode[kind], 2)
     record["gen_ratio"] = round(gen["prenorm"] / gen["dynamic"], 4)  # dynamic tok/s ÷ prenorm tok/s
     record["decode_ratio"] = round(decode["prenorm"] / decode["dynamic"], 4)  # the same, decode step alone
+    for kind in _relatives(args):
+        if args.steps > 0:
+            record[f"{kind}_ms"] = round(1000 * train[kind], 2)
+            record[f"{kind}_ratio"] = round(train[kind] / train["prenorm"], 4)
+        record[f"{kind}_decode_tok_s"] = round(1 / decode[kind], 2)
+        record[f"{kind}_gen_ratio"] = round(gen["prenorm"] / gen[kind], 4)
+        record[f"{kind}_decode_ratio"] = round(decode["prenorm"] / decode[kind], 4)
     if CONTROL in models:  # the same measurements for two identical pre-norm models: ≈ 1 ± noise
         if args.steps > 0:
             record["control_ratio"] = round(train[CONTROL] / train["prenorm"], 4)

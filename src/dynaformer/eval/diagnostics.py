@@ -120,7 +120,10 @@ def branch_stream_ratios(model: nn.Module, windows: torch.Tensor) -> list[float]
             model(x[j : j + 16])
             for i, res in enumerate(mods):
                 s = seen[i]
-                if res.additive:
+                split = getattr(res, "update_and_skip", None)  # kinds with several streams (model/streams.py)
+                if split is not None:
+                    upd, skip = split(s["x"], s["out"], s["f"])
+                elif res.additive:
                     upd, skip = s["out"] - s["x"], s["x"]
                 else:
                     upd, skip = s["f"], res.skip_scale * s["x"]

@@ -19,6 +19,7 @@ from .context import ForwardContext
 from .layers import Rotary
 from .ragged import RaggedCache
 from .span import make_span
+from .value_residual import ValueResidual
 
 
 class Attention(nn.Module):
@@ -32,6 +33,9 @@ class Attention(nn.Module):
         self.rotary = rotary  # shared across layers; holds no parameters
         self.span = make_span(cfg)  # None: dense attention
         self.span_impl = cfg.span_impl
+        # Value residual (model/value_residual.py): layer 0 hands its values on, later layers mix them in.
+        self.value_mix = ValueResidual() if cfg.value_residual and layer_idx > 0 else None
+        self.gives_values = cfg.value_residual and layer_idx == 0
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (B, T, C) the normed input → (B, T, C)."""
@@ -39,6 +43,10 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         q, k = self.rotary(qkv[:2], ctx.start, ctx.pos).unbind(0)  # rotate q and k in one pass; each (B, H, T, D)
         v = qkv[2]
+        if self.value_mix is not None:
+            v = self.value_mix(v, ctx.first_values)
+        elif self.gives_values:
+            ctx.first_values = v
         if isinstance(ctx.cache, RaggedCache):  # independent sequences: each row against its own cache
             y = torch.cat([self._attend(x[b : b + 1], q[b : b + 1], k[b : b + 1], v[b : b + 1], row)
                            for b, row in enumerate(ctx.cache.contexts(ctx))])

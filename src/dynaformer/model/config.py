@@ -9,7 +9,8 @@ from typing import Literal
 from ..errors import ConfigError
 from ..kernels.plan import SpanImpl
 
-ResidualKind = Literal["prenorm", "postnorm", "rezero", "layerscale", "deepnorm", "dynamic"]
+ResidualKind = Literal["prenorm", "postnorm", "rezero", "layerscale", "deepnorm", "dynamic",
+                       "hyper", "hyper_static", "mhc", "attnres"]  # the last four: model/streams.py
 SpanKind = Literal["none", "fixed", "per_head", "dynamic", "fox", "sink_window"]  # "none" + model/span.py's SPANS
 
 
@@ -40,6 +41,11 @@ class ModelConfig:
     dyn_rank: int = 4  # k: content features per sub-layer (1..8)
     dyn_p0: float | None = None  # P0 of the position term; None: √context_len (φ centred in log-space)
     dyn_gamma_init: float = 0.1  # γ's start (with w = 0 the term is still exactly 0); > 0 so w gets gradient
+    # Residual-stream relatives (model/streams.py): hyper-connections (hyper, hyper_static) and mHC keep n streams.
+    hc_streams: int = 4  # n, the expansion rate (≥ 1)
+    mhc_sinkhorn_iters: int = 20  # t_max, Sinkhorn-Knopp rounds projecting mHC's residual mixing (≥ 1)
+    mhc_per_stream: bool = False  # mHC mappings read from each stream alone (the HC form) instead of all n·C
+    value_residual: bool = False  # ResFormer: layers after the first mix in the first layer's values
     span: SpanKind = "none"
     # Attention span (model/span.py; adaptive span, Sukhbaatar et al. 2019). Distances d = i − j ≥ 0.
     span_window: int = 256  # fixed: each query sees its last span_window keys (itself included)
@@ -127,6 +133,14 @@ class ModelConfig:
             raise ConfigError(f"model.dyn_rank: must be in 1..8, got {self.dyn_rank}")
         if self.dyn_p0 is not None and not (self.dyn_p0 > 0 and math.isfinite(self.dyn_p0)):
             raise ConfigError(f"model.dyn_p0: must be a finite number > 0, got {self.dyn_p0}")
+        if self.hc_streams < 1:
+            raise ConfigError(f"model.hc_streams: must be ≥ 1 (the number of residual streams), got {self.hc_streams}")
+        if self.mhc_sinkhorn_iters < 1:
+            raise ConfigError(f"model.mhc_sinkhorn_iters: must be ≥ 1 (Sinkhorn-Knopp rounds), "
+                              f"got {self.mhc_sinkhorn_iters}")
+        if self.value_residual and self.n_layer < 2:
+            raise ConfigError(f"model.value_residual: needs n_layer ≥ 2 (layers after the first mix in the first "
+                              f"layer's values), got n_layer={self.n_layer}")
         if not 0 < self.dyn_gamma_init <= 1:
             raise ConfigError(f"model.dyn_gamma_init: must be in (0, 1] (0 would leave the content projection "
                               f"without gradient), got {self.dyn_gamma_init}")

@@ -30,6 +30,7 @@ class ForwardContext:
     # so far, True = a real token (an encoder has no cache: (B, T)).
     key_padding_mask: torch.Tensor | None = None
     pos: torch.Tensor | None = None  # padded causal batches: (B, T) long, positions from each row's first real token
+    first_values: torch.Tensor | None = None  # value residual: the first layer's values of these tokens (B, H, T, D)
     outputs: ForwardOutputs = field(default_factory=ForwardOutputs)
 
 

@@ -9,6 +9,19 @@ from torch import nn
 from .config import ModelConfig
 
 
+def host_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a parameter's full value (FSDP shards parameters as DTensors)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def gate_parameter(t: torch.Tensor) -> nn.Parameter:
+    """A mechanism parameter: no weight decay, initialised by its module (Transformer.reset_parameters skips it)."""
+    p = nn.Parameter(t)
+    p.no_weight_decay = True
+    p.keep_init = True
+    return p
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang & Sennrich 2019), with a learned gain and no bias."""
 

@@ -11,6 +11,10 @@ Kinds (`ModelConfig.residual`), with F the branch and N an RMSNorm:
     layerscale  x ← x + diag(λ)·F(N(x)),   λ = ε (CaiT depth rule) Touvron et al. 2021 (CaiT)
     deepnorm    x ← N(α·x + F(x)),         α = (2L)^¼, branch init gain β = (8L)^-¼   Wang et al. 2022
     dynamic     x ← x + c·s(τ)·m(p, x)·F(N(x))                    this project (docs/design.md §3)
+    hyper, hyper_static, mhc, attnres: n streams or a stack of earlier outputs (model/streams.py, cited there)
+
+Kinds whose stream is more than one (B, T, C) tensor also have a `Stream` (`STREAMS`, `make_stream`): the model
+expands the embeddings into that state and reduces it before the final norm; for the others nothing changes.
 
 Every kind offers what `Residual` writes down and is listed in `RESIDUALS` (its name is also a `ResidualKind`
 of the config): it reports its learned coefficients through `coefficients(progress)` (floats, for
@@ -33,6 +37,16 @@ from torch import nn
 from .config import ModelConfig
 from .context import ForwardContext
 from .layers import RMSNorm
+from .layers import gate_parameter as _gate
+from .layers import host_tensor as _host
+from .streams import (
+    AttnResidual,
+    DepthStack,
+    HyperConnection,
+    HyperStaticConnection,
+    HyperStreams,
+    MHCConnection,
+)
 
 Branch = Callable[[torch.Tensor], torch.Tensor]
 
@@ -56,19 +70,6 @@ class Residual(Protocol):
     def init_branch(self, branch: nn.Module) -> None:
         """Called by Transformer.reset_parameters after the default init of the branch's weights."""
         ...
-
-
-def _host(t: torch.Tensor) -> torch.Tensor:
-    """A plain tensor of a parameter's full value (FSDP shards parameters as DTensors)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _gate(t: torch.Tensor) -> nn.Parameter:
-    """A mechanism parameter: no weight decay, initialised here (Transformer.reset_parameters skips it)."""
-    p = nn.Parameter(t)
-    p.no_weight_decay = True
-    p.keep_init = True
-    return p
 
 
 class PreNormResidual(nn.Module):
@@ -383,6 +384,21 @@ class DynamicResidual(nn.Module):
         pass  # the default init stands
 
 
+@runtime_checkable
+class Stream(Protocol):
+    """What a residual kind that carries more than one (B, T, C) stream between sub-layers (model/streams.py)
+    offers the model: the state its residual modules pass, built from the embeddings, and the (B, T, C) read
+    from it that the final norm takes (and transformers' `hidden_states` show). Kinds without one pass x itself."""
+
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        """The embeddings (B, T, C) → the state the first sub-layer receives."""
+        ...
+
+    def reduce(self, state: torch.Tensor) -> torch.Tensor:
+        """The state after a sub-layer → (B, T, C)."""
+        ...
+
+
 RESIDUALS: dict[str, type[Residual]] = {
     "prenorm": PreNormResidual,
     "postnorm": PostNormResidual,
@@ -390,12 +406,29 @@ RESIDUALS: dict[str, type[Residual]] = {
     "layerscale": LayerScaleResidual,
     "deepnorm": DeepNormResidual,
     "dynamic": DynamicResidual,
+    "hyper": HyperConnection,
+    "hyper_static": HyperStaticConnection,
+    "mhc": MHCConnection,
+    "attnres": AttnResidual,
+}
+# The kinds whose stream is not one (B, T, C) tensor, and the module that expands and reduces it.
+STREAMS: dict[str, type[Stream]] = {
+    "hyper": HyperStreams,
+    "hyper_static": HyperStreams,
+    "mhc": HyperStreams,
+    "attnres": DepthStack,
 }
 
 
 def make_residual(cfg: ModelConfig, layer_idx: int) -> Residual:
     """One residual module for sub-layer `layer_idx` (0 .. 2·n_layer-1: attention, MLP, attention, ...)."""
     return RESIDUALS[cfg.residual](cfg, layer_idx)
+
+
+def make_stream(cfg: ModelConfig) -> Stream | None:
+    """The model's `Stream` for kinds that carry more than x between sub-layers; None for the others."""
+    kind = STREAMS.get(cfg.residual)
+    return None if kind is None else kind(cfg)
 
 
 def residual_modules(model: nn.Module) -> list[Residual]:

@@ -20,7 +20,7 @@ from .config import ModelConfig
 from .context import ForwardContext, ForwardOutputs, padding_from_mask
 from .layers import MLP, RMSNorm, Rotary
 from .ragged import RaggedCache
-from .residual import make_residual
+from .residual import make_residual, make_stream
 from .span import span_cache_bound
 
 
@@ -49,6 +49,7 @@ class Transformer(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i, self.rotary) for i in range(cfg.n_layer))
+        self.stream = make_stream(cfg)  # None unless the residual kind carries more than x (model/streams.py)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -119,10 +120,15 @@ class Transformer(nn.Module):
         x = self.embed(idx)  # (B, T, C)
         if states is not None:
             states.append(x)
+        stream = self.stream
+        if stream is not None:
+            x = stream.expand(x)
         for block in self.blocks:
             x = block(x, ctx)
             if states is not None:
-                states.append(x)
+                states.append(x if stream is None else stream.reduce(x))
+        if stream is not None:
+            x = stream.reduce(x)
         x = self.norm(x)
         if states is not None:
             states[-1] = x
