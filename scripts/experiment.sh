@@ -5,6 +5,9 @@
 #   bash scripts/experiment.sh                      # configs/grid-cpu.yaml → runs/experiment (≤ 20 min, 2 cores)
 #   bash scripts/experiment.sh --long               # configs/grid-cpu-long.yaml → runs/experiment-long: the
 #                                                   #   questions at 1,024 tokens (≤ 2 h on 2 cores)
+#   bash scripts/experiment.sh --relatives          # configs/grid-cpu-relatives.yaml → runs/experiment: the
+#                                                   #   main grid plus 7 relatives of the two mechanisms (adds
+#                                                   #   21 cells to the main job's folder)
 #   bash scripts/experiment.sh --full               # configs/grid-cpu-full.yaml → runs/experiment-full (more
 #                                                   #   seeds, longer runs, ablations, the encoder study)
 #   bash scripts/experiment.sh configs/grid-gpu.yaml runs/experiment-gpu
@@ -17,6 +20,9 @@ cd "$ROOT"
 if [ "${1:-}" = "--full" ]; then
   GRID=configs/grid-cpu-full.yaml
   OUT="${2:-runs/experiment-full}"
+elif [ "${1:-}" = "--relatives" ]; then
+  GRID=configs/grid-cpu-relatives.yaml
+  OUT="${2:-runs/experiment}"
 elif [ "${1:-}" = "--long" ]; then
   GRID=configs/grid-cpu-long.yaml
   OUT="${2:-runs/experiment-long}"
