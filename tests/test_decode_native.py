@@ -129,7 +129,7 @@ def test_compiled_decoding_gives_the_logits_of_tensor_ops(residual, span, monkey
         return torch.cat(out, 1)
 
     compiled = run()
-    steps = 28 * model.cfg.n_layer if model._decode_spans else 0  # the relatives decode with tensor ops
+    steps = 28 * model.cfg.n_layer if model._compiled_decoding else 0  # span relatives, value residual: tensor ops
     assert len(calls) == steps
     with decode_with_tensor_ops():
         plain = run()
