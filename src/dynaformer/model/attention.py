@@ -44,7 +44,13 @@ class Attention(nn.Module):
         """x: (B, T, C) the normed input → (B, T, C)."""
         B, T, C = x.shape
         if ctx.decoding:
-            return F.linear(self._decode_step(x, ctx.cache.layers[self.layer_idx], ctx), self.proj.weight).view(B, 1, C)
+            qkv, xs = F.linear(x, self.qkv.weight).view(B, 3 * C), x.view(B, C)
+            if isinstance(ctx.cache, RaggedCache):  # each row at its own position against its own cache
+                y = torch.cat([self._decode_step(qkv[b : b + 1], xs[b : b + 1], row.cache.layers[self.layer_idx],
+                                                 row.start, ctx) for b, row in enumerate(ctx.cache.contexts(ctx))])
+            else:
+                y = self._decode_step(qkv, xs, ctx.cache.layers[self.layer_idx], ctx.start, ctx)
+            return F.linear(y, self.proj.weight).view(B, 1, C)
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         q, k = self.rotary(qkv[:2], ctx.start, ctx.pos).unbind(0)  # rotate q and k in one pass; each (B, H, T, D)
         v = qkv[2]
@@ -66,22 +72,21 @@ class Attention(nn.Module):
             return self.span.attend(q, k, v, x, ctx, self.layer_idx, self.span_impl)
         return self._span_attention(x, q, k, v, ctx)
 
-    def _decode_step(self, x: torch.Tensor, layer, ctx: ForwardContext) -> torch.Tensor:
-        """One token per row, no padding, no autograd: the projection, then rotary, the cache write, the spans and
-        attention in one compiled call (kernels/decode.py) → (B, C), the heads' outputs side by side."""
-        B, _, C = x.shape
+    def _decode_step(self, qkv: torch.Tensor, x: torch.Tensor, layer, start: int, ctx: ForwardContext) -> torch.Tensor:
+        """Rows of one token at position `start`, no padding, no autograd: qkv (b, 3C) the projection, x (b, C) the
+        attention input; rotary, the cache write, the spans and attention in one compiled call (kernels/decode.py)
+        → (b, C), the heads' outputs side by side."""
         z = predictor = None
         ramp, hard = 1.0, False
         if self.span is not None:
             spans = self.span.decode_spans(ctx)
             z, predictor = (None, spans) if isinstance(spans, SpanPredictor) else (spans, None)
             ramp, hard = self.span.ramp, self.span.hard
-        cos, sin = self.rotary.half_tables(ctx.start + 1, x.device)
-        y, z = decode_attention(F.linear(x, self.qkv.weight).view(B, 3 * C), cos, sin, ctx.start, layer.k_bufs,
-                                layer.v_bufs, layer.head_lists, layer.step(), z, ramp, hard, predictor=predictor,
-                                x=x.view(B, C))
+        cos, sin = self.rotary.half_tables(start + 1, x.device)
+        y, z = decode_attention(qkv, cos, sin, start, layer.k_bufs, layer.v_bufs, layer.head_lists, layer.step(), z,
+                                ramp, hard, predictor=predictor, x=x)
         if z is not None:
-            ctx.outputs.spans[self.layer_idx] = z.unsqueeze(-1)  # (1|B, H, 1)
+            ctx.outputs.spans[self.layer_idx] = z.unsqueeze(-1)  # (1|b, H, 1)
         return y
 
     def _dense_attention(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:

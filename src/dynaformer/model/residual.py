@@ -366,7 +366,7 @@ class DynamicResidual(nn.Module):
         h = self.norm(x)
         if not self.enabled:
             return x + branch(h)
-        if ctx.decoding:  # the update in one compiled call
+        if ctx.decoding and ctx.pos is None:  # the update in one compiled call (rows at one position)
             f = self._tables(ctx, h)
             return decode_dyn_residual(x, branch(h), h, f.w_t, f.gamma_t, f.base_list[ctx.start])
         m = self.multiplier(h, ctx) if torch.is_grad_enabled() else self.inference_multiplier(h, ctx)

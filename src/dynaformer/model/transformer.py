@@ -121,9 +121,10 @@ class Transformer(nn.Module):
             if key_padding_mask is not None:  # padded positions hold arbitrary ids (often out of range): never read
                 idx = idx.masked_fill(~key_padding_mask[:, start:], 0)
         x = self.embed(idx)  # (B, T, C)
-        decoding = (T == 1 and isinstance(cache, KVCache) and cache.compiled_step and key_padding_mask is None
-                    and self._compiled_decoding and not torch.is_grad_enabled()
-                    and compiled_decode(x.dtype, cache.dtype, x.device))
+        rows = cache.rows if isinstance(cache, RaggedCache) else [cache] if isinstance(cache, KVCache) else []
+        decoding = (T == 1 and bool(rows) and key_padding_mask is None and self._compiled_decoding
+                    and not torch.is_grad_enabled() and all(c.compiled_step and c.dtype == rows[0].dtype for c in rows)
+                    and compiled_decode(x.dtype, rows[0].dtype, x.device))
         ctx = ForwardContext(start=start, length=T, progress=self.progress, cache=cache, causal=self.cfg.causal,
                              key_padding_mask=key_padding_mask, pos=pos, decoding=decoding)
         if states is not None:
