@@ -18,13 +18,16 @@ that make sense on request: band, masked, reference, flex.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from typing import Literal, NamedTuple, get_args
 
 import torch
 
 from ..errors import DynaformerError
 from .band_native import available as native_available
+from .decode_native import available as decode_native_available
 from .reach import keys_reached
 
 Kernel = Literal["reference", "decode", "masked", "dense", "band", "split", "flex"]
@@ -54,6 +57,29 @@ def uses_native(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
     """Whether the causal band kernel runs compiled (csrc/band_span.cpp) for inputs of this dtype and device:
     on CPU where it builds; fp64 (the gradient checks) and non-CPU tensors take the Python kernel."""
     return torch.device(device).type == "cpu" and dtype != torch.float64 and native_available()
+
+
+_TENSOR_OPS_ONLY = [0]  # > 0 inside decode_with_tensor_ops()
+
+
+def compiled_decode(q_dtype: torch.dtype, cache_dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+    """Whether a one-token decoding step without autograd runs compiled (kernels/decode.py): fp32 queries over an
+    fp32 or bf16 cache on a CPU where the step builds. Padded batches and everything else decode with tensor ops.
+    (Asked several times per layer and token, so it avoids building objects.)"""
+    return (q_dtype is torch.float32 and (cache_dtype is torch.float32 or cache_dtype is torch.bfloat16)
+            and (device if isinstance(device, str) else device.type) == "cpu" and not _TENSOR_OPS_ONLY[0]
+            and decode_native_available())
+
+
+@contextlib.contextmanager
+def decode_with_tensor_ops() -> Iterator[None]:
+    """Within, decode with tensor ops only, as before the compiled step existed (benchmarks time both side by
+    side in one process; tests compare them)."""
+    _TENSOR_OPS_ONLY[0] += 1
+    try:
+        yield
+    finally:
+        _TENSOR_OPS_ONLY[0] -= 1
 
 
 def check_span_impl(impl: str, q: torch.Tensor) -> None:

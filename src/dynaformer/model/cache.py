@@ -2,7 +2,12 @@
 a span-bounded buffer per group of heads that keeps only the keys those heads can still reach.
 
 Both kinds answer `append` the same way: a list of `KeyGroup`s, each a set of heads with the keys and values
-they can see, ending at the newest position. A dense cache has one group holding every head."""
+they can see, ending at the newest position. A dense cache has one group holding every head.
+
+Decoding one token per row, the compiled step (kernels/decode.py) writes into the buffers itself: `step()` reserves
+the slot of the new position in each group's buffer (compacting a full bounded buffer first) and the layer's
+`k_bufs`, `v_bufs` and `head_lists` say where the buffers are and which heads each holds. Both ways leave the same
+keys in the same slots, so prefill (`append`) and the compiled step take turns on one cache."""
 
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ class LayerCache:
         self.k = torch.empty(batch, n_head, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         self.length = 0
+        self.k_bufs, self.v_bufs, self.head_lists = [self.k], [self.v], [list(range(n_head))]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> list[KeyGroup]:
         """Store k, v (B, H, T, D); return one group: every head, every key and value so far (B, H, L, D)."""
@@ -37,6 +43,13 @@ class LayerCache:
         self.v.narrow(2, self.length, T).copy_(v)
         self.length = end
         return [KeyGroup(ALL_HEADS, self.k.narrow(2, 0, end), self.v.narrow(2, 0, end))]
+
+    def step(self) -> list[int]:
+        """Reserve one new position: [the slot its key and value go to]; keys 0 .. slot are the ones to attend."""
+        if self.length >= self.k.shape[-2]:
+            raise RuntimeError(f"KV cache overflow: {self.length + 1} > {self.k.shape[-2]} positions")
+        self.length += 1
+        return [self.length - 1]
 
     def nbytes(self) -> int:
         """Bytes held by the keys and values actually stored."""
@@ -73,6 +86,16 @@ class _BoundedGroup:
         self.fill = n
         return KeyGroup(self.heads, ka, va)
 
+    def step(self) -> int:
+        """Reserve the slot of one new key; a full buffer first keeps its last keep − 1 keys at the front, so
+        after the step it holds the last `keep` keys, as `append` leaves it."""
+        if self.fill == self.buf.shape[-2]:
+            n = self.keep - 1
+            self.buf[:, :, :, :n] = self.buf[:, :, :, self.fill - n : self.fill].clone()  # the ranges overlap
+            self.fill = n
+        self.fill += 1
+        return self.fill - 1
+
 
 class BoundedLayerCache:
     """Span-bounded cache: head h keeps only its last keep[h] keys (its reach: max span + ramp + slack), so the
@@ -96,6 +119,9 @@ class BoundedLayerCache:
             buf = torch.empty(2, batch, len(heads), n + slack, head_dim, dtype=dtype, device=device)
             self.groups.append(_BoundedGroup(index, n, buf))
         self.length = 0  # positions seen (not stored)
+        self.k_bufs = [g.kb for g in self.groups]
+        self.v_bufs = [g.vb for g in self.groups]
+        self.head_lists = [heads for _, heads in sorted(by_keep.items())]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> list[KeyGroup]:
         """Store k, v (B, H, T, D); return per group of heads the keys and values (B, G, L, D) they can see."""
@@ -103,6 +129,11 @@ class BoundedLayerCache:
                for g in self.groups]
         self.length += k.shape[-2]
         return out
+
+    def step(self) -> list[int]:
+        """Reserve one new position: per group, the slot its key and value go to (keys 0 .. slot are attended)."""
+        self.length += 1
+        return [g.step() for g in self.groups]
 
     def nbytes(self) -> int:
         """Bytes allocated for keys and values (the full buffers, slack included)."""
@@ -120,6 +151,10 @@ class KVCache:
                        else BoundedLayerCache(batch, kl, head_dim, dtype, device) if isinstance(kl, list)
                        else kl for kl in keep]
         self.max_len = max_len
+        self.dtype = dtype
+        # The compiled decoding step writes into these two kinds' buffers (`step`, `k_bufs`, ...); a layer cache a
+        # span relative brought decodes with tensor ops.
+        self.compiled_step = all(type(layer) in (LayerCache, BoundedLayerCache) for layer in self.layers)
 
     @property
     def length(self) -> int:

@@ -31,6 +31,9 @@ class ForwardContext:
     key_padding_mask: torch.Tensor | None = None
     pos: torch.Tensor | None = None  # padded causal batches: (B, T) long, positions from each row's first real token
     first_values: torch.Tensor | None = None  # value residual: the first layer's values of these tokens (B, H, T, D)
+    # One token per row, unpadded (a KVCache, or a RaggedCache's rows at their own positions), no autograd: the
+    # compiled decoding step (kernels/decode.py).
+    decoding: bool = False
     outputs: ForwardOutputs = field(default_factory=ForwardOutputs)
 
 

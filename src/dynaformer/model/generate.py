@@ -46,8 +46,12 @@ def _last_logits(model: Transformer, ids: torch.Tensor, cache: KVCache | None = 
 def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              use_cache: bool = True, max_len: int | None = None,
-             eos_id: int | None = None) -> torch.Tensor:
-    """prompt: (B, T0) token ids → (B, T0 + n) with n ≤ max_new_tokens new tokens."""
+             eos_id: int | None = None, cache_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """prompt: (B, T0) token ids → (B, T0 + n) with n ≤ max_new_tokens new tokens.
+
+    cache_dtype: the KV cache's dtype (default: the model's). torch.bfloat16 under an fp32 model halves the bytes
+    each decoded token reads (the cost of decoding at long contexts) and rounds the cached keys and values to
+    bf16, so the logits move by about 1e-2 and greedy tokens may differ; opt-in for that reason."""
     if max_len is not None and max_len < 1:
         raise DynaformerError(f"generate: max_len must be a positive number of tokens, got {max_len}")
     max_len = max_len or model.cfg.context_len
@@ -81,7 +85,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, t
             elif cache is None or cache.length >= max_len:
                 # (Re)fill the cache from the window: the first step, or after the window slid.
                 # Sized to what this call can hold, not to max_len (a context of 10⁹ must not allocate it).
-                cache = model.new_cache(B, min(max_len, T0 + max_new_tokens))
+                cache = model.new_cache(B, min(max_len, T0 + max_new_tokens), dtype=cache_dtype)
                 logits = _last_logits(model, window, cache)
             else:
                 logits = _last_logits(model, seq[:, n - 1 : n], cache)

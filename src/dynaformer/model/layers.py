@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import compiled_decode, decode_rms_norm
 from .config import ModelConfig
 
 
@@ -31,6 +32,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not torch.is_grad_enabled() and x.is_cpu and x.dtype is torch.float32 and x.dim() == 3 and x.shape[1] == 1
+                and compiled_decode(x.dtype, x.dtype, "cpu")):
+            return decode_rms_norm(x, self.weight, self.eps)  # a decoding step: one call, not ATen's seven ops
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
@@ -63,6 +67,11 @@ class Rotary(nn.Module):
                 h = self._cos.shape[-1]
                 self._cos2, self._sin2 = self._cos.repeat(1, 2), self._sin.repeat(1, 2)
                 self._sin2[:, :h].neg_()
+
+    def half_tables(self, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (N ≥ end, D/2) fp32, for positions 0 .. N-1 (the compiled decoding step's input)."""
+        self.reserve(end, device)
+        return self._cos, self._sin
 
     def forward(self, x: torch.Tensor, start: int, pos: torch.Tensor | None = None) -> torch.Tensor:
         """x: (..., T, D) at positions start .. start+T-1, or (..., B, H, T, D) at per-row positions pos (B, T)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import decode_dyn_residual
 from .config import ModelConfig
 from .context import ForwardContext
 from .layers import RMSNorm
@@ -228,7 +229,8 @@ class DynamicResidual(nn.Module):
     `base[p] + tanh(N(x) wᵀ)·γ'` — one scalar per token; the only (B, T, C)-sized work added to
     pre-norm is the d→k projection (k = dyn_rank ≤ 8) and folding the weight into the residual add
     (`addcmul`). Without grad (generation, evaluation) base and γ' are cached per parameter version
-    and τ, so decoding adds four small ops per sub-layer.
+    and τ; a compiled decoding step (ctx.decoding) does the whole update in one call where pre-norm adds,
+    so the weight costs decoding nothing measurable (the tensor-op path adds four small ops per sub-layer).
     """
 
     additive, skip_scale = True, 1.0
@@ -311,6 +313,16 @@ class DynamicResidual(nn.Module):
         self._frozen = _Frozen(key, phi.shape[0], base.to(dtype), base[:, 0].tolist(), gamma_t, w_t, one)
         return self._frozen
 
+    def _tables(self, ctx: ForwardContext, h: torch.Tensor) -> _Frozen:
+        """The inference tables covering this call's positions, rebuilt when τ or a gate changed in place."""
+        key = [ctx.progress._version]
+        for p in self._gates:
+            key.append(p._version)
+        f = self._frozen
+        if f is None or f.key != key or f.size < ctx.start + ctx.length:
+            f = self._freeze(key, ctx.progress, ctx.start + ctx.length, h.device, h.dtype)
+        return f
+
     def inference_multiplier(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """multiplier() without autograd, in the fewest ops (decoding is dominated by per-op overhead).
         base (N, 1), γ' and wᵀ are cached; the cache key holds the in-place version of τ and of each gate,
@@ -318,12 +330,7 @@ class DynamicResidual(nn.Module):
         if not ctx.causal:  # per-example lengths: nothing to cache across calls
             return self.multiplier(h, ctx)
         start, end = ctx.start, ctx.start + ctx.length
-        key = [ctx.progress._version]
-        for p in self._gates:
-            key.append(p._version)
-        f = self._frozen
-        if f is None or f.key != key or f.size < end:
-            f = self._freeze(key, ctx.progress, end, h.device, h.dtype)
+        f = self._tables(ctx, h)
         if ctx.pos is not None:  # a padded batch: each row's own positions (all < end)
             base = f.base[ctx.pos]  # (B, T, 1)
             if f.w_t is None:
@@ -359,6 +366,9 @@ class DynamicResidual(nn.Module):
         h = self.norm(x)
         if not self.enabled:
             return x + branch(h)
+        if ctx.decoding and ctx.pos is None:  # the update in one compiled call (rows at one position)
+            f = self._tables(ctx, h)
+            return decode_dyn_residual(x, branch(h), h, f.w_t, f.gamma_t, f.base_list[ctx.start])
         m = self.multiplier(h, ctx) if torch.is_grad_enabled() else self.inference_multiplier(h, ctx)
         if m is None:
             return x + branch(h)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import keys_reached
+from ..kernels import SpanPredictor, keys_reached
 from .config import ModelConfig
 from .context import ForwardContext
 from .span_relatives import ForgetSpan, SinkWindowSpan
@@ -46,6 +46,11 @@ class SpanModule(Protocol):
         """Per head: how many keys back (counting the query itself) any query can see at training progress τ."""
         ...
 
+    # Optional: `decode_spans(ctx) -> Tensor | SpanPredictor`, the spans of a one-token decoding step without
+    # autograd: (1, H) fp32 where they do not depend on the token (kept between steps: decoding pays per op),
+    # else how the compiled step predicts them from it (kernels/decode.py). A kind without it (the relatives,
+    # which attend themselves) decodes with tensor ops.
+
 
 def _reach(z: torch.Tensor, ramp: float, hard: bool) -> list[int]:
     """Per head keys reached (kernels/reach.py) by the largest spans z (H,), in float64 (exact for fp32 z)."""
@@ -60,6 +65,7 @@ class FixedSpan(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_head, self.window, self.ramp = cfg.n_head, cfg.span_window, 1.0
+        self._z: torch.Tensor | None = None  # decode_spans' (1, H)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: (B, T, C) → spans z (1, H, 1) in tokens."""
@@ -69,6 +75,12 @@ class FixedSpan(nn.Module):
         """Per head: how many keys back (counting the query itself) any future query can see (the window:
         ⌊w − 1⌋ + 1); it does not depend on training progress."""
         return _reach(torch.full((self.n_head,), float(self.window - 1)), self.ramp, self.hard)
+
+    def decode_spans(self, ctx: ForwardContext) -> torch.Tensor:
+        z = getattr(self, "_z", None)
+        if z is None or z.device != ctx.progress.device:
+            z = self._z = torch.full((1, self.n_head), float(self.window - 1), device=ctx.progress.device)
+        return z
 
 
 class LearnedSpan(nn.Module):
@@ -88,6 +100,7 @@ class LearnedSpan(nn.Module):
         if dynamic:
             self.v = nn.Parameter(torch.zeros(cfg.n_head, cfg.d_model))  # zero: spans start at span_init
             self.v.keep_init = True  # Transformer.reset_parameters leaves it at zero
+        self._decode: tuple | None = None  # decode_spans' answer and what it was computed from
 
     def max_span(self, progress: torch.Tensor | float) -> torch.Tensor | float:
         if self.s_start == self.s_max:
@@ -106,6 +119,26 @@ class LearnedSpan(nn.Module):
         if self.training and self.penalty > 0:
             ctx.outputs.aux_losses.append(self.penalty * paid_span(z, self.ramp, self.tile).mean())
         return z
+
+    def decode_spans(self, ctx: ForwardContext) -> torch.Tensor | SpanPredictor:
+        key = (ctx.progress._version, self.a._version, None if self.v is None else self.v._version,
+               ctx.progress.device)
+        cached = getattr(self, "_decode", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        S = self.s_max if self.s_start == self.s_max else float(self.max_span(float(ctx.progress)))
+        a = _f32(self.a.detach())
+        if self.v is None:
+            out = (S * torch.sigmoid(a)).view(1, -1)
+        else:
+            out = SpanPredictor(_f32(self.v.detach()).contiguous(), a.contiguous(), S)
+        self._decode = (key, out)
+        return out
+
+    def _apply(self, fn, *args, **kwargs):
+        """.to(), .double(), ... replace parameter storage: drop the spans kept for decoding."""
+        self._decode = None
+        return super()._apply(fn, *args, **kwargs)
 
     def reach(self, progress: float) -> list[int]:
         """Per head: how many keys back (counting the query itself) any future query can see."""

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import compiled_decode
 from .attention import Attention
 from .cache import KVCache
 from .config import ModelConfig
@@ -50,6 +51,10 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i, self.rotary) for i in range(cfg.n_layer))
         self.stream = make_stream(cfg)  # None unless the residual kind carries more than x (model/streams.py)
+        # Whether the compiled decoding step can run each layer's attention: every span kind gives it its spans
+        # (the span relatives attend themselves) and no value residual mixes the values.
+        self._compiled_decoding = not cfg.value_residual and all(
+            b.attn.span is None or hasattr(b.attn.span, "decode_spans") for b in self.blocks)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -115,9 +120,13 @@ class Transformer(nn.Module):
             pos, key_padding_mask = padding_from_mask(key_padding_mask.to(idx.device), B, start, T)
             if key_padding_mask is not None:  # padded positions hold arbitrary ids (often out of range): never read
                 idx = idx.masked_fill(~key_padding_mask[:, start:], 0)
-        ctx = ForwardContext(start=start, length=T, progress=self.progress, cache=cache, causal=self.cfg.causal,
-                             key_padding_mask=key_padding_mask, pos=pos)
         x = self.embed(idx)  # (B, T, C)
+        rows = cache.rows if isinstance(cache, RaggedCache) else [cache] if isinstance(cache, KVCache) else []
+        decoding = (T == 1 and bool(rows) and key_padding_mask is None and self._compiled_decoding
+                    and not torch.is_grad_enabled() and all(c.compiled_step and c.dtype == rows[0].dtype for c in rows)
+                    and compiled_decode(x.dtype, rows[0].dtype, x.device))
+        ctx = ForwardContext(start=start, length=T, progress=self.progress, cache=cache, causal=self.cfg.causal,
+                             key_padding_mask=key_padding_mask, pos=pos, decoding=decoding)
         if states is not None:
             states.append(x)
         stream = self.stream
