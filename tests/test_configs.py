@@ -125,6 +125,8 @@ def test_a_finetune_folder_is_judged_by_the_shared_rule(tmp_path):
 # these are the values before the grid's sections became dataclasses, and must not change by accident.
 FINGERPRINTS = {"configs/grid-cpu-full.yaml": "6619824a1062313f", "configs/grid-cpu-long.yaml": "fb303a317c57415c",
                 "configs/grid-cpu.yaml": "3b0ad491751b9ade", "configs/grid-gpu.yaml": "9d4e8f582846f269",
+                # the main grid's fingerprint: its folder gains only the relatives' cells
+                "configs/grid-cpu-relatives.yaml": "3b0ad491751b9ade",
                 "tests/fixtures/grid-tiny.yaml": "bc18946ffc64016f"}
 
 
