@@ -60,6 +60,24 @@ def _put_ninja_on_path() -> None:
     os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
+def build(source: Path, name: str, flags: list[str]) -> tuple[ModuleType | None, str | None]:
+    """(the compiled module, None), or (None, why not): the checks and the build every native kernel shares."""
+    if os.environ.get("DYNAFORMER_NATIVE", "1") == "0":
+        return None, "disabled by DYNAFORMER_NATIVE=0"
+    if not source.exists():  # an exported model folder ships the Python kernels only
+        return None, "its source is not shipped here"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return None, "no C++ compiler on PATH"
+    _put_ninja_on_path()
+    try:
+        from torch.utils.cpp_extension import load as load_extension
+
+        return load_extension(name, [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                              verbose=False), None
+    except Exception as e:  # noqa: BLE001 - any build failure means: run without this kernel
+        return None, f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+
+
 def load() -> ModuleType | None:
     """The compiled module, building it on first call; None (once warned) where it cannot be built."""
     global _module, _reason
@@ -68,24 +86,8 @@ def load() -> ModuleType | None:
     with _lock:
         if _module is not None or _reason is not None:
             return _module
-        if os.environ.get("DYNAFORMER_NATIVE", "1") == "0":
-            _reason = "disabled by DYNAFORMER_NATIVE=0"
-            return None
-        if not SOURCE.exists():  # an exported model folder ships the Python kernels only
-            _reason = "its source is not shipped here"
-            return None
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
-            _reason = "no C++ compiler on PATH"
-            return None
-        _put_ninja_on_path()
-        try:
-            from torch.utils.cpp_extension import load as load_extension
-
-            flags = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
-            _module = load_extension(_build_name(), [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                                     verbose=False)
-        except Exception as e:  # noqa: BLE001 - any build failure means: use the Python kernel
-            _reason = f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+        _module, _reason = build(SOURCE, _build_name(), ["-O3", "-march=native", "-ffast-math", "-fopenmp"])
+        if _reason is not None and _reason.startswith("build failed"):
             warnings.warn(f"dynaformer: the compiled band kernel is unavailable ({_reason}); "
                           "using the Python band kernel", stacklevel=2)
         return _module

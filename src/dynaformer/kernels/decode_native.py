@@ -10,9 +10,7 @@ so an emulated AVX2 measurement times AVX2 code throughout.
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
-import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -20,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-from .band_native import _cpu_model, _put_ninja_on_path
+from .band_native import _cpu_model, build
 
 SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
 _lock = threading.Lock()
@@ -56,24 +54,9 @@ def load() -> ModuleType | None:
     with _lock:
         if _module is not None or _reason is not None:
             return _module
-        if os.environ.get("DYNAFORMER_NATIVE", "1") == "0":
-            _reason = "disabled by DYNAFORMER_NATIVE=0"
-            return None
-        if not SOURCE.exists():  # an exported model folder ships the Python kernels only
-            _reason = "its source is not shipped here"
-            return None
-        if shutil.which(os.environ.get("CXX", "c++")) is None:
-            _reason = "no C++ compiler on PATH"
-            return None
-        _put_ninja_on_path()
-        try:
-            from torch.utils.cpp_extension import load as load_extension
-
-            flags = ["-O3", *_isa_flags(), "-ffast-math", "-fopenmp"]
-            _module = load_extension(_build_name(flags), [str(SOURCE)], extra_cflags=flags,
-                                     extra_ldflags=["-fopenmp"], verbose=False)
-        except Exception as e:  # noqa: BLE001 - any build failure means: decode with the tensor ops
-            _reason = f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
+        flags = ["-O3", *_isa_flags(), "-ffast-math", "-fopenmp"]
+        _module, _reason = build(SOURCE, _build_name(flags), flags)
+        if _reason is not None and _reason.startswith("build failed"):
             warnings.warn(f"dynaformer: the compiled decoding step is unavailable ({_reason}); "
                           "decoding with tensor ops", stacklevel=2)
         return _module
