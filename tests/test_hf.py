@@ -19,7 +19,7 @@ from dynaformer.data import ByteTokenizer, CharTokenizer
 from dynaformer.model import Transformer
 from dynaformer.model.generate import generate
 
-from .conftest import MATRIX, tiny_config
+from .conftest import MATRIX, MATRIX_PAIRS, tiny_config
 from .conftest import assert_user_error as _one_line_error
 from .conftest import cli_in_process as _cli
 
@@ -380,7 +380,7 @@ def test_export_loads_without_dynaformer(tmp_path, text_file, capsys):
     assert exported["auto_map"]["AutoModelForCausalLM"] == "modeling_dynaformer.DynaformerForCausalLM"
     assert (tmp_path / "cli-export" / "modeling_dynaformer.py").is_file()
     models = {"cli-export": load_model(run)[0]}
-    for residual, span in MATRIX:
+    for residual, span in MATRIX_PAIRS:
         models[f"{residual}-{span}"] = m = _trained_like(residual, span)
         save_self_contained(DynaformerForCausalLM.from_dynaformer(m), tmp_path / f"{residual}-{span}")
     ids = torch.randint(0, 40, (2, 11))

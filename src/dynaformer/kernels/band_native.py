@@ -17,6 +17,7 @@ import platform
 import shutil
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -60,8 +61,9 @@ def _put_ninja_on_path() -> None:
     os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
-def build(source: Path, name: str, flags: list[str]) -> tuple[ModuleType | None, str | None]:
-    """(the compiled module, None), or (None, why not): the checks and the build every native kernel shares."""
+def build(source: Path, name: Callable[[], str], flags: list[str]) -> tuple[ModuleType | None, str | None]:
+    """(the compiled module, None), or (None, why not): the checks and the build every native kernel shares.
+    `name` is called only once the source is known to be there (it hashes the source)."""
     if os.environ.get("DYNAFORMER_NATIVE", "1") == "0":
         return None, "disabled by DYNAFORMER_NATIVE=0"
     if not source.exists():  # an exported model folder ships the Python kernels only
@@ -72,7 +74,7 @@ def build(source: Path, name: str, flags: list[str]) -> tuple[ModuleType | None,
     try:
         from torch.utils.cpp_extension import load as load_extension
 
-        return load_extension(name, [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        return load_extension(name(), [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                               verbose=False), None
     except Exception as e:  # noqa: BLE001 - any build failure means: run without this kernel
         return None, f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
@@ -86,7 +88,7 @@ def load() -> ModuleType | None:
     with _lock:
         if _module is not None or _reason is not None:
             return _module
-        _module, _reason = build(SOURCE, _build_name(), ["-O3", "-march=native", "-ffast-math", "-fopenmp"])
+        _module, _reason = build(SOURCE, _build_name, ["-O3", "-march=native", "-ffast-math", "-fopenmp"])
         if _reason is not None and _reason.startswith("build failed"):
             warnings.warn(f"dynaformer: the compiled band kernel is unavailable ({_reason}); "
                           "using the Python band kernel", stacklevel=2)

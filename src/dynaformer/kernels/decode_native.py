@@ -55,7 +55,7 @@ def load() -> ModuleType | None:
         if _module is not None or _reason is not None:
             return _module
         flags = ["-O3", *_isa_flags(), "-ffast-math", "-fopenmp"]
-        _module, _reason = build(SOURCE, _build_name(flags), flags)
+        _module, _reason = build(SOURCE, lambda: _build_name(flags), flags)
         if _reason is not None and _reason.startswith("build failed"):
             warnings.warn(f"dynaformer: the compiled decoding step is unavailable ({_reason}); "
                           "decoding with tensor ops", stacklevel=2)
