@@ -1,7 +1,9 @@
 """A single-node SLURM for tests, everything in one temporary folder: munged (as the munge user, with its own
 key and socket), slurmctld and slurmd (in the foreground, as root) on free ports, one node `localhost` with 2
-CPUs and one partition `debug`. `LocalSlurm.env` points the SLURM commands at it (SLURM_CONF); `stop()` ends
-the three daemons it started, by their process ids. Debian: `apt-get install slurm-wlm munge` (as root)."""
+CPUs and one partition `debug`. A requeued job starts again once its old credential has expired (cred_expire
++ 1 s: 121 s by default, 6 s here, SLURM's least). `LocalSlurm.env` points the SLURM commands at it
+(SLURM_CONF); `stop()` ends the three daemons it started, by their process ids. Debian: `apt-get install
+slurm-wlm munge` (as root)."""
 
 from __future__ import annotations
 
@@ -70,7 +72,7 @@ class LocalSlurm:
         conf = s / "slurm.conf"
         conf.write_text("\n".join([
             "ClusterName=dyntest", "SlurmctldHost=localhost", "SlurmUser=root", "SlurmdUser=root",
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={sock}",
+            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={sock},cred_expire=5",
             f"StateSaveLocation={s / 'state'}", f"SlurmdSpoolDir={s / 'spool'}",
             f"SlurmctldPidFile={s / 'slurmctld.pid'}", f"SlurmdPidFile={s / 'slurmd.pid'}",
             f"SlurmctldLogFile={s / 'log' / 'slurmctld.log'}", f"SlurmdLogFile={s / 'log' / 'slurmd.log'}",

@@ -261,6 +261,12 @@ def _task_state(slurm, job: str) -> str | None:
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED"}
 
 
+def _restarts(slurm, job: str) -> int:
+    """How many times SLURM requeued this job (array task) so far."""
+    text = slurm.run("scontrol", "show", "job", "--oneliner", job, check=False).stdout
+    return int(m.group(1)) if (m := re.search(r"Restarts=(\d+)", text)) else 0
+
+
 def _ended(slurm, *jobs: str) -> bool:
     """Every task of these jobs has ended for good (scontrol keeps ended jobs for MinJobAge, 600 s here)."""
     for job in jobs:
@@ -271,8 +277,21 @@ def _ended(slurm, *jobs: str) -> bool:
     return True
 
 
+def _why(slurm, *jobs: str) -> str:
+    """What SLURM says of these jobs and the tails of its daemons' logs, for a failing assertion."""
+    logs = slurm.base / "slurm" / "log"
+    parts = [slurm.run("scontrol", "show", "job", "--oneliner", j, check=False).stdout for j in jobs]
+    parts += [f"--- {f.name}\n" + f.read_text(errors="ignore")[-4000:] for f in sorted(logs.glob("*.log"))]
+    return "\n".join(parts)
+
+
 def _runs(cell: Path) -> list[dict]:
     return json.loads((cell / "slurm.json").read_text())["runs"]
+
+
+def _cell_logs(cells: dict[str, Path]) -> str:
+    return "".join(f"\n--- {k}\n" + ((c / "cell.log").read_text(errors="ignore")[-1500:] if (c / "cell.log").exists()
+                                      else "(no cell.log)") for k, c in cells.items())
 
 
 def _stop_step(log: str) -> int:
@@ -310,15 +329,16 @@ def test_grid_on_a_real_slurm(slurm, tmp_path, monkeypatch, capsys):
         _wait(lambda k=k: any((cells[k] / "run").glob("step-*")), 120, f"a checkpoint of {k}")
     slurm.run("scancel", jobs["baseline/seed0"])
     slurm.run("scancel", "--batch", "--signal=USR1", jobs["dyn_span/seed0"])
-    _wait(lambda: _task_state(slurm, jobs["dyn_span/seed0"]) == "PENDING BeginTime", 60, "the requeue")
-    slurm.run("scontrol", "update", f"JobId={jobs['dyn_span/seed0']}", "StartTime=now")  # skip requeue's delay
+    # requeued: it starts again once its old credential expired (6 s here); starting it sooner fails the task
+    _wait(lambda: _restarts(slurm, jobs["dyn_span/seed0"]) == 1, 60, "the requeue")
     _wait(lambda: _task_state(slurm, jobs["baseline/seed0"]) is None, 60, "the cancelled task to leave")
     assert not (cells["baseline/seed0"] / "result.json").exists()
-    assert _task_state(slurm, jobs["fixed_window/seed0"]) == "PENDING Dependency"
+    assert _task_state(slurm, jobs["fixed_window/seed0"]) == "PENDING Dependency", (
+        _why(slurm, *jobs.values()) + _cell_logs(cells))
 
     # the rerun submits the cancelled cell alone; the others are queued
     rep = json.loads(cli_in_process(capsys, *base, "--json").stdout)
-    assert list(rep["submitted"]) == ["baseline/seed0"]
+    assert list(rep["submitted"]) == ["baseline/seed0"], _why(slurm, jobs["dyn_span/seed0"]) + _cell_logs(cells)
     assert sorted(rep["queued"]) == ["dyn_span/seed0", "fixed_window/seed0"]
     all_jobs = {j.split("_")[0] for j in [*jobs.values(), *rep["submitted"].values()]}
     _wait(lambda: _ended(slurm, *all_jobs), 300, "the grid to finish")
@@ -362,11 +382,10 @@ def test_multinode_template_resumes_from_its_dcp_checkpoint(slurm, tmp_path, mon
                     "--data", "builtin:default", "--out", str(run)).stdout.strip()
     _wait(lambda: any(run.glob("step-*/dcp/.metadata")), 120, "a DCP checkpoint")
     slurm.run("scancel", "--batch", "--signal=USR1", job)
-    _wait(lambda: _task_state(slurm, job) == "PENDING BeginTime", 60, "the requeue")
-    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    _wait(lambda: _restarts(slurm, job) == 1, 60, "the requeue")
     _wait(lambda: _ended(slurm, job), 240, "the job to finish")
     log = (tmp_path / f"{job}.log").read_text()
-    assert "JobState=COMPLETED" in slurm.run("scontrol", "show", "job", job).stdout, log[-3000:]
+    assert "JobState=COMPLETED" in slurm.run("scontrol", "show", "job", job).stdout, log[-3000:] + _why(slurm, job)
     n = _stop_step(log)
     assert log.count(f"stopped by SIGTERM at step {n}; checkpoint saved") == 2  # both ranks, one step
     assert f"resumed from {run / f'step-{n}'} (step {n})" in log, log[-3000:]
