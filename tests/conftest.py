@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from dynaformer.data.corpus import generated_stories
-from dynaformer.model import ModelConfig
+from dynaformer.model import ModelConfig, Transformer
 from dynaformer.model.config import ResidualKind, SpanKind
 from dynaformer.model.span import causal_only
 
@@ -133,6 +133,17 @@ def tiny_config(**overrides) -> ModelConfig:
     cfg = ModelConfig(**base)
     cfg.validate()
     return cfg
+
+
+def trained_like(residual: str, span: str, **overrides) -> Transformer:
+    """A tiny model in eval mode whose every parameter and buffer is off its initial value (mechanism gates start
+    at 0, so a save/load or a cache that dropped them would go unnoticed on a fresh model)."""
+    model = Transformer(tiny_config(residual=residual, span=span, **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        model.progress.fill_(0.37)
+    return model.eval()
 
 
 @pytest.fixture(autouse=True)

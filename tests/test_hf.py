@@ -19,7 +19,7 @@ from dynaformer.data import ByteTokenizer, CharTokenizer
 from dynaformer.model import Transformer
 from dynaformer.model.generate import generate
 
-from .conftest import MATRIX, MATRIX_PAIRS, tiny_config
+from .conftest import MATRIX, MATRIX_PAIRS, tiny_config, trained_like
 from .conftest import assert_user_error as _one_line_error
 from .conftest import cli_in_process as _cli
 
@@ -30,22 +30,11 @@ from dynaformer.hf import DynaformerCache, DynaformerForCausalLM  # noqa: E402
 from dynaformer.hf.tokenization import to_hf_tokenizer  # noqa: E402
 
 
-def _trained_like(residual: str, span: str) -> Transformer:
-    """A model whose every parameter and buffer is off its initial value (mechanism gates start at 0, so
-    a save/load that dropped them would go unnoticed on a fresh model)."""
-    model = Transformer(tiny_config(residual=residual, span=span))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        model.progress.fill_(0.37)
-    return model.eval()
-
-
 @pytest.mark.parametrize("residual,span", MATRIX)
 def test_save_from_pretrained_identical(residual, span, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = _trained_like(residual, span)
+    model = trained_like(residual, span)
     DynaformerForCausalLM.from_dynaformer(model).save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     assert AutoConfig.from_pretrained(tmp_path).dynaformer == to_dict(model.cfg)  # every field round-trips
@@ -64,7 +53,7 @@ def test_save_from_pretrained_identical(residual, span, tmp_path):
 
 @pytest.mark.parametrize("residual,span", MATRIX)
 def test_generate_cached_uncached_and_ours(residual, span):
-    model = _trained_like(residual, span)
+    model = trained_like(residual, span)
     hf = DynaformerForCausalLM.from_dynaformer(model).eval()
     prompt = torch.randint(0, 64, (2, 6))
     n = 40  # past context_len=32: the cache is regrown from its tokens on the way
@@ -79,7 +68,7 @@ def test_generate_cached_uncached_and_ours(residual, span):
 
 
 def test_cache_step_by_step_matches_full_forward():
-    model = _trained_like("prenorm", "none")
+    model = trained_like("prenorm", "none")
     hf = DynaformerForCausalLM.from_dynaformer(model).eval()
     x = torch.randint(0, 64, (1, 50))
     with torch.no_grad():
@@ -96,7 +85,7 @@ def test_cache_step_by_step_matches_full_forward():
 
 
 def test_labels_loss_and_padding():
-    model = _trained_like("prenorm", "none")
+    model = trained_like("prenorm", "none")
     hf = DynaformerForCausalLM.from_dynaformer(model)
     x = torch.randint(0, 64, (2, 16))
     labels = x.clone()
@@ -129,7 +118,7 @@ def test_labels_loss_and_padding():
 
 
 def test_hidden_states_and_attentions():
-    model = _trained_like("dynamic", "dynamic")
+    model = trained_like("dynamic", "dynamic")
     hf = DynaformerForCausalLM.from_dynaformer(model).eval()
     x = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
@@ -147,7 +136,7 @@ def test_hidden_states_and_attentions():
 def test_resize_token_embeddings_round_trip(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = _trained_like("dynamic", "per_head")
+    model = trained_like("dynamic", "per_head")
     hf = DynaformerForCausalLM.from_dynaformer(model)
     hf.resize_token_embeddings(70)
     assert hf.config.vocab_size == 70 and hf.config.dynaformer["vocab_size"] == 70
@@ -176,7 +165,7 @@ def test_no_deprecation_warning_from_our_calls():
     handler.emit = lambda r: records.append(r.getMessage())
     lg.addHandler(handler)
     try:
-        hf = DynaformerForCausalLM.from_dynaformer(_trained_like("prenorm", "fixed")).eval()
+        hf = DynaformerForCausalLM.from_dynaformer(trained_like("prenorm", "fixed")).eval()
         x = torch.randint(0, 64, (1, 5))
         hf.generate(x, max_new_tokens=4, do_sample=False)
         hf.generate(x, max_new_tokens=4, do_sample=False, num_beams=2)
@@ -381,7 +370,7 @@ def test_export_loads_without_dynaformer(tmp_path, text_file, capsys):
     assert (tmp_path / "cli-export" / "modeling_dynaformer.py").is_file()
     models = {"cli-export": load_model(run)[0]}
     for residual, span in MATRIX_PAIRS:
-        models[f"{residual}-{span}"] = m = _trained_like(residual, span)
+        models[f"{residual}-{span}"] = m = trained_like(residual, span)
         save_self_contained(DynaformerForCausalLM.from_dynaformer(m), tmp_path / f"{residual}-{span}")
     ids = torch.randint(0, 40, (2, 11))
     mask = torch.ones_like(ids)

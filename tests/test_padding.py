@@ -10,7 +10,7 @@ import torch
 
 from dynaformer.model import Transformer
 
-from .conftest import MATRIX, tiny_config
+from .conftest import MATRIX, trained_like
 
 # Short spans, so bounded caches keep fewer keys than the prompts hold and compact while decoding.
 SPANS = dict(span_window=6, span_max=16, span_init=4.0, span_ramp=4)
@@ -18,12 +18,7 @@ LENGTHS = (9, 3, 14, 1)
 
 
 def _trained_like(residual: str, span: str, **kw) -> Transformer:
-    model = Transformer(tiny_config(residual=residual, span=span, **SPANS, **kw))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        model.progress.fill_(0.37)
-    return model.eval()
+    return trained_like(residual, span, **SPANS, **kw)
 
 
 def _left_padded(rows: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

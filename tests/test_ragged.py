@@ -10,18 +10,13 @@ import torch
 from dynaformer.model import Transformer
 from dynaformer.model.ragged import RaggedCache, reserved_bytes
 
-from .conftest import MATRIX, tiny_config
+from .conftest import MATRIX, tiny_config, trained_like
 
 SPANS = dict(span_window=6, span_max=16, span_init=4.0, span_ramp=4)  # short: bounded caches compact
 
 
 def _model(residual: str, span: str) -> Transformer:
-    model = Transformer(tiny_config(residual=residual, span=span, **SPANS))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        model.progress.fill_(0.37)
-    return model.eval()
+    return trained_like(residual, span, **SPANS)
 
 
 @pytest.mark.parametrize("residual,span", MATRIX)
