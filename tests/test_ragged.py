@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from dynaformer.model import Transformer
-from dynaformer.model.ragged import RaggedCache, reserved_bytes
+from dynaformer.model.ragged import RaggedCache, clone_cache, reserved_bytes
 
-from .conftest import MATRIX, tiny_config, trained_like
+from .conftest import MATRIX, SPANS, tiny_config, trained_like
 
-SPANS = dict(span_window=6, span_max=16, span_init=4.0, span_ramp=4)  # short: bounded caches compact
+SPAN_ARGS = dict(span_window=6, span_max=16, span_init=4.0, span_ramp=4)  # short: bounded caches compact
 
 
 def _model(residual: str, span: str) -> Transformer:
-    return trained_like(residual, span, **SPANS)
+    return trained_like(residual, span, **SPAN_ARGS)
 
 
 @pytest.mark.parametrize("residual,span", MATRIX)
@@ -67,3 +67,27 @@ def test_reserved_bytes_dense_and_bounded():
     with pytest.raises(ValueError, match="unpadded"):
         model(torch.zeros(1, 1, dtype=torch.long), cache=RaggedCache([model.new_cache(1, 4)]),
               key_padding_mask=torch.ones(1, 1))
+
+
+@pytest.mark.parametrize("span", SPANS)
+@torch.no_grad()
+def test_a_cloned_cache_continues_the_sequence_on_its_own(span):
+    """clone_cache (a server's n choices of one prompt): the copy decodes what a fresh prefill would, past the
+    point where a bounded buffer compacts, and decoding it leaves the original untouched."""
+    model = _model("dynamic", span)
+    prompt, steps = torch.randint(0, 64, (1, 9)), 14
+    tokens = torch.randint(0, 64, (steps, 1, 1))
+
+    def decode(cache) -> torch.Tensor:
+        return torch.cat([model(t, cache=RaggedCache([cache]))[0][:, -1] for t in tokens])
+
+    fresh = model.new_cache(1, 9 + steps)
+    model(prompt, cache=fresh)
+    original = model.new_cache(1, 9 + steps)
+    model(prompt, cache=original)
+    copy = clone_cache(original)
+    expected = decode(fresh)
+    torch.testing.assert_close(decode(copy), expected, rtol=0, atol=0)
+    assert copy.length == 9 + steps and original.length == 9
+    torch.testing.assert_close(decode(original), expected, rtol=0, atol=0)
+    assert reserved_bytes(copy) == reserved_bytes(original)

@@ -197,6 +197,99 @@ def test_seeded_sampling_reproducible(servers, runs):
     assert topk == c.completions.create(model="span", prompt="the", max_tokens=25, temperature=0).choices[0].text
 
 
+def sampled(server, prompt, seed: int, n: int = 1, **kw) -> list[str]:
+    """The choices' texts of one seeded sampling request, in index order (checked to be 0..len-1)."""
+    r = client(server).completions.create(model=server.name, prompt=prompt, max_tokens=kw.pop("max_tokens", 20),
+                                          temperature=1.0, top_p=0.9, seed=seed, n=n, **kw)
+    assert sorted(ch.index for ch in r.choices) == list(range(len(r.choices)))
+    return [ch.text for ch in sorted(r.choices, key=lambda ch: ch.index)]
+
+
+def test_n_choices_are_the_derived_seeds_single_requests(servers):
+    """n choices of a seeded request: choice j samples what a one-choice request seeded seed + j gives, so the
+    choices differ and the whole response is reproducible; a list of prompts numbers them prompt × n + j."""
+    server = servers["span"]
+    three = sampled(server, "the", 7, n=3)
+    assert three == [sampled(server, "the", s)[0] for s in (7, 8, 9)]
+    assert len(set(three)) == 3 and sampled(server, "the", 7, n=3) == three
+    four = sampled(server, ["the", "zz top"], 7, n=2, max_tokens=12)
+    assert four == [sampled(server, p, s, max_tokens=12)[0] for p in ("the", "zz top") for s in (7, 8)]
+    r = client(server).completions.create(model="span", prompt=["the", "zz top"], max_tokens=12, temperature=1.0,
+                                          seed=7, n=2)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (3 + 6, 4 * 12)
+
+
+def test_n_choices_stream_each_chunk_naming_its_choice(servers):
+    server = servers["span"]
+    whole = sampled(server, ["a b", "the"], 5, n=3, max_tokens=15)
+    body = {"prompt": ["a b", "the"], "max_tokens": 15, "temperature": 1.0, "top_p": 0.9, "seed": 5, "n": 3,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with HTTP.stream("POST", server.url + "/v1/completions", json=body) as r:
+        events = [ln[len("data: "):] for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 6 * 15
+    texts, finished = [""] * 6, []
+    for e in events[:-2]:
+        (choice,) = json.loads(e)["choices"]  # one choice per chunk, named by its index
+        texts[choice["index"]] += choice["text"]
+        if choice["finish_reason"]:
+            finished.append(choice["index"])
+    assert texts == whole and sorted(finished) == list(range(6))
+
+
+def test_n_prefills_each_prompt_once(servers, monkeypatch):
+    """A prompt's n sequences share one prefill: its cache is copied, not recomputed."""
+    server = servers["dense"]
+    model = server.engine.model
+    calls: list[tuple[int, int]] = []
+    real = model.hidden
+
+    def counting(idx, *a, **kw):
+        calls.append(tuple(idx.shape))
+        return real(idx, *a, **kw)
+
+    monkeypatch.setattr(model, "hidden", counting)
+    texts = sampled(server, ["hello there", "the cat"], 3, n=4, max_tokens=6)
+    prefills = [c for c in calls if c[1] > 1]
+    assert sorted(prefills) == [(1, 7), (1, 11)]  # one forward per prompt, for 2 × 4 choices
+    assert len(set(texts[:4])) > 1 and len(set(texts[4:])) > 1  # the copies sample apart
+
+
+def test_greedy_n_choices_are_one_decoded_text(servers):
+    """temperature 0 with n > 1 (OpenAI accepts it): n identical choices, decoded once, usage counting each."""
+    server = servers["dense"]
+    c = client(server)
+    one = c.completions.create(model="dense", prompt="the cat", max_tokens=10, temperature=0).choices[0].text
+    before = metrics(server)["dynaformer_tokens_generated_total"]
+    r = c.completions.create(model="dense", prompt="the cat", max_tokens=10, temperature=0, n=3)
+    assert [ch.text for ch in sorted(r.choices, key=lambda ch: ch.index)] == [one] * 3
+    assert r.usage.completion_tokens == 30
+    assert metrics(server)["dynaformer_tokens_generated_total"] - before == 10
+
+
+def test_n_choices_admitted_by_their_whole_kv_bytes(runs):
+    """Admission charges all n caches: n whose caches never fit the budget, or that exceed the batch, is a 400
+    naming n; a fitting n holds n caches' bytes while it runs, and gives them all back."""
+    server = BackgroundServer(runs["dense"], ServeConfig(port=0, kv_budget_mb=1, max_batch=4))
+    try:
+        per = server.engine.kv_bytes(1 + 1000)  # prompt "a" + max_tokens
+        assert 2 * per <= server.engine.kv_budget < 3 * per
+        for body in ({"prompt": "a", "max_tokens": 1000, "n": 3}, {"prompt": "a", "max_tokens": 2, "n": 5}):
+            r = HTTP.post(server.url + "/v1/completions", json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+        assert r.json()["error"]["message"].count("max_batch") == 1
+        r = HTTP.post(server.url + "/v1/completions", json={"prompt": "a", "max_tokens": 1000, "n": 3,
+                                                            "temperature": 0})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 3  # greedy: one sequence's bytes
+        body = {"prompt": "a", "max_tokens": 1000, "n": 2, "stream": True}
+        with HTTP.stream("POST", server.url + "/v1/completions", json=body) as r:
+            next(r.iter_lines())
+            m = metrics(server)
+            assert m["dynaformer_active_sequences"] == 2 and m["dynaformer_kv_bytes_in_use"] == 2 * per
+        assert wait_idle(server)["dynaformer_kv_bytes_in_use"] == 0
+    finally:
+        server.close()
+
+
 BAD = [
     ("{not json", None),
     ("[1, 2]", None),
@@ -221,7 +314,13 @@ BAD = [
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": "a", "seed": "x"}, "seed"),
     ({"prompt": "a", "stream": "yes"}, "stream"),
-    ({"prompt": "a", "n": 2}, "n"),
+    ({"prompt": "a", "n": 0}, "n"),
+    ({"prompt": "a", "n": -2}, "n"),
+    ({"prompt": "a", "n": 1.5}, "n"),
+    ({"prompt": "a", "n": "2"}, "n"),
+    ({"prompt": "a", "n": True}, "n"),
+    ({"prompt": "a", "n": 129}, "n"),
+    ({"prompt": "a", "n": 2, "best_of": 3}, "best_of"),
     ({"prompt": "a", "logprobs": 3}, "logprobs"),
     ({"prompt": "a", "frobnicate": [1]}, "frobnicate"),
     ({"prompt": "a", "model": 3}, "model"),

@@ -10,6 +10,7 @@ no row's cache is padded or copied, so a span-bounded row keeps its bounded memo
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -58,3 +59,11 @@ def reserved_bytes(cache: KVCache) -> int:
         else:
             total += layer.nbytes()  # a bounded cache's buffers, slack included
     return total
+
+
+def clone_cache(cache: KVCache) -> KVCache:
+    """An independent copy of a cache, buffers and bookkeeping: the sequence it holds, continued twice (a server's
+    n choices of one prompt share its prefill). A deep copy, so every cache kind (dense, span-bounded, a span
+    relative's own) copies whole, and views of one buffer (a bounded group's keys and values) stay views of the
+    one copied buffer: torch's deepcopy copies a storage once and rebuilds its views on the copy."""
+    return copy.deepcopy(cache)

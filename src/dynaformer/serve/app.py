@@ -12,7 +12,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -24,6 +24,7 @@ from .engine import Engine, Rejected, SamplingParams, Sequence
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_STOP_CHARS = 256
+MAX_N = 128  # OpenAI's limit on n (choices per prompt)
 
 
 class ApiError(Exception):
@@ -79,9 +80,23 @@ KNOWN = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop
          "logit_bias", "suffix", "user"}
 
 
+class Completion(NamedTuple):
+    """A checked request: prompts as token ids, sampling, n choices per prompt, stream, include_usage."""
+    prompts: list[list[int]]
+    params: SamplingParams
+    n: int
+    stream: bool
+    include_usage: bool
+
+    @property
+    def decoded(self) -> int:
+        """Sequences decoded per prompt: n, or 1 when greedy (temperature 0), whose n choices are one text."""
+        return 1 if self.params.temperature == 0 else self.n
+
+
 def parse_completion(body: Any, engine: Engine, encode: Callable[[str], list[int]], vocab_size: int,
-                     model_name: str, max_tokens_default: int) -> tuple[list[list[int]], SamplingParams, bool, bool]:
-    """(prompts as token ids, sampling, stream, include_usage) of a request body, or ApiError naming the field."""
+                     model_name: str, max_tokens_default: int) -> Completion:
+    """The checked request of a body, or ApiError naming the field."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_body")
     unknown = sorted(set(body) - KNOWN)
@@ -105,14 +120,26 @@ def parse_completion(body: Any, engine: Engine, encode: Callable[[str], list[int
         raise ApiError(400, f"this model's context is {engine.context_len} tokens; the prompt takes {longest}, so "
                             f"max_tokens may be at most {engine.context_len - longest}, got {max_tokens}",
                        "max_tokens", "context_length_exceeded")
-    need = engine.kv_bytes(longest + max_tokens)
-    if need > engine.kv_budget:
-        raise ApiError(400, f"the prompt and max_tokens need {need / 2**20:.1f} MiB of KV cache, more than the "
-                            f"server's whole budget ({engine.kv_budget / 2**20:.1f} MiB); ask for fewer tokens",
-                       "max_tokens", "kv_budget_exceeded")
     temperature = _number(body, "temperature", 1.0)
     if not 0 <= temperature <= 2:
         raise ApiError(400, f"temperature must be in [0, 2], got {temperature}", "temperature", "invalid_value")
+    n = _integer(body, "n", 1)
+    if not 1 <= n <= MAX_N:
+        raise ApiError(400, f"n must be in 1..{MAX_N}, got {n}", "n", "invalid_value")
+    decoded = 1 if temperature == 0 else n  # greedy: the n choices are one text, decoded once
+    if decoded > engine.max_batch:
+        raise ApiError(400, f"n = {n} sampled choices are decoded together, but this server decodes at most "
+                            f"{engine.max_batch} sequences at once (--max_batch); ask for fewer", "n", "invalid_value")
+    if decoded * len(prompts) > engine.max_queue:
+        raise ApiError(400, f"n: {len(prompts)} prompts × n = {n} make {decoded * len(prompts)} sequences, more "
+                            f"than the {engine.max_queue} this server queues (--max_queue)", "n", "invalid_value")
+    need = decoded * engine.kv_bytes(longest + max_tokens)
+    if need > engine.kv_budget:
+        what = f"the prompt and max_tokens, × n = {n} choices," if decoded > 1 else "the prompt and max_tokens"
+        raise ApiError(400, f"{what} need {need / 2**20:.1f} MiB of KV cache, more than the server's whole budget "
+                            f"({engine.kv_budget / 2**20:.1f} MiB); ask for fewer tokens"
+                            + (" or choices" if decoded > 1 else ""),
+                       "n" if decoded > 1 else "max_tokens", "kv_budget_exceeded")
     top_p = _number(body, "top_p", 1.0)
     if not 0 < top_p <= 1:
         raise ApiError(400, f"top_p must be in (0, 1], got {top_p}", "top_p", "invalid_value")
@@ -134,8 +161,7 @@ def parse_completion(body: Any, engine: Engine, encode: Callable[[str], list[int
             raise ApiError(400, "stream_options must be {\"include_usage\": true|false}", "stream_options",
                            "invalid_type")
         include_usage = opts.get("include_usage", False)
-    _only(body, "n", (1, None), "n = 1")
-    _only(body, "best_of", (1, None), "best_of = 1")
+    _only(body, "best_of", (None, n), "best_of = n (no extra candidates to choose among)")
     _only(body, "echo", (False, None), "echo = false")
     _only(body, "logprobs", (None,), "logprobs = null")
     _only(body, "presence_penalty", (0, None), "presence_penalty = 0")
@@ -146,7 +172,7 @@ def parse_completion(body: Any, engine: Engine, encode: Callable[[str], list[int
         raise ApiError(400, f"user must be a string, got {json.dumps(body['user'])}", "user", "invalid_type")
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=None if top_p == 1 else top_p,
                             top_k=top_k if top_k and top_k > 0 else None, stop=stop, seed=seed)
-    return prompts, params, stream, include_usage
+    return Completion(prompts, params, n, stream, include_usage)
 
 
 def _prompts(prompt: Any, encode: Callable[[str], list[int]], vocab_size: int, most: int) -> list[list[int]]:
@@ -251,21 +277,27 @@ def create_app(served: Served, lifespan: Any = None) -> CountRequests:
                 body = json.loads(await request.body())
             except (ValueError, UnicodeDecodeError) as e:
                 raise ApiError(400, f"the body is not valid JSON ({e})", None, "invalid_json") from None
-            prompts, params, stream, include_usage = parse_completion(
-                body, engine, served.encode, served.vocab_size, served.model_name, served.max_tokens_default)
+            req = parse_completion(body, engine, served.encode, served.vocab_size, served.model_name,
+                                   served.max_tokens_default)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
 
-            def sink_for(i: int):
+            def sink_for(indices: list[int]):
                 def sink(event) -> None:
                     try:
-                        loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+                        for i in indices:
+                            loop.call_soon_threadsafe(queue.put_nowait, (i, event))
                     except RuntimeError:  # the loop is gone (shutting down): nobody is listening
                         pass
                 return sink
 
+            # OpenAI's order: prompt i's choice j is choice i * n + j. Sampled choices are sequences of their own;
+            # greedy ones are one sequence whose events go to all n choices.
+            n, per = req.n, req.decoded
+            sinks = [sink_for([i * n + j] if per == n else list(range(i * n, i * n + n)))
+                     for i in range(len(req.prompts)) for j in range(per)]
             try:
-                seqs = engine.submit(prompts, params, [sink_for(i) for i in range(len(prompts))])
+                seqs = engine.submit(req.prompts, req.params, sinks, per)
             except Rejected as e:
                 kind = "rate_limit_exceeded" if e.status == 429 else "server_shutting_down"
                 raise ApiError(e.status, str(e), None, kind, kind="server_error" if e.status == 503 else "requests",
@@ -274,11 +306,12 @@ def create_app(served: Served, lifespan: Any = None) -> CountRequests:
             return e.response()
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": served.model_name}
-        usage_of = _usage(prompts, seqs)
-        if stream:
-            return StreamingResponse(_events(engine, seqs, queue, head, include_usage, usage_of),
+        usage_of = _usage(req.prompts, seqs, req.n // req.decoded)
+        choices = len(req.prompts) * req.n
+        if req.stream:
+            return StreamingResponse(_events(engine, seqs, choices, queue, head, req.include_usage, usage_of),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await _complete(request, engine, seqs, queue, head, usage_of)
+        return await _complete(request, engine, seqs, choices, queue, head, usage_of)
 
     async def models(request: Request) -> Response:
         if not served.authorized(request):
@@ -302,9 +335,11 @@ def create_app(served: Served, lifespan: Any = None) -> CountRequests:
     return CountRequests(app, served, {r.path for r in routes})
 
 
-def _usage(prompts: list[list[int]], seqs: list[Sequence]) -> Callable[[], dict]:
+def _usage(prompts: list[list[int]], seqs: list[Sequence], copies: int) -> Callable[[], dict]:
+    """OpenAI's usage: each prompt counted once, every choice's tokens (a greedy sequence sent as `copies`
+    choices counts `copies` times)."""
     def usage() -> dict:
-        p, c = sum(len(x) for x in prompts), sum(len(s.tokens) for s in seqs)
+        p, c = sum(len(x) for x in prompts), copies * sum(len(s.tokens) for s in seqs)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
     return usage
 
@@ -317,13 +352,14 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-async def _events(engine: Engine, seqs: list[Sequence], queue: asyncio.Queue, head: dict, include_usage: bool,
-                  usage: Callable[[], dict]) -> AsyncIterator[str]:
-    """Server-sent events: a chunk per text delta, one with each choice's finish_reason, then [DONE]. A client
-    that goes away closes this generator: its sequences are cancelled and leave at the engine's next step."""
+async def _events(engine: Engine, seqs: list[Sequence], choices: int, queue: asyncio.Queue, head: dict,
+                  include_usage: bool, usage: Callable[[], dict]) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per text delta of a choice (naming its index), one with each choice's
+    finish_reason, then [DONE]. A client that goes away closes this generator: its sequences are cancelled and
+    leave at the engine's next step."""
     try:
         done = 0
-        while done < len(seqs):
+        while done < choices:
             i, (kind, value) = await queue.get()
             if kind == "text":
                 yield _sse({**head, "choices": [_choice(i, value, None)]})
@@ -341,15 +377,15 @@ async def _events(engine: Engine, seqs: list[Sequence], queue: asyncio.Queue, he
         engine.cancel(seqs)
 
 
-async def _complete(request: Request, engine: Engine, seqs: list[Sequence], queue: asyncio.Queue, head: dict,
-                    usage: Callable[[], dict]) -> Response:
+async def _complete(request: Request, engine: Engine, seqs: list[Sequence], choices: int, queue: asyncio.Queue,
+                    head: dict, usage: Callable[[], dict]) -> Response:
     """The whole completion as one JSON object; a client that disconnects while waiting cancels its sequences."""
-    texts = [""] * len(seqs)
-    finish: list[str | None] = [None] * len(seqs)
+    texts = [""] * choices
+    finish: list[str | None] = [None] * choices
     errors = []
     done = 0
     try:
-        while done < len(seqs):
+        while done < choices:
             try:
                 i, (kind, value) = await asyncio.wait_for(queue.get(), timeout=0.5)
             except TimeoutError:
@@ -394,6 +430,8 @@ def prometheus_text(served: Served) -> str:
          engine.kv_bytes(engine.context_len)),
         ("kv_max_sessions", "gauge", "Sequences of the full context the budget admits at once.",
          engine.max_sessions()),
+        ("kv_element_bytes", "gauge", "Bytes per cached key or value element (--cache_dtype).",
+         engine.kv_dtype.itemsize),
         ("draining", "gauge", "1 after SIGTERM: new requests get 503.", int(engine.draining)),
     ]
     for name, kind, doc, value in gauges:

@@ -9,8 +9,16 @@ sequences leave between steps and their caches are freed at once. Why this desig
 
 A sequence's KV bytes are known before it is admitted: its cache is allocated whole when it joins (a dense cache
 for prompt + max_tokens positions, a span-bounded one for its reach), so the budget is never exceeded and
-`kv_bytes_in_use` is exact. Callers get events through a sink called on the engine thread: ("text", delta),
-then ("done", finish_reason) with finish_reason "stop", "length" or "cancelled", or ("error", message).
+`kv_bytes_in_use` is exact.
+
+`n` > 1 (OpenAI's n choices per prompt): the prompt's n sequences form a group, admitted together (all n caches
+must fit the budget and the batch at once) and prefilled once: the first sequence's cache is filled by one forward
+and copied into the others (`model/ragged.py:clone_cache`), and all n sample their first token from the same
+logits, each with its own generator (choice j of a seeded request uses seed + j, `choice_seed`). From then on
+they are independent sequences of the batch.
+
+Callers get events through a sink called on the engine thread: ("text", delta), then ("done", finish_reason)
+with finish_reason "stop", "length" or "cancelled", or ("error", message).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import torch
 
 from ..model import Transformer
 from ..model.generate import sample_next
-from ..model.ragged import RaggedCache, reserved_bytes
+from ..model.ragged import RaggedCache, clone_cache, reserved_bytes
 
 Event = tuple[str, str]
 Sink = Callable[[Event], None]
@@ -40,6 +48,12 @@ class SamplingParams:
     top_k: int | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+
+def choice_seed(seed: int, j: int) -> int:
+    """The seed of choice j of a request seeded with `seed`: seed + j, taken mod 2⁶⁴ as torch takes seeds (so
+    choice 0 is the request's own seed, and choice j samples what a one-choice request seeded seed + j would)."""
+    return (seed + j) % 2**64
 
 
 class Rejected(Exception):
@@ -102,11 +116,11 @@ class Sequence:
     """One prompt being completed: its tokens, cache, sampler state and text stream."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, kv_bytes: int, sink: Sink,
-                 decode: Callable[[list[int]], str]) -> None:
+                 decode: Callable[[list[int]], str], choice: int = 0) -> None:
         self.prompt, self.params, self.kv_bytes, self.sink = prompt, params, kv_bytes, sink
         self.tokens: list[int] = []
         self.cache = None
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seed = choice_seed(params.seed, choice) if params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed) if params.temperature > 0 else None
         self.stream = TextStream(decode, params.stop)
         self.cancelled = False
@@ -117,24 +131,27 @@ class Engine:
     """Continuous batching over one model. `submit` and `cancel` may be called from any thread."""
 
     def __init__(self, model: Transformer, decode: Callable[[list[int]], str], kv_budget_bytes: int,
-                 max_batch: int = 64, max_queue: int = 256) -> None:
+                 max_batch: int = 64, max_queue: int = 256, cache_dtype: torch.dtype | None = None) -> None:
         self.model = model.eval()
+        self.cache_dtype = cache_dtype  # the KV cache's (None: the model's); sizes below are measured in it
+        self.kv_dtype = cache_dtype or next(model.parameters()).dtype
         self.decode = decode
         self.context_len = model.cfg.context_len
         self.kv_budget = int(kv_budget_bytes)
         self.max_batch, self.max_queue = max_batch, max_queue
         # A cache's bytes are a fixed part (span-bounded layers) plus a part per position (dense layers):
         # measured on two empty caches here, before the engine thread owns the model.
-        one, two = (reserved_bytes(model.new_cache(1, n)) for n in (1, 2))
+        one, two = (reserved_bytes(model.new_cache(1, n, dtype=cache_dtype)) for n in (1, 2))
         self._kv_per_position, self._kv_fixed = two - one, 2 * one - two
         model.new_cache(1, self.context_len)  # the position tables for the whole context, built now
         with torch.no_grad():  # a first prefill and step now: a kernel built on first use delays no client
             n = max(1, min(self.context_len - 1, 512))
-            cache = model.new_cache(1, n + 1)
+            cache = model.new_cache(1, n + 1, dtype=cache_dtype)
             model.hidden(torch.zeros(1, n, dtype=torch.long), cache)
             model.hidden(torch.zeros(1, 1, dtype=torch.long), RaggedCache([cache]))
         self._cond = threading.Condition()
-        self._waiting: deque[Sequence] = deque()
+        self._waiting: deque[list[Sequence]] = deque()  # groups: a prompt's n choices join together
+        self._n_waiting = 0  # sequences in those groups
         self._active: list[Sequence] = []
         self.kv_in_use = 0
         self.tokens_total = 0
@@ -159,20 +176,25 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, sinks: list[Sink]) -> list[Sequence]:
-        """Queue one sequence per prompt, or raise `Rejected` (nothing queued). Sizes are the caller's to check
-        (each prompt + max_tokens within the context, each cache within the budget)."""
+    def submit(self, prompts: list[list[int]], params: SamplingParams, sinks: list[Sink], n: int = 1) -> list[Sequence]:
+        """Queue n sequences per prompt (sinks and the result in OpenAI's choice order: prompt i's choice j is
+        i * n + j), or raise `Rejected` (nothing queued). Sizes are the caller's to check (each prompt +
+        max_tokens within the context, a prompt's n caches within the budget, n within the batch)."""
+        if len(sinks) != len(prompts) * n:
+            raise ValueError(f"submit: {len(prompts)} prompts × n = {n} need {len(prompts) * n} sinks, "
+                             f"got {len(sinks)}")
         with self._cond:
             if self.draining or self._stop:
                 raise Rejected(503, "the server is shutting down; send the request to another instance", 5)
-            if len(self._waiting) + len(prompts) > self.max_queue:
-                raise Rejected(429, f"the server is busy ({len(self._waiting)} sequences wait for "
+            if self._n_waiting + len(sinks) > self.max_queue:
+                raise Rejected(429, f"the server is busy ({self._n_waiting} sequences wait for "
                                     f"{self.max_queue} places); retry later", 1)
-            seqs = [Sequence(p, params, self.kv_bytes(len(p) + params.max_tokens), sink, self.decode)
-                    for p, sink in zip(prompts, sinks, strict=True)]
-            self._waiting.extend(seqs)
+            groups = [[Sequence(p, params, self.kv_bytes(len(p) + params.max_tokens), sinks[i * n + j], self.decode, j)
+                       for j in range(n)] for i, p in enumerate(prompts)]
+            self._waiting.extend(groups)
+            self._n_waiting += len(sinks)
             self._cond.notify()
-        return seqs
+        return [s for g in groups for s in g]
 
     def cancel(self, seqs: list[Sequence]) -> None:
         """Stop these sequences (a client went away): they leave, and free their caches, at the next step."""
@@ -200,7 +222,7 @@ class Engine:
         now = time.monotonic()
         with self._cond:
             recent = [(t, n) for t, n in self._recent if t > now - 10.0]
-            out = {"queue_length": len(self._waiting), "active_sequences": len(self._active),
+            out = {"queue_length": self._n_waiting, "active_sequences": len(self._active),
                    "kv_bytes_in_use": self.kv_in_use, "tokens_total": self.tokens_total}
         span = now - recent[0][0] if recent else 0.0
         out["tokens_per_second"] = sum(n for _, n in recent) / max(span, 1.0) if recent else 0.0
@@ -220,8 +242,8 @@ class Engine:
                 joining = self._admit_locked()
             try:
                 with torch.no_grad():
-                    for s in joining:
-                        self._prefill(s)
+                    for group in joining:
+                        self._prefill(group)
                     self._retire()
                     if self._active:
                         self._step()
@@ -232,35 +254,51 @@ class Engine:
                         s.sink(("error", f"generation failed: {type(e).__name__}: {e}"))
             self._retire()
 
-    def _admit_locked(self) -> list[Sequence]:
+    def _admit_locked(self) -> list[list[Sequence]]:
+        """The groups that join now, whole (a prompt's n choices join together or wait together)."""
         joining = []
         while self._waiting:
-            s = self._waiting[0]
-            if s.cancelled:
+            group = self._waiting[0]
+            for s in group:
+                if s.cancelled and s.finish is None:
+                    self._end(s, "cancelled")
+            live = [s for s in group if not s.cancelled]
+            need = sum(s.kv_bytes for s in live)
+            if not live:
                 self._waiting.popleft()
-                self._end(s, "cancelled")
+                self._n_waiting -= len(group)
                 continue
-            if s.kv_bytes > self.kv_budget:  # could never fit (callers check this first)
+            if need > self.kv_budget or len(live) > self.max_batch:
                 self._waiting.popleft()
-                s.finish = "error"
-                s.sink(("error", f"the sequence needs {s.kv_bytes} bytes of KV cache, over the whole budget"))
+                self._n_waiting -= len(group)
+                for s in live:  # could never fit (callers check this first)
+                    s.finish = "error"
+                    s.sink(("error", f"the request needs {need} bytes of KV cache and {len(live)} batch places at "
+                                     f"once, over the whole budget ({self.kv_budget}) or batch ({self.max_batch})"))
                 continue
-            if len(self._active) >= self.max_batch or self.kv_in_use + s.kv_bytes > self.kv_budget:
+            if len(self._active) + len(live) > self.max_batch or self.kv_in_use + need > self.kv_budget:
                 break  # first come, first served: the head waits for room
             self._waiting.popleft()
-            self.kv_in_use += s.kv_bytes
-            self._active.append(s)
-            joining.append(s)
+            self._n_waiting -= len(group)
+            self.kv_in_use += need
+            self._active.extend(live)
+            joining.append(live)
         return joining
 
-    def _prefill(self, s: Sequence) -> None:
-        """The newcomer's prompt in its own forward, into its own cache (as model.generate does)."""
-        if s.cancelled:
+    def _prefill(self, group: list[Sequence]) -> None:
+        """The newcomers' prompt in its own forward, into the first one's cache (as model.generate does); the other
+        choices of the prompt get copies of that cache and sample from the same logits with their own generators."""
+        live = [s for s in group if not s.cancelled]
+        if not live:
             return
-        model = self.model
-        s.cache = model.new_cache(1, min(self.context_len, len(s.prompt) + s.params.max_tokens))
-        ids = torch.tensor([s.prompt])
-        self._sample([s], model.head(model.hidden(ids, s.cache)[:, -1]))
+        model, lead = self.model, live[0]
+        lead.cache = model.new_cache(1, min(self.context_len, len(lead.prompt) + lead.params.max_tokens),
+                                     dtype=self.cache_dtype)
+        ids = torch.tensor([lead.prompt])
+        logits = model.head(model.hidden(ids, lead.cache)[:, -1])
+        for s in live[1:]:
+            s.cache = clone_cache(lead.cache)
+        self._sample(live, logits.expand(len(live), -1))
 
     def _step(self) -> None:
         """One decode step: a single forward over every active sequence's last token."""
@@ -306,11 +344,12 @@ class Engine:
             self._active = keep
 
     def _cancel_all_locked(self) -> None:
-        for s in list(self._waiting) + self._active:
+        for s in [s for g in self._waiting for s in g] + self._active:
             s.cancelled = True
             if s.finish is None:
                 self._end(s, "cancelled")
         self._waiting.clear()
+        self._n_waiting = 0
         for s in self._active:
             self.kv_in_use -= s.kv_bytes
             s.cache = None
