@@ -42,7 +42,7 @@ SPAN = dict(DENSE, residual="dynamic", span="dynamic", span_max=16, span_ramp=4,
 PROMPTS = ["a", "the cat", "hello there, world", "zz", "quiet night.\nthe", "x y z", "to be or not to be", "ok"]
 
 
-def make_run(folder: Path, **model) -> Path:
+def make_run(folder: Path, progress: float = 0.0, **model) -> Path:
     """A run folder (one verified checkpoint, char tokenizer) of a randomly initialised, perturbed model."""
     torch.manual_seed(0)
     tok = CharTokenizer(CHARS)
@@ -51,6 +51,7 @@ def make_run(folder: Path, **model) -> Path:
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p))
+        net.progress.fill_(progress)  # where training stopped: a learned span's cache bound depends on it
     save_checkpoint(folder, 1, net.state_dict(), {"model": to_dict(cfg), "tokenizer": tok.to_dict()}, {"step": 1})
     return folder
 

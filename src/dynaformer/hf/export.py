@@ -20,7 +20,7 @@ from ..errors import DynaformerError
 from ..runs import load_model
 from .bundle import AUTO_MAP, write_bundle
 from .modeling import DynaformerForCausalLM
-from .tokenization import to_hf_tokenizer
+from .tokenization import from_hf_spec, to_hf_tokenizer
 
 _CARD = """---
 library_name: transformers
@@ -92,6 +92,19 @@ def load_tokenizer_file(path: str | Path):
 
 
 EXPORT_MARKER = ".dynaformer-export"
+
+
+def load_export(folder: str | Path):
+    """(Transformer in eval mode, our tokenizer) of an exported folder: the model through this package's own
+    `DynaformerForCausalLM.from_pretrained` (no remote code), the tokenizer read back from tokenizer.json
+    (`from_hf_spec`), so it encodes and decodes exactly as the run's did."""
+    folder = Path(folder)
+    try:
+        model = DynaformerForCausalLM.from_pretrained(folder).model
+        spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DynaformerError(f"exported model '{folder}': cannot load it ({str(e).splitlines()[0]})") from None
+    return model.eval(), from_hf_spec(spec, model.cfg.vocab_size)
 
 
 def _inside(a: Path, b: Path) -> bool:

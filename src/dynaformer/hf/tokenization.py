@@ -61,3 +61,25 @@ def to_hf_tokenizer(tok, model_max_length: int | None = None):
 
 
 PAD = "<|pad|>"
+
+
+def from_hf_spec(spec: dict, vocab_size: int):
+    """The inverse of `to_hf_tokenizer`: our tokenizer from an exported folder's tokenizer.json (a `tokenizers`
+    JSON) and the model's vocabulary size. A merge-less BPE over characters (Fuse decoder) is the char tokenizer,
+    one over the 256 byte symbols (ByteLevel) the byte tokenizer, anything else a BPE tokenizer as is; the pad
+    token that byte and char exports add one past the vocabulary is left out."""
+    model = spec.get("model") or {}
+    vocab, merges = model.get("vocab"), model.get("merges")
+    decoder = (spec.get("decoder") or {}).get("type")
+    if model.get("type") == "BPE" and isinstance(vocab, dict) and not merges and len(vocab) == vocab_size:
+        by_id = sorted(vocab.items(), key=lambda kv: kv[1])
+        if [i for _, i in by_id] == list(range(vocab_size)):
+            if decoder == "Fuse" and spec.get("pre_tokenizer") is None:
+                return CharTokenizer([c for c, _ in by_id])
+            if decoder == "ByteLevel" and vocab == {ch: b for b, ch in bytes_to_unicode().items()}:
+                return ByteTokenizer()
+    tok = BPETokenizer(spec)
+    if tok.vocab_size != vocab_size:
+        raise DynaformerError(f"tokenizer.json has {tok.vocab_size} tokens but the model's vocabulary has "
+                              f"{vocab_size}: it is not the tokenizer this model was exported with")
+    return tok

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 
+CACHE_DTYPES = ("auto", "fp32", "bf16", "fp16")  # torch dtypes by name in server.py (this module imports no torch)
+
 
 @dataclass
 class ServeConfig:
@@ -20,6 +22,7 @@ class ServeConfig:
     max_tokens_default: int = 16  # max_tokens when a request gives none (OpenAI's default)
     drain_s: float = 30.0  # on SIGTERM: finish in-flight requests for this long, then cancel the rest
     model_name: str | None = None  # the id in /v1/models (default: the run folder's name)
+    cache_dtype: str = "auto"  # the KV cache's dtype: fp32, bf16, fp16 or auto (the model's); bf16 halves fp32's bytes
     threads: int = 0  # torch CPU threads (0: torch's default)
     log_level: str = "warning"  # uvicorn's: critical, error, warning, info, debug, trace
 
@@ -33,6 +36,8 @@ class ServeConfig:
                 raise ConfigError(f"serve.{name}: must be ≥ 1, got {getattr(self, name)}")
         if not 0 <= self.drain_s <= 86_400:
             raise ConfigError(f"serve.drain_s: must be in 0..86400 seconds, got {self.drain_s}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ConfigError(f"serve.cache_dtype: expected one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}")
         if self.threads < 0:
             raise ConfigError(f"serve.threads: must be ≥ 0, got {self.threads}")
         if self.api_key is not None and not self.api_key.strip():

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import DynaformerError
 from ..extras import require
 from .config import ServeConfig
+from .source import source_kind
 
 API_KEY_ENV = "DYNAFORMER_API_KEY"
 
@@ -36,20 +37,22 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 def build(source: str | Path, cfg: ServeConfig):
-    """(Starlette app, engine, model name) for a run folder or one of its step-N folders."""
+    """(Starlette app, engine, model name) for a run folder, one of its step-N folders or an exported folder."""
     require("uvicorn", "serve")
     require("starlette", "serve")
     import torch
 
-    from ..runs import load_model
     from .app import Served, create_app
     from .engine import Engine
+    from .source import load_source
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, tokenizer, ckpt = load_model(source)
-    name = cfg.model_name or (ckpt.parent.name if Path(source).resolve() != ckpt.resolve() else ckpt.name)
-    engine = Engine(model, tokenizer.decode, int(cfg.kv_budget_mb * 2**20), cfg.max_batch, cfg.max_queue)
+    model, tokenizer, default_name = load_source(source)
+    name = cfg.model_name or default_name
+    cache_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.cache_dtype]
+    engine = Engine(model, tokenizer.decode, int(cfg.kv_budget_mb * 2**20), cfg.max_batch, cfg.max_queue,
+                    cache_dtype=cache_dtype)
     api_key = cfg.api_key or os.environ.get(API_KEY_ENV) or None
     served = Served(engine, tokenizer.encode, model.cfg.vocab_size, name, api_key, cfg.max_tokens_default)
 
@@ -112,14 +115,14 @@ def serve(source: str, cfg: ServeConfig) -> int:
     """`dynaformer serve SOURCE`: runs until SIGTERM or Ctrl-C, then drains and returns 0."""
     require("uvicorn", "serve")
     require("starlette", "serve")
-    if not Path(source).exists():
-        raise DynaformerError(f"serve: '{source}' does not exist (give a run folder or one of its step-N folders)")
+    source_kind(source)  # a source that is none of the three: one line before the socket opens
     sock = listen_socket(cfg.host, cfg.port)
     try:
         app, engine, name = build(source, cfg)
         host, port = sock.getsockname()[:2]
         where = f"[{host}]" if ":" in host else host
-        ready = (f"dynaformer serve: '{name}' on http://{where}:{port}/v1 | KV budget {cfg.kv_budget_mb:g} MiB "
+        ready = (f"dynaformer serve: '{name}' on http://{where}:{port}/v1 | KV budget {cfg.kv_budget_mb:g} MiB, "
+                 f"{str(engine.kv_dtype).removeprefix('torch.')} cache "
                  f"({engine.max_sessions()} sessions of {engine.context_len} tokens) | "
                  f"{'API key required' if app.served.api_key else 'no API key'}")
         make_server(app, engine, cfg, ready).run(sockets=[sock])
