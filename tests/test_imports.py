@@ -161,7 +161,7 @@ def test_packages_import_one_way():
 # inside a function) only from layers below its own.
 LAYERS = [{"errors"}, {"extras", "timing", "plotting", "configtools", "resources", "locks"}, {"files"},
           {"kernels", "data"}, {"model"}, {"eval"}, {"train"}, {"runs", "presets", "nn"},
-          {"hf", "lmeval", "deploy", "serve"}, {"study", "bench"}, {"cli"}, {"entry"}]
+          {"hf", "lmeval", "deploy"}, {"serve"}, {"study", "bench"}, {"cli"}, {"entry"}]
 
 
 def test_no_import_runs_upward_function_local_included():

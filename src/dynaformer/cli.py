@@ -437,7 +437,8 @@ def make_parser() -> Parser:
                                    "Sequences are admitted by KV-cache memory (--kv_budget_mb) and decoded together; "
                                    "SIGTERM drains. The API key may come from $DYNAFORMER_API_KEY (needs the "
                                    "[serve] extra).")
-    p.add_argument("source", help="run folder or one of its step-N folders")
+    p.add_argument("source", help="run folder, one of its step-N folders, or a folder written by export-hf "
+                                  "(that needs the [hf] extra)")
     add_fields(p, ServeConfig, "serve")
     p.set_defaults(func=cmd_serve)
 
