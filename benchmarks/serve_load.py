@@ -10,6 +10,12 @@ SDPA over a padded slot batch (the cache buffers taken as already padded, so the
 
     python benchmarks/serve_load.py                       # 32 clients × 20 requests, both models
     python benchmarks/serve_load.py --clients 4 --requests 2 --time_limit 60   # a quick look
+    python benchmarks/serve_load.py --skip_attention --clients 0 --choices 4    # n = 4 vs 4 requests; cache dtypes
+
+Also, per model: the sessions of the full context one GiB of KV cache admits with an fp32 and a bf16 cache
+(`--cache_dtype`, from the engine's own sizes), and with --choices N, one sampled request with n = N against N
+concurrent one-choice requests seeded seed .. seed + N − 1 (the same N texts, checked; the request with n
+prefills its prompt once), alternated for --choices_rounds rounds on one server.
 
 Loopback only; bounded by --requests per client and by --time_limit seconds per model (clients stop sending
 after it). Results: benchmarks/RESULTS.md, "Serving under load".
@@ -37,6 +43,7 @@ import torch.nn.functional as F
 from dynaformer.configtools import to_dict
 from dynaformer.data.tokenizers import ByteTokenizer
 from dynaformer.model import ModelConfig, Transformer
+from dynaformer.serve.engine import Engine
 from dynaformer.timing import time_interleaved
 from dynaformer.train.checkpoint import save_checkpoint
 
@@ -170,10 +177,52 @@ async def load(url: str, clients: int, requests: int, prompt_range: tuple[int, i
             "kv_bytes_after": int(after["dynaformer_kv_bytes_in_use"])}
 
 
+def sessions_per_gib(model: Transformer) -> dict:
+    """Full-context sessions one GiB of KV cache admits, per cache dtype (the engine's own sizes)."""
+    return {name: Engine(model, str, 2**30, cache_dtype=dtype).max_sessions()
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+
+
+async def choices_vs_separate(url: str, n: int, prompt_len: int, max_tokens: int, rounds: int, seed: int) -> dict:
+    """One request with n sampled choices vs n concurrent one-choice requests seeded seed + j: the same texts
+    (checked), wall time per round, alternating which goes first."""
+    import httpx
+
+    rng = random.Random(seed)
+    walls: dict[str, list[float]] = {"n": [], "separate": []}
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=n + 4)) as http:
+
+        async def post(prompt: str, s: int, k: int) -> list[str]:
+            body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": s, "n": k}
+            r = await http.post(url + "/v1/completions", json=body)
+            r.raise_for_status()
+            return [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+
+        for i in range(rounds):
+            prompt = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(prompt_len))
+            texts = {}
+            for way in (("n", "separate") if i % 2 == 0 else ("separate", "n")):
+                t0 = time.perf_counter()
+                if way == "n":
+                    texts[way] = await post(prompt, seed + i, n)
+                else:
+                    texts[way] = [t for ts in await asyncio.gather(*(post(prompt, seed + i + j, 1) for j in range(n)))
+                                  for t in ts]
+                walls[way].append(time.perf_counter() - t0)
+            if texts["n"] != texts["separate"]:
+                raise SystemExit(f"round {i}: n = {n} choices differ from the {n} seeded single requests")
+    med = {k: sorted(v)[len(v) // 2] for k, v in walls.items()}
+    return {"n": n, "prompt_bytes": prompt_len, "max_tokens": max_tokens, "rounds": rounds,
+            "n_ms_median": round(1e3 * med["n"], 1), "separate_ms_median": round(1e3 * med["separate"], 1),
+            "n_tokens_per_s": round(n * max_tokens / med["n"], 1),
+            "separate_tokens_per_s": round(n * max_tokens / med["separate"], 1),
+            "separate_over_n": round(med["separate"] / med["n"], 2), "texts_equal": True}
+
+
 def serve_process(run: Path, args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "dynaformer.entry", "serve", str(run), "--port", "0", "--model_name", "m",
            "--kv_budget_mb", str(args.kv_budget_mb), "--max_batch", str(args.max_batch), "--max_queue", "4096",
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--cache_dtype", args.cache_dtype]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     match = re.search(r"(http://[\d.:]+)/v1", line)
@@ -196,6 +245,10 @@ def main() -> None:
     ap.add_argument("--time_limit", type=float, default=300.0, help="seconds per model after which clients stop")
     ap.add_argument("--models", default="dense,span")
     ap.add_argument("--skip_attention", action="store_true")
+    ap.add_argument("--cache_dtype", default="auto", help="the servers' KV cache dtype: auto, fp32, bf16, fp16")
+    ap.add_argument("--choices", type=int, default=0, help="N > 1: time one request with n = N vs N requests")
+    ap.add_argument("--choices_rounds", type=int, default=8)
+    ap.add_argument("--choices_prompt", type=int, default=1024, help="prompt bytes of the n-choices rounds")
     args = ap.parse_args()
     cpu = torch.backends.cpu.get_cpu_capability()
     print(json.dumps({"cpu": cpu, "date": time.strftime("%Y-%m-%d"), "args": vars(args)}), flush=True)
@@ -205,14 +258,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             run = make_run(Path(tmp) / name, MODELS[name])
+            torch.set_num_threads(args.threads)
+            sessions = sessions_per_gib(Transformer(ModelConfig(**MODELS[name])))
+            print(json.dumps({"what": "sessions_per_gib", "model": name, "cpu": cpu, **sessions}), flush=True)
             proc, url = serve_process(run, args)
             try:
-                result = asyncio.run(load(url, args.clients, args.requests, (args.prompt_min, args.prompt_max),
-                                          args.max_tokens, args.time_limit, seed=0))
+                if args.choices > 1:
+                    result = asyncio.run(choices_vs_separate(url, args.choices, args.choices_prompt,
+                                                             args.max_tokens, args.choices_rounds, seed=0))
+                    print(json.dumps({"what": "n_choices", "model": name, "cpu": cpu, **result}), flush=True)
+                if args.clients > 0:
+                    result = asyncio.run(load(url, args.clients, args.requests, (args.prompt_min, args.prompt_max),
+                                              args.max_tokens, args.time_limit, seed=0))
             finally:
                 proc.send_signal(signal.SIGTERM)
                 code = proc.wait(120)
-            print(json.dumps({"what": "load", "model": name, "cpu": cpu, **result, "exit_code": code}), flush=True)
+            if args.clients > 0:
+                print(json.dumps({"what": "load", "model": name, "cpu": cpu, **result, "exit_code": code}), flush=True)
 
 
 if __name__ == "__main__":
