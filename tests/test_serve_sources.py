@@ -148,5 +148,6 @@ def test_a_source_that_is_none_of_the_three(runs, tmp_path, capsys):
     (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
     for folder in (tmp_path / "notes", other, tmp_path / "notes" / "a.txt"):
         res = cli_in_process(capsys, "serve", str(folder))
-        assert_user_error(res, "neither a run folder, a step-N checkpoint nor an exported model", "export-hf")
+        assert_user_error(res, "neither a run folder with a checkpoint, a step-N checkpoint nor an exported model",
+                          "export-hf")
     assert_user_error(cli_in_process(capsys, "serve", str(tmp_path / "missing")), "does not exist", "export-hf")

@@ -32,8 +32,8 @@ def source_kind(source: str | Path) -> str:
         return "export"
     if p.is_dir() and any(c.name.startswith("step-") for c in p.iterdir()):
         return "run"  # load_model says which of its checkpoints is incomplete or damaged
-    raise DynaformerError(f"serve: '{source}' is neither a run folder, a step-N checkpoint nor an exported model; "
-                          f"{EXPECTED}")
+    raise DynaformerError(f"serve: '{source}' is neither a run folder with a checkpoint, a step-N checkpoint nor "
+                          f"an exported model; {EXPECTED}")
 
 
 def load_source(source: str | Path):
