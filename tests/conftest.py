@@ -36,13 +36,18 @@ RELATIVES = {"hyper", "hyper_static", "mhc", "attnres", "fox", "sink_window"}
 _FAST_PARTNERS = {"prenorm", "none", "dynamic"}
 
 
-def _matrix_param(residual: str, span: str):
-    fast = (residual not in RELATIVES and span not in RELATIVES) or (
+def _in_default_loop(residual: str, span: str) -> bool:
+    return (residual not in RELATIVES and span not in RELATIVES) or bool(
         (residual in RELATIVES) != (span in RELATIVES) and ({residual, span} & _FAST_PARTNERS))
-    return pytest.param(residual, span, marks=() if fast else pytest.mark.slow)
 
 
-MATRIX = [_matrix_param(r, s) for r, s in MATRIX_PAIRS]  # for @pytest.mark.parametrize("residual,span", MATRIX)
+MATRIX = [pytest.param(r, s, marks=() if _in_default_loop(r, s) else pytest.mark.slow)
+          for r, s in MATRIX_PAIRS]  # for @pytest.mark.parametrize("residual,span", MATRIX)
+# The same split for a test that loops over the pairs itself (one costly setup for many kinds):
+# @pytest.mark.parametrize("pairs", MATRIX_SETS) runs the default loop's pairs, and the others where slow tests run.
+MATRIX_SETS = [pytest.param([p for p in MATRIX_PAIRS if _in_default_loop(*p)], id="default-pairs"),
+               pytest.param([p for p in MATRIX_PAIRS if not _in_default_loop(*p)], id="other-pairs",
+                            marks=pytest.mark.slow)]
 ENCODER_SPANS = [s for s in SPANS if not causal_only(s)]  # fox and sink_window are causal mechanisms
 ROOT = Path(__file__).resolve().parents[1]
 

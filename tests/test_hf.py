@@ -19,7 +19,7 @@ from dynaformer.data import ByteTokenizer, CharTokenizer
 from dynaformer.model import Transformer
 from dynaformer.model.generate import generate
 
-from .conftest import MATRIX, MATRIX_PAIRS, tiny_config, trained_like
+from .conftest import MATRIX, MATRIX_SETS, tiny_config, trained_like
 from .conftest import assert_user_error as _one_line_error
 from .conftest import cli_in_process as _cli
 
@@ -353,10 +353,12 @@ def _python_without_dynaformer(tmp_path: Path) -> str:
     return python
 
 
-def test_export_loads_without_dynaformer(tmp_path, text_file, capsys):
+@pytest.mark.parametrize("pairs", MATRIX_SETS)
+def test_export_loads_without_dynaformer(tmp_path, text_file, capsys, pairs):
     """The exported folder carries its model code: a fresh environment with transformers, torch and safetensors
     but no dynaformer loads it with trust_remote_code=True and gets our logits bit for bit, for every residual ×
-    span kind; its tokenizer pads and the text-generation pipeline batches."""
+    span kind (the relatives' other pairs where slow tests run); its tokenizer pads and the text-generation
+    pipeline batches."""
     from dynaformer.hf.export import save_self_contained
     from dynaformer.runs import load_model
 
@@ -369,7 +371,7 @@ def test_export_loads_without_dynaformer(tmp_path, text_file, capsys):
     assert exported["auto_map"]["AutoModelForCausalLM"] == "modeling_dynaformer.DynaformerForCausalLM"
     assert (tmp_path / "cli-export" / "modeling_dynaformer.py").is_file()
     models = {"cli-export": load_model(run)[0]}
-    for residual, span in MATRIX_PAIRS:
+    for residual, span in pairs:
         models[f"{residual}-{span}"] = m = trained_like(residual, span)
         save_self_contained(DynaformerForCausalLM.from_dynaformer(m), tmp_path / f"{residual}-{span}")
     ids = torch.randint(0, 40, (2, 11))

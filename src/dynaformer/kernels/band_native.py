@@ -3,7 +3,7 @@
 It is optional: `available()` is False where no C++ compiler is found (or the build fails; the reason is
 kept in `unavailable_reason()`), and callers fall back to the Python band kernel (kernels/band.py), which
 computes the same function. The build is cached per source, CPU, torch installation and checkout under torch's
-extension folder (TORCH_EXTENSIONS_DIR), so it runs once per machine, environment and checkout (≈ 1 min). Two
+extension folder (TORCH_EXTENSIONS_DIR), so it runs once per machine, environment and checkout (≈ 15 s). Two
 processes that build it at once wait on torch's lock file in the build folder (one builds, the other loads the
 result). DYNAFORMER_NATIVE=0 disables it.
 """
@@ -32,7 +32,7 @@ _reason: str | None = None
 def _build_name() -> str:
     """One build per source text, CPU kind, torch installation and checkout: -march=native code must not meet
     another CPU, and the build command names the torch headers' folder and the source file's path, so two
-    environments or two checkouts sharing one build folder would rebuild it in turn (≈ 1 min each time, while
+    environments or two checkouts sharing one build folder would rebuild it in turn (≈ 15 s each time, while
     the other may be loading it)."""
     h = hashlib.sha256(SOURCE.read_bytes())
     h.update(f"{platform.machine()} {_cpu_model()} {torch.__version__} {Path(torch.__file__).parent} "

@@ -15,7 +15,14 @@
 // Backward: tasks of one row overlap in their key windows, so each task folds its dK, dV into a private
 // buffer and adds it to the row under that row's lock.
 
-#include <torch/extension.h>
+// ATen and the Tensor caster alone, not <torch/extension.h> (the whole C++ frontend): the build parses ~3x less
+// and takes a third of the time (benchmarks/RESULTS.md, "The test loop").
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -157,10 +164,10 @@ Tasks make_tasks(const Geometry& g) {
   return t;
 }
 
-Geometry geometry(const torch::Tensor& q, const torch::Tensor& k, int64_t o, int64_t chunk, int64_t group,
+Geometry geometry(const at::Tensor& q, const at::Tensor& k, int64_t o, int64_t chunk, int64_t group,
                   double ramp, bool hard) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "band_span: q (BH, nC·C, D), k (BH, Tkp, D)");
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.is_contiguous() && k.is_contiguous(),
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && k.is_contiguous(),
               "band_span: contiguous float32 inputs");
   Geometry g{q.size(0), q.size(1) / chunk, chunk, q.size(2), k.size(1), o, group, float(ramp), hard};
   TORCH_CHECK(g.nC * chunk == q.size(1), "band_span: the queries must be padded to whole chunks");
@@ -172,18 +179,18 @@ Geometry geometry(const torch::Tensor& q, const torch::Tensor& k, int64_t o, int
 // q: (BH, nC·C, D) scaled queries; k, v: (BH, Tkp, D); z: (BH, nC·C) spans (floored when hard); E: (BH, nC)
 // keys before each chunk. Returns (out (BH, nC·C, D), lse (BH, nC·C), P) with P the concatenated probability
 // tiles when keep, else empty.
-std::vector<torch::Tensor> band_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor z,
-                                        torch::Tensor E, int64_t o, int64_t chunk, int64_t group, double ramp,
+std::vector<at::Tensor> band_forward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor z,
+                                        at::Tensor E, int64_t o, int64_t chunk, int64_t group, double ramp,
                                         bool hard, bool keep) {
   const Geometry g = geometry(q, k, o, chunk, group, ramp, hard);
-  auto out = torch::empty_like(q);
-  auto lse = torch::empty({g.BH, g.nC * g.C}, q.options());
+  auto out = at::empty_like(q);
+  auto lse = at::empty({g.BH, g.nC * g.C}, q.options());
   const auto Ea = E.accessor<int64_t, 2>();
   // offsets of each tile's P (C × (E + C)) in the kept buffer
   std::vector<int64_t> offset(g.BH * g.nC + 1, 0);
   for (int64_t r = 0; r < g.BH; ++r)
     for (int64_t c = 0; c < g.nC; ++c) offset[r * g.nC + c + 1] = offset[r * g.nC + c] + g.C * (Ea[r][c] + g.C);
-  auto P = keep ? torch::empty({offset.back()}, q.options()) : torch::empty({0}, q.options());
+  auto P = keep ? at::empty({offset.back()}, q.options()) : at::empty({0}, q.options());
   const Tasks tasks = make_tasks(g);
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float* zp = z.data_ptr<float>();
@@ -211,16 +218,16 @@ std::vector<torch::Tensor> band_forward(torch::Tensor q, torch::Tensor k, torch:
 
 // Gradients (dq of the scaled queries, dk, dv (BH, Tkp, D), dz (BH, nC·C) or empty) from dout and
 // delta = rowsum(dout ⊙ out); P as returned by the forward, or empty to recompute it from lse.
-std::vector<torch::Tensor> band_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor z,
-                                         torch::Tensor E, torch::Tensor dout, torch::Tensor delta,
-                                         torch::Tensor lse, torch::Tensor P, int64_t o, int64_t chunk,
+std::vector<at::Tensor> band_backward(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor z,
+                                         at::Tensor E, at::Tensor dout, at::Tensor delta,
+                                         at::Tensor lse, at::Tensor P, int64_t o, int64_t chunk,
                                          int64_t group, double ramp, bool hard, bool want_z) {
   const Geometry g = geometry(q, k, o, chunk, group, ramp, hard);
   TORCH_CHECK(dout.is_contiguous() && delta.is_contiguous(), "band_span: contiguous gradients");
-  auto dq = torch::empty_like(q);
-  auto dk = torch::zeros_like(k);
-  auto dv = torch::zeros_like(v);
-  auto dz = want_z ? torch::zeros({g.BH, g.nC * g.C}, q.options()) : torch::empty({0}, q.options());
+  auto dq = at::empty_like(q);
+  auto dk = at::zeros_like(k);
+  auto dv = at::zeros_like(v);
+  auto dz = want_z ? at::zeros({g.BH, g.nC * g.C}, q.options()) : at::empty({0}, q.options());
   const auto Ea = E.accessor<int64_t, 2>();
   const bool keep = P.numel() > 0;
   std::vector<int64_t> offset(g.BH * g.nC + 1, 0);

@@ -10,7 +10,14 @@
 // The cache may hold fp32 or bf16 (its buffers' dtype): bf16 halves the bytes read per token, the decode's
 // floor at long contexts; the arithmetic is fp32 either way.
 
-#include <torch/extension.h>
+// ATen and the Tensor caster alone, not <torch/extension.h> (the whole C++ frontend): the build parses ~3x less
+// and takes a third of the time (benchmarks/RESULTS.md, "The test loop").
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <ATen/Parallel.h>
 
@@ -250,10 +257,10 @@ void run(const Step& st, const float* qkv, const float* cos, const float* sin, c
 // bf16; heads[g] the model's heads it holds; slots[g] where the new key goes (keys 0 .. slot are attended).
 // z: (1 or B, H) fp32 spans, or an empty tensor (dense); mode 0 dense, 1 soft ramp R, 2 hard window.
 // Returns y (B, H·D) fp32, the heads' outputs side by side (the output projection's input).
-std::tuple<torch::Tensor, torch::Tensor> decode_attention(
-    torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t pos, std::vector<torch::Tensor> k_bufs,
-    std::vector<torch::Tensor> v_bufs, std::vector<std::vector<int64_t>> heads, std::vector<int64_t> slots,
-    torch::Tensor z, int64_t mode, double ramp, torch::Tensor span_x, torch::Tensor span_v, torch::Tensor span_a,
+std::tuple<at::Tensor, at::Tensor> decode_attention(
+    at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t pos, std::vector<at::Tensor> k_bufs,
+    std::vector<at::Tensor> v_bufs, std::vector<std::vector<int64_t>> heads, std::vector<int64_t> slots,
+    at::Tensor z, int64_t mode, double ramp, at::Tensor span_x, at::Tensor span_v, at::Tensor span_a,
     double span_max) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous(), "qkv: (B, 3C) fp32");
   TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous(), "rotary tables");
@@ -291,7 +298,7 @@ std::tuple<torch::Tensor, torch::Tensor> decode_attention(
                     span_v.scalar_type() == at::kFloat && span_v.is_contiguous() && span_v.size(0) == H &&
                     span_v.size(1) == Cx && span_a.scalar_type() == at::kFloat && span_a.numel() == H,
                 "span predictor: x (B, C), v (H, C), a (H,) fp32");
-    z = torch::empty({B, H}, qkv.options());
+    z = at::empty({B, H}, qkv.options());
     const float *x = span_x.data_ptr<float>(), *v = span_v.data_ptr<float>(), *a = span_a.data_ptr<float>();
     float* zo = z.data_ptr<float>();
     for (int64_t b = 0; b < B; ++b)
@@ -308,7 +315,7 @@ std::tuple<torch::Tensor, torch::Tensor> decode_attention(
     TORCH_CHECK(zb == 1 || zb == B, "z: one row or one per batch row");
     zp = z.data_ptr<float>();
   }
-  auto y = torch::empty({B, H * D}, qkv.options());
+  auto y = at::empty({B, H * D}, qkv.options());
   const Step st{B, H, D, pos, float(1.0 / std::sqrt(double(D))), float(ramp), int(mode)};
   if (kv_type == at::kFloat) {
     std::vector<float*> kb(n_groups), vb(n_groups);
@@ -329,12 +336,12 @@ std::tuple<torch::Tensor, torch::Tensor> decode_attention(
 
 // RMSNorm of each row of x (rows, C) fp32: x · rsqrt(mean(x²) + eps) · w, one pass for the few rows of a decoding
 // step (ATen's composite runs seven ops).
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps) {
   x = x.contiguous();
   w = w.contiguous();
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && w.numel() == x.size(-1),
               "rms_norm: fp32 x (..., C), w (C)");
-  auto out = torch::empty_like(x);
+  auto out = at::empty_like(x);
   const int64_t C = x.size(-1), rows = C ? x.numel() / C : 0;
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -353,7 +360,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 // The dynamic residual's decoding update (model/residual.py, DynamicResidual): per row of the stream x (rows, C),
 // x + m·y with m = base + Σ_k γ_k·tanh(h·w_k), h = N(x) the branch input and y the branch output; w_t (C, k),
 // gamma (k). Without w_t (an empty tensor) m = base. One call for what takes five ops as tensors.
-torch::Tensor dyn_residual(torch::Tensor x, torch::Tensor y, torch::Tensor h, torch::Tensor w_t, torch::Tensor gamma,
+at::Tensor dyn_residual(at::Tensor x, at::Tensor y, at::Tensor h, at::Tensor w_t, at::Tensor gamma,
                            double base) {
   x = x.contiguous();
   y = y.contiguous();
@@ -368,7 +375,7 @@ torch::Tensor dyn_residual(torch::Tensor x, torch::Tensor y, torch::Tensor h, to
                     w_t.size(0) == C && gamma.scalar_type() == at::kFloat && gamma.numel() == K,
                 "dyn_residual: h like x, w_t (C, k), gamma (k) fp32");
   }
-  auto out = torch::empty_like(x);
+  auto out = at::empty_like(x);
   const float *xp = x.data_ptr<float>(), *yp = y.data_ptr<float>();
   float* op = out.data_ptr<float>();
   for (int64_t r = 0; r < rows; ++r) {
