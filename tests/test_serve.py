@@ -281,11 +281,21 @@ def test_n_choices_admitted_by_their_whole_kv_bytes(runs):
         r = HTTP.post(server.url + "/v1/completions", json={"prompt": "a", "max_tokens": 1000, "n": 3,
                                                             "temperature": 0})
         assert r.status_code == 200 and len(r.json()["choices"]) == 3  # greedy: one sequence's bytes
+        # decoding steps wait while the metrics are read: a fast machine could otherwise finish the request first
+        gate, step = threading.Event(), server.engine._step
+        server.engine._step = lambda: gate.wait(60) and step()
         body = {"prompt": "a", "max_tokens": 1000, "n": 2, "stream": True}
-        with HTTP.stream("POST", server.url + "/v1/completions", json=body) as r:
-            next(r.iter_lines())
-            m = metrics(server)
-            assert m["dynaformer_active_sequences"] == 2 and m["dynaformer_kv_bytes_in_use"] == 2 * per
+        try:
+            with HTTP.stream("POST", server.url + "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                t0 = time.monotonic()
+                while (m := metrics(server))["dynaformer_active_sequences"] < 2 and time.monotonic() - t0 < 30:
+                    time.sleep(0.05)
+                assert m["dynaformer_active_sequences"] == 2 and m["dynaformer_kv_bytes_in_use"] == 2 * per
+                gate.set()
+                assert sum(1 for ln in r.iter_lines() if ln.startswith("data: {")) > 2
+        finally:
+            gate.set()
         assert wait_idle(server)["dynaformer_kv_bytes_in_use"] == 0
     finally:
         server.close()

@@ -6,6 +6,7 @@ exactly). A source that is none of these is one line and exit 2."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def _admitted(model, cache_dtype, budget: int, want: int) -> tuple[int, int]:
     """(sequences decoding, sequences waiting) once an engine of this budget has admitted what it can of `want`
     long sequences; they are then cancelled."""
     engine = Engine(model, CharTokenizer(CHARS).decode, budget, max_batch=16, cache_dtype=cache_dtype)
+    gate, step = threading.Event(), engine._step
+    engine._step = lambda: gate.wait(30) and step()  # no sequence finishes (and makes room) while counted
     engine.start()
     try:
         seqs = engine.submit([[1, 2, 3]] * want, SamplingParams(max_tokens=1500, temperature=0),
@@ -56,6 +59,7 @@ def _admitted(model, cache_dtype, budget: int, want: int) -> tuple[int, int]:
         engine.cancel(seqs)
         return int(snap["active_sequences"]), int(snap["queue_length"])
     finally:
+        gate.set()
         engine.stop()
 
 
