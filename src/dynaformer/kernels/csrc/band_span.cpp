@@ -15,8 +15,8 @@
 // Backward: tasks of one row overlap in their key windows, so each task folds its dK, dV into a private
 // buffer and adds it to the row under that row's lock.
 
-// ATen and the Tensor caster alone, not <torch/extension.h> (the whole C++ frontend): the build parses ~3x less
-// and takes a third of the time (benchmarks/RESULTS.md, "The test loop").
+// ATen and the Tensor caster alone, not <torch/extension.h> (the whole C++ frontend): the headers parse in a
+// third of the time and the build takes about half (benchmarks/RESULTS.md, "The test loop").
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>

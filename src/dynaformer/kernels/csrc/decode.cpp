@@ -10,8 +10,8 @@
 // The cache may hold fp32 or bf16 (its buffers' dtype): bf16 halves the bytes read per token, the decode's
 // floor at long contexts; the arithmetic is fp32 either way.
 
-// ATen and the Tensor caster alone, not <torch/extension.h> (the whole C++ frontend): the build parses ~3x less
-// and takes a third of the time (benchmarks/RESULTS.md, "The test loop").
+// ATen and the Tensor caster alone, not <torch/extension.h> (the whole C++ frontend): the headers parse in a
+// third of the time and the build takes about half (benchmarks/RESULTS.md, "The test loop").
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
