@@ -90,8 +90,12 @@ class Completion(NamedTuple):
 
     @property
     def decoded(self) -> int:
-        """Sequences decoded per prompt: n, or 1 when greedy (temperature 0), whose n choices are one text."""
-        return 1 if self.params.temperature == 0 else self.n
+        return decoded_per_prompt(self.params.temperature, self.n)
+
+
+def decoded_per_prompt(temperature: float, n: int) -> int:
+    """Sequences decoded per prompt: n, or 1 when greedy (temperature 0), whose n choices are one text."""
+    return 1 if temperature == 0 else n
 
 
 def parse_completion(body: Any, engine: Engine, encode: Callable[[str], list[int]], vocab_size: int,
@@ -126,7 +130,7 @@ def parse_completion(body: Any, engine: Engine, encode: Callable[[str], list[int
     n = _integer(body, "n", 1)
     if not 1 <= n <= MAX_N:
         raise ApiError(400, f"n must be in 1..{MAX_N}, got {n}", "n", "invalid_value")
-    decoded = 1 if temperature == 0 else n  # greedy: the n choices are one text, decoded once
+    decoded = decoded_per_prompt(temperature, n)
     if decoded > engine.max_batch:
         raise ApiError(400, f"n = {n} sampled choices are decoded together, but this server decodes at most "
                             f"{engine.max_batch} sequences at once (--max_batch); ask for fewer", "n", "invalid_value")
